@@ -1,0 +1,53 @@
+"""p2p-agent configuration (file keys in camelCase, env prefix ``P2P_AGENT_``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, ClassVar
+
+from pydantic import AfterValidator, Field
+
+from p2p_common.settings import (
+    ByteSize,
+    HostPort,
+    ServiceSettings,
+    StrList,
+    normalise_registry,
+)
+
+
+def _registries(values: list[str]) -> list[str]:
+    if not values:
+        raise ValueError("at least one registry is required")
+    return [normalise_registry(v) for v in values]
+
+
+class AgentSettings(ServiceSettings):
+    ENV_PREFIX: ClassVar[str] = "P2P_AGENT_"
+
+    listen: HostPort = "127.0.0.1:5004"
+    """The registry API containerd pulls from. Keep it on 127.0.0.1."""
+    metrics_listen: HostPort = "0.0.0.0:5014"
+    """``/metrics``, ``/healthz`` and ``/readyz``."""
+    peer_port: int = Field(6881, ge=1, le=65535)
+    """BitTorrent peer port."""
+    data_dir: Path = Path("/p2p_agent_data")
+    """Blob cache, partial downloads and their bitfields."""
+    registry: Annotated[StrList, AfterValidator(_registries)]
+    """Registries to accelerate. The first is the target of rewrite mode
+    (``localhost:5004/<repo>``); all of them are served in mirror mode (``?ns=``)."""
+    proxies: StrList = Field(default_factory=list)
+    """Proxy API URLs. A host name resolving to several addresses (a headless Service)
+    counts as one proxy per address."""
+    download_rate: ByteSize = 0
+    """Process-wide download limit in bytes per second (0 = unlimited); ``100MB`` style units."""
+    upload_rate: ByteSize = 0
+    """Process-wide upload limit in bytes per second (0 = unlimited)."""
+    cache_size: ByteSize = 20 * 10**9
+    """Disk quota for cached blobs, least recently used evicted beyond it (0 = no quota)."""
+    fallback_after: float = Field(10.0, gt=0)
+    """Seconds without swarm progress before a blob is fetched from the proxy over HTTP."""
+    auth_cache_ttl: float = Field(60.0, ge=0)
+    """Seconds an origin authorization decision is reused for the same credentials and repository."""
+    max_connections: int = Field(200, ge=1)
+    """Most BitTorrent peer connections at once."""

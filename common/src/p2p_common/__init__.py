@@ -1,0 +1,8 @@
+"""p2p_common: the library shared by p2p-agent, p2p-proxy and p2p-tracker.
+
+Pure protocol cores (no trio, no sockets, no clock) live in plain modules:
+``bencoding``, ``metainfo``, ``wire``, ``tracker_proto``, ``picker``, ``choker``,
+``bitfield``, ``ratelimit``. The trio shells that drive them live in ``engine``.
+"""
+
+__version__ = "0.1.0"

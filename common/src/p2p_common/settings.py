@@ -1,0 +1,274 @@
+"""Service configuration: one YAML file (the mounted ConfigMap) plus environment overrides.
+
+Every service declares a subclass of :class:`ServiceSettings` with snake_case
+fields; the file and documentation use the camelCase spelling (``downloadRate``),
+the environment uses the service prefix and upper snake case
+(``P2P_AGENT_DOWNLOAD_RATE``). Precedence, highest first: explicit keyword
+arguments, environment, file, defaults. An unknown key, in the file or in the
+environment, is an error that names it; so is a bad value.
+
+Settings are read once, in each service's ``__main__``; a service that supports
+live reload (the agent's rates) calls :meth:`ServiceSettings.load` again.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, Self
+
+import yaml
+from pydantic import AfterValidator, BeforeValidator, ValidationError
+from pydantic.alias_generators import to_camel
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from p2p_common.errors import LocalError
+
+MAX_CONFIG_FILE_BYTES = 1024 * 1024
+
+
+class ConfigError(LocalError):
+    """The configuration is unusable. ``str(exc)`` is one line naming the key and the problem."""
+
+
+# --- value types --------------------------------------------------------------------------------
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtKMGT]?)(i?)([bB]?)(?:/s)?\s*$")
+_SIZE_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+
+
+def parse_size(value: object) -> int:
+    """Parse a byte count: ``1048576``, ``"100MB"`` (10^6), ``"100MiB"``/``"100Mi"`` (2^20),
+    ``"20MB/s"``. Plain numbers are bytes. Negative values are refused."""
+    if isinstance(value, bool):
+        raise ValueError("expected a byte count, not a boolean")
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("a byte count must be a whole number")
+        number = int(value)
+    elif isinstance(value, str):
+        match = _SIZE_RE.match(value)
+        if not match:
+            raise ValueError(f"{value!r} is not a size such as 1048576, 100MB, 100MiB or 20MB/s")
+        digits, prefix, binary, _unit = match.groups()
+        base = 1024 if binary else 1000
+        number = int(float(digits) * base ** _SIZE_POWERS[prefix.lower()])
+    else:
+        raise ValueError("expected a byte count such as 100MB")
+    if number < 0:
+        raise ValueError("a byte count cannot be negative")
+    return number
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_size)]
+"""Bytes (or bytes per second); accepts unit strings, see :func:`parse_size`."""
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """Split ``host:port`` or ``[v6]:port`` into its parts, validating the port."""
+    if value.startswith("["):
+        host, sep, port = value[1:].partition("]:")
+    else:
+        host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"{value!r} is not host:port")
+    number = int(port)
+    if not 0 <= number <= 65535:
+        raise ValueError(f"port {number} is out of range")
+    return host, number
+
+
+def _check_host_port(value: str) -> str:
+    split_host_port(value)
+    return value
+
+
+HostPort = Annotated[str, AfterValidator(_check_host_port)]
+"""A ``host:port`` string to bind or connect to."""
+
+LogFormat = Literal["text", "json"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+# --- sources ------------------------------------------------------------------------------------
+
+
+class _MappingSource(PydanticBaseSettingsSource):
+    """A settings source backed by an already-parsed mapping (camelCase keys)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], data: Mapping[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._data = dict(data)
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False  # pragma: no cover - unused
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+def _read_yaml_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_CONFIG_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_CONFIG_FILE_BYTES:
+        raise ConfigError(f"config file {path}: larger than {MAX_CONFIG_FILE_BYTES} bytes")
+    try:
+        data = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"config file {path}: not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: the top level must be a mapping of keys to values")
+    for key in data:
+        if not isinstance(key, str):
+            raise ConfigError(f"config file {path}: key {key!r} is not a string")
+    return data
+
+
+def _env_values(cls: type[ServiceSettings], environ: Mapping[str, str]) -> dict[str, Any]:
+    prefix = cls.ENV_PREFIX
+    by_env = {prefix + name.upper(): info.alias or name for name, info in cls.model_fields.items()}
+    values: dict[str, Any] = {}
+    for env_name, raw in environ.items():
+        if not env_name.startswith(prefix):
+            continue
+        key = by_env.get(env_name)
+        if key is None:
+            raise ConfigError(f"{env_name}: not a known setting (see docs/configuration.md)")
+        values[key] = _parse_env_value(raw)
+    return values
+
+
+def _parse_env_value(raw: str) -> Any:
+    """Environment values are YAML scalars or flow collections (``[a, b]``)."""
+    try:
+        return yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        return raw
+
+
+# --- the base class -----------------------------------------------------------------------------
+
+
+class ServiceSettings(BaseSettings):
+    """Common settings and the loading logic shared by every p2p service."""
+
+    ENV_PREFIX: ClassVar[str] = "P2P_"
+
+    model_config = SettingsConfigDict(
+        extra="forbid",
+        alias_generator=to_camel,
+        populate_by_name=True,
+        validate_default=True,
+        frozen=True,
+    )
+
+    log_level: LogLevel = "info"
+    """Least severe log level written to stderr."""
+    log_format: LogFormat = "text"
+    """``text`` for people, ``json`` for one JSON object a line."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Only explicit keyword arguments; load() merges file and environment itself so
+        # that it can name an unknown key precisely.
+        return (init_settings,)
+
+    @classmethod
+    def load(
+        cls,
+        config_file: Path | str | None = None,
+        *,
+        environ: Mapping[str, str] | None = None,
+        **overrides: Any,
+    ) -> Self:
+        """Read the YAML file (if any), apply the environment, validate.
+
+        Raises :class:`ConfigError` with a one-line message naming the bad key.
+        """
+        data: dict[str, Any] = {}
+        source = "environment and defaults"
+        if config_file is not None:
+            data.update(_read_yaml_file(Path(config_file)))
+            source = str(config_file)
+        data.update(_env_values(cls, os.environ if environ is None else environ))
+        data.update(overrides)
+        try:
+            return cls(**data)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, source)) from None
+
+    def dump(self) -> dict[str, Any]:
+        """The effective settings with file (camelCase) keys, for logs and docs."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    first = exc.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        problem = "not a known setting (see docs/configuration.md)"
+    else:
+        problem = first["msg"]
+        if problem.startswith("Value error, "):
+            problem = problem[len("Value error, ") :]
+        if "input" in first and first["type"] != "missing":
+            problem += f" (got {first['input']!r})"
+    more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
+    return f"{key}: {problem} [from {source}]{more}"
+
+
+# --- shared value types for the services ---------------------------------------------------------
+
+_REGISTRY_RE = re.compile(r"^(?:(https?)://)?([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::(\d{1,5}))?/?$")
+
+
+def normalise_registry(value: str) -> str:
+    """``registry.example.com`` -> ``https://registry.example.com``; keeps an explicit scheme.
+
+    Refuses paths, credentials and anything that is not scheme://host[:port].
+    """
+    match = _REGISTRY_RE.match(value.strip())
+    if not match:
+        raise ValueError(f"{value!r} is not a registry such as registry.example.com or http://127.0.0.1:5000")
+    scheme, host, port = match.groups()
+    if port is not None and not 0 < int(port) <= 65535:
+        raise ValueError(f"port {port} is out of range")
+    return f"{scheme or 'https'}://{host.lower()}" + (f":{port}" if port else "")
+
+
+def registry_name(url: str) -> str:
+    """The name containerd uses for a registry in ``?ns=``: host[:port] without the scheme."""
+    return url.split("://", 1)[-1].rstrip("/")
+
+
+RegistryURL = Annotated[str, AfterValidator(normalise_registry)]
+"""An origin registry: ``host[:port]`` (https) or ``http(s)://host[:port]``."""
+
+
+def _as_list(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+StrList = Annotated[list[str], BeforeValidator(_as_list)]
+"""A list of strings; a single comma-separated string is accepted too (handy in env vars)."""

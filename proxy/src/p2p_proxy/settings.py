@@ -1,0 +1,35 @@
+"""p2p-proxy configuration (file keys in camelCase, env prefix ``P2P_PROXY_``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+from pydantic import Field
+
+from p2p_common.settings import ByteSize, HostPort, RegistryURL, ServiceSettings, StrList
+
+
+class ProxySettings(ServiceSettings):
+    ENV_PREFIX: ClassVar[str] = "P2P_PROXY_"
+
+    listen: HostPort = "0.0.0.0:5005"
+    """The HTTP API for agents (manifests, metainfo, blob fallback), health and metrics."""
+    peer_port: int = Field(6882, ge=1, le=65535)
+    """BitTorrent peer port the proxy seeds from."""
+    data_dir: Path = Path("/p2p_proxy_data")
+    """Blob cache and torrent state."""
+    registry: RegistryURL
+    """The origin registry: ``registry.example.com`` (https) or ``http://host:port``."""
+    registry_ca_file: Path | None = None
+    """Extra CA bundle (PEM) to verify the origin's TLS certificate."""
+    trackers: StrList = Field(default_factory=list)
+    """Tracker announce URLs written into every metainfo (``http://p2p-tracker:6969/announce``)."""
+    cache_size: ByteSize = 50 * 10**9
+    """Disk quota for cached blobs; least recently used blobs are evicted beyond it (0 = no quota)."""
+    upload_rate: ByteSize = 0
+    """Process-wide seeding limit in bytes per second (0 = unlimited)."""
+    auth_cache_ttl: float = Field(60.0, ge=0)
+    """Seconds an origin authorization decision is reused for the same credentials and repository."""
+    max_connections: int = Field(1000, ge=1)
+    """Most BitTorrent peer connections at once."""
