@@ -47,8 +47,15 @@ def decode(
     *,
     max_size: int = DEFAULT_MAX_SIZE,
     max_depth: int = DEFAULT_MAX_DEPTH,
+    canonical: bool = True,
 ) -> BValue:
-    """Decode one canonical bencoded value that spans all of ``data``."""
+    """Decode one bencoded value that spans all of ``data``.
+
+    With ``canonical=False`` the value must still be well formed and bounded, but
+    dictionary key order and duplicate keys are tolerated (last one wins). Use it only
+    for documents from foreign software whose exact bytes are never hashed, such as
+    another client's extension handshake.
+    """
     raw = bytes(data)
     if len(raw) > max_size:
         raise BencodeError(f"bencoded document of {len(raw)} bytes exceeds the limit of {max_size}")
@@ -60,12 +67,16 @@ def decode(
         raise BencodeError(f"invalid bencoding: {exc}") from None
     except Exception as exc:  # the parser's own failure modes are not part of its API
         raise BencodeError(f"invalid bencoding: {type(exc).__name__}") from None
+    if not canonical:
+        return value  # type: ignore[no-any-return]
     try:
-        canonical = _ENCODER.encode(value)
+        reencoded = _ENCODER.encode(value)
     except Exception as exc:  # pragma: no cover - whatever decodes must re-encode
         raise BencodeError(f"invalid bencoding: {type(exc).__name__}") from None
-    if canonical != raw:
-        raise BencodeError("bencoding is not canonical (unsorted or duplicate keys, or padded numbers)")
+    if reencoded != raw:
+        raise BencodeError(
+            "bencoding is not canonical (unsorted or duplicate keys, or padded numbers)"
+        )
     return value  # type: ignore[no-any-return]
 
 
@@ -74,16 +85,18 @@ def decode_dict(
     *,
     max_size: int = DEFAULT_MAX_SIZE,
     max_depth: int = DEFAULT_MAX_DEPTH,
+    canonical: bool = True,
 ) -> dict[bytes, BValue]:
     """Decode a document whose top-level value must be a dictionary."""
-    value = decode(data, max_size=max_size, max_depth=max_depth)
+    value = decode(data, max_size=max_size, max_depth=max_depth, canonical=canonical)
     if not isinstance(value, dict):
         raise BencodeError(f"expected a bencoded dictionary, got {type(value).__name__}")
     return value
 
 
 EncodableValue: TypeAlias = (
-    "int | bytes | str | Sequence[EncodableValue] | Mapping[bytes | str, EncodableValue]"
+    "int | bytes | str | Sequence[EncodableValue]"
+    " | Mapping[bytes, EncodableValue] | Mapping[str, EncodableValue]"
 )
 
 

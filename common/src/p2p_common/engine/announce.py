@@ -1,0 +1,118 @@
+"""Announcing to trackers over HTTP, with rendezvous ranking and failover.
+
+The metainfo lists tracker URLs. A URL whose host name resolves to several
+addresses (a headless Service in Kubernetes) counts as one tracker per address.
+Each torrent ranks the resulting trackers by rendezvous hashing of its infohash,
+announces to the first that answers, and falls back to the next on failure; so all
+peers of one swarm meet at the same tracker without coordinating, and a restarted
+or lost tracker moves only its own swarms.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import urllib.parse
+from typing import TYPE_CHECKING
+
+import httpx
+import trio
+
+from p2p_common import rendezvous
+from p2p_common.logs import event as log_event
+from p2p_common.tracker_proto import (
+    AnnounceRequest,
+    AnnounceResponse,
+    Event,
+    TrackerProtocolError,
+    announce_url,
+    parse_announce_response,
+)
+
+if TYPE_CHECKING:
+    from p2p_common.engine.torrent import Torrent
+
+log = logging.getLogger("p2p.announce")
+
+ANNOUNCE_TIMEOUT = 5.0
+DNS_TTL = 30.0
+MAX_RESPONSE_BYTES = 256 * 1024
+NUMWANT = 80
+
+
+class Announcer:
+    def __init__(self, client: httpx.AsyncClient, *, numwant: int = NUMWANT) -> None:
+        self.client = client
+        self.numwant = numwant
+        self._dns: dict[str, tuple[float, list[str]]] = {}
+
+    async def expand(self, url: str) -> list[str]:
+        """``url`` once per address its host resolves to (IP literals stay as they are)."""
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname
+        if not host:
+            return [url]
+        try:
+            ipaddress.ip_address(host)
+            return [url]
+        except ValueError:
+            pass
+        now = trio.current_time()
+        cached = self._dns.get(url)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        try:
+            infos = await trio.socket.getaddrinfo(host, parts.port or 80, type=socket.SOCK_STREAM)
+        except OSError:
+            return cached[1] if cached else [url]
+        urls = []
+        for family, _type, _proto, _name, sockaddr in infos:
+            address = str(sockaddr[0])
+            literal = f"[{address}]" if family == socket.AF_INET6 else address
+            netloc = f"{literal}:{parts.port}" if parts.port else literal
+            urls.append(urllib.parse.urlunsplit(parts._replace(netloc=netloc)))
+        urls = list(dict.fromkeys(urls)) or [url]
+        self._dns[url] = (now + DNS_TTL, urls)
+        return urls
+
+    async def ranked(self, torrent: Torrent) -> list[str]:
+        expanded: list[str] = []
+        for url in torrent.metainfo.trackers:
+            if url.startswith(("http://", "https://")):
+                expanded.extend(await self.expand(url))
+        return rendezvous.rank(torrent.info_hash, expanded)
+
+    async def announce(self, torrent: Torrent, event: Event) -> AnnounceResponse | None:
+        """Announce to the best tracker that answers; None if none did."""
+        engine = torrent.engine
+        request = AnnounceRequest(
+            info_hash=torrent.info_hash,
+            peer_id=engine.peer_id,
+            port=engine.port,
+            uploaded=torrent.uploaded,
+            downloaded=torrent.downloaded,
+            left=torrent.left,
+            event=event,
+            numwant=0 if event is Event.STOPPED else self.numwant,
+            compact=True,
+        )
+        for url in await self.ranked(torrent):
+            try:
+                with trio.fail_after(ANNOUNCE_TIMEOUT):
+                    async with self.client.stream("GET", announce_url(url, request)) as reply:
+                        body = bytearray()
+                        async for chunk in reply.aiter_bytes():
+                            body += chunk
+                            if len(body) > MAX_RESPONSE_BYTES:
+                                raise TrackerProtocolError("tracker answer too large")
+                return parse_announce_response(bytes(body))
+            except (httpx.HTTPError, TrackerProtocolError, trio.TooSlowError) as exc:
+                log_event(
+                    log,
+                    "announce.failed",
+                    logging.INFO,
+                    tracker=url,
+                    error=str(exc) or type(exc).__name__,
+                )
+        return None

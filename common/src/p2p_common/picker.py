@@ -1,0 +1,335 @@
+"""Which blocks to request from which peer: a pure policy (no I/O, no clock).
+
+Order of preference for a peer:
+
+1. pieces a reader is waiting on (:meth:`PiecePicker.set_priority`), in reading order;
+2. pieces already started, so partial pieces complete and can be shared;
+3. new pieces: random while we hold fewer than ``random_first`` pieces (something
+   to trade quickly), then rarest first (ties broken randomly);
+4. endgame: when every missing block is already requested, blocks requested from
+   other peers, so one slow peer cannot hold the last piece hostage. The caller
+   cancels the duplicates when a block arrives.
+
+Accounting is in 16 KiB units; a block is a run of consecutive units up to the
+peer's block size, so standard peers (16 KiB requests) and p2p peers (whole
+pieces) share the same pieces. Availability counts every peer's pieces; seeds are
+counted once for all pieces, not piece by piece.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Container, Iterable
+from dataclasses import dataclass
+
+from p2p_common.bitfield import Bitfield
+
+UNIT = 16 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    index: int
+    begin: int
+    length: int
+
+
+class _Partial:
+    """A piece with some units requested or received."""
+
+    __slots__ = ("free", "received", "received_count", "requests", "size", "units")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.units = (size + UNIT - 1) // UNIT
+        self.requests = bytearray(self.units)
+        self.received = bytearray(self.units)
+        self.received_count = 0
+        self.free = self.units
+
+    def unit_length(self, unit: int) -> int:
+        return min(UNIT, self.size - unit * UNIT)
+
+
+class PiecePicker:
+    def __init__(
+        self,
+        num_pieces: int,
+        piece_length: int,
+        total_length: int,
+        *,
+        have: Bitfield | None = None,
+        rng: random.Random | None = None,
+        random_first: int = 4,
+    ) -> None:
+        if piece_length % UNIT:
+            raise ValueError("piece length must be a multiple of 16 KiB")
+        self.num_pieces = num_pieces
+        self.piece_length = piece_length
+        self.total_length = total_length
+        self.have = have.copy() if have is not None else Bitfield(num_pieces)
+        self._rng = rng or random.Random()
+        self._random_first = random_first
+        self._avail = [0] * num_pieces
+        self._seeds = 0
+        self._partials: dict[int, _Partial] = {}
+        self._verifying: set[int] = set()
+        self._priority: list[int] = []
+        self._order: list[int] = []
+        self._cursor = 0
+        self._dirty = True
+        self._picks_since_rebuild = 0
+
+    # -- geometry ------------------------------------------------------------------------------
+
+    def piece_size(self, index: int) -> int:
+        if index == self.num_pieces - 1:
+            return self.total_length - index * self.piece_length
+        return self.piece_length
+
+    @property
+    def complete(self) -> bool:
+        return self.have.complete
+
+    def wanted(self, index: int) -> bool:
+        """True while piece ``index`` is neither verified nor fully received."""
+        return index not in self.have and index not in self._verifying
+
+    # -- what the swarm has ----------------------------------------------------------------------
+
+    def peer_bitfield(self, bits: Bitfield) -> None:
+        avail = self._avail
+        for index in bits:
+            avail[index] += 1
+        self._dirty = True
+
+    def peer_have(self, index: int) -> None:
+        self._avail[index] += 1
+        self._dirty = True
+
+    def peer_seed(self) -> None:
+        self._seeds += 1
+
+    def peer_gone(self, bits: Bitfield | None) -> None:
+        """A peer left; ``bits`` is what it had, None for a seed counted by :meth:`peer_seed`."""
+        if bits is None:
+            self._seeds -= 1
+            return
+        avail = self._avail
+        for index in bits:
+            avail[index] -= 1
+        self._dirty = True
+
+    def availability(self, index: int) -> int:
+        return self._avail[index] + self._seeds
+
+    # -- what readers want ---------------------------------------------------------------------
+
+    def set_priority(self, indices: Iterable[int]) -> None:
+        """Pieces readers are waiting for, most urgent first (replaces the previous list)."""
+        self._priority = [i for i in indices if 0 <= i < self.num_pieces]
+
+    # -- picking -------------------------------------------------------------------------------
+
+    def interesting(self, peer: Bitfield | None) -> bool:
+        """Does the peer (None = seed) have a piece we still want?"""
+        if peer is None:
+            return not self.have.complete
+        return any(self.wanted(i) for i in peer)
+
+    def pick(
+        self,
+        peer: Bitfield | None,
+        block_size: int,
+        count: int,
+        outstanding: Container[tuple[int, int]] = (),
+    ) -> list[Block]:
+        """Up to ``count`` blocks of at most ``block_size`` bytes to request from ``peer``
+        (None = a seed). ``outstanding`` holds the (index, begin) this peer already has
+        requested, so endgame never asks one peer twice for the same block."""
+        blocks: list[Block] = []
+        if count <= 0 or self.have.complete:
+            return blocks
+        units_per_block = max(1, block_size // UNIT)
+
+        def has(index: int) -> bool:
+            return peer is None or index in peer
+
+        for index in self._priority:
+            if len(blocks) >= count:
+                return blocks
+            if self.wanted(index) and has(index):
+                self._take(index, units_per_block, count, blocks)
+        for index in list(self._partials):
+            if len(blocks) >= count:
+                return blocks
+            if has(index):
+                self._take(index, units_per_block, count, blocks)
+        while len(blocks) < count:
+            fresh = self._new_piece(peer)
+            if fresh is None:
+                break
+            self._take(fresh, units_per_block, count, blocks)
+        if len(blocks) < count and self._in_endgame():
+            self._endgame(peer, units_per_block, count, outstanding, blocks)
+        return blocks
+
+    def _take(self, index: int, units_per_block: int, count: int, out: list[Block]) -> None:
+        partial = self._partials.get(index)
+        if partial is None:
+            partial = self._partials[index] = _Partial(self.piece_size(index))
+        if not partial.free:
+            return
+        requests, received = partial.requests, partial.received
+        unit = 0
+        while unit < partial.units and len(out) < count:
+            if requests[unit] or received[unit]:
+                unit += 1
+                continue
+            first = unit
+            length = 0
+            while (
+                unit < partial.units
+                and unit - first < units_per_block
+                and not requests[unit]
+                and not received[unit]
+            ):
+                requests[unit] = 1
+                length += partial.unit_length(unit)
+                unit += 1
+            partial.free -= unit - first
+            out.append(Block(index, first * UNIT, length))
+
+    def _eligible(self, index: int) -> bool:
+        return index not in self._partials and self.wanted(index)
+
+    def _new_piece(self, peer: Bitfield | None) -> int | None:
+        if self.have.count < self._random_first:
+            candidates = [
+                i
+                for i in (range(self.num_pieces) if peer is None else peer)
+                if self._eligible(i)
+            ]
+            return self._rng.choice(candidates) if candidates else None
+        if self._dirty and (self._picks_since_rebuild >= 16 or self._cursor >= len(self._order)):
+            self._rebuild()
+        self._picks_since_rebuild += 1
+        order = self._order
+        while self._cursor < len(order) and not self._eligible(order[self._cursor]):
+            self._cursor += 1
+        if peer is None:
+            return order[self._cursor] if self._cursor < len(order) else None
+        if peer.count * 8 < len(order) - self._cursor:
+            best: int | None = None
+            best_avail = 0
+            for index in peer:
+                if self._eligible(index):
+                    avail = self._avail[index]
+                    if best is None or avail < best_avail:
+                        best, best_avail = index, avail
+            return best
+        for position in range(self._cursor, len(order)):
+            index = order[position]
+            if index in peer and self._eligible(index):
+                return index
+        return None
+
+    def _rebuild(self) -> None:
+        avail = self._avail
+        rnd = self._rng.random
+        candidates = [i for i in range(self.num_pieces) if self._eligible(i)]
+        keys = {i: (avail[i], rnd()) for i in candidates}
+        candidates.sort(key=keys.__getitem__)
+        self._order = candidates
+        self._cursor = 0
+        self._dirty = False
+        self._picks_since_rebuild = 0
+
+    def _in_endgame(self) -> bool:
+        if any(p.free for p in self._partials.values()):
+            return False
+        missing = self.num_pieces - self.have.count - len(self._verifying)
+        return missing == len(self._partials)
+
+    def _endgame(
+        self,
+        peer: Bitfield | None,
+        units_per_block: int,
+        count: int,
+        outstanding: Container[tuple[int, int]],
+        out: list[Block],
+    ) -> None:
+        for index, partial in self._partials.items():
+            if peer is not None and index not in peer:
+                continue
+            unit = 0
+            while unit < partial.units and len(out) < count:
+                begin = unit * UNIT
+                if partial.received[unit] or (index, begin) in outstanding:
+                    unit += 1
+                    continue
+                first = unit
+                length = 0
+                while (
+                    unit < partial.units
+                    and unit - first < units_per_block
+                    and not partial.received[unit]
+                ):
+                    if partial.requests[unit] < 255:
+                        partial.requests[unit] += 1
+                    length += partial.unit_length(unit)
+                    unit += 1
+                out.append(Block(index, first * UNIT, length))
+            if len(out) >= count:
+                return
+
+    # -- outcomes ------------------------------------------------------------------------------
+
+    def _units(self, block: Block) -> range:
+        first = block.begin // UNIT
+        return range(first, first + (block.length + UNIT - 1) // UNIT)
+
+    def block_received(self, block: Block) -> bool:
+        """Record a block's arrival. True when the piece now has every unit (verify it)."""
+        partial = self._partials.get(block.index)
+        if partial is None:
+            return False
+        newly = False
+        for unit in self._units(block):
+            if unit < partial.units and not partial.received[unit]:
+                partial.received[unit] = 1
+                partial.received_count += 1
+                if not partial.requests[unit]:
+                    partial.free -= 1
+                newly = True
+        if newly and partial.received_count == partial.units:
+            del self._partials[block.index]
+            self._verifying.add(block.index)
+            return True
+        return False
+
+    def block_failed(self, block: Block) -> None:
+        """A request will not be answered (rejected, cancelled, timed out, peer gone)."""
+        partial = self._partials.get(block.index)
+        if partial is None:
+            return
+        for unit in self._units(block):
+            if unit < partial.units and partial.requests[unit]:
+                partial.requests[unit] -= 1
+                if not partial.requests[unit] and not partial.received[unit]:
+                    partial.free += 1
+        if not partial.received_count and partial.free == partial.units:
+            del self._partials[block.index]
+            self._dirty = True
+
+    def piece_verified(self, index: int) -> None:
+        self._verifying.discard(index)
+        self._partials.pop(index, None)
+        self.have.set(index)
+
+    def piece_failed(self, index: int) -> None:
+        """The piece's hash did not match: every unit is wanted again."""
+        self._verifying.discard(index)
+        self._partials.pop(index, None)
+        self._dirty = True
+        self._cursor = len(self._order)  # force a rebuild so the piece is picked again
