@@ -24,3 +24,31 @@ class RemoteError(P2PError):
 
 class ProtocolError(RemoteError):
     """A message broke the rules of its protocol (framing, syntax, sizes, ordering)."""
+
+
+def collapse(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """One exception standing for a nursery's exception group of p2p errors.
+
+    When sibling tasks fail together (a connection's reader and writer both see the
+    socket break), the caller wants one verdict: a local error wins over a remote one
+    (our bug or disk matters more), and among remote errors a specific violation wins
+    over a broken connection. A group holding anything else is returned unchanged, so
+    bugs are never hidden.
+    """
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    if not leaves or not all(isinstance(e, P2PError) for e in leaves):
+        return group
+    for kind in (LocalError, ProtocolError, RemoteError):
+        for exc in leaves:
+            if isinstance(exc, kind):
+                return exc
+    return leaves[0]

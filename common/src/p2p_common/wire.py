@@ -534,7 +534,11 @@ class PeerProtocol:
         if msg_id == MessageId.BITFIELD:
             if not first:
                 raise WireError("bitfield is only allowed as the first message")
-            return BitfieldMessage(Bitfield.from_bytes(memoryview(buf)[body:end], self._num_pieces))
+            try:
+                bits = Bitfield.from_bytes(memoryview(buf)[body:end], self._num_pieces)
+            except ProtocolError as exc:
+                raise WireError(str(exc)) from None
+            return BitfieldMessage(bits)
         if msg_id in (MessageId.HAVE_ALL, MessageId.HAVE_NONE):
             if not self.fast:
                 raise WireError("have-all/have-none without the fast extension")

@@ -182,8 +182,12 @@ class Engine:
                     with trio.fail_after(HANDSHAKE_TIMEOUT):
                         handshake = await read_handshake(transport, protocol)
                     torrent = self.torrents.get(handshake.info_hash)
-                    if torrent is None or handshake.peer_id == self.peer_id:
+                    if torrent is None:
                         return  # unknown infohash: the infohash is a capability
+                    if handshake.peer_id == self.peer_id:
+                        if info_hash is None:  # let our own outgoing side see who answered
+                            await transport.send_all(self.handshake_for(handshake.info_hash))
+                        return
                     if info_hash is None:
                         await transport.send_all(self.handshake_for(handshake.info_hash))
                     elif handshake.info_hash != info_hash:

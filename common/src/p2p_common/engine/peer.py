@@ -19,7 +19,7 @@ import trio
 from p2p_common import wire
 from p2p_common.bitfield import Bitfield
 from p2p_common.engine.transport import PeerGoneError, Transport
-from p2p_common.errors import RemoteError
+from p2p_common.errors import RemoteError, collapse
 from p2p_common.picker import Block
 
 if TYPE_CHECKING:
@@ -183,10 +183,13 @@ class PeerConnection:
         with trio.CancelScope() as scope:
             self._cancel_scope = scope
             self._send_opening()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._writer)
-                await self._reader()
-                nursery.cancel_scope.cancel()
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer)
+                    await self._reader()
+                    nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                raise collapse(group) from None
 
     def _send_opening(self) -> None:
         torrent = self.torrent

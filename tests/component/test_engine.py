@@ -1,0 +1,258 @@
+"""The peer engine end to end inside one process: real trio, real sockets or memory streams."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from p2p_common import wire
+from p2p_common.engine import make_peer_id
+from p2p_common.storage import MemoryPieceStore, PieceFile
+from tests.engine_helpers import make_content, metainfo_for, running_engines, wait_until
+
+MiB = 1024 * 1024
+
+
+async def test_two_engines_exchange_a_torrent_over_memory_streams() -> None:
+    content = make_content(3 * MiB + 12345)
+    meta = metainfo_for(content)
+    async with running_engines(2) as (seed, leech):
+        await seed.add_torrent(meta, MemoryPieceStore(meta, content))
+        store = MemoryPieceStore(meta)
+        torrent = await leech.add_torrent(meta, store)
+        left, right = trio.testing.memory_stream_pair()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: seed.attach_stream(left, address=("memory", 1)))
+            nursery.start_soon(
+                lambda: leech.attach_stream(right, address=("memory", 2), info_hash=meta.info_hash)
+            )
+            with trio.fail_after(30):
+                await torrent.wait_complete()
+            nursery.cancel_scope.cancel()
+    assert bytes(store.data) == content
+    assert torrent.downloaded_by_role == {"agent": len(content)}
+
+
+async def test_leecher_downloads_from_a_seed_over_tcp_into_a_file(tmp_path: Path) -> None:
+    content = make_content(5 * MiB + 7)
+    meta = metainfo_for(content)
+    source = tmp_path / "seed.bin"
+    source.write_bytes(content)
+    async with running_engines(1, role="proxy") as (seed,), running_engines(1) as (leech,):
+        await seed.add_torrent(meta, PieceFile(meta, source, complete=True))
+        target = tmp_path / "leech.bin"
+        store = PieceFile(meta, target, tmp_path / "leech.bits")
+        torrent = await leech.add_torrent(meta, store, peers=[("127.0.0.1", seed.port)])
+        with trio.fail_after(30):
+            await torrent.wait_complete()
+        store.publish(tmp_path / "final.bin", meta.name)
+    assert (tmp_path / "final.bin").read_bytes() == content
+    assert torrent.downloaded_by_role["proxy"] == len(content)
+
+
+async def test_leechers_trade_pieces_with_each_other_when_the_seed_is_slow() -> None:
+    content = make_content(4 * MiB)
+    meta = metainfo_for(content)
+    async with running_engines(1, role="proxy", upload_rate=2 * MiB) as (seed,):
+        await seed.add_torrent(meta, MemoryPieceStore(meta, content))
+        async with running_engines(3) as leechers:
+            addresses = [("127.0.0.1", e.port) for e in (seed, *leechers)]
+            stores = [MemoryPieceStore(meta) for _ in leechers]
+            torrents = [
+                await engine.add_torrent(meta, store, peers=addresses)
+                for engine, store in zip(leechers, stores, strict=True)
+            ]
+            with trio.fail_after(60):
+                for torrent in torrents:
+                    await torrent.wait_complete()
+    assert all(bytes(store.data) == content for store in stores)
+    from_proxy = sum(t.downloaded_by_role["proxy"] for t in torrents)
+    from_agents = sum(t.downloaded_by_role["agent"] for t in torrents)
+    assert from_proxy + from_agents == 3 * len(content)
+    # The seed alone could not have sent three copies at 2 MiB/s in the time taken:
+    assert from_agents > len(content) // 2
+    assert seed.upload_limiter.total < 3 * len(content)
+
+
+async def test_a_peer_sending_bad_data_is_banned_and_the_download_still_completes() -> None:
+    content = make_content(2 * MiB)
+    meta = metainfo_for(content, piece_length=256 * 1024)
+    corrupt = bytearray(content)
+    for index in range(meta.num_pieces):
+        corrupt[index * meta.piece_length + 100] ^= 0xFF
+    async with (
+        running_engines(1, role="proxy", upload_rate=1 * MiB) as (good,),
+        running_engines(2) as (liar, leech),
+    ):
+        await good.add_torrent(meta, MemoryPieceStore(meta, content))
+        await liar.add_torrent(meta, MemoryPieceStore(meta, bytes(corrupt)))
+        store = MemoryPieceStore(meta)
+        torrent = await leech.add_torrent(
+            meta, store, peers=[("127.0.0.1", liar.port), ("127.0.0.1", good.port)]
+        )
+        with trio.fail_after(60):
+            await torrent.wait_complete()
+        assert leech.is_banned(liar.peer_id, "127.0.0.1")
+        assert not leech.is_banned(good.peer_id, "127.0.0.1")
+        assert liar.peer_id not in torrent.connections
+    assert bytes(store.data) == content
+
+
+async def test_download_rate_limit_bounds_the_transfer_time() -> None:
+    content = make_content(3 * MiB)
+    meta = metainfo_for(content)
+    rate = 2 * MiB
+    async with (
+        running_engines(1, role="proxy") as (seed,),
+        running_engines(1, download_rate=rate) as (leech,),
+    ):
+        await seed.add_torrent(meta, MemoryPieceStore(meta, content))
+        started = time.monotonic()
+        torrent = await leech.add_torrent(
+            meta, MemoryPieceStore(meta), peers=[("127.0.0.1", seed.port)]
+        )
+        with trio.fail_after(30):
+            await torrent.wait_complete()
+        elapsed = time.monotonic() - started
+    burst = rate * 0.25
+    assert elapsed >= (len(content) - burst) / rate * 0.95
+
+
+async def test_raising_the_upload_rate_at_runtime_speeds_up_a_transfer() -> None:
+    content = make_content(4 * MiB)
+    meta = metainfo_for(content)
+    async with (
+        running_engines(1, role="proxy", upload_rate=256 * 1024) as (seed,),
+        running_engines(1) as (leech,),
+    ):
+        await seed.add_torrent(meta, MemoryPieceStore(meta, content))
+        torrent = await leech.add_torrent(
+            meta, MemoryPieceStore(meta), peers=[("127.0.0.1", seed.port)]
+        )
+        await trio.sleep(1.0)
+        slow_progress = torrent.downloaded
+        assert slow_progress < 1 * MiB  # 256 KiB/s plus the burst
+        seed.set_rates(0, 0)
+        with trio.fail_after(10):
+            await torrent.wait_complete()
+
+
+async def test_an_interrupted_download_resumes_from_its_bitfield(tmp_path: Path) -> None:
+    content = make_content(4 * MiB)
+    meta = metainfo_for(content, piece_length=256 * 1024)
+    target, bits = tmp_path / "blob", tmp_path / "blob.bits"
+    async with running_engines(1, role="proxy", upload_rate=2 * MiB) as (seed,):
+        await seed.add_torrent(meta, MemoryPieceStore(meta, content))
+        async with running_engines(1) as (leech,):
+            store = PieceFile(meta, target, bits)
+            torrent = await leech.add_torrent(meta, store, peers=[("127.0.0.1", seed.port)])
+            with trio.fail_after(30):
+                await wait_until(lambda: store.have.count >= meta.num_pieces // 3)
+        store.close()
+        resumed = PieceFile(meta, target, bits)
+        already = resumed.have.count
+        assert already >= meta.num_pieces // 3
+        async with running_engines(1) as (leech,):
+            torrent = await leech.add_torrent(meta, resumed, peers=[("127.0.0.1", seed.port)])
+            with trio.fail_after(30):
+                await torrent.wait_complete()
+    assert torrent.downloaded <= len(content) - already * meta.piece_length
+    assert target.read_bytes() == content
+
+
+async def test_a_streaming_reader_gets_its_pieces_first() -> None:
+    content = make_content(4 * MiB)
+    meta = metainfo_for(content, piece_length=256 * 1024)
+    last = meta.num_pieces - 1
+    async with (
+        running_engines(1, role="proxy", upload_rate=1 * MiB) as (seed,),
+        running_engines(1) as (leech,),
+    ):
+        await seed.add_torrent(meta, MemoryPieceStore(meta, content))
+        store = MemoryPieceStore(meta)
+        torrent = await leech.add_torrent(meta, store, peers=[("127.0.0.1", seed.port)])
+        reader = object()
+        torrent.set_reader(reader, last - 2)
+        with trio.fail_after(30):
+            await torrent.wait_for_piece(last)
+        assert store.have.count <= meta.num_pieces // 2
+        torrent.set_reader(reader, None)
+        with trio.fail_after(30):
+            await torrent.wait_complete()
+
+
+async def test_connecting_to_ourselves_is_detected_and_not_retried() -> None:
+    content = make_content(512 * 1024)
+    meta = metainfo_for(content)
+    async with running_engines(1) as (engine,):
+        torrent = await engine.add_torrent(
+            meta, MemoryPieceStore(meta), peers=[("127.0.0.1", engine.port)]
+        )
+        with trio.fail_after(10):
+            await wait_until(lambda: ("127.0.0.1", engine.port) in engine.self_addresses)
+        assert not torrent.connections
+        assert ("127.0.0.1", engine.port) not in torrent.candidates
+
+
+async def test_an_unknown_infohash_gets_no_handshake_back() -> None:
+    async with running_engines(1) as (engine,):
+        stream = await trio.open_tcp_stream("127.0.0.1", engine.port)
+        async with stream:
+            await stream.send_all(
+                wire.encode_handshake(b"\x01" * 20, b"-XX0001-" + b"x" * 12, wire.reserved_bytes())
+            )
+            with trio.fail_after(10):
+                data = await stream.receive_some(100)
+        assert data == b""
+
+
+async def test_a_protocol_violation_drops_the_peer() -> None:
+    content = make_content(512 * 1024)
+    meta = metainfo_for(content)
+    async with running_engines(1) as (engine,):
+        await engine.add_torrent(meta, MemoryPieceStore(meta, content))
+        stream = await trio.open_tcp_stream("127.0.0.1", engine.port)
+        async with stream:
+            await stream.send_all(
+                wire.encode_handshake(
+                    meta.info_hash, b"-XX0001-" + b"y" * 12, wire.reserved_bytes()
+                )
+            )
+            await stream.send_all(wire.encode_have(10**6))  # out of range
+            received = b""
+            with trio.fail_after(10):
+                while chunk := await stream.receive_some(65536):
+                    received += chunk
+        assert received.startswith(wire.PSTR)  # it answered, then hung up on us
+
+
+@pytest.mark.parametrize("limit", [1, 2])
+async def test_connection_limit_is_enforced(limit: int) -> None:
+    content = make_content(256 * 1024)
+    meta = metainfo_for(content)
+    async with running_engines(1, max_connections=limit) as (engine,):
+        await engine.add_torrent(meta, MemoryPieceStore(meta, content))
+        streams = []
+        for n in range(limit + 1):
+            stream = await trio.open_tcp_stream("127.0.0.1", engine.port)
+            await stream.send_all(
+                wire.encode_handshake(meta.info_hash, b"-XX0001-%012d" % n, wire.reserved_bytes())
+            )
+            streams.append(stream)
+        answers = []
+        for stream in streams:
+            with trio.move_on_after(2):
+                answers.append(await stream.receive_some(68))
+            await stream.aclose()
+        assert sum(1 for a in answers if a.startswith(wire.PSTR)) == limit
+
+
+def test_engine_peer_ids_say_which_service_they_are() -> None:
+    assert make_peer_id("agent").startswith(b"-PA0100-")
+    assert make_peer_id("proxy").startswith(b"-PP0100-")
+    assert len(make_peer_id("agent")) == 20
+    assert make_peer_id("agent") != make_peer_id("agent")
