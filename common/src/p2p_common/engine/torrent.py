@@ -42,6 +42,10 @@ HANDSHAKE_TIMEOUT = 10.0
 READER_WINDOW = 8
 """Pieces ahead of each streaming reader that the picker fetches first."""
 BAN_STRIKES = 2
+VERIFY_QUEUE_BYTES = 8 * 1024 * 1024
+"""Received pieces that may wait for their hash check and write (per torrent)."""
+VERIFIERS = 2
+"""Pieces checked and written at once per torrent (hashlib releases the GIL)."""
 
 
 class TorrentFailedError(LocalError):
@@ -89,6 +93,12 @@ class Torrent:
         self.downloaded_by_role: collections.Counter[str] = collections.Counter()
         self.uploaded = 0
         self.started_at = trio.current_time()
+        # Received pieces wait here for their hash check and disk write, which run in
+        # worker threads while the connections keep receiving (bounded: backpressure).
+        depth = max(2, VERIFY_QUEUE_BYTES // metainfo.piece_length)
+        self._verify_send, self._verify_receive = trio.open_memory_channel[
+            tuple[int, bytes | bytearray, set[PeerConnection]]
+        ](depth)
         self._nursery: trio.Nursery | None = None
         self._stopped = False
 
@@ -183,6 +193,9 @@ class Torrent:
                 self._nursery = nursery
                 nursery.start_soon(self._choke_loop)
                 nursery.start_soon(self._connect_loop)
+                if not self.picker.complete:
+                    for _ in range(VERIFIERS):
+                        nursery.start_soon(self._verifier)
                 if self.metainfo.trackers:
                     nursery.start_soon(self._announce_loop)
                 task_status.started(self)
@@ -328,7 +341,8 @@ class Torrent:
             if not self.picker.block_received(block):
                 return
             self.downloaded_by_role[conn.role] += block.length
-            await self._finish_piece(index, data, {conn})
+            # ``data`` points into the connection's receive buffer: copy it out.
+            await self._verify_send.send((index, bytes(data), {conn}))
             return
         if not self.picker.wanted(index):
             return
@@ -340,10 +354,14 @@ class Torrent:
         self.downloaded_by_role[conn.role] += block.length
         if self.picker.block_received(block):
             del self._buffers[index]
-            await self._finish_piece(index, buffer, self._contributors.pop(index, {conn}))
+            await self._verify_send.send((index, buffer, self._contributors.pop(index, {conn})))
+
+    async def _verifier(self) -> None:
+        async for index, data, contributors in self._verify_receive:
+            await self._finish_piece(index, data, contributors)
 
     async def _finish_piece(
-        self, index: int, data: bytes | bytearray | memoryview, contributors: set[PeerConnection]
+        self, index: int, data: bytes | bytearray, contributors: set[PeerConnection]
     ) -> None:
         ok = await trio.to_thread.run_sync(
             self._verify_and_store, index, data, limiter=self.engine.disk_threads
