@@ -1,0 +1,358 @@
+{{/*
+Shared helpers of the p2p chart. Object names are fixed (p2p-agent, p2p-proxy, p2p-tracker and the
+ConfigMaps agent, proxy, tracker) because the product documents them; hence one release per
+cluster.
+*/}}
+
+{{/* The namespace every object goes to: the release namespace unless overridden. */}}
+{{- define "p2p.namespace" -}}
+{{- default .Release.Namespace .Values.namespaceOverride -}}
+{{- end -}}
+
+{{/* Labels on every object. Call with (dict "root" $ "component" "agent"). */}}
+{{- define "p2p.labels" -}}
+{{ include "p2p.selectorLabels" . }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: p2p
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{/* The labels a selector matches; they never change between chart versions. */}}
+{{- define "p2p.selectorLabels" -}}
+app.kubernetes.io/name: p2p
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* Image reference of a component. Call with (dict "root" $ "image" .Values.agent.image). */}}
+{{- define "p2p.image" -}}
+{{- printf "%s:%s" .image.repository (default .root.Chart.AppVersion .image.tag) -}}
+{{- end -}}
+
+{{/*
+The configured registries (string or list) as a JSON list, without blanks and without two entries
+for the same host[:port]. Fails with the key named when none is left (schema validation refuses
+that earlier, but it can be skipped).
+*/}}
+{{- define "p2p.registries" -}}
+{{- $given := .Values.registry -}}
+{{- if kindIs "string" $given -}}
+{{- $given = list $given -}}
+{{- end -}}
+{{- $list := list -}}
+{{- $seen := dict -}}
+{{- range $given -}}
+{{- $value := trim (toString .) -}}
+{{- $name := include "p2p.registryName" $value -}}
+{{- if and $name (not (hasKey $seen $name)) -}}
+{{- $_ := set $seen $name true -}}
+{{- $list = append $list $value -}}
+{{- end -}}
+{{- end -}}
+{{- if not $list -}}
+{{- fail "registry: set the registry domain to accelerate, e.g. --set registry=registry.example.com" -}}
+{{- end -}}
+{{- toJson $list -}}
+{{- end -}}
+
+{{/* A registry's name as containerd spells it in hosts directories and ?ns=: host[:port]. */}}
+{{- define "p2p.registryName" -}}
+{{- regexReplaceAll "^[hH][tT][tT][pP][sS]?://" (trimSuffix "/" .) "" | lower -}}
+{{- end -}}
+
+{{/* Mirror entries: a JSON list of {name, server}, one per registry. */}}
+{{- define "p2p.mirrorHosts" -}}
+{{- $hosts := list -}}
+{{- range (include "p2p.registries" . | fromJsonArray) -}}
+{{- $name := include "p2p.registryName" . -}}
+{{- $scheme := ternary "http" "https" (regexMatch "^[hH][tT][tT][pP]://" .) -}}
+{{- $hosts = append $hosts (dict "name" $name "server" (printf "%s://%s" $scheme $name)) -}}
+{{- end -}}
+{{- toJson $hosts -}}
+{{- end -}}
+
+{{/* Full DNS names of the headless Services. */}}
+{{- define "p2p.proxyHeadlessHost" -}}
+{{- printf "p2p-proxy-headless.%s.svc.%s" (include "p2p.namespace" .) .Values.clusterDomain -}}
+{{- end -}}
+{{- define "p2p.trackerHeadlessHost" -}}
+{{- printf "p2p-tracker-headless.%s.svc.%s" (include "p2p.namespace" .) .Values.clusterDomain -}}
+{{- end -}}
+
+{{/*
+The service configurations as YAML mappings. The keys the chart computes come first; the
+component's `config` values add further settings (the schema refuses the computed keys there).
+*/}}
+{{- define "p2p.agentConfig" -}}
+{{- $a := .Values.agent -}}
+{{- $config := dict
+  "listen" (printf "127.0.0.1:%d" (int $a.ports.registry))
+  "metricsListen" (printf "0.0.0.0:%d" (int $a.ports.metrics))
+  "peerPort" (int $a.ports.peer)
+  "dataDir" $a.dataDir
+  "registry" (include "p2p.registries" . | fromJsonArray)
+  "proxies" (list (printf "http://%s:%d" (include "p2p.proxyHeadlessHost" .) (int .Values.proxy.ports.http)))
+  "downloadRate" .Values.downloadRate
+  "uploadRate" .Values.uploadRate
+  "cacheSize" $a.cacheSize
+  "logLevel" .Values.logLevel
+  "logFormat" .Values.logFormat
+-}}
+{{- toYaml (merge $config (deepCopy $a.config)) -}}
+{{- end -}}
+
+{{- define "p2p.proxyConfig" -}}
+{{- $p := .Values.proxy -}}
+{{- $config := dict
+  "listen" (printf "0.0.0.0:%d" (int $p.ports.http))
+  "peerPort" (int $p.ports.peer)
+  "dataDir" $p.dataDir
+  "registry" (include "p2p.registries" . | fromJsonArray | first)
+  "trackers" (list (printf "http://%s:%d/announce" (include "p2p.trackerHeadlessHost" .) (int .Values.tracker.ports.http)))
+  "cacheSize" $p.cacheSize
+  "uploadRate" $p.uploadRate
+  "logLevel" .Values.logLevel
+  "logFormat" .Values.logFormat
+-}}
+{{- toYaml (merge $config (deepCopy $p.config)) -}}
+{{- end -}}
+
+{{- define "p2p.trackerConfig" -}}
+{{- $t := .Values.tracker -}}
+{{- $config := dict
+  "listen" (printf "0.0.0.0:%d" (int $t.ports.http))
+  "logLevel" .Values.logLevel
+  "logFormat" .Values.logFormat
+-}}
+{{- toYaml (merge $config (deepCopy $t.config)) -}}
+{{- end -}}
+
+{{/* Pod-level security context of every p2p pod. */}}
+{{- define "p2p.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ int .Values.securityContext.runAsUser }}
+runAsGroup: {{ int .Values.securityContext.runAsGroup }}
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{/* Container security context of the p2p services: non-root, read-only, no capabilities. */}}
+{{- define "p2p.containerSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ int .Values.securityContext.runAsUser }}
+runAsGroup: {{ int .Values.securityContext.runAsGroup }}
+allowPrivilegeEscalation: false
+privileged: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop:
+    - ALL
+{{- end -}}
+
+{{/*
+Init container that hands a hostPath data directory to the service user (mode 0700: cached layers
+may come from private repositories). Call with (dict "root" $ "image" ... "pullPolicy" ... "dir" ...).
+*/}}
+{{- define "p2p.dataDirInit" -}}
+- name: data-dir-owner
+  image: {{ .image | quote }}
+  imagePullPolicy: {{ .pullPolicy }}
+  command:
+    - /bin/sh
+    - -c
+    - |
+      set -eu
+      owner="$P2P_UID:$P2P_GID"
+      if [ "$(stat -c %u:%g "$P2P_DATA_DIR")" != "$owner" ]; then
+        chown -R "$owner" "$P2P_DATA_DIR"
+        echo "data-dir-owner: $P2P_DATA_DIR now belongs to $owner"
+      fi
+      chmod 0700 "$P2P_DATA_DIR"
+  env:
+    - name: P2P_DATA_DIR
+      value: {{ .dir | quote }}
+    - name: P2P_UID
+      value: {{ int .root.Values.securityContext.runAsUser | quote }}
+    - name: P2P_GID
+      value: {{ int .root.Values.securityContext.runAsGroup | quote }}
+  securityContext:
+    runAsNonRoot: false
+    runAsUser: 0
+    runAsGroup: 0
+    allowPrivilegeEscalation: false
+    privileged: false
+    readOnlyRootFilesystem: true
+    capabilities:
+      drop:
+        - ALL
+      add:
+        - CHOWN
+        - FOWNER
+        - DAC_READ_SEARCH
+  resources:
+    requests:
+      cpu: 10m
+      memory: 16M
+    limits:
+      cpu: 500m
+      memory: 64M
+  volumeMounts:
+    - name: data
+      mountPath: {{ .dir | quote }}
+{{- end -}}
+
+{{/* The prometheus.io annotations of a pod. Call with (dict "root" $ "port" N). */}}
+{{- define "p2p.metricsAnnotations" -}}
+{{- if .root.Values.metrics.podAnnotations -}}
+prometheus.io/scrape: "true"
+prometheus.io/port: {{ int .port | quote }}
+prometheus.io/path: /metrics
+{{- end -}}
+{{- end -}}
+
+{{/* First line of every hosts.toml this release writes; the mirror script only touches those. */}}
+{{- define "p2p.mirrorMarker" -}}
+# managed-by: p2p release {{ include "p2p.namespace" . }}/{{ .Release.Name }}
+{{- end -}}
+
+{{/* Environment of the mirror containers: where the files come from and go to. */}}
+{{- define "p2p.mirrorEnv" -}}
+- name: P2P_MIRROR_SOURCE
+  value: /etc/p2p/mirror
+- name: P2P_MIRROR_TARGET
+  value: /host/containerd-certs.d
+- name: P2P_MIRROR_INTERVAL
+  value: {{ int .Values.mirror.resyncSeconds | quote }}
+{{- end -}}
+
+{{- define "p2p.mirrorMounts" -}}
+- name: mirror
+  mountPath: /etc/p2p/mirror
+  readOnly: true
+- name: containerd-certs
+  mountPath: /host/containerd-certs.d
+{{- end -}}
+
+{{/*
+The mirror containers run as root, because containerd's config directory belongs to root, but
+with no capability at all: root may write the root-owned directory as its owner.
+*/}}
+{{- define "p2p.mirrorSecurityContext" -}}
+runAsNonRoot: false
+runAsUser: 0
+runAsGroup: 0
+allowPrivilegeEscalation: false
+privileged: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop:
+    - ALL
+{{- end -}}
+
+{{/* hosts.toml for one registry. Call with (dict "root" $ "host" {name, server}). */}}
+{{- define "p2p.hostsToml" -}}
+{{ include "p2p.mirrorMarker" .root }}
+# containerd asks the p2p agent on this node first for images of {{ .host.name }} and falls back
+# to the registry itself when the agent does not answer. The agent pod removes this file when it
+# stops; see docs/install.md.
+server = {{ .host.server | quote }}
+
+[host."http://127.0.0.1:{{ int .root.Values.agent.ports.registry }}"]
+  capabilities = ["pull", "resolve"]
+{{- end -}}
+
+{{/*
+mirror.sh: installs and removes this release's hosts.toml files under containerd's config_path.
+  sync    write each configured registry's hosts.toml; remove ours for registries no longer listed
+  remove  remove every hosts.toml this release wrote
+  watch   sync now and every $P2P_MIRROR_INTERVAL seconds; on SIGTERM or SIGINT remove and exit 0
+Only files whose first line is this release's marker are replaced or removed: a hosts.toml that
+someone else wrote is left alone (with a warning), and that registry is then not mirrored there.
+*/}}
+{{- define "p2p.mirrorScript" -}}
+#!/bin/sh
+# Rendered by the p2p Helm chart: keeps containerd's hosts.toml files for the p2p mirror.
+set -eu
+src=${P2P_MIRROR_SOURCE:-/etc/p2p/mirror}
+dst=${P2P_MIRROR_TARGET:-/host/containerd-certs.d}
+interval=${P2P_MIRROR_INTERVAL:-60}
+marker='{{ include "p2p.mirrorMarker" . }}'
+
+say() { echo "p2p-mirror: $*"; }
+
+ours() {
+  [ -f "$1" ] || return 1
+  first=""
+  IFS= read -r first < "$1" || true
+  [ "$first" = "$marker" ]
+}
+
+remove_one() {
+  rm -f "$1"
+  rmdir "${1%/hosts.toml}" 2>/dev/null || true
+  say "removed $1"
+}
+
+sync_all() {
+  for file in "$src"/*/hosts.toml; do
+    [ -f "$file" ] || continue
+    name=${file%/hosts.toml}
+    name=${name##*/}
+    target="$dst/$name/hosts.toml"
+    if [ -e "$target" ] && ! ours "$target"; then
+      say "warning: $target was not written by p2p; leaving it, $name is not mirrored on this node"
+      continue
+    fi
+    if [ -f "$target" ] && [ "$(cat "$file")" = "$(cat "$target")" ]; then
+      continue
+    fi
+    mkdir -p "$dst/$name"
+    cp "$file" "$target.p2p-new"
+    mv -f "$target.p2p-new" "$target"
+    say "wrote $target"
+  done
+  for target in "$dst"/*/hosts.toml; do
+    ours "$target" || continue
+    name=${target%/hosts.toml}
+    name=${name##*/}
+    [ -f "$src/$name/hosts.toml" ] || remove_one "$target"
+  done
+}
+
+remove_all() {
+  for target in "$dst"/*/hosts.toml; do
+    if ours "$target"; then
+      remove_one "$target"
+    fi
+  done
+}
+
+watch() {
+  sleeper=""
+  trap 'if [ -n "$sleeper" ]; then kill "$sleeper" 2>/dev/null || true; fi; remove_all; exit 0' TERM INT
+  while :; do
+    sync_all || say "warning: sync failed; retrying in $interval s"
+    sleep "$interval" &
+    sleeper=$!
+    wait "$sleeper" || true
+    sleeper=""
+  done
+}
+
+case "${1:-}" in
+  sync) sync_all ;;
+  remove) remove_all ;;
+  watch) watch ;;
+  *) echo "usage: mirror.sh sync|remove|watch" >&2; exit 2 ;;
+esac
+{{- end -}}
+
+{{/* A node selector as kubectl label arguments: "a=b c=d". */}}
+{{- define "p2p.labelList" -}}
+{{- $pairs := list -}}
+{{- range $k, $v := . -}}
+{{- $pairs = append $pairs (printf "%s=%s" $k $v) -}}
+{{- end -}}
+{{- join " " $pairs -}}
+{{- end -}}
