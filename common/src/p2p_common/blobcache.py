@@ -1,0 +1,262 @@
+"""The on-disk blob cache shared by the agent and the proxy (``dataDir``).
+
+Layout::
+
+    dataDir/blobs/sha256/<hex>            complete blobs, SHA-256 verified
+    dataDir/blobs/sha256/<hex>.torrent    their metainfo (reseed after restart, no rehash)
+    dataDir/partial/sha256-<hex>.*        downloads in progress: data, bitfield, metainfo
+    dataDir/tmp/                          scratch files (origin fetches)
+
+A blob enters ``blobs/`` only by an atomic rename after its digest was checked,
+so a crash leaves either the old state or the new one. A quota with
+least-recently-used eviction bounds the disk; blobs pinned by a reader, a seeder
+or a download are never evicted. Last use survives restarts as the file's mtime.
+
+The methods block on the file system; callers on a trio loop run the slow ones
+(:meth:`BlobCache.scan`, :meth:`BlobCache.evict_for`) in a thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from p2p_common import metainfo as mi
+from p2p_common.errors import LocalError
+from p2p_common.storage import PieceFile
+
+_DIGEST = re.compile(r"^sha256:([0-9a-f]{64})$")
+
+
+class CacheFullError(LocalError):
+    """The quota cannot make room: every cached blob is in use."""
+
+
+def _hex(digest: str) -> str:
+    match = _DIGEST.match(digest)
+    if not match:
+        raise ValueError(f"not a sha256 digest: {digest!r}")
+    return match.group(1)
+
+
+class BlobCache:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        quota: int = 0,
+        on_evict: Callable[[str], None] | None = None,
+    ) -> None:
+        self.root = root
+        self.quota = quota
+        self.on_evict = on_evict
+        self.blob_dir = root / "blobs" / "sha256"
+        self.partial_dir = root / "partial"
+        self.tmp_dir = root / "tmp"
+        for directory in (self.blob_dir, self.partial_dir, self.tmp_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        self._lru: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._pins: collections.Counter[str] = collections.Counter()
+        self._reserved = 0
+        self._lock = threading.Lock()
+        self.scan()
+
+    # -- paths -----------------------------------------------------------------------------------
+
+    def blob_path(self, digest: str) -> Path:
+        return self.blob_dir / _hex(digest)
+
+    def metainfo_path(self, digest: str) -> Path:
+        return self.blob_dir / (_hex(digest) + ".torrent")
+
+    def partial_paths(self, digest: str) -> tuple[Path, Path, Path]:
+        base = self.partial_dir / ("sha256-" + _hex(digest))
+        return base.with_suffix(".data"), base.with_suffix(".bits"), base.with_suffix(".torrent")
+
+    # -- index -----------------------------------------------------------------------------------
+
+    def scan(self) -> None:
+        """Rebuild the index from disk, oldest use first; drop scratch files."""
+        entries = []
+        for path in self.blob_dir.iterdir():
+            if path.suffix or not _DIGEST.match("sha256:" + path.name):
+                continue
+            stat = path.stat()
+            entries.append((stat.st_mtime, "sha256:" + path.name, stat.st_size))
+        entries.sort()
+        with self._lock:
+            self._lru = collections.OrderedDict((d, size) for _, d, size in entries)
+        for scratch in self.tmp_dir.iterdir():
+            with contextlib.suppress(OSError):
+                scratch.unlink()
+
+    @property
+    def used(self) -> int:
+        with self._lock:
+            return sum(self._lru.values()) + self._reserved
+
+    def __contains__(self, digest: str) -> bool:
+        with self._lock:
+            return digest in self._lru
+
+    def size(self, digest: str) -> int | None:
+        with self._lock:
+            return self._lru.get(digest)
+
+    def digests(self) -> list[str]:
+        """Cached digests, least recently used first."""
+        with self._lock:
+            return list(self._lru)
+
+    def touch(self, digest: str) -> None:
+        """Record a use (moves the blob to the most recently used end)."""
+        with self._lock:
+            if digest not in self._lru:
+                return
+            self._lru.move_to_end(digest)
+        with contextlib.suppress(OSError):
+            os.utime(self.blob_path(digest))
+
+    # -- pins ------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def pinned(self, digest: str) -> Iterator[None]:
+        """Keep ``digest`` from being evicted while the block runs."""
+        with self._lock:
+            self._pins[digest] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._pins[digest] -= 1
+                if self._pins[digest] <= 0:
+                    del self._pins[digest]
+
+    def pin(self, digest: str) -> None:
+        with self._lock:
+            self._pins[digest] += 1
+
+    def unpin(self, digest: str) -> None:
+        with self._lock:
+            self._pins[digest] -= 1
+            if self._pins[digest] <= 0:
+                del self._pins[digest]
+
+    # -- space -----------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def reservation(self, nbytes: int) -> Iterator[None]:
+        """Hold ``nbytes`` of quota for a download in progress (evicting to make room)."""
+        self.evict_for(nbytes)
+        with self._lock:
+            self._reserved += nbytes
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._reserved -= nbytes
+
+    def evict_for(self, nbytes: int) -> list[str]:
+        """Evict least recently used, unpinned blobs until ``nbytes`` more fit the quota.
+
+        Raises :class:`CacheFullError` when that is impossible. No-op without a quota.
+        """
+        if not self.quota:
+            return []
+        if nbytes > self.quota:
+            raise CacheFullError(f"a blob of {nbytes} bytes is larger than the cache quota")
+        evicted: list[str] = []
+        while True:
+            with self._lock:
+                total = sum(self._lru.values()) + self._reserved
+                if total + nbytes <= self.quota:
+                    return evicted
+                victim = next((d for d in self._lru if not self._pins.get(d)), None)
+                if victim is None:
+                    raise CacheFullError(
+                        f"cache quota of {self.quota} bytes is full of blobs in use"
+                    )
+                del self._lru[victim]
+            self._remove_files(victim)
+            evicted.append(victim)
+            if self.on_evict is not None:
+                self.on_evict(victim)
+
+    def _remove_files(self, digest: str) -> None:
+        for path in (self.blob_path(digest), self.metainfo_path(digest)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def remove(self, digest: str) -> None:
+        """Drop a blob (e.g. found corrupt) regardless of the LRU order."""
+        with self._lock:
+            self._lru.pop(digest, None)
+        self._remove_files(digest)
+
+    # -- entering the cache ----------------------------------------------------------------------
+
+    def adopt(self, source: Path, digest: str, meta: mi.Metainfo | None = None) -> Path:
+        """Move an already verified file into the cache (atomic rename); returns its path."""
+        target = self.blob_path(digest)
+        if meta is not None:
+            self.save_metainfo(digest, meta)
+        os.replace(source, target)
+        self._register(digest, target)
+        return target
+
+    def publish(
+        self, piece_file: PieceFile, digest: str, *, known_digest: str | None = None
+    ) -> Path:
+        """Verify a completed download's SHA-256 and move it into the cache."""
+        target = self.blob_path(digest)
+        self.save_metainfo(digest, piece_file.metainfo)
+        piece_file.publish(target, digest, known_digest=known_digest)
+        for path in self.partial_paths(digest)[1:]:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        self._register(digest, target)
+        return target
+
+    def _register(self, digest: str, path: Path) -> None:
+        size = path.stat().st_size
+        with self._lock:
+            self._lru[digest] = size
+            self._lru.move_to_end(digest)
+        with contextlib.suppress(OSError):
+            os.utime(path, (time.time(), time.time()))
+
+    def save_metainfo(self, digest: str, meta: mi.Metainfo) -> None:
+        path = self.metainfo_path(digest)
+        scratch = path.with_suffix(".torrent.tmp")
+        scratch.write_bytes(meta.to_bytes())
+        os.replace(scratch, path)
+
+    def load_metainfo(self, digest: str) -> mi.Metainfo | None:
+        """The stored metainfo of a cached blob, if present and intact."""
+        try:
+            return mi.parse(self.metainfo_path(digest).read_bytes())
+        except (OSError, mi.MetainfoError):
+            return None
+
+    def open_partial(self, meta: mi.Metainfo, digest: str) -> PieceFile:
+        """The in-progress download of ``digest`` (resumed if a previous run left one)."""
+        data, bits, torrent = self.partial_paths(digest)
+        stored = None
+        with contextlib.suppress(OSError, mi.MetainfoError):
+            stored = mi.parse(torrent.read_bytes())
+        if stored is None or stored.info_hash != meta.info_hash:
+            for path in (data, bits):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            torrent.write_bytes(meta.to_bytes())
+        return PieceFile(meta, data, bits)
+
+    def scratch_file(self, prefix: str) -> Path:
+        """A fresh path under ``tmp/`` (removed at the next :meth:`scan`)."""
+        return self.tmp_dir / f"{prefix}-{os.getpid()}-{time.monotonic_ns()}"
