@@ -16,6 +16,7 @@ TEST_DEPS = [
     "libtorrent>=2.1,<2.2",
     "helm-python-sdk>=0.2",
     "kubernetes-validate>=1.30",
+    "cryptography>=42",
 ]
 LINT_DEPS = ["ruff>=0.6"]
 TYPE_DEPS = ["mypy>=1.10", "types-PyYAML", "pytest>=8", "hypothesis>=6.100"]
