@@ -1,0 +1,208 @@
+"""A small ASGI toolkit shared by the agent and the proxy (served by hypercorn on trio).
+
+Not a framework: a parsed :class:`Request`, a few ways to answer (bytes, an OCI
+error, a file range with bounded memory, an async byte stream), the lifespan
+protocol, and :func:`serve_app`, which runs an app on hypercorn and reports the
+bound port. Applications route by hand in their own ``__call__``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve as hypercorn_serve
+
+from p2p_common.oci import ErrorCode, OCIError
+from p2p_common.settings import split_host_port
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+MAX_HEADER_BYTES = 16 * 1024
+FILE_CHUNK = 1024 * 1024
+API_VERSION_HEADER = (b"docker-distribution-api-version", b"registry/2.0")
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    method: str
+    path: str
+    """The raw path as sent (percent-encoding kept), so routers can refuse encodings."""
+    query: dict[str, list[str]]
+    headers: dict[str, list[str]]
+    """Lower-case names; every line of a repeated header is kept."""
+    client: tuple[str, int] | None
+
+    @classmethod
+    def from_scope(cls, scope: Scope) -> Request:
+        headers: dict[str, list[str]] = {}
+        for name, value in scope.get("headers", []):
+            headers.setdefault(name.decode("latin-1").lower(), []).append(value.decode("latin-1"))
+        raw_path = scope.get("raw_path") or scope["path"].encode("utf-8")
+        query = urllib.parse.parse_qs(
+            scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True
+        )
+        client = scope.get("client")
+        return cls(
+            method=scope["method"],
+            path=raw_path.decode("latin-1").split("?", 1)[0],
+            query=query,
+            headers=headers,
+            client=(str(client[0]), int(client[1])) if client else None,
+        )
+
+    def header(self, name: str) -> str | None:
+        """The first value of header ``name`` (case-insensitive)."""
+        values = self.headers.get(name.lower())
+        return values[0] if values else None
+
+    def param(self, name: str) -> str | None:
+        values = self.query.get(name)
+        return values[0] if values else None
+
+
+def _headers(pairs: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in pairs]
+
+
+async def send_bytes(
+    send: Send,
+    status: int,
+    body: bytes,
+    *,
+    content_type: str | None = "application/json",
+    headers: Iterable[tuple[str, str]] = (),
+    head: bool = False,
+    content_length: int | None = None,
+) -> None:
+    """A complete response. ``head`` sends the headers only (with the body's length)."""
+    pairs = [API_VERSION_HEADER, *_headers(headers)]
+    if content_type is not None:
+        pairs.append((b"content-type", content_type.encode("latin-1")))
+    length = len(body) if content_length is None else content_length
+    pairs.append((b"content-length", str(length).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": pairs})
+    await send({"type": "http.response.body", "body": b"" if head else body})
+
+
+async def send_error(send: Send, error: OCIError, *, head: bool = False) -> None:
+    """An OCI JSON error (status and extra headers from the error)."""
+    await send_bytes(
+        send,
+        error.status,
+        error.body(),
+        headers=error.response_headers().items() if error.response_headers() else (),
+        head=head,
+    )
+
+
+async def start_stream(
+    send: Send, status: int, *, headers: Iterable[tuple[str, str]], content_length: int
+) -> None:
+    pairs = [API_VERSION_HEADER, *_headers(headers)]
+    pairs.append((b"content-length", str(content_length).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": pairs})
+
+
+async def send_chunk(send: Send, data: bytes, *, more: bool = True) -> None:
+    await send({"type": "http.response.body", "body": data, "more_body": more})
+
+
+async def send_file_range(send: Send, fd: int, offset: int, length: int) -> None:
+    """Body bytes ``[offset, offset+length)`` of an open file, read in worker threads."""
+    end = offset + length
+    while offset < end:
+        size = min(FILE_CHUNK, end - offset)
+        data = await trio.to_thread.run_sync(os.pread, fd, size, offset)
+        if len(data) != size:
+            raise OSError(f"short read at {offset}")
+        offset += size
+        await send_chunk(send, data, more=offset < end)
+    if length == 0:
+        await send_chunk(send, b"", more=False)
+
+
+async def read_body(receive: Receive, limit: int) -> bytes:
+    """The request body, refusing more than ``limit`` bytes."""
+    body = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        body += message.get("body", b"")
+        if len(body) > limit:
+            raise OCIError(ErrorCode.SIZE_INVALID, "request body too large", status=413)
+        if not message.get("more_body"):
+            break
+    return bytes(body)
+
+
+async def lifespan(receive: Receive, send: Send) -> None:
+    """Answer the ASGI lifespan protocol (nothing to set up: services do it in serve())."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def hypercorn_config(listen: str, *, graceful_timeout: float = 30.0) -> Config:
+    config = Config()
+    config.bind = [listen]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.include_server_header = False
+    config.h11_max_incomplete_size = MAX_HEADER_BYTES
+    config.keep_alive_timeout = 60
+    config.graceful_timeout = graceful_timeout
+    return config
+
+
+async def serve_app(
+    app: Callable[[Scope, Receive, Send], Awaitable[None]],
+    listen: str,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
+    graceful_timeout: float = 30.0,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` on ``listen`` (``host:port``; port 0 picks one) and report the port.
+
+    Returns after ``shutdown_trigger`` returns and in-flight requests finished (bounded
+    by ``graceful_timeout``); cancellation stops at once.
+    """
+    config = hypercorn_config(listen, graceful_timeout=graceful_timeout)
+
+    async def trigger() -> None:
+        if shutdown_trigger is None:
+            await trio.sleep_forever()
+        else:
+            await shutdown_trigger()
+
+    async with trio.open_nursery() as nursery:
+        binds: list[str] = await nursery.start(
+            lambda task_status: hypercorn_serve(
+                cast(Any, app), config, shutdown_trigger=trigger, task_status=task_status
+            )
+        )
+        _host, port = split_host_port(binds[0].partition("://")[2])
+        task_status.started(port)
+
+
+async def stream_to(send: Send, chunks: AsyncIterator[bytes]) -> None:
+    """Send every chunk of ``chunks`` as body, then end the body."""
+    async for chunk in chunks:
+        if chunk:
+            await send_chunk(send, chunk)
+    await send_chunk(send, b"", more=False)
