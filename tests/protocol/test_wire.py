@@ -272,20 +272,19 @@ def test_malformed_messages_are_protocol_violations(message: bytes, reason: str)
         protocol.next_event()
 
 
-def test_bitfield_is_only_allowed_first_but_may_follow_extension_messages() -> None:
+def test_a_late_bitfield_is_accepted_as_a_replacement() -> None:
+    """BEP 3 wants the bitfield first; aria2 sends one after have-none. Both parse."""
     protocol = protocol_after_handshake()
-    protocol.receive_data(wire.encode_extension_handshake(client="x"))
-    protocol.receive_data(wire.encode_port(6881))
-    protocol.receive_data(wire.encode_bitfield(Bitfield(NUM_PIECES)))
-    assert isinstance(protocol.next_event(), wire.ExtensionHandshake)
-    assert isinstance(protocol.next_event(), wire.Port)
-    assert isinstance(protocol.next_event(), wire.BitfieldMessage)
-
-    late = protocol_after_handshake()
-    late.receive_data(wire.ENCODED_INTERESTED + wire.encode_bitfield(Bitfield(NUM_PIECES)))
-    assert late.next_event() == wire.INTERESTED
-    with pytest.raises(wire.WireError, match="first message"):
-        late.next_event()
+    bits = Bitfield(NUM_PIECES)
+    bits.set(4)
+    protocol.receive_data(wire.ENCODED_HAVE_NONE + wire.ENCODED_INTERESTED)
+    protocol.receive_data(wire.encode_bitfield(bits) + wire.ENCODED_HAVE_ALL)
+    assert protocol.next_event() == wire.HAVE_NONE
+    assert protocol.next_event() == wire.INTERESTED
+    late = protocol.next_event()
+    assert isinstance(late, wire.BitfieldMessage)
+    assert list(late.bits) == [4]
+    assert protocol.next_event() == wire.HAVE_ALL
 
 
 def test_fast_extension_messages_need_the_fast_extension_on_both_sides() -> None:

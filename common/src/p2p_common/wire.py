@@ -402,7 +402,6 @@ class PeerProtocol:
         self._piece_length = 0
         self._total_length = 0
         self._max_message = 0
-        self._first_message = True
         self._buf = bytearray(max(initial_buffer, HANDSHAKE_LENGTH))
         self._start = 0
         self._end = 0
@@ -505,8 +504,6 @@ class PeerProtocol:
         body = start + 5
         end = start + 4 + length
         self._start = end
-        first = self._first_message
-        self._first_message = False
         if msg_id == MessageId.PIECE:
             if length < 9:
                 raise WireError("piece message too short")
@@ -532,8 +529,8 @@ class PeerProtocol:
                 return Cancel(index, begin, size)
             return RejectRequest(index, begin, size)
         if msg_id == MessageId.BITFIELD:
-            if not first:
-                raise WireError("bitfield is only allowed as the first message")
+            # BEP 3 wants it first, but aria2 sends one after have-none once it has a
+            # piece: a late bitfield replaces what we knew of the peer's pieces.
             try:
                 bits = Bitfield.from_bytes(memoryview(buf)[body:end], self._num_pieces)
             except ProtocolError as exc:
@@ -542,8 +539,6 @@ class PeerProtocol:
         if msg_id in (MessageId.HAVE_ALL, MessageId.HAVE_NONE):
             if not self.fast:
                 raise WireError("have-all/have-none without the fast extension")
-            if not first:
-                raise WireError("have-all/have-none is only allowed as the first message")
             self._expect(length, 1, msg_id)
             return HAVE_ALL if msg_id == MessageId.HAVE_ALL else HAVE_NONE
         if msg_id in (MessageId.SUGGEST_PIECE, MessageId.ALLOWED_FAST):
@@ -553,11 +548,9 @@ class PeerProtocol:
             index = self._index(_U32.unpack_from(buf, body)[0])
             return SuggestPiece(index) if msg_id == MessageId.SUGGEST_PIECE else AllowedFast(index)
         if msg_id == MessageId.PORT:
-            self._first_message = first  # PORT and BEP 10 messages may precede the bitfield
             self._expect(length, 3, msg_id)
             return Port(struct.unpack_from(">H", buf, body)[0])
         if msg_id == MessageId.EXTENDED:
-            self._first_message = first
             if not self.extensions:
                 raise WireError("extended message without the extension protocol")
             if length < 2:
@@ -568,7 +561,6 @@ class PeerProtocol:
                 return _parse_extension_handshake(payload)
             return Extended(ext_id, bytes(payload))
         # BEP 3: unknown messages are ignored (their length is already bounded).
-        self._first_message = first
         return _SKIP
 
     def _next_handshake(self, buf: bytearray, start: int, avail: int) -> Handshake | None:

@@ -310,16 +310,18 @@ class PeerConnection:
             if block is not None:
                 torrent.picker.block_failed(block)
                 self.fill_requests()
-        elif isinstance(event, wire.BitfieldMessage):
-            if event.bits.complete:
+        elif isinstance(event, wire.BitfieldMessage | wire.HaveAll | wire.HaveNone):
+            # Normally the first message; a late one replaces what we knew (aria2 does this).
+            self.forget_availability()
+            self.peer_seed = False
+            self.peer_bits = Bitfield(torrent.metainfo.num_pieces)
+            if isinstance(event, wire.HaveAll) or (
+                isinstance(event, wire.BitfieldMessage) and event.bits.complete
+            ):
                 self._become_seed()
-            else:
+            elif isinstance(event, wire.BitfieldMessage):
                 self.peer_bits = event.bits
                 torrent.picker.peer_bitfield(event.bits)
-            self.update_interest()
-            self.fill_requests()
-        elif isinstance(event, wire.HaveAll):
-            self._become_seed()
             self.update_interest()
             self.fill_requests()
         elif isinstance(event, wire.ExtensionHandshake):
@@ -330,7 +332,7 @@ class PeerConnection:
             elif event.request_queue is not None:
                 self.queue_target = max(1, min(self.queue_target, event.request_queue))
             torrent.peer_interest_changed(self)
-        # keep-alive, have-none, port, suggest, allowed-fast, other extensions: nothing to do
+        # keep-alive, port, suggest, allowed-fast, other extensions: nothing to do
 
     def _become_seed(self) -> None:
         if self.peer_seed:
