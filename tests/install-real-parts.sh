@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the real third-party programs the tests drive (see ../shared/REAL-PARTS.md):
-# the CNCF distribution registry, skopeo, containerd, aria2, opentracker, iproute2, curl.
+# the CNCF distribution registry, skopeo, containerd, aria2, opentracker, iproute2, curl, and
+# wrk (the load generator of tests/bench/bench_tracker.py).
 # Does nothing when they are all present. Needs root (or passwordless sudo) to install.
 # With --demo, a missing package that cannot be installed is not fatal: the demo falls
 # back to its built-in origin.
@@ -25,6 +26,7 @@ else
   check opentracker opentracker
   check ip iproute2
   check curl curl
+  check wrk wrk
 fi
 [ "${#need_pkgs[@]}" -eq 0 ] && exit 0
 

@@ -28,3 +28,8 @@ class TrackerSettings(ServiceSettings):
     """Peers returned when the announce does not say ``numwant``."""
     max_numwant: int = Field(200, ge=0)
     """Cap on ``numwant``."""
+    trust_ip_param: bool = False
+    """Use the announce's ``ip`` parameter (when it is an IP address) instead of the TCP
+    source address. Off by default: any client could then list someone else's address
+    (traffic reflection, swarm poisoning). Turn it on only when every announce reaches the
+    tracker through a proxy or NAT that hides the real source and clients are trusted."""

@@ -1,0 +1,267 @@
+"""The real p2p-tracker service in-process (hypercorn on port 0), driven over HTTP with httpx."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from functools import partial
+
+import httpx
+import pytest
+import trio
+
+from p2p_common import bencoding
+from p2p_common.tracker_proto import (
+    AnnounceRequest,
+    Event,
+    Peer,
+    ScrapeStats,
+    TrackerRefusedError,
+    announce_url,
+    parse_announce_response,
+    parse_scrape_response,
+    scrape_query,
+)
+from p2p_tracker.service import serve
+from p2p_tracker.settings import TrackerSettings
+
+H1 = bytes(range(20))
+H2 = bytes(range(100, 120))
+
+
+def pid(n: int) -> bytes:
+    return b"-CT0001-" + bytes([n]) * 12
+
+
+async def start(nursery: trio.Nursery, host: str = "127.0.0.1", **overrides: object) -> str:
+    settings = TrackerSettings.load(None, environ={}, listen=f"{host}:0", **overrides)
+    port: int = await nursery.start(serve, settings)
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+@pytest.fixture
+async def base(nursery: trio.Nursery) -> str:
+    return await start(nursery, announce_interval=42, min_announce_interval=7, default_numwant=10)
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=10) as http:
+        yield http
+
+
+async def announce(
+    http: httpx.AsyncClient, base: str, request: AnnounceRequest
+) -> tuple[int, bytes]:
+    response = await http.get(announce_url(f"{base}/announce", request))
+    return response.status_code, response.content
+
+
+async def test_compact_announce(base: str, client: httpx.AsyncClient) -> None:
+    status, body = await announce(client, base, AnnounceRequest(H1, pid(1), 6881, left=10))
+    assert status == 200
+    first = parse_announce_response(body)
+    assert (first.interval, first.min_interval, first.peers) == (42, 7, ())
+    assert (first.complete, first.incomplete) == (0, 1)
+
+    status, body = await announce(
+        client, base, AnnounceRequest(H1, pid(2), 6882, left=0, event=Event.COMPLETED)
+    )
+    assert status == 200
+    doc = bencoding.decode_dict(body)
+    assert doc[b"peers"] == b"\x7f\x00\x00\x01" + (6881).to_bytes(2, "big")  # BEP 23
+    assert b"peers6" not in doc
+    second = parse_announce_response(body)
+    assert second.peers == (Peer("127.0.0.1", 6881),)
+    assert (second.complete, second.incomplete) == (1, 1)
+
+
+async def test_non_compact_announce(base: str, client: httpx.AsyncClient) -> None:
+    await announce(client, base, AnnounceRequest(H1, pid(1), 6881, left=10))
+    _, body = await announce(client, base, AnnounceRequest(H1, pid(2), 6882, compact=False))
+    assert parse_announce_response(body).peers == (Peer("127.0.0.1", 6881, pid(1)),)
+    _, body = await announce(
+        client, base, AnnounceRequest(H1, pid(3), 6883, left=1, compact=False, no_peer_id=True)
+    )
+    peers = parse_announce_response(body).peers
+    assert {p.port for p in peers} == {6881, 6882}
+    assert all(p.peer_id is None for p in peers)
+
+
+async def test_stopped_and_numwant(base: str, client: httpx.AsyncClient) -> None:
+    for n in range(15):
+        await announce(client, base, AnnounceRequest(H1, pid(n), 7000 + n, left=1))
+    _, body = await announce(client, base, AnnounceRequest(H1, pid(0), 7000, left=1))
+    assert len(parse_announce_response(body).peers) == 10  # defaultNumwant
+    _, body = await announce(client, base, AnnounceRequest(H1, pid(0), 7000, left=1, numwant=3))
+    assert len(parse_announce_response(body).peers) == 3
+    stop = AnnounceRequest(H1, pid(0), 7000, left=1, event=Event.STOPPED)
+    _, body = await announce(client, base, stop)
+    assert parse_announce_response(body).peers == ()
+    _, body = await announce(client, base, AnnounceRequest(H1, pid(1), 7001, left=1, numwant=50))
+    assert 7000 not in {p.port for p in parse_announce_response(body).peers}
+
+
+@pytest.mark.parametrize(
+    ("query", "fragment"),
+    [
+        (b"", b"missing info_hash"),
+        (b"info_hash=short&peer_id=xxxxxxxxxxxxxxxxxxxx&port=1", b"info_hash must be 20 bytes"),
+        (b"info_hash=aaaaaaaaaaaaaaaaaaaa&peer_id=xxxxxxxxxxxxxxxxxxxx&port=x", b"port is not"),
+        (b"info_hash=%GG", b"malformed percent-encoding"),
+        (b"info_hash=" + b"a" * 9000, b"longer than"),
+    ],
+)
+async def test_bad_announces_get_400_with_failure_reason(
+    base: str, client: httpx.AsyncClient, query: bytes, fragment: bytes
+) -> None:
+    response = await client.get(f"{base}/announce?{query.decode()}")
+    assert response.status_code == 400
+    assert fragment in response.content
+    with pytest.raises(TrackerRefusedError):
+        parse_announce_response(response.content)
+    assert b"Traceback" not in response.content
+
+
+async def test_oversized_request_line_is_refused(base: str, client: httpx.AsyncClient) -> None:
+    response = await client.get(f"{base}/announce?x={'a' * 20000}")
+    assert response.status_code in (400, 413, 414, 431)
+
+
+async def test_scrape(base: str, client: httpx.AsyncClient) -> None:
+    await announce(client, base, AnnounceRequest(H1, pid(1), 6881, left=10))
+    await announce(client, base, AnnounceRequest(H1, pid(2), 6882, left=0, event=Event.COMPLETED))
+    response = await client.get(f"{base}/scrape?{scrape_query([H1, H2])}")
+    assert response.status_code == 200
+    assert parse_scrape_response(response.content) == {
+        H1: ScrapeStats(complete=1, downloaded=1, incomplete=1),
+        H2: ScrapeStats(),
+    }
+
+
+async def test_full_scrape_is_refused(base: str, client: httpx.AsyncClient) -> None:
+    response = await client.get(f"{base}/scrape")
+    assert response.status_code == 400
+    with pytest.raises(TrackerRefusedError, match="full scrapes"):
+        parse_scrape_response(response.content)
+
+
+async def test_health_ready_metrics_and_unknown_paths(base: str, client: httpx.AsyncClient) -> None:
+    assert (await client.get(f"{base}/healthz")).status_code == 200
+    assert (await client.get(f"{base}/readyz")).status_code == 200
+    await announce(client, base, AnnounceRequest(H1, pid(1), 6881, left=10, event=Event.STARTED))
+    await announce(client, base, AnnounceRequest(H1, pid(2), 6882, left=0))
+    await client.get(f"{base}/announce?garbage")
+    await client.get(f"{base}/scrape?{scrape_query([H1])}")
+    metrics = await client.get(f"{base}/metrics")
+    assert metrics.status_code == 200
+    assert metrics.headers["content-type"].startswith("text/plain")
+    text = metrics.text
+    assert 'p2p_tracker_announces_total{event="started"} 1.0' in text
+    assert 'p2p_tracker_announces_total{event="none"} 1.0' in text
+    assert 'p2p_tracker_failures_total{reason="bad_request"} 1.0' in text
+    assert "p2p_tracker_scrapes_total 1.0" in text
+    assert "p2p_tracker_torrents 1.0" in text
+    assert "p2p_tracker_peers 2.0" in text
+    assert "p2p_tracker_seeders 1.0" in text
+    missing = await client.get(f"{base}/nope")
+    assert missing.status_code == 404
+    assert (await client.post(f"{base}/announce")).status_code == 405
+
+
+async def test_ip_parameter_is_ignored_by_default(base: str, client: httpx.AsyncClient) -> None:
+    await announce(client, base, AnnounceRequest(H1, pid(1), 6881, left=1, ip="10.9.9.9"))
+    _, body = await announce(client, base, AnnounceRequest(H1, pid(2), 6882, left=1))
+    assert parse_announce_response(body).peers == (Peer("127.0.0.1", 6881),)
+
+
+async def test_ip_parameter_can_be_trusted(
+    nursery: trio.Nursery, client: httpx.AsyncClient
+) -> None:
+    base = await start(nursery, trust_ip_param=True)
+    await announce(client, base, AnnounceRequest(H1, pid(1), 6881, left=1, ip="10.9.9.9"))
+    await announce(client, base, AnnounceRequest(H1, pid(3), 6883, left=1, ip="not.an.ip"))
+    _, body = await announce(client, base, AnnounceRequest(H1, pid(2), 6882, left=1))
+    peers = set(parse_announce_response(body).peers)
+    assert peers == {Peer("10.9.9.9", 6881), Peer("127.0.0.1", 6883)}
+    # the same peer id from another address is refused: no hijacking without the key
+    status, body = await announce(
+        client, base, AnnounceRequest(H1, pid(1), 6881, left=1, ip="10.8.8.8")
+    )
+    assert status == 403
+    with pytest.raises(TrackerRefusedError, match="another address"):
+        parse_announce_response(body)
+
+
+async def test_caps_answer_with_failure_or_warning(
+    nursery: trio.Nursery, client: httpx.AsyncClient
+) -> None:
+    base = await start(nursery, max_torrents=1, max_peers_per_torrent=1)
+    assert (await announce(client, base, AnnounceRequest(H1, pid(1), 6881, left=1)))[0] == 200
+    status, body = await announce(client, base, AnnounceRequest(H2, pid(1), 6881, left=1))
+    assert status == 503
+    with pytest.raises(TrackerRefusedError, match="tracker is full"):
+        parse_announce_response(body)
+    status, body = await announce(client, base, AnnounceRequest(H1, pid(2), 6882, left=1))
+    assert status == 200
+    answer = parse_announce_response(body)
+    assert answer.warning is not None
+    assert "not listed" in answer.warning
+    assert answer.peers == (Peer("127.0.0.1", 6881),)
+
+
+async def test_silent_peers_are_swept(nursery: trio.Nursery, client: httpx.AsyncClient) -> None:
+    base = await start(nursery, peer_expiry=1)
+    await announce(client, base, AnnounceRequest(H1, pid(1), 6881, left=1))
+    with trio.fail_after(6):
+        for _ in range(60):  # the sweep runs every second with peerExpiry 1
+            if "p2p_tracker_peers 0.0" in (await client.get(f"{base}/metrics")).text:
+                break
+            await trio.sleep(0.1)
+    text = (await client.get(f"{base}/metrics")).text
+    assert "p2p_tracker_expired_peers_total 1.0" in text
+    assert "p2p_tracker_torrents 0.0" in text
+
+
+def _ipv6_loopback() -> bool:
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback")
+async def test_ipv6_peers_go_to_peers6(nursery: trio.Nursery, client: httpx.AsyncClient) -> None:
+    base = await start(nursery, host="::1")
+    await announce(client, base, AnnounceRequest(H1, pid(1), 6881, left=1))
+    _, body = await announce(client, base, AnnounceRequest(H1, pid(2), 6882, left=1))
+    doc = bencoding.decode_dict(body)
+    assert doc[b"peers"] == b""
+    assert doc[b"peers6"] == b"\x00" * 15 + b"\x01" + (6881).to_bytes(2, "big")  # BEP 7
+    assert parse_announce_response(body).peers == (Peer("::1", 6881),)
+    _, body = await announce(client, base, AnnounceRequest(H1, pid(3), 6883, compact=False))
+    assert {p.ip for p in parse_announce_response(body).peers} == {"::1"}
+
+
+async def test_graceful_stop_and_cancellation(client: httpx.AsyncClient) -> None:
+    stop = trio.Event()
+    settings = TrackerSettings.load(None, environ={}, listen="127.0.0.1:0")
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(partial(serve, settings, shutdown_trigger=stop.wait))
+            base = f"http://127.0.0.1:{port}"
+            assert (await client.get(f"{base}/readyz")).status_code == 200  # kept alive
+            stop.set()
+        # serve() returned by itself, idle keep-alive connection and all
+    async with httpx.AsyncClient() as fresh:
+        with pytest.raises(httpx.ConnectError):
+            await fresh.get(f"{base}/healthz")
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve, settings)
+            nursery.cancel_scope.cancel()
