@@ -322,6 +322,11 @@ class PiecePicker:
             del self._partials[block.index]
             self._dirty = True
 
+    def piece_verifying(self, index: int) -> None:
+        """The whole piece arrived by other means and is being checked."""
+        self._partials.pop(index, None)
+        self._verifying.add(index)
+
     def piece_verified(self, index: int) -> None:
         self._verifying.discard(index)
         self._partials.pop(index, None)

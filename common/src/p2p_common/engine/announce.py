@@ -10,16 +10,13 @@ or lost tracker moves only its own swarms.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import socket
-import urllib.parse
 from typing import TYPE_CHECKING
 
 import httpx
 import trio
 
-from p2p_common import rendezvous
+from p2p_common.discovery import Resolver
 from p2p_common.logs import event as log_event
 from p2p_common.tracker_proto import (
     AnnounceRequest,
@@ -36,7 +33,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("p2p.announce")
 
 ANNOUNCE_TIMEOUT = 5.0
-DNS_TTL = 30.0
 MAX_RESPONSE_BYTES = 256 * 1024
 NUMWANT = 80
 
@@ -45,43 +41,11 @@ class Announcer:
     def __init__(self, client: httpx.AsyncClient, *, numwant: int = NUMWANT) -> None:
         self.client = client
         self.numwant = numwant
-        self._dns: dict[str, tuple[float, list[str]]] = {}
-
-    async def expand(self, url: str) -> list[str]:
-        """``url`` once per address its host resolves to (IP literals stay as they are)."""
-        parts = urllib.parse.urlsplit(url)
-        host = parts.hostname
-        if not host:
-            return [url]
-        try:
-            ipaddress.ip_address(host)
-            return [url]
-        except ValueError:
-            pass
-        now = trio.current_time()
-        cached = self._dns.get(url)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        try:
-            infos = await trio.socket.getaddrinfo(host, parts.port or 80, type=socket.SOCK_STREAM)
-        except OSError:
-            return cached[1] if cached else [url]
-        urls = []
-        for family, _type, _proto, _name, sockaddr in infos:
-            address = str(sockaddr[0])
-            literal = f"[{address}]" if family == socket.AF_INET6 else address
-            netloc = f"{literal}:{parts.port}" if parts.port else literal
-            urls.append(urllib.parse.urlunsplit(parts._replace(netloc=netloc)))
-        urls = list(dict.fromkeys(urls)) or [url]
-        self._dns[url] = (now + DNS_TTL, urls)
-        return urls
+        self.resolver = Resolver()
 
     async def ranked(self, torrent: Torrent) -> list[str]:
-        expanded: list[str] = []
-        for url in torrent.metainfo.trackers:
-            if url.startswith(("http://", "https://")):
-                expanded.extend(await self.expand(url))
-        return rendezvous.rank(torrent.info_hash, expanded)
+        urls = [u for u in torrent.metainfo.trackers if u.startswith(("http://", "https://"))]
+        return await self.resolver.ranked(torrent.info_hash, urls)
 
     async def announce(self, torrent: Torrent, event: Event) -> AnnounceResponse | None:
         """Announce to the best tracker that answers; None if none did."""

@@ -93,6 +93,8 @@ class Torrent:
         self.downloaded_by_role: collections.Counter[str] = collections.Counter()
         self.uploaded = 0
         self.started_at = trio.current_time()
+        self.last_progress = self.started_at
+        """When the last piece was verified (for no-progress fallbacks)."""
         # Received pieces wait here for their hash check and disk write, which run in
         # worker threads while the connections keep receiving (bounded: backpressure).
         depth = max(2, VERIFY_QUEUE_BYTES // metainfo.piece_length)
@@ -356,6 +358,17 @@ class Torrent:
             del self._buffers[index]
             await self._verify_send.send((index, buffer, self._contributors.pop(index, {conn})))
 
+    async def add_piece(self, index: int, data: bytes) -> bool:
+        """A piece fetched outside the swarm (e.g. the proxy's HTTP fallback): check it,
+        store it and announce it like a piece from a peer. False if it does not verify."""
+        if index in self.picker.have:
+            return True
+        if not self.picker.wanted(index):
+            return True  # a peer's copy is being checked right now
+        self.picker.piece_verifying(index)
+        await self._finish_piece(index, data, set())
+        return index in self.picker.have
+
     async def _verifier(self) -> None:
         async for index, data, contributors in self._verify_receive:
             await self._finish_piece(index, data, contributors)
@@ -371,6 +384,7 @@ class Torrent:
             self._punish(contributors, index)
             return
         self.picker.piece_verified(index)
+        self.last_progress = trio.current_time()
         event = self._piece_events.pop(index, None)
         if event is not None:
             event.set()
