@@ -48,6 +48,6 @@ class AgentSettings(ServiceSettings):
     fallback_after: float = Field(10.0, gt=0)
     """Seconds without swarm progress before a blob is fetched from the proxy over HTTP."""
     auth_cache_ttl: float = Field(60.0, ge=0)
-    """Seconds an origin authorization decision is reused for the same credentials and repository."""
+    """Seconds an origin authorization decision is reused (same credentials, repository, blob)."""
     max_connections: int = Field(200, ge=1)
     """Most BitTorrent peer connections at once."""

@@ -1,0 +1,287 @@
+"""The registry API on 127.0.0.1:5004: what containerd and kubelet pull from.
+
+OCI distribution pull API: ``GET /v2/``, ``GET``/``HEAD`` manifests and blobs (blobs
+with ``Range``). Rewrite mode (``localhost:5004/<repo>:<tag>``) serves the first
+configured registry; mirror mode (``?ns=<registry>`` from containerd's hosts.toml)
+serves any configured registry and answers 404 at once for any other, so containerd
+falls back to the origin. The caller's Basic credentials (its imagePullSecret for
+localhost:5004) go to the origin through a proxy; they are never stored or logged.
+
+A blob is sent only after the origin authorized this caller for this repository and
+digest (the decision is reused for ``authCacheTtl`` seconds), also when it is cached.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import time
+
+import trio
+
+from p2p_agent.downloads import Downloads, open_cached
+from p2p_agent.metrics import AgentMetrics
+from p2p_agent.proxies import ProxyClient
+from p2p_common.asgi import (
+    Receive,
+    Request,
+    Scope,
+    Send,
+    lifespan,
+    send_bytes,
+    send_chunk,
+    send_error,
+    send_file_range,
+    start_stream,
+)
+from p2p_common.blobcache import BlobCache, CacheFullError
+from p2p_common.errors import LocalError
+from p2p_common.logs import event
+from p2p_common.oci import ErrorCode, OCIError, merge_accept, parse_api_path
+from p2p_common.ranges import RangeNotSatisfiableError, parse_range
+from p2p_common.registry_auth import (
+    AuthSyntaxError,
+    basic_authorization,
+    fingerprint,
+    parse_basic_authorization,
+)
+from p2p_common.settings import registry_name
+
+log = logging.getLogger("p2p.agent.api")
+
+CHALLENGE = 'Basic realm="p2p-agent"'
+MAX_AUTH_ENTRIES = 10_000
+
+
+class AuthCache:
+    """Origin authorization decisions: (credentials, registry, repository, digest) -> size.
+
+    In memory only, keyed by a per-process fingerprint of the credentials; entries
+    expire after ``ttl`` seconds (0 disables the cache). Denials are not cached, so a
+    fixed pull secret works at once.
+    """
+
+    def __init__(self, ttl: float, *, max_entries: int = MAX_AUTH_ENTRIES) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._entries: collections.OrderedDict[tuple[str, str, str, str], tuple[float, int]] = (
+            collections.OrderedDict()
+        )
+
+    def get(self, key: tuple[str, str, str, str], now: float) -> int | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[0] <= now:
+            del self._entries[key]
+            return None
+        return entry[1]
+
+    def put(self, key: tuple[str, str, str, str], size: int, now: float) -> None:
+        if self.ttl <= 0:
+            return
+        self._entries[key] = (now + self.ttl, size)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+
+class RegistryApp:
+    def __init__(
+        self,
+        *,
+        registries: list[str],
+        proxies: ProxyClient,
+        downloads: Downloads,
+        cache: BlobCache,
+        metrics: AgentMetrics,
+        auth_ttl: float,
+    ) -> None:
+        self.namespaces = [registry_name(url) for url in registries]
+        self.proxies = proxies
+        self.downloads = downloads
+        self.cache = cache
+        self.metrics = metrics
+        self.auth = AuthCache(auth_ttl)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        request = Request.from_scope(scope)
+        head = request.method == "HEAD"
+        try:
+            await self._handle(request, send)
+        except OCIError as exc:
+            await self._error(send, exc, head=head)
+        except CacheFullError as exc:
+            await self._error(send, OCIError(ErrorCode.UNKNOWN, str(exc), status=507), head=head)
+        except LocalError as exc:
+            event(log, "request.failed", logging.ERROR, path=request.path, error=str(exc))
+            await self._error(send, OCIError(ErrorCode.UNKNOWN, str(exc), status=500), head=head)
+
+    async def _error(self, send: Send, exc: OCIError, *, head: bool) -> None:
+        self.metrics.errors.labels(exc.code.value).inc()
+        if exc.status == 401:
+            exc = OCIError(
+                exc.code, exc.message, status=401, headers={"WWW-Authenticate": CHALLENGE}
+            )
+        await send_error(send, exc, head=head)
+
+    def _namespace(self, request: Request) -> str:
+        ns = request.param("ns")
+        if ns is None:
+            return self.namespaces[0]
+        if ns.lower() not in self.namespaces:
+            raise OCIError(ErrorCode.NAME_UNKNOWN, f"registry {ns!r} is not accelerated here")
+        return ns.lower()
+
+    @staticmethod
+    def _authorization(request: Request) -> str | None:
+        """The caller's credentials as a canonical Basic header, or None (anonymous)."""
+        header = request.header("authorization")
+        if header is None:
+            return None
+        try:
+            return basic_authorization(parse_basic_authorization(header))
+        except AuthSyntaxError:
+            raise OCIError(ErrorCode.UNAUTHORIZED, "only Basic credentials are accepted") from None
+
+    async def _handle(self, request: Request, send: Send) -> None:
+        if request.method not in ("GET", "HEAD"):
+            raise OCIError(ErrorCode.UNSUPPORTED, "this registry is read-only", status=405)
+        route = parse_api_path(request.path)
+        ns = self._namespace(request)
+        authorization = self._authorization(request)
+        head = request.method == "HEAD"
+        if route.kind == "ping":
+            await send_bytes(send, 200, b"{}", head=head)
+        elif route.kind == "manifest":
+            assert route.name is not None
+            assert route.reference is not None
+            accept = merge_accept(request.headers.get("accept", []))
+            status, headers, body = await self.proxies.manifest(
+                request.method,
+                ns,
+                route.name,
+                route.reference,
+                authorization=authorization,
+                accept=accept or None,
+            )
+            length = int(headers.pop("content-length", len(body)) or 0)
+            content_type = headers.pop("content-type", None)
+            await send_bytes(
+                send,
+                status,
+                body,
+                content_type=content_type,
+                headers=headers.items(),
+                head=head,
+                content_length=length if head else None,
+            )
+        elif route.kind == "blob":
+            assert route.name is not None
+            assert route.reference is not None
+            await self._blob(
+                request,
+                send,
+                ns=ns,
+                name=route.name,
+                digest=route.reference,
+                authorization=authorization,
+            )
+        else:
+            raise OCIError(ErrorCode.UNSUPPORTED, "tag listing is not served", status=405)
+
+    async def _authorize(self, ns: str, name: str, digest: str, authorization: str | None) -> int:
+        credentials = parse_basic_authorization(authorization) if authorization else None
+        key = (fingerprint(credentials), ns, name, digest)
+        now = trio.current_time()
+        size = self.auth.get(key, now)
+        if size is None:
+            size = await self.proxies.authorize_blob(ns, name, digest, authorization=authorization)
+            self.auth.put(key, size, now)
+        return size
+
+    async def _blob(
+        self,
+        request: Request,
+        send: Send,
+        *,
+        ns: str,
+        name: str,
+        digest: str,
+        authorization: str | None,
+    ) -> None:
+        size = await self._authorize(ns, name, digest, authorization)
+        try:
+            byte_range = parse_range(request.header("range"), size)
+        except RangeNotSatisfiableError as exc:
+            raise OCIError(
+                ErrorCode.RANGE_INVALID,
+                str(exc),
+                status=416,
+                headers={"Content-Range": f"bytes */{size}"},
+            ) from None
+        start, end = (0, size - 1) if byte_range is None else (byte_range.start, byte_range.end)
+        length = end - start + 1 if size else 0
+        headers = [
+            ("content-type", "application/octet-stream"),
+            ("docker-content-digest", digest),
+            ("accept-ranges", "bytes"),
+        ]
+        status = 200
+        if byte_range is not None:
+            status = 206
+            headers.append(("content-range", byte_range.content_range(size)))
+        if request.method == "HEAD":
+            await send_bytes(
+                send,
+                status,
+                b"",
+                content_type=None,
+                headers=headers,
+                head=True,
+                content_length=length,
+            )
+            return
+        started = time.monotonic()
+        with self.cache.pinned(digest):
+            opened = open_cached(self.cache, digest)
+            if opened is None:
+                download = await self.downloads.get(
+                    ns, name, digest, size, authorization=authorization
+                )
+                if download is not None:
+                    self.metrics.cache_misses.inc()
+                    await start_stream(send, status, headers=headers, content_length=length)
+                    async for chunk in self.downloads.stream(download, start, end):
+                        await send_chunk(send, chunk)
+                        self.metrics.pull_bytes.inc(len(chunk))
+                    await send_chunk(send, b"", more=False)
+                    self._pulled(length, started, byte_range is None)
+                    return
+                opened = open_cached(self.cache, digest)
+                if opened is None:
+                    raise OCIError(
+                        ErrorCode.BLOB_UNKNOWN, "blob vanished from the cache", status=404
+                    )
+            fd, _ = opened
+            try:
+                self.metrics.cache_hits.inc()
+                self.cache.touch(digest)
+                await start_stream(send, status, headers=headers, content_length=length)
+                await send_file_range(send, fd, start, length)
+                self.metrics.pull_bytes.inc(length)
+            finally:
+                os.close(fd)
+        self._pulled(length, started, byte_range is None)
+
+    def _pulled(self, length: int, started: float, whole: bool) -> None:
+        if whole:
+            elapsed = max(time.monotonic() - started, 1e-6)
+            self.metrics.pull_seconds.observe(elapsed)
+            self.metrics.pull_speed.set(length / elapsed)

@@ -1,0 +1,191 @@
+"""Wiring of p2p-agent: the one place where its parts are put together.
+
+``serve(settings)`` starts the BitTorrent engine on ``peerPort``, reseeds the cache,
+serves the registry API on ``listen`` (127.0.0.1:5004) and metrics/health on
+``metricsListen``, and, given the config file, applies new ``downloadRate`` and
+``uploadRate`` values from it without a restart (Kubernetes updates a mounted
+ConfigMap by swapping a symlink; the file is polled by path).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import trio
+from prometheus_client import generate_latest
+
+from p2p_agent.api import RegistryApp
+from p2p_agent.downloads import Downloads
+from p2p_agent.metrics import AgentMetrics
+from p2p_agent.proxies import ProxyClient
+from p2p_agent.settings import AgentSettings
+from p2p_common.asgi import Receive, Request, Scope, Send, lifespan, send_bytes, serve_app
+from p2p_common.blobcache import BlobCache
+from p2p_common.engine import Engine
+from p2p_common.logs import event
+from p2p_common.settings import ConfigError
+
+log = logging.getLogger("p2p.agent")
+
+CONFIG_POLL_SECONDS = 2.0
+GRACEFUL_SECONDS = 60.0
+"""In-flight pulls get this long to finish after SIGTERM (the chart allows 120 s)."""
+LIVE_KEYS = ("downloadRate", "uploadRate")
+
+
+@dataclass
+class AgentPorts:
+    api: int
+    metrics: int
+    peer: int
+
+
+class StatusApp:
+    """``/metrics``, ``/healthz`` and ``/readyz`` on ``metricsListen``."""
+
+    def __init__(self, metrics: AgentMetrics) -> None:
+        self.metrics = metrics
+        self.ready = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await lifespan(receive, send)
+            return
+        request = Request.from_scope(scope)
+        head = request.method == "HEAD"
+        if request.path == "/metrics":
+            body = generate_latest(self.metrics.registry)
+            await send_bytes(send, 200, body, content_type="text/plain; version=0.0.4", head=head)
+        elif request.path == "/healthz":
+            await send_bytes(send, 200, b"ok\n", content_type="text/plain", head=head)
+        elif request.path == "/readyz":
+            status = 200 if self.ready else 503
+            body = b"ready\n" if self.ready else b"not ready\n"
+            await send_bytes(send, status, body, content_type="text/plain", head=head)
+        else:
+            await send_bytes(send, 404, b"not found\n", content_type="text/plain", head=head)
+
+
+def _stat_key(path: Path) -> tuple[int, int, int] | None:
+    try:
+        stat = os.stat(path)  # follows the ..data symlink kubelet swaps
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+async def watch_config(
+    path: Path, current: AgentSettings, apply: Callable[[AgentSettings], None]
+) -> None:
+    """Re-read ``path`` when it changes; hand valid settings to ``apply``."""
+    seen = _stat_key(path)
+    while True:
+        await trio.sleep(CONFIG_POLL_SECONDS)
+        key = _stat_key(path)
+        if key is None or key == seen:
+            continue
+        seen = key
+        try:
+            fresh = await trio.to_thread.run_sync(AgentSettings.load, path)
+        except ConfigError as exc:
+            event(log, "config.rejected", logging.ERROR, file=str(path), error=str(exc))
+            continue
+        old, new = current.dump(), fresh.dump()
+        restart = sorted(k for k in new if new[k] != old[k] and k not in LIVE_KEYS)
+        if restart:
+            event(log, "config.needs_restart", logging.WARNING, keys=",".join(restart))
+        apply(fresh)
+        current = fresh
+
+
+async def serve(
+    settings: AgentSettings,
+    *,
+    config_file: Path | None = None,
+    shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
+    task_status: trio.TaskStatus[AgentPorts] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the agent until cancelled, or until ``shutdown_trigger`` returns and in-flight
+    pulls have finished (bounded)."""
+    metrics = AgentMetrics()
+    cache = await trio.to_thread.run_sync(
+        lambda: BlobCache(settings.data_dir, quota=settings.cache_size)
+    )
+    engine = Engine(
+        host="0.0.0.0",
+        port=settings.peer_port,
+        role="agent",
+        download_rate=settings.download_rate,
+        upload_rate=settings.upload_rate,
+        max_connections=settings.max_connections,
+    )
+
+    def apply(fresh: AgentSettings) -> None:
+        engine.set_rates(fresh.download_rate, fresh.upload_rate)
+        metrics.download_rate.set(fresh.download_rate)
+        metrics.upload_rate.set(fresh.upload_rate)
+        event(log, "rates.applied", downloadRate=fresh.download_rate, uploadRate=fresh.upload_rate)
+
+    metrics.download_rate.set(settings.download_rate)
+    metrics.upload_rate.set(settings.upload_rate)
+    status = StatusApp(metrics)
+    timeout = httpx.Timeout(connect=5.0, read=300.0, write=60.0, pool=30.0)
+    async with httpx.AsyncClient(timeout=timeout, trust_env=False) as http:
+        proxies = ProxyClient(settings.proxies, http)
+        downloads = Downloads(
+            cache=cache,
+            engine=engine,
+            proxies=proxies,
+            metrics=metrics,
+            fallback_after=settings.fallback_after,
+        )
+        cache.on_evict = downloads.evicted
+        app = RegistryApp(
+            registries=settings.registry,
+            proxies=proxies,
+            downloads=downloads,
+            cache=cache,
+            metrics=metrics,
+            auth_ttl=settings.auth_cache_ttl,
+        )
+        api_done = trio.Event()
+
+        async def run_api(task_status: trio.TaskStatus[int]) -> None:
+            try:
+                await serve_app(
+                    app,
+                    settings.listen,
+                    shutdown_trigger=shutdown_trigger,
+                    graceful_timeout=GRACEFUL_SECONDS,
+                    task_status=task_status,
+                )
+            finally:
+                api_done.set()
+
+        async def gauges() -> None:
+            while True:
+                metrics.upload_bytes.set(engine.upload_limiter.total)
+                metrics.cache_bytes.set(cache.used)
+                metrics.active_torrents.set(len(engine.torrents))
+                await trio.sleep(2.0)
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(engine.serve)
+            await nursery.start(downloads.run)
+            nursery.start_soon(gauges)
+            if config_file is not None:
+                nursery.start_soon(watch_config, config_file, settings, apply)
+            status_port = await nursery.start(serve_app, status, settings.metrics_listen)
+            api_port = await nursery.start(run_api)
+            status.ready = True
+            event(log, "agent.ready", api=api_port, metrics=status_port, peer=engine.port)
+            task_status.started(AgentPorts(api=api_port, metrics=status_port, peer=engine.port))
+            await api_done.wait()
+            status.ready = False
+            nursery.cancel_scope.cancel()
+    event(log, "agent.stopped")
