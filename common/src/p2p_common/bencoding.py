@@ -13,6 +13,7 @@ bytes came from somebody else.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Mapping, Sequence
 from typing import TypeAlias
 
@@ -34,9 +35,34 @@ class BencodeError(ProtocolError):
     """Malformed, non-canonical or oversized bencoded data."""
 
 
+_INTEGER = re.compile(rb"-?[1-9][0-9]*|0")
+_LENGTH = re.compile(rb"[1-9][0-9]*|0")
+
+
+class _StrictDecoder(bencodepy.BencodeDecoder):  # type: ignore[misc]
+    """bencode.py reads integers and string lengths with ``int()``, which accepts spaces,
+    ``+`` and ``_``, and a negative string length moves it backwards (``d1:ai1e-6:``
+    loops forever). Only plain decimal digits are accepted here."""
+
+    def decode_int(self, x: bytes, f: int, **kwargs: object) -> tuple[int, int]:
+        end = x.index(b"e", f + 1)
+        if not _INTEGER.fullmatch(x, f + 1, end):
+            raise ValueError("not a canonical integer")
+        return int(x[f + 1 : end]), end + 1
+
+    def decode_string(self, x: bytes, f: int, **kwargs: object) -> tuple[bytes, int]:
+        colon = x.index(b":", f)
+        if not _LENGTH.fullmatch(x, f, colon):
+            raise ValueError("not a canonical string length")
+        start = colon + 1
+        end = start + int(x[f:colon])
+        return x[start:end], end
+
+
 @functools.lru_cache(maxsize=8)
 def _decoder(max_depth: int) -> bencodepy.BencodeDecoder:
-    return bencodepy.BencodeDecoder(max_depth=max_depth)
+    # bencode.py counts the outermost container as depth 0.
+    return _StrictDecoder(max_depth=max_depth - 1)
 
 
 _ENCODER = bencodepy.BencodeEncoder()
@@ -105,8 +131,10 @@ def _normalise(value: EncodableValue, depth: int) -> BValue:
         raise ValueError("value nests too deeply to encode")
     if isinstance(value, bool):
         raise TypeError("booleans have no bencoding; use 0 or 1")
-    if isinstance(value, int | bytes):
-        return value
+    if isinstance(value, int):
+        return int(value)  # bencode.py dispatches on the exact type: no IntEnum
+    if isinstance(value, bytes):
+        return bytes(value)
     if isinstance(value, str):
         return value.encode("utf-8")
     if isinstance(value, Mapping):

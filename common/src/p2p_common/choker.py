@@ -98,7 +98,8 @@ class Choker:
             )
             self._foreign_unchoked = {p.key for p in ranked[: self.regular_slots]}
             self._next_rechoke = now + self.rechoke_interval
-        if now >= self._next_optimistic:
+        # An optimistic peer that earned a regular slot frees the optimistic one at once.
+        if now >= self._next_optimistic or self._optimistic in self._foreign_unchoked:
             waiting = [p.key for p in peers if p.key not in self._foreign_unchoked]
             self._optimistic = self._rng.choice(waiting) if waiting else None
             self._next_optimistic = now + self.optimistic_interval

@@ -47,7 +47,8 @@ def piece_length_for(size: int) -> int:
 
     256 KiB, doubled while the blob would have more than 8192 pieces, at most
     16 MiB: a 1 GiB blob gets 4096 pieces of 256 KiB, 4 GiB gets 8192 of 512 KiB,
-    64 GiB and more get 16 MiB pieces. DESIGN.md explains why pieces stay small.
+    64 GiB gets 8192 of 8 MiB, anything larger 16 MiB pieces. DESIGN.md explains why
+    pieces stay small.
     """
     if size < 0:
         raise ValueError("size cannot be negative")
@@ -163,6 +164,8 @@ class PieceHasher:
     """
 
     def __init__(self, piece_length: int) -> None:
+        if piece_length <= 0:
+            raise ValueError("piece length must be positive")  # 0 would loop forever
         self.piece_length = piece_length
         self.length = 0
         self._sha256 = hashlib.sha256()

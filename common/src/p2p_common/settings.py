@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Self
 
@@ -57,7 +58,9 @@ def parse_size(value: object) -> int:
             raise ValueError(f"{value!r} is not a size such as 1048576, 100MB, 100MiB or 20MB/s")
         digits, prefix, binary, _unit = match.groups()
         base = 1024 if binary else 1000
-        number = int(float(digits) * base ** _SIZE_POWERS[prefix.lower()])
+        # Exact decimal arithmetic: float("2.01") * 1000 is 2009.99..., and long digit
+        # strings lose precision.
+        number = int(Fraction(digits) * base ** _SIZE_POWERS[prefix.lower()])
     else:
         raise ValueError("expected a byte count such as 100MB")
     if number < 0:
@@ -209,11 +212,21 @@ class ServiceSettings(BaseSettings):
         if config_file is not None:
             data.update(_read_yaml_file(Path(config_file)))
             source = str(config_file)
-        data.update(_env_values(cls, os.environ if environ is None else environ))
-        data.update(overrides)
+        env = _env_values(cls, os.environ if environ is None else environ)
+        data.update(env)
+        # Keywords may use field names; spell them like the file and environment keys, or
+        # pydantic would prefer those (by alias) over the keyword.
+        fields = cls.model_fields
+        keywords = {(fields[k].alias or k) if k in fields else k: v for k, v in overrides.items()}
+        data.update(keywords)
         try:
             return cls(**data)
         except ValidationError as exc:
+            loc = exc.errors()[0]["loc"]
+            if loc and loc[0] in env and loc[0] not in keywords:
+                # Blame the environment variable, not the file it overrode.
+                name = next(n for n, f in fields.items() if (f.alias or n) == loc[0])
+                source = cls.ENV_PREFIX + name.upper()
             raise ConfigError(_describe(exc, source)) from None
 
     def dump(self) -> dict[str, Any]:
@@ -248,7 +261,9 @@ def normalise_registry(value: str) -> str:
     """
     match = _REGISTRY_RE.match(value.strip())
     if not match:
-        raise ValueError(f"{value!r} is not a registry such as registry.example.com or http://127.0.0.1:5000")
+        raise ValueError(
+            f"{value!r} is not a registry such as registry.example.com or http://127.0.0.1:5000"
+        )
     scheme, host, port = match.groups()
     if port is not None and not 0 < int(port) <= 65535:
         raise ValueError(f"port {port} is out of range")

@@ -106,7 +106,9 @@ class PieceFile:
         try:
             stored = Bitfield.from_bytes(raw, self.metainfo.num_pieces)
         except Exception:
+            # Reset the file too: bytes no later write touches would fail this check again.
             stored = Bitfield(self.metainfo.num_pieces)
+            os.pwrite(self._bits_fd, stored.to_bytes(), 0)
         for index in stored:
             data = os.pread(
                 self._fd, self.metainfo.piece_size(index), index * self.metainfo.piece_length
@@ -212,6 +214,8 @@ class MemoryPieceStore:
         return None
 
     def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or offset + length > len(self.data):
+            raise StorageError(f"memory: short read at {offset}")  # as PieceFile does
         return bytes(self.data[offset : offset + length])
 
     def write_piece(self, index: int, data: bytes | bytearray | memoryview) -> None:
