@@ -28,6 +28,11 @@ def full(size: int) -> Bitfield:
     return Bitfield(size, full=True)
 
 
+def as_outstanding(blocks: list[Block]) -> dict[tuple[int, int], Block]:
+    """A peer's in-flight requests, as the engine keeps them."""
+    return {(b.index, b.begin): b for b in blocks}
+
+
 def keys(blocks: Iterable[Block]) -> list[tuple[int, int]]:
     return [(b.index, b.begin) for b in blocks]
 
@@ -93,11 +98,6 @@ def test_rarest_ties_are_broken_randomly_for_a_peer_holding_every_piece() -> Non
     assert firsts == {1, 2}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="picker bug: for a peer with few pieces, _new_piece scans the peer's pieces and "
-    "keeps the first of equally rare ones (lowest index), not a random one",
-)
 def test_rarest_ties_are_broken_randomly_for_a_peer_with_few_pieces() -> None:
     firsts = set()
     for seed in range(40):
@@ -285,8 +285,8 @@ def test_endgame_gives_another_peer_the_requested_blocks_but_not_the_received_on
 def test_endgame_never_repeats_a_block_the_peer_has_outstanding() -> None:
     picker = PiecePicker(1, 4 * UNIT, 4 * UNIT, rng=random.Random(0))
     mine = picker.pick(full(1), UNIT, 4)
-    assert picker.pick(full(1), UNIT, 4, outstanding=set(keys(mine))) == []
-    some = set(keys(mine[:2]))
+    assert picker.pick(full(1), UNIT, 4, outstanding=as_outstanding(mine)) == []
+    some = as_outstanding(mine[:2])
     assert sorted(keys(picker.pick(full(1), UNIT, 4, outstanding=some))) == sorted(keys(mine[2:]))
 
 
@@ -307,27 +307,16 @@ def test_endgame_gives_nothing_to_a_peer_without_the_missing_pieces() -> None:
     assert picker.pick(bits(2, [1]), UNIT, 4) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="picker bug: when pick() enters endgame it duplicates blocks it handed out earlier "
-    "in the same call (only the caller's outstanding is checked, not the result being built)",
-)
 def test_one_pick_never_returns_the_same_block_twice() -> None:
     picker = PiecePicker(1, PIECE, PIECE, rng=random.Random(0))
     blocks = picker.pick(full(1), UNIT, 20)
     assert len(set(keys(blocks))) == len(blocks)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="picker bug: endgame checks only a block's first (index, begin) against the peer's "
-    "outstanding requests, so a larger-block peer re-requests the tail of a piece it already "
-    "requested whole; outstanding (index, begin) pairs without lengths cannot express coverage",
-)
 def test_endgame_never_overlaps_a_larger_block_the_peer_already_requested() -> None:
     picker = PiecePicker(1, PIECE, PIECE, rng=random.Random(0))
     [whole] = picker.pick(full(1), PIECE, 1)
-    assert picker.pick(full(1), PIECE, 4, outstanding={(whole.index, whole.begin)}) == []
+    assert picker.pick(full(1), PIECE, 4, outstanding=as_outstanding([whole])) == []
 
 
 # --- what the swarm has --------------------------------------------------------------------------
@@ -404,7 +393,7 @@ def test_simulated_swarm_picks_valid_blocks_and_always_completes(
         peer = rnd.choice(peers)
         action = rnd.random()
         if action < 0.45:
-            before = set(peer.outstanding)
+            before = dict(peer.outstanding)
             for block in picker.pick(peer.bits, peer.block_size, rnd.randint(1, 8), before):
                 assert block.index in peer.bits
                 assert block.index not in picker.have

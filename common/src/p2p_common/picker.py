@@ -19,7 +19,7 @@ counted once for all pieces, not piece by piece.
 from __future__ import annotations
 
 import random
-from collections.abc import Container, Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from p2p_common.bitfield import Bitfield
@@ -142,11 +142,13 @@ class PiecePicker:
         peer: Bitfield | None,
         block_size: int,
         count: int,
-        outstanding: Container[tuple[int, int]] = (),
+        outstanding: Mapping[tuple[int, int], Block] | None = None,
     ) -> list[Block]:
-        """Up to ``count`` blocks of at most ``block_size`` bytes to request from ``peer``
-        (None = a seed). ``outstanding`` holds the (index, begin) this peer already has
-        requested, so endgame never asks one peer twice for the same block."""
+        """Up to ``count`` blocks to request from ``peer`` (None = a seed).
+
+        Blocks are at most ``max(block_size, 16 KiB)`` bytes. ``outstanding`` holds the
+        requests this peer already has in flight (keyed by (index, begin)), so endgame
+        never asks one peer twice for any byte."""
         blocks: list[Block] = []
         if count <= 0 or self.have.complete:
             return blocks
@@ -171,7 +173,7 @@ class PiecePicker:
                 break
             self._take(fresh, units_per_block, count, blocks)
         if len(blocks) < count and self._in_endgame():
-            self._endgame(peer, units_per_block, count, outstanding, blocks)
+            self._endgame(peer, units_per_block, count, outstanding or {}, blocks)
         return blocks
 
     def _take(self, index: int, units_per_block: int, count: int, out: list[Block]) -> None:
@@ -220,13 +222,19 @@ class PiecePicker:
         if peer is None:
             return order[self._cursor] if self._cursor < len(order) else None
         if peer.count * 8 < len(order) - self._cursor:
+            # Few pieces: scan the peer's, rarest wins, ties broken at random (reservoir).
             best: int | None = None
             best_avail = 0
+            ties = 0
             for index in peer:
                 if self._eligible(index):
                     avail = self._avail[index]
                     if best is None or avail < best_avail:
-                        best, best_avail = index, avail
+                        best, best_avail, ties = index, avail, 1
+                    elif avail == best_avail:
+                        ties += 1
+                        if self._rng.randrange(ties) == 0:
+                            best = index
             return best
         for position in range(self._cursor, len(order)):
             index = order[position]
@@ -256,16 +264,17 @@ class PiecePicker:
         peer: Bitfield | None,
         units_per_block: int,
         count: int,
-        outstanding: Container[tuple[int, int]],
+        outstanding: Mapping[tuple[int, int], Block],
         out: list[Block],
     ) -> None:
+        # Units this peer is already asked for, by this call or by earlier requests.
+        busy = {(b.index, unit) for b in (*outstanding.values(), *out) for unit in self._units(b)}
         for index, partial in self._partials.items():
             if peer is not None and index not in peer:
                 continue
             unit = 0
             while unit < partial.units and len(out) < count:
-                begin = unit * UNIT
-                if partial.received[unit] or (index, begin) in outstanding:
+                if partial.received[unit] or (index, unit) in busy:
                     unit += 1
                     continue
                 first = unit
@@ -274,6 +283,7 @@ class PiecePicker:
                     unit < partial.units
                     and unit - first < units_per_block
                     and not partial.received[unit]
+                    and (index, unit) not in busy
                 ):
                     if partial.requests[unit] < 255:
                         partial.requests[unit] += 1
