@@ -208,9 +208,7 @@ class PiecePicker:
     def _new_piece(self, peer: Bitfield | None) -> int | None:
         if self.have.count < self._random_first:
             candidates = [
-                i
-                for i in (range(self.num_pieces) if peer is None else peer)
-                if self._eligible(i)
+                i for i in (range(self.num_pieces) if peer is None else peer) if self._eligible(i)
             ]
             return self._rng.choice(candidates) if candidates else None
         if self._dirty and (self._picks_since_rebuild >= 16 or self._cursor >= len(self._order)):
