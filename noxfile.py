@@ -1,4 +1,4 @@
-"""Developer and CI entry points: ``nox -s demo``, ``nox -s tests``, ``lint``, ``typecheck``, ``bench``."""
+"""Entry points: ``nox -s demo``, ``nox -s tests``, ``lint``, ``typecheck``, ``bench``."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks: each prints its numbers and ratios against a baseline measured in the same run."""
+    """Benchmarks: numbers and ratios against a baseline measured in the same run."""
     _real_parts(session)
     session.install(*TEST_DEPS, *PACKAGES)
     session.run("python", "-m", "tests.bench", *session.posargs)

@@ -35,7 +35,7 @@ def _cpu() -> float:
 
 
 async def run(args: argparse.Namespace) -> None:
-    meta = metainfo.parse(Path(args.torrent).read_bytes())
+    meta = metainfo.parse(Path(args.torrent).read_bytes())  # noqa: ASYNC240 - start-up
     data = Path(args.data)
     engine = Engine(
         host=args.host,
