@@ -59,7 +59,8 @@ def run_ours(work: Path, meta: mi.Metainfo, torrent: Path, source: Path) -> Resu
         leftover.unlink(missing_ok=True)
     peer = [sys.executable, "-m", "tests.bench.engine_peer"]
     with ManagedProcess(
-        [*peer, "seed", "--torrent", str(torrent), "--data", str(source)], work / "seed.log"
+        [*peer, "seed", "--torrent", str(torrent), "--data", str(source)],
+        work / f"seed-{time.monotonic_ns()}.log",
     ) as seed:
         seed.wait_until(lambda: "listening" in seed.log_tail(), 30, "our seed to listen")
         port = next(
@@ -78,7 +79,7 @@ def run_ours(work: Path, meta: mi.Metainfo, torrent: Path, source: Path) -> Resu
                 f"127.0.0.1:{port}",
                 "--keep-seeding",
             ],
-            work / "leech.log",
+            work / f"leech-{time.monotonic_ns()}.log",
         ) as leech:
             leech.wait_until(lambda: '"complete"' in leech.log_tail(), 600, "our download")
             done = next(

@@ -47,10 +47,11 @@ async def run(args: argparse.Namespace) -> None:
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(engine.serve)
-        _say(event="listening", port=engine.port)
         if args.mode == "seed":
             await engine.add_torrent(meta, PieceFile(meta, data, complete=True))
+            _say(event="listening", port=engine.port)
             await trio.sleep_forever()
+        _say(event="listening", port=engine.port)
         store = PieceFile(meta, data, Path(str(data) + ".bits"))
         started, cpu = time.monotonic(), _cpu()
         peers = [split_host_port(p) for p in args.peer]

@@ -144,15 +144,24 @@ def test_verify_piece_checks_length_and_sha1() -> None:
 # --- PieceFile on disk ---------------------------------------------------------------------------
 
 
-def test_piece_file_is_created_sparse_at_its_final_size(tmp_path: Path) -> None:
+def test_piece_file_grows_as_pieces_arrive_and_never_past_the_blob(tmp_path: Path) -> None:
     big = metainfo.build("big", 64 * 1024 * 1024, b"\x00" * 20 * 4096, piece_length=UNIT)
     path = tmp_path / "big.part"
+    path.write_bytes(b"x" * (64 * 1024 * 1024 + 100))  # a longer leftover is cut back
     store = PieceFile(big, path)
     try:
-        status = path.stat()
-        assert status.st_size == 64 * 1024 * 1024
-        assert status.st_blocks * 512 < 1024 * 1024  # nothing written: nothing allocated
+        assert path.stat().st_size == 64 * 1024 * 1024
         assert store.have == Bitfield(big.num_pieces)
+    finally:
+        store.close()
+    path.unlink()
+    store = PieceFile(big, path)
+    try:
+        assert path.stat().st_size == 0  # nothing allocated up front
+        store.write_piece(10, b"\x01" * UNIT)
+        status = path.stat()
+        assert status.st_size == 11 * UNIT
+        assert status.st_blocks * 512 < 1024 * 1024  # the pieces before it are a hole
     finally:
         store.close()
 

@@ -139,9 +139,11 @@ class PeerConnection:
     def fill_requests(self) -> None:
         if self.peer_choking or not self.am_interested or self.closed:
             return
-        want = self.queue_target - len(self.outstanding)
-        if want <= 0:
+        # Refill in batches (one write for several requests) once a quarter has drained.
+        in_flight = len(self.outstanding)
+        if in_flight and in_flight > self.queue_target - max(1, self.queue_target // 4):
             return
+        want = self.queue_target - in_flight
         blocks = self.torrent.picker.pick(
             None if self.peer_seed else self.peer_bits, self.block_size, want, self.outstanding
         )

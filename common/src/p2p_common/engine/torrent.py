@@ -42,14 +42,23 @@ HANDSHAKE_TIMEOUT = 10.0
 READER_WINDOW = 8
 """Pieces ahead of each streaming reader that the picker fetches first."""
 BAN_STRIKES = 2
+RECONNECT_DELAY = 5.0
+"""Seconds before dialling again a peer whose connection ended normally."""
 VERIFY_QUEUE_BYTES = 8 * 1024 * 1024
 """Received pieces that may wait for their hash check and write (per torrent)."""
 VERIFIERS = 2
+VERIFY_BATCH = 8
+"""Most queued pieces one worker-thread call checks and writes."""
 """Pieces checked and written at once per torrent (hashlib releases the GIL)."""
 
 
 class TorrentFailedError(LocalError):
     """The torrent stopped because of a local failure (disk full, ...)."""
+
+
+def _backoff(failures: int) -> float:
+    """Seconds before retrying a peer that failed ``failures`` times: 0.5, 1, 2, ... 60."""
+    return float(min(60.0, 0.25 * 2.0**failures))
 
 
 @dataclass(slots=True)
@@ -263,24 +272,17 @@ class Torrent:
                 contributors.discard(conn)
 
     async def _connect_one(self, address: tuple[str, int]) -> None:
+        """Dial a candidate and run the connection; schedule its next attempt afterwards."""
         engine = self.engine
         self._connecting.add(address)
         candidate = self.candidates.get(address)
+        connected = False
         try:
             if not engine.reserve_connection():
                 return
             try:
                 with trio.fail_after(CONNECT_TIMEOUT):
                     stream = await trio.open_tcp_stream(*address)
-            except (OSError, trio.TooSlowError):
-                if candidate is not None:
-                    candidate.failures += 1
-                    candidate.next_attempt = trio.current_time() + min(
-                        60.0, 2.0**candidate.failures
-                    )
-                engine.release_connection()
-                return
-            try:
                 async with stream:
                     transport = make_transport(stream)
                     await transport.send_all(engine.handshake_for(self.info_hash))
@@ -290,26 +292,28 @@ class Torrent:
                     if handshake.peer_id == engine.peer_id:
                         engine.self_addresses.add(address)
                         self.candidates.pop(address, None)
+                        candidate = None
                         return
                     if handshake.info_hash != self.info_hash:
                         raise wire.WireError("peer answered for another torrent")
-                    if candidate is not None:
-                        candidate.failures = 0
+                    connected = True
                     await self.run_connection(
                         transport, protocol, handshake, address=address, outgoing=True
                     )
-            except (RemoteError, trio.TooSlowError):
-                if candidate is not None:
-                    candidate.failures += 1
-                    candidate.next_attempt = trio.current_time() + min(
-                        60.0, 2.0**candidate.failures
-                    )
+            except (OSError, RemoteError, trio.TooSlowError):
+                pass
             finally:
                 engine.release_connection()
         finally:
             self._connecting.discard(address)
-            if candidate is not None and not candidate.next_attempt:
-                candidate.next_attempt = trio.current_time() + 5.0
+            if candidate is not None:
+                if connected:
+                    candidate.failures = 0
+                    delay = RECONNECT_DELAY
+                else:
+                    candidate.failures += 1
+                    delay = _backoff(candidate.failures)
+                candidate.next_attempt = trio.current_time() + delay
 
     async def _connect_loop(self) -> None:
         assert self._nursery is not None
@@ -366,19 +370,35 @@ class Torrent:
         if not self.picker.wanted(index):
             return True  # a peer's copy is being checked right now
         self.picker.piece_verifying(index)
-        await self._finish_piece(index, data, set())
-        return index in self.picker.have
+        pieces: list[tuple[int, bytes | bytearray]] = [(index, data)]
+        [ok] = await trio.to_thread.run_sync(
+            self._verify_and_store, pieces, limiter=self.engine.disk_threads
+        )
+        self._piece_checked(index, ok, set())
+        return ok
 
     async def _verifier(self) -> None:
-        async for index, data, contributors in self._verify_receive:
-            await self._finish_piece(index, data, contributors)
+        """Check and store queued pieces, several per worker-thread call."""
+        receive = self._verify_receive
+        while True:
+            try:
+                batch = [await receive.receive()]
+            except trio.EndOfChannel:
+                return
+            while len(batch) < VERIFY_BATCH:
+                try:
+                    batch.append(receive.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            results = await trio.to_thread.run_sync(
+                self._verify_and_store,
+                [(index, data) for index, data, _ in batch],
+                limiter=self.engine.disk_threads,
+            )
+            for (index, _data, contributors), ok in zip(batch, results, strict=True):
+                self._piece_checked(index, ok, contributors)
 
-    async def _finish_piece(
-        self, index: int, data: bytes | bytearray, contributors: set[PeerConnection]
-    ) -> None:
-        ok = await trio.to_thread.run_sync(
-            self._verify_and_store, index, data, limiter=self.engine.disk_threads
-        )
+    def _piece_checked(self, index: int, ok: bool, contributors: set[PeerConnection]) -> None:
         if not ok:
             self.picker.piece_failed(index)
             self._punish(contributors, index)
@@ -410,11 +430,15 @@ class Torrent:
                 **{f"from_{role}": n for role, n in self.downloaded_by_role.items()},
             )
 
-    def _verify_and_store(self, index: int, data: bytes | bytearray | memoryview) -> bool:
-        if not verify_piece(self.metainfo, index, data):
-            return False
-        self.store.write_piece(index, data)
-        return True
+    def _verify_and_store(self, pieces: list[tuple[int, bytes | bytearray]]) -> list[bool]:
+        """(Worker thread.) Check each piece's SHA-1; store the good ones."""
+        results = []
+        for index, data in pieces:
+            ok = verify_piece(self.metainfo, index, data)
+            if ok:
+                self.store.write_piece(index, data)
+            results.append(ok)
+        return results
 
     def _punish(self, contributors: set[PeerConnection], index: int) -> None:
         for conn in contributors:
