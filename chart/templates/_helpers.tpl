@@ -108,7 +108,7 @@ component's `config` values add further settings (the schema refuses the compute
   "listen" (printf "0.0.0.0:%d" (int $p.ports.http))
   "peerPort" (int $p.ports.peer)
   "dataDir" $p.dataDir
-  "registry" (include "p2p.registries" . | fromJsonArray | first)
+  "registry" (include "p2p.registries" . | fromJsonArray)
   "trackers" (list (printf "http://%s:%d/announce" (include "p2p.trackerHeadlessHost" .) (int .Values.tracker.ports.http)))
   "cacheSize" $p.cacheSize
   "uploadRate" $p.uploadRate

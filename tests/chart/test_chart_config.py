@@ -71,7 +71,7 @@ def test_proxy_config_carries_the_values(render: Render, value_set: tuple, tmp_p
 
     settings = load(render(values), "proxy", tmp_path)
 
-    assert settings.registry == normalise_registry(registries(values)[0])
+    assert settings.registry == [normalise_registry(r) for r in registries(values)]
     assert settings.trackers == [
         f"http://p2p-tracker-headless.{namespace}.svc.{domain}:{tracker_port}/announce"
     ]

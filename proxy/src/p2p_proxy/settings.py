@@ -3,11 +3,33 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
-from p2p_common.settings import ByteSize, HostPort, RegistryURL, ServiceSettings, StrList
+from p2p_common.settings import (
+    ByteSize,
+    HostPort,
+    ServiceSettings,
+    StrList,
+    normalise_registry,
+    registry_name,
+)
+
+
+def _registries(values: list[str]) -> list[str]:
+    if not values:
+        raise ValueError("at least one registry is required")
+    urls: list[str] = []
+    names: set[str] = set()
+    for value in values:
+        url = normalise_registry(value)
+        name = registry_name(url)
+        if name in names:
+            raise ValueError(f"registry {name} is listed twice")
+        names.add(name)
+        urls.append(url)
+    return urls
 
 
 class ProxySettings(ServiceSettings):
@@ -19,17 +41,29 @@ class ProxySettings(ServiceSettings):
     """BitTorrent peer port the proxy seeds from."""
     data_dir: Path = Path("/p2p_proxy_data")
     """Blob cache and torrent state."""
-    registry: RegistryURL
-    """The origin registry: ``registry.example.com`` (https) or ``http://host:port``."""
+    registry: Annotated[StrList, AfterValidator(_registries)]
+    """The origin registries, one or a list: ``registry.example.com`` (https) or
+    ``http://host:port``. The first is the default; agents select another with
+    ``?ns=<host[:port]>``. No other registry is ever contacted."""
     registry_ca_file: Path | None = None
-    """Extra CA bundle (PEM) to verify the origin's TLS certificate."""
+    """CA bundle (PEM) that verifies the origins' TLS certificates instead of the system store."""
     trackers: StrList = Field(default_factory=list)
     """Tracker announce URLs written into every metainfo (``http://p2p-tracker:6969/announce``)."""
     cache_size: ByteSize = 50 * 10**9
-    """Disk quota for cached blobs; least recently used blobs are evicted beyond it (0 = no quota)."""
+    """Disk quota for cached blobs; least recently used blobs are evicted beyond it
+    (0 = no quota)."""
     upload_rate: ByteSize = 0
     """Process-wide seeding limit in bytes per second (0 = unlimited)."""
     auth_cache_ttl: float = Field(60.0, ge=0)
-    """Seconds an origin authorization decision is reused for the same credentials and repository."""
+    """Seconds an origin authorization decision is reused for the same credentials,
+    registry, repository and digest (0 = ask the origin every time)."""
     max_connections: int = Field(1000, ge=1)
     """Most BitTorrent peer connections at once."""
+    shutdown_timeout: float = Field(90.0, ge=0)
+    """Seconds in-flight requests get to finish after SIGTERM before the proxy stops anyway
+    (keep it below the pod's ``terminationGracePeriodSeconds``)."""
+
+    @property
+    def default_registry(self) -> str:
+        """The first registry: the one served when a request names none."""
+        return self.registry[0]

@@ -1,0 +1,344 @@
+"""The proxy's ASGI application: routing and request handlers (docs/proxy-api.md).
+
+Handlers stay thin: the origin clients talk to the registries, :class:`Authorizer` decides
+who may read a blob, :class:`BlobFetcher` gets blobs into the cache, :class:`Seeder` seeds
+them. Every failure is answered as a registry JSON error with its status.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import trio
+
+from p2p_common.asgi import (
+    FILE_CHUNK,
+    Message,
+    Receive,
+    Request,
+    Scope,
+    Send,
+    lifespan,
+    send_bytes,
+    send_chunk,
+    start_stream,
+)
+from p2p_common.blobcache import BlobCache
+from p2p_common.logs import event
+from p2p_common.oci import ApiRoute, ErrorCode, OCIError, parse_api_path
+from p2p_common.origin import OriginClient
+from p2p_common.registry_auth import Credentials
+from p2p_common.storage import StorageError
+from p2p_proxy.api import (
+    METAINFO_PATH,
+    blob_digest,
+    credentials_from,
+    metainfo_query,
+    requested_range,
+    select_registry,
+)
+from p2p_proxy.authz import Authorizer
+from p2p_proxy.fetch import BlobFetcher, storage_error
+from p2p_proxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from p2p_proxy.metrics import ProxyMetrics
+from p2p_proxy.seeding import Seeder
+
+__all__ = ["BITTORRENT_CONTENT_TYPE", "ProxyApp"]
+
+log = logging.getLogger("p2p.proxy")
+
+BITTORRENT_CONTENT_TYPE = "application/x-bittorrent"
+BLOB_CONTENT_TYPE = "application/octet-stream"
+
+
+async def send_oci_error(send: Send, error: OCIError, *, head: bool = False) -> None:
+    """An OCI JSON error response with exactly one Content-Type.
+
+    (``p2p_common.asgi.send_error`` sends the error's Content-Type as an extra header
+    next to the default one, so the response carries two.)
+    """
+    extra = [(k, v) for k, v in error.headers.items() if k.lower() != "content-type"]
+    await send_bytes(
+        send,
+        error.status,
+        error.body(),
+        content_type="application/json; charset=utf-8",
+        headers=extra,
+        head=head,
+    )
+
+
+class _TrackedSend:
+    """``send`` that remembers whether the response has started."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self._send(message)
+
+
+@dataclass
+class ProxyApp:
+    origins: Mapping[str, OriginClient]
+    """Origin clients by registry host[:port], the default first."""
+    cache: BlobCache
+    authorizer: Authorizer
+    fetcher: BlobFetcher
+    seeder: Seeder
+    metrics: ProxyMetrics
+    peer_port: Callable[[], int]
+    ready: bool = False
+
+    def __post_init__(self) -> None:
+        self._served = list(self.origins)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        request = Request.from_scope(scope)
+        tracked = _TrackedSend(send)
+        try:
+            await self._route(request, receive, tracked)
+        except OCIError as exc:
+            await self._fail(request, tracked, exc)
+        except StorageError as exc:
+            await self._fail(request, tracked, storage_error(exc, "opening a cached blob"))
+        except Exception as exc:
+            log.error("proxy.request_crashed path=%s", request.path, exc_info=exc)
+            await self._fail(request, tracked, OCIError(ErrorCode.UNKNOWN, "internal error"))
+
+    async def _fail(self, request: Request, send: _TrackedSend, error: OCIError) -> None:
+        self.metrics.errors.labels(code=str(error.code)).inc()
+        level = logging.WARNING if error.status >= 500 else logging.DEBUG
+        event(
+            log,
+            "proxy.request_failed",
+            level,
+            method=request.method,
+            path=request.path,
+            status=error.status,
+            code=str(error.code),
+            error=error.message,
+        )
+        if not send.started:
+            await send_oci_error(send, error, head=request.method == "HEAD")
+
+    # --- routing ----------------------------------------------------------------------------
+
+    async def _route(self, request: Request, receive: Receive, send: Send) -> None:
+        path, method = request.path, request.method
+        if path in ("/healthz", "/readyz", "/metrics", METAINFO_PATH):
+            if method not in ("GET", "HEAD"):
+                raise OCIError(ErrorCode.UNSUPPORTED, f"{method} is not supported here")
+            if path == "/healthz":
+                await send_bytes(
+                    send, 200, b"ok\n", content_type="text/plain", head=method == "HEAD"
+                )
+            elif path == "/readyz":
+                await self._readyz(send, head=method == "HEAD")
+            elif path == "/metrics":
+                await send_bytes(
+                    send, 200, self.metrics.render(), content_type=METRICS_CONTENT_TYPE
+                )
+            else:
+                await self._metainfo(request, send)
+            return
+        if method not in ("GET", "HEAD") and (path == "/v2" or path.startswith("/v2/")):
+            raise OCIError(ErrorCode.UNSUPPORTED, "this proxy serves pulls only (GET and HEAD)")
+        route = parse_api_path(path)  # 404 UNSUPPORTED for anything outside /v2/
+        registry = select_registry(request.query, self._served)
+        origin = self.origins[registry]
+        if route.kind == "ping":
+            await send_bytes(send, 200, b"{}", head=method == "HEAD")
+        elif route.kind == "manifest":
+            await self._manifest(request, send, origin, route)
+        elif route.kind == "blob" and method == "HEAD":
+            await self._blob_head(request, send, origin, route)
+        elif route.kind == "blob":
+            await self._blob_get(request, receive, send, origin, route)
+        else:
+            raise OCIError(
+                ErrorCode.UNSUPPORTED, "tag listing is not served by the proxy", status=404
+            )
+
+    async def _readyz(self, send: Send, *, head: bool) -> None:
+        body = {"ready": self.ready, "peerPort": self.peer_port(), "registries": self._served}
+        await send_bytes(send, 200 if self.ready else 503, json.dumps(body).encode(), head=head)
+
+    # --- manifests --------------------------------------------------------------------------
+
+    async def _manifest(
+        self, request: Request, send: Send, origin: OriginClient, route: ApiRoute
+    ) -> None:
+        credentials = credentials_from(request.headers)
+        accept = request.headers.get("accept")
+        self.metrics.manifest_requests.inc()
+        head = request.method == "HEAD"
+        if head:
+            found = await origin.head_manifest(
+                route.name, route.reference, credentials, accept=accept
+            )
+            if found.size is None:  # an origin that does not tell: ask for the body
+                found = await origin.get_manifest(
+                    route.name, route.reference, credentials, accept=accept
+                )
+        else:
+            found = await origin.get_manifest(
+                route.name, route.reference, credentials, accept=accept
+            )
+        headers = [] if found.digest is None else [("Docker-Content-Digest", found.digest)]
+        await send_bytes(
+            send,
+            found.status,
+            found.body,
+            content_type=found.content_type or None,
+            headers=headers,
+            head=head,
+            content_length=found.size if head else None,
+        )
+
+    # --- blobs ------------------------------------------------------------------------------
+
+    async def _authorize(
+        self, request: Request, origin: OriginClient, name: str, digest: str
+    ) -> tuple[Credentials | None, int | None]:
+        credentials = credentials_from(request.headers)
+        size = await self.authorizer.authorize(origin, name, digest, credentials)
+        return credentials, size
+
+    async def _blob_head(
+        self, request: Request, send: Send, origin: OriginClient, route: ApiRoute
+    ) -> None:
+        _, size = await self._authorize(request, origin, route.name, route.reference)
+        if size is None and route.reference.startswith("sha256:"):
+            size = self.cache.size(route.reference)
+        headers = [
+            ("Docker-Content-Digest", route.reference),
+            ("Accept-Ranges", "bytes"),
+        ]
+        if size is not None:
+            await send_bytes(
+                send,
+                200,
+                b"",
+                content_type=BLOB_CONTENT_TYPE,
+                headers=headers,
+                head=True,
+                content_length=size,
+            )
+            return
+        # The origin granted access without telling the size: answer without a length.
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", BLOB_CONTENT_TYPE.encode()),
+                    *((k.lower().encode(), v.encode()) for k, v in headers),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": b""})
+
+    async def _blob_get(
+        self,
+        request: Request,
+        receive: Receive,
+        send: Send,
+        origin: OriginClient,
+        route: ApiRoute,
+    ) -> None:
+        digest = blob_digest(route.reference)
+        credentials, size = await self._authorize(request, origin, route.name, digest)
+        with self.cache.pinned(digest):
+            meta = await self.fetcher.ensure(origin, route.name, digest, credentials, size)
+            await self.seeder.seed(digest, meta)
+            total = meta.length
+            wanted = requested_range(request.header("range"), total)
+            headers = [
+                ("Content-Type", BLOB_CONTENT_TYPE),
+                ("Docker-Content-Digest", digest),
+                ("Accept-Ranges", "bytes"),
+            ]
+            status, offset, length = 200, 0, total
+            if wanted is not None:
+                status, offset, length = 206, wanted.start, wanted.length
+                headers.append(("Content-Range", wanted.content_range(total)))
+            path = self.cache.blob_path(digest)
+            try:
+                fd = await trio.to_thread.run_sync(os.open, path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise storage_error(exc, "opening a cached blob") from None
+            try:
+                await start_stream(send, status, headers=headers, content_length=length)
+                await self._send_file(receive, send, fd, offset, length)
+            finally:
+                os.close(fd)
+
+    async def _send_file(
+        self, receive: Receive, send: Send, fd: int, offset: int, length: int
+    ) -> None:
+        """Body bytes from ``fd``, a bounded chunk at a time; stops if the client hangs up."""
+        async with trio.open_nursery() as nursery:
+
+            async def watch_disconnect() -> None:
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        nursery.cancel_scope.cancel()
+                        return
+
+            nursery.start_soon(watch_disconnect)
+            end = offset + length
+            while offset < end:
+                size = min(FILE_CHUNK, end - offset)
+                data = await trio.to_thread.run_sync(os.pread, fd, size, offset)
+                if len(data) != size:
+                    raise StorageError(f"short read of a cached blob at {offset}")
+                offset += size
+                await send_chunk(send, data, more=offset < end)
+                self.metrics.fallback_bytes.inc(size)
+            if length == 0:
+                await send_chunk(send, b"", more=False)
+            nursery.cancel_scope.cancel()
+
+    # --- metainfo ---------------------------------------------------------------------------
+
+    async def _metainfo(self, request: Request, send: Send) -> None:
+        if request.method != "GET":
+            raise OCIError(ErrorCode.UNSUPPORTED, "metainfo is fetched with GET")
+        name, digest = metainfo_query(request.query)
+        registry = select_registry(request.query, self._served)
+        origin = self.origins[registry]
+        credentials, size = await self._authorize(request, origin, name, digest)
+        with self.cache.pinned(digest):
+            meta = await self.fetcher.ensure(origin, name, digest, credentials, size)
+            await self.seeder.seed(digest, meta)
+        self.metrics.metainfo_requests.inc()
+        event(
+            log,
+            "proxy.metainfo",
+            logging.DEBUG,
+            registry=registry,
+            repository=name,
+            digest=digest,
+            info_hash=meta.info_hash.hex(),
+        )
+        await send_bytes(
+            send,
+            200,
+            meta.to_bytes(),
+            content_type=BITTORRENT_CONTENT_TYPE,
+            headers=[("Docker-Content-Digest", digest), ("X-P2P-Info-Hash", meta.info_hash.hex())],
+        )

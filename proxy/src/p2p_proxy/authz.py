@@ -1,0 +1,131 @@
+"""Authorization: may these credentials read this blob in this repository of this registry?
+
+The origin decides (a HEAD of the blob with the caller's credentials). Decisions are kept
+in memory only, per (credentials fingerprint, registry, repository, digest), for
+``authCacheTtl`` seconds: grants, and refusals (``UNAUTHORIZED``, ``DENIED``). Anything
+else (the blob is unknown, the origin failed) is not remembered, so a retry asks again.
+Concurrent checks of one key share one origin request.
+
+:class:`DecisionCache` is pure (the time is passed in); :class:`Authorizer` is the shell.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from p2p_common.oci import ErrorCode, OCIError
+from p2p_common.origin import OriginClient
+from p2p_common.registry_auth import Credentials, fingerprint
+from p2p_proxy.flight import SingleFlight, copy_error
+from p2p_proxy.metrics import ProxyMetrics
+
+__all__ = ["AuthKey", "Authorizer", "Decision", "DecisionCache"]
+
+AuthKey = tuple[str, str, str, str]
+"""(credentials fingerprint, registry host[:port], repository, digest)."""
+
+REMEMBERED_REFUSALS = frozenset({ErrorCode.UNAUTHORIZED, ErrorCode.DENIED})
+MAX_DECISIONS = 16384
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A grant (``error`` is None; ``size`` as the origin reported it) or a refusal."""
+
+    size: int | None = None
+    error: OCIError | None = None
+
+    @property
+    def allowed(self) -> bool:
+        return self.error is None
+
+
+class DecisionCache:
+    """Decisions by key until ``ttl`` seconds after they were made; LRU-bounded."""
+
+    def __init__(self, ttl: float, max_entries: int = MAX_DECISIONS) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._entries: collections.OrderedDict[AuthKey, tuple[float, Decision]] = (
+            collections.OrderedDict()
+        )
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: AuthKey, now: float) -> Decision | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        expires, decision = entry
+        if now >= expires:
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return decision
+
+    def put(self, key: AuthKey, decision: Decision, now: float) -> None:
+        """Remember ``decision`` (a no-op with ``ttl`` 0 or for a refusal not worth keeping)."""
+        if self.ttl <= 0:
+            return
+        if decision.error is not None and decision.error.code not in REMEMBERED_REFUSALS:
+            return
+        self._entries[key] = (now + self.ttl, decision)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+class Authorizer:
+    """Asks the origin (or the cache of its recent answers) whether a caller may read a blob."""
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        metrics: ProxyMetrics,
+        *,
+        ttl: float,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.cache = DecisionCache(ttl)
+        self.metrics = metrics
+        self._clock = clock or trio.current_time
+        self._flights: SingleFlight[AuthKey, Decision] = SingleFlight(nursery, "authorization")
+
+    async def authorize(
+        self,
+        origin: OriginClient,
+        repository: str,
+        digest: str,
+        credentials: Credentials | None,
+    ) -> int | None:
+        """The blob's size if the origin lets ``credentials`` read it; raises its refusal."""
+        key: AuthKey = (fingerprint(credentials), origin.name, repository, digest)
+        decision = self.cache.get(key, self._clock())
+        if decision is not None:
+            self.metrics.auth_checks.labels(source="cache").inc()
+        else:
+
+            async def ask() -> Decision:
+                self.metrics.auth_checks.labels(source="origin").inc()
+                try:
+                    head = await origin.head_blob(repository, digest, credentials)
+                    found = Decision(size=head.size)
+                except OCIError as exc:
+                    found = Decision(error=exc)
+                self.cache.put(key, found, self._clock())
+                return found
+
+            decision = await self._flights.run(key, ask)
+        if decision.error is not None:
+            if decision.error.code in REMEMBERED_REFUSALS:
+                self.metrics.auth_denials.labels(code=str(decision.error.code)).inc()
+            raise copy_error(decision.error)
+        return decision.size

@@ -1,0 +1,147 @@
+"""Seeding cached blobs with the peer engine.
+
+One torrent per cached blob, opened read-only from the cache (:class:`PieceFile` with
+``complete=True``). The cache's eviction callback stops a blob's torrent; its file is
+closed once its last peer connection has ended, so no reader ever sees the descriptor
+reused. At start-up :meth:`Seeder.reseed_all` seeds every cached blob whose metainfo was
+stored beside it, without reading the origin (or the blob: the stored piece hashes are
+trusted, the blob was verified when it entered the cache).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import trio
+
+from p2p_common.blobcache import BlobCache
+from p2p_common.engine import Engine, Torrent
+from p2p_common.logs import event
+from p2p_common.metainfo import Metainfo, piece_length_for
+from p2p_common.storage import PieceFile, StorageError
+
+__all__ = ["Seeder", "usable_metainfo"]
+
+log = logging.getLogger("p2p.proxy")
+
+CLOSE_WAIT = 30.0
+"""Longest wait for a stopped torrent's connections to end before its file is closed."""
+
+
+def usable_metainfo(meta: Metainfo | None, digest: str, size: int | None) -> bool:
+    """Whether stored metainfo is the deterministic one for this blob (else rebuild it)."""
+    return (
+        meta is not None
+        and meta.name == digest
+        and meta.private
+        and (size is None or meta.length == size)
+        and meta.piece_length == piece_length_for(meta.length)
+    )
+
+
+@dataclass
+class _Seed:
+    torrent: Torrent
+    store: PieceFile
+
+
+class Seeder:
+    def __init__(
+        self,
+        engine: Engine,
+        cache: BlobCache,
+        nursery: trio.Nursery,
+        trackers: Sequence[str],
+    ) -> None:
+        self.engine = engine
+        self.cache = cache
+        self.trackers = tuple(trackers)
+        self._nursery = nursery
+        self._seeds: dict[str, _Seed] = {}
+        self._closing: list[_Seed] = []
+        self._locks: dict[str, trio.Lock] = {}
+        self._trio_token = trio.lowlevel.current_trio_token()
+
+    def _alive(self, seed: _Seed) -> bool:
+        return self.engine.torrents.get(seed.torrent.info_hash) is seed.torrent
+
+    async def seed(self, digest: str, meta: Metainfo) -> None:
+        """Make sure ``digest`` (cached, described by ``meta``) is being seeded."""
+        lock = self._locks.setdefault(digest, trio.Lock())
+        try:
+            async with lock:
+                seed = self._seeds.get(digest)
+                if seed is not None:
+                    if self._alive(seed) and seed.torrent.info_hash == meta.info_hash:
+                        return
+                    self._stop(digest)  # failed, or built from other metainfo
+                path = self.cache.blob_path(digest)
+                store = await trio.to_thread.run_sync(
+                    lambda: PieceFile(meta.with_trackers(self.trackers), path, complete=True)
+                )
+                try:
+                    torrent = await self.engine.add_torrent(store.metainfo, store)
+                except BaseException:
+                    store.close()
+                    raise
+                self._seeds[digest] = _Seed(torrent, store)
+                event(
+                    log,
+                    "proxy.seeding",
+                    logging.DEBUG,
+                    digest=digest,
+                    info_hash=meta.info_hash.hex(),
+                )
+        finally:
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._locks.pop(digest, None)
+
+    def on_evict(self, digest: str) -> None:
+        """The cache's eviction callback; it may run in a worker thread."""
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:
+            trio.from_thread.run_sync(self._stop, digest, trio_token=self._trio_token)
+        else:
+            self._stop(digest)
+
+    def _stop(self, digest: str) -> None:
+        seed = self._seeds.pop(digest, None)
+        if seed is None:
+            return
+        self.engine.remove_torrent(seed.torrent.info_hash)
+        self._closing.append(seed)
+        self._nursery.start_soon(self._close_when_idle, seed)
+        event(log, "proxy.unseeded", logging.DEBUG, digest=digest)
+
+    async def _close_when_idle(self, seed: _Seed) -> None:
+        with trio.move_on_after(CLOSE_WAIT):
+            while seed.torrent.connections:  # noqa: ASYNC110 - owned by the engine's tasks
+                await trio.sleep(0.1)
+        seed.store.close()
+        self._closing.remove(seed)
+
+    async def reseed_all(self) -> int:
+        """Seed every cached blob with stored, usable metainfo; returns how many."""
+        count = 0
+        for digest in self.cache.digests():
+            meta = await trio.to_thread.run_sync(self.cache.load_metainfo, digest)
+            if not usable_metainfo(meta, digest, self.cache.size(digest)):
+                continue
+            assert meta is not None
+            try:
+                await self.seed(digest, meta)
+            except StorageError as exc:
+                event(log, "proxy.reseed_failed", logging.WARNING, digest=digest, error=str(exc))
+                continue
+            count += 1
+        return count
+
+    def close(self) -> None:
+        """Close every file (once the engine has stopped: nothing reads them any more)."""
+        for seed in [*self._seeds.values(), *self._closing]:
+            seed.store.close()
+        self._seeds.clear()
+        self._closing.clear()

@@ -1,0 +1,134 @@
+"""Wiring of p2p-proxy: one :func:`serve` that builds and runs everything.
+
+Order of start-up: the cache directory is scanned, the peer engine listens on
+``peerPort``, every cached blob with stored metainfo is seeded again, then the HTTP API
+listens and ``/readyz`` turns 200. When ``shutdown_trigger`` returns, ``/readyz`` turns
+503, the API stops accepting connections, in-flight requests get ``shutdownTimeout``
+seconds, then the engine stops (announcing ``stopped`` to the trackers).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from functools import partial
+
+import trio
+
+from p2p_common.asgi import serve_app
+from p2p_common.blobcache import BlobCache
+from p2p_common.engine import Engine
+from p2p_common.logs import event
+from p2p_common.origin import OriginClient
+from p2p_common.settings import ConfigError, registry_name
+from p2p_proxy.app import ProxyApp
+from p2p_proxy.authz import Authorizer
+from p2p_proxy.fetch import BlobFetcher
+from p2p_proxy.metrics import ProxyMetrics
+from p2p_proxy.seeding import Seeder
+from p2p_proxy.settings import ProxySettings
+
+__all__ = ["open_cache", "serve"]
+
+log = logging.getLogger("p2p.proxy")
+
+
+async def open_cache(settings: ProxySettings) -> BlobCache:
+    """The blob cache in ``dataDir`` (scanned; a directory we cannot use is a config error)."""
+
+    def build() -> BlobCache:
+        return BlobCache(settings.data_dir, quota=settings.cache_size)
+
+    try:
+        return await trio.to_thread.run_sync(build)
+    except OSError as exc:
+        raise ConfigError(f"dataDir: {settings.data_dir}: {exc.strerror or exc}") from None
+
+
+async def serve(
+    settings: ProxySettings,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
+) -> None:
+    """Run the proxy until cancelled or until ``shutdown_trigger`` returns.
+
+    Reports the bound API port through ``task_status`` (``listen`` may use port 0).
+    """
+    metrics = ProxyMetrics()
+    cache = await open_cache(settings)
+    engine = Engine(
+        port=settings.peer_port,
+        role="proxy",
+        upload_rate=settings.upload_rate,
+        max_connections=settings.max_connections,
+    )
+    async with AsyncExitStack() as stack:
+        origins: dict[str, OriginClient] = {}
+        for url in settings.registry:
+            origins[registry_name(url)] = await stack.enter_async_context(
+                OriginClient(url, ca_file=settings.registry_ca_file, user_agent="p2p-proxy/0.1")
+            )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(engine.serve)
+            seeder = Seeder(engine, cache, nursery, settings.trackers)
+            stack.callback(seeder.close)  # after the nursery: the engine has stopped
+            cache.on_evict = partial(_evicted, seeder, metrics)
+            reseeded = await seeder.reseed_all()
+            app = ProxyApp(
+                origins=origins,
+                cache=cache,
+                authorizer=Authorizer(nursery, metrics, ttl=settings.auth_cache_ttl),
+                fetcher=BlobFetcher(cache, metrics, nursery, settings.trackers),
+                seeder=seeder,
+                metrics=metrics,
+                peer_port=lambda: engine.port,
+            )
+            metrics.watch(
+                lambda: {
+                    "uploaded": float(engine.upload_limiter.total),
+                    "seeding": float(len(engine.torrents)),
+                    "connections": float(engine.connection_count),
+                    "cache_used": float(cache.used),
+                    "cache_blobs": float(len(cache.digests())),
+                }
+            )
+
+            async def trigger() -> None:
+                if shutdown_trigger is None:
+                    await trio.sleep_forever()
+                else:
+                    await shutdown_trigger()
+                app.ready = False
+                event(log, "proxy.stopping", grace=settings.shutdown_timeout)
+
+            async with trio.open_nursery() as server:
+                port: int = await server.start(
+                    partial(
+                        serve_app,
+                        app,
+                        settings.listen,
+                        shutdown_trigger=trigger,
+                        graceful_timeout=settings.shutdown_timeout,
+                    )
+                )
+                app.ready = True
+                event(
+                    log,
+                    "proxy.listening",
+                    port=port,
+                    peer_port=engine.port,
+                    registries=list(origins),
+                    cached=len(cache.digests()),
+                    reseeded=reseeded,
+                )
+                task_status.started(port)
+            cache.on_evict = None
+            nursery.cancel_scope.cancel()
+    event(log, "proxy.stopped")
+
+
+def _evicted(seeder: Seeder, metrics: ProxyMetrics, digest: str) -> None:
+    metrics.evictions.inc()
+    seeder.on_evict(digest)

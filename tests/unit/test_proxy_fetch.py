@@ -1,0 +1,339 @@
+"""p2p-proxy's fetch path without a real registry: single flight, authorization decisions,
+and the fetcher's streaming, verification and failure handling against an in-memory origin
+(an httpx transport), with a real :class:`BlobCache` in a temporary directory."""
+
+from __future__ import annotations
+
+import base64
+import errno
+import hashlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+import trio.lowlevel
+import trio.testing
+
+from p2p_common import metainfo as mi
+from p2p_common.blobcache import BlobCache
+from p2p_common.oci import ErrorCode, OCIError
+from p2p_common.origin import OriginClient
+from p2p_common.registry_auth import Credentials
+from p2p_proxy import fetch
+from p2p_proxy.authz import Authorizer, Decision, DecisionCache
+from p2p_proxy.fetch import BATCH_BYTES, BlobFetcher
+from p2p_proxy.flight import SingleFlight
+from p2p_proxy.metrics import ProxyMetrics
+
+MiB = 1024 * 1024
+REPO = "team/app"
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class FakeOrigin:
+    """A registry in memory: blobs by digest, optionally lying about them."""
+
+    def __init__(self, blobs: dict[str, bytes]) -> None:
+        self.blobs = blobs
+        self.gets: list[str] = []
+        self.heads: list[str] = []
+        self.served: dict[str, bytes] = {}
+        """Bytes to send instead of the real ones (a corrupt origin)."""
+        self.length_override: dict[str, int] = {}
+        self.chunk = 256 * 1024
+        self.allowed_users: set[str] | None = None
+
+    def _refuse(self, request: httpx.Request) -> httpx.Response | None:
+        if self.allowed_users is None:
+            return None
+        auth = request.headers.get("authorization")
+        if auth is None:
+            return httpx.Response(401, headers={"WWW-Authenticate": 'Basic realm="r"'})
+        name = base64.b64decode(auth.split()[1]).decode().partition(":")[0]
+        if name not in self.allowed_users:
+            return httpx.Response(403, json={"errors": [{"code": "DENIED"}]})
+        return None
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        digest = request.url.path.rsplit("/", 1)[-1]
+        refused = self._refuse(request)
+        if refused is not None:
+            return refused
+        data = self.blobs.get(digest)
+        if data is None:
+            return httpx.Response(404, json={"errors": [{"code": "BLOB_UNKNOWN"}]})
+        body = self.served.get(digest, data)
+        length = self.length_override.get(digest, len(body))
+        headers = {"Content-Length": str(length), "Docker-Content-Digest": digest}
+        if request.method == "HEAD":
+            self.heads.append(digest)
+            return httpx.Response(200, headers=headers)
+        self.gets.append(digest)
+        chunk = self.chunk
+
+        async def stream() -> AsyncIterator[bytes]:
+            for offset in range(0, len(body), chunk):
+                await trio.lowlevel.checkpoint()
+                yield body[offset : offset + chunk]
+
+        return httpx.Response(200, headers=headers, content=stream())
+
+    def client(self) -> OriginClient:
+        return OriginClient("http://origin.test", transport=httpx.MockTransport(self.handle))
+
+
+# --- single flight ----------------------------------------------------------------------------
+
+
+async def test_single_flight_shares_one_run_and_copies_errors(nursery: trio.Nursery) -> None:
+    flights: SingleFlight[str, int] = SingleFlight(nursery, "test")
+    runs = 0
+    release = trio.Event()
+
+    async def work() -> int:
+        nonlocal runs
+        runs += 1
+        await release.wait()
+        return 42
+
+    results: list[int] = []
+
+    async def ask() -> None:
+        results.append(await flights.run("k", work))
+
+    async with trio.open_nursery() as inner:
+        for _ in range(5):
+            inner.start_soon(ask)
+        await trio.testing.wait_all_tasks_blocked()
+        assert flights.in_flight("k")
+        release.set()
+    assert (runs, results) == (1, [42] * 5)
+    assert not flights.in_flight("k")
+
+    async def fail() -> int:
+        raise OCIError(ErrorCode.DENIED, "no")
+
+    errors: list[OCIError] = []
+
+    async def ask_failing() -> None:
+        try:
+            await flights.run("bad", fail)
+        except OCIError as exc:
+            errors.append(exc)
+
+    async with trio.open_nursery() as inner:
+        for _ in range(3):
+            inner.start_soon(ask_failing)
+    assert [e.code for e in errors] == [ErrorCode.DENIED] * 3
+    assert len({id(e) for e in errors}) == 3  # one instance per waiter
+
+
+async def test_single_flight_survives_a_waiter_that_leaves(nursery: trio.Nursery) -> None:
+    flights: SingleFlight[str, str] = SingleFlight(nursery, "test")
+    release = trio.Event()
+    finished = trio.Event()
+
+    async def work() -> str:
+        await release.wait()
+        finished.set()
+        return "done"
+
+    with trio.move_on_after(0.05):
+        await flights.run("k", work)  # the first caller gives up
+    assert flights.in_flight("k")
+    release.set()
+    assert await flights.run("k", work) == "done"
+    assert finished.is_set()
+    assert flights.started == 1
+
+
+async def test_single_flight_turns_a_bug_into_a_500(nursery: trio.Nursery) -> None:
+    flights: SingleFlight[str, int] = SingleFlight(nursery, "test")
+
+    async def broken() -> int:
+        raise ZeroDivisionError
+
+    with pytest.raises(OCIError) as info:
+        await flights.run("k", broken)
+    assert (info.value.code, info.value.status) == (ErrorCode.UNKNOWN, 500)
+
+
+# --- authorization ----------------------------------------------------------------------------
+
+
+def test_decision_cache() -> None:
+    cache = DecisionCache(ttl=10, max_entries=2)
+    key = ("fp", "reg", REPO, "sha256:" + "1" * 64)
+    cache.put(key, Decision(size=5), now=0)
+    assert cache.get(key, now=9.9) == Decision(size=5)
+    assert cache.get(key, now=10) is None
+    denied = Decision(error=OCIError(ErrorCode.DENIED))
+    cache.put(key, denied, now=0)
+    assert cache.get(key, now=1) is denied
+    for code in (ErrorCode.BLOB_UNKNOWN, ErrorCode.UNKNOWN, ErrorCode.TOOMANYREQUESTS):
+        cache.put(("x", "", "", code), Decision(error=OCIError(code, status=None)), now=0)
+        assert cache.get(("x", "", "", code), now=0) is None
+    for n in range(3):
+        cache.put((str(n), "", "", ""), Decision(size=n), now=0)
+    assert len(cache) == 2
+    assert cache.get(("0", "", "", ""), now=0) is None
+    off = DecisionCache(ttl=0)
+    off.put(key, Decision(size=1), now=0)
+    assert off.get(key, now=0) is None
+
+
+async def test_authorizer_asks_once_per_key(nursery: trio.Nursery) -> None:
+    data = b"a" * 1000
+    digest = digest_of(data)
+    origin = FakeOrigin({digest: data})
+    origin.allowed_users = {"alice"}
+    now = [0.0]
+    authorizer = Authorizer(nursery, ProxyMetrics(), ttl=60, clock=lambda: now[0])
+    alice = Credentials("alice", "pw")
+    async with origin.client() as client:
+        async with trio.open_nursery() as inner:
+            for _ in range(5):
+                inner.start_soon(authorizer.authorize, client, REPO, digest, alice)
+        heads = len(origin.heads)
+        assert heads == 1
+        assert await authorizer.authorize(client, REPO, digest, alice) == 1000
+        assert len(origin.heads) == heads
+        with pytest.raises(OCIError) as info:
+            await authorizer.authorize(client, REPO, digest, Credentials("bob", "pw"))
+        assert info.value.code is ErrorCode.DENIED
+        with pytest.raises(OCIError) as info:
+            await authorizer.authorize(client, REPO, digest, None)
+        assert info.value.code is ErrorCode.UNAUTHORIZED
+        now[0] = 61.0
+        assert await authorizer.authorize(client, REPO, digest, alice) == 1000
+        assert len(origin.heads) == heads + 1
+
+
+# --- fetching ---------------------------------------------------------------------------------
+
+
+def make_fetcher(
+    nursery: trio.Nursery, tmp_path: Path, *, quota: int = 0
+) -> tuple[BlobFetcher, BlobCache, ProxyMetrics]:
+    cache = BlobCache(tmp_path / "data", quota=quota)
+    metrics = ProxyMetrics()
+    return BlobFetcher(cache, metrics, nursery, ["http://t/announce"]), cache, metrics
+
+
+def cache_is_clean(cache: BlobCache) -> bool:
+    return list(cache.tmp_dir.iterdir()) == [] and cache.used == sum(
+        cache.size(d) or 0 for d in cache.digests()
+    )
+
+
+async def test_fetch_streams_hashes_and_adopts(nursery: trio.Nursery, tmp_path: Path) -> None:
+    data = bytes(range(256)) * (9 * MiB // 256) + b"tail"
+    assert len(data) > 2 * BATCH_BYTES
+    digest = digest_of(data)
+    origin = FakeOrigin({digest: data})
+    fetcher, cache, metrics = make_fetcher(nursery, tmp_path)
+    async with origin.client() as client:
+        async with trio.open_nursery() as inner:
+            for _ in range(4):
+                inner.start_soon(fetcher.ensure, client, REPO, digest, None, len(data))
+        meta = await fetcher.ensure(client, REPO, digest, None, len(data))
+    assert origin.gets == [digest]
+    assert cache.blob_path(digest).read_bytes() == data
+    stored = cache.load_metainfo(digest)
+    assert stored is not None
+    assert stored.info_hash == meta.info_hash
+    pieces, found, length = mi.hash_file(cache.blob_path(digest), meta.piece_length)
+    assert (found, length, pieces) == (digest, len(data), meta.pieces)
+    assert meta.trackers == ("http://t/announce",)
+    assert cache_is_clean(cache)
+    assert metrics.origin_bytes._value.get() == len(data)
+
+
+@pytest.mark.parametrize(
+    ("lie", "message"),
+    [
+        ("corrupt", "digest"),
+        ("head_size", "said has"),
+    ],
+)
+async def test_an_origin_that_lies_leaves_no_trace(
+    nursery: trio.Nursery, tmp_path: Path, lie: str, message: str
+) -> None:
+    data = b"z" * (BATCH_BYTES + 5)
+    digest = digest_of(data)
+    origin = FakeOrigin({digest: data})
+    size = len(data)
+    if lie == "corrupt":
+        origin.served[digest] = b"y" + data[1:]
+    else:
+        size = len(data) - 1  # what the HEAD said
+    fetcher, cache, _ = make_fetcher(nursery, tmp_path)
+    async with origin.client() as client:
+        with pytest.raises(OCIError) as info:
+            await fetcher.ensure(client, REPO, digest, None, size)
+    assert (info.value.code, info.value.status) == (ErrorCode.UNKNOWN, 502)
+    assert message in info.value.message
+    assert digest not in cache
+    assert not cache.blob_path(digest).exists()
+    assert not cache.metainfo_path(digest).exists()
+    assert cache_is_clean(cache)
+    assert cache.used == 0
+
+
+async def test_disk_full_is_507_and_the_cache_stays_consistent(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = b"q" * (3 * BATCH_BYTES)
+    digest = digest_of(data)
+    origin = FakeOrigin({digest: data})
+    fetcher, cache, _ = make_fetcher(nursery, tmp_path)
+    real_write: Callable[[fetch._Sink, list[bytes]], None] = fetch._Sink.write
+    writes = 0
+
+    def failing_write(self: fetch._Sink, chunks: list[bytes]) -> None:
+        nonlocal writes
+        writes += 1
+        if writes == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(self, chunks)
+
+    monkeypatch.setattr(fetch._Sink, "write", failing_write)
+    async with origin.client() as client:
+        with pytest.raises(OCIError) as info:
+            await fetcher.ensure(client, REPO, digest, None, len(data))
+        assert info.value.status == 507
+        assert "disk full" in info.value.message
+        assert cache_is_clean(cache)
+        assert cache.used == 0
+        monkeypatch.setattr(fetch._Sink, "write", real_write)
+        await fetcher.ensure(client, REPO, digest, None, len(data))
+    assert cache.blob_path(digest).read_bytes() == data
+
+
+async def test_quota_evicts_least_recently_used_and_refuses_what_cannot_fit(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    blobs = {digest_of(d): d for d in (b"1" * 400, b"2" * 400, b"3" * 400, b"4" * 2000)}
+    first, second, third, huge = blobs
+    origin = FakeOrigin(blobs)
+    fetcher, cache, _ = make_fetcher(nursery, tmp_path, quota=1000)
+    evicted: list[str] = []
+    cache.on_evict = evicted.append
+    async with origin.client() as client:
+        await fetcher.ensure(client, REPO, first, None, 400)
+        await fetcher.ensure(client, REPO, second, None, 400)
+        await fetcher.ensure(client, REPO, first, None, 400)  # a hit: first is now recent
+        with cache.pinned(first):
+            await fetcher.ensure(client, REPO, third, None, 400)
+        assert evicted == [second]
+        assert set(cache.digests()) == {first, third}
+        with pytest.raises(OCIError) as info:
+            await fetcher.ensure(client, REPO, huge, None, 2000)
+        assert info.value.status == 507
+    assert cache_is_clean(cache)
+    assert not cache.blob_path(second).exists()
