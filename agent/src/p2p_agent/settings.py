@@ -3,23 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, ClassVar
+from typing import ClassVar
 
-from pydantic import AfterValidator, Field
+from pydantic import Field
 
-from p2p_common.settings import (
-    ByteSize,
-    HostPort,
-    ServiceSettings,
-    StrList,
-    normalise_registry,
-)
-
-
-def _registries(values: list[str]) -> list[str]:
-    if not values:
-        raise ValueError("at least one registry is required")
-    return [normalise_registry(v) for v in values]
+from p2p_common.settings import ByteSize, HostPort, RegistryList, ServiceSettings, StrList
 
 
 class AgentSettings(ServiceSettings):
@@ -31,9 +19,12 @@ class AgentSettings(ServiceSettings):
     """``/metrics``, ``/healthz`` and ``/readyz``."""
     peer_port: int = Field(6881, ge=1, le=65535)
     """BitTorrent peer port."""
+    peer_host: str = "0.0.0.0"
+    """Address the BitTorrent listener binds (all interfaces by default; other nodes connect
+    to the address the tracker saw the agent announce from)."""
     data_dir: Path = Path("/p2p_agent_data")
     """Blob cache, partial downloads and their bitfields."""
-    registry: Annotated[StrList, AfterValidator(_registries)]
+    registry: RegistryList
     """Registries to accelerate. The first is the target of rewrite mode
     (``localhost:5004/<repo>``); all of them are served in mirror mode (``?ns=``)."""
     proxies: StrList = Field(default_factory=list)

@@ -95,12 +95,14 @@ async def send_bytes(
 
 
 async def send_error(send: Send, error: OCIError, *, head: bool = False) -> None:
-    """An OCI JSON error (status and extra headers from the error)."""
+    """An OCI JSON error: its status, its extra headers, exactly one Content-Type."""
+    extra = [(k, v) for k, v in error.headers.items() if k.lower() != "content-type"]
     await send_bytes(
         send,
         error.status,
         error.body(),
-        headers=error.response_headers().items() if error.response_headers() else (),
+        content_type="application/json; charset=utf-8",
+        headers=extra,
         head=head,
     )
 

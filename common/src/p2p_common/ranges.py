@@ -55,9 +55,9 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
             raise RangeNotSatisfiableError(f"range {header!r} selects nothing")
         return ByteRange(max(0, size - suffix), size - 1)
     start = int(first)
-    end = int(last) if last else size - 1
-    if end < start:
+    if last and int(last) < start:
         return None  # syntactically invalid: ignore the header (RFC 9110 14.1.1)
     if start >= size:
         raise RangeNotSatisfiableError(f"range {header!r} starts beyond {size} bytes")
+    end = int(last) if last else size - 1
     return ByteRange(start, min(end, size - 1))

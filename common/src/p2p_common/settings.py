@@ -287,3 +287,22 @@ def _as_list(value: object) -> object:
 
 StrList = Annotated[list[str], BeforeValidator(_as_list)]
 """A list of strings; a single comma-separated string is accepted too (handy in env vars)."""
+
+
+def _registry_list(values: list[str]) -> list[str]:
+    if not values:
+        raise ValueError("at least one registry is required")
+    urls: list[str] = []
+    names: set[str] = set()
+    for value in values:
+        url = normalise_registry(value)
+        name = registry_name(url)
+        if name in names:
+            raise ValueError(f"registry {name} is listed twice")
+        names.add(name)
+        urls.append(url)
+    return urls
+
+
+RegistryList = Annotated[StrList, AfterValidator(_registry_list)]
+"""One registry or a list (first = default), normalised, no host[:port] twice."""

@@ -25,6 +25,7 @@ from p2p_common.asgi import (
     lifespan,
     send_bytes,
     send_chunk,
+    send_error,
     start_stream,
 )
 from p2p_common.blobcache import BlobCache
@@ -53,23 +54,6 @@ log = logging.getLogger("p2p.proxy")
 
 BITTORRENT_CONTENT_TYPE = "application/x-bittorrent"
 BLOB_CONTENT_TYPE = "application/octet-stream"
-
-
-async def send_oci_error(send: Send, error: OCIError, *, head: bool = False) -> None:
-    """An OCI JSON error response with exactly one Content-Type.
-
-    (``p2p_common.asgi.send_error`` sends the error's Content-Type as an extra header
-    next to the default one, so the response carries two.)
-    """
-    extra = [(k, v) for k, v in error.headers.items() if k.lower() != "content-type"]
-    await send_bytes(
-        send,
-        error.status,
-        error.body(),
-        content_type="application/json; charset=utf-8",
-        headers=extra,
-        head=head,
-    )
 
 
 class _TrackedSend:
@@ -132,7 +116,7 @@ class ProxyApp:
             error=error.message,
         )
         if not send.started:
-            await send_oci_error(send, error, head=request.method == "HEAD")
+            await send_error(send, error, head=request.method == "HEAD")
 
     # --- routing ----------------------------------------------------------------------------
 

@@ -3,33 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, ClassVar
+from typing import ClassVar
 
-from pydantic import AfterValidator, Field
+from pydantic import Field
 
-from p2p_common.settings import (
-    ByteSize,
-    HostPort,
-    ServiceSettings,
-    StrList,
-    normalise_registry,
-    registry_name,
-)
-
-
-def _registries(values: list[str]) -> list[str]:
-    if not values:
-        raise ValueError("at least one registry is required")
-    urls: list[str] = []
-    names: set[str] = set()
-    for value in values:
-        url = normalise_registry(value)
-        name = registry_name(url)
-        if name in names:
-            raise ValueError(f"registry {name} is listed twice")
-        names.add(name)
-        urls.append(url)
-    return urls
+from p2p_common.settings import ByteSize, HostPort, RegistryList, ServiceSettings, StrList
 
 
 class ProxySettings(ServiceSettings):
@@ -41,7 +19,7 @@ class ProxySettings(ServiceSettings):
     """BitTorrent peer port the proxy seeds from."""
     data_dir: Path = Path("/p2p_proxy_data")
     """Blob cache and torrent state."""
-    registry: Annotated[StrList, AfterValidator(_registries)]
+    registry: RegistryList
     """The origin registries, one or a list: ``registry.example.com`` (https) or
     ``http://host:port``. The first is the default; agents select another with
     ``?ns=<host[:port]>``. No other registry is ever contacted."""

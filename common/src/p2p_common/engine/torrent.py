@@ -95,6 +95,8 @@ class Torrent:
         self._readers: dict[object, int] = {}
         self._candidates_changed = trio.Event()
         self.completed = trio.Event()
+        self.closed = trio.Event()
+        """Set when the torrent has stopped, its connections ended and its store is closed."""
         if self.picker.complete:
             self.completed.set()
         self.failure: BaseException | None = None
@@ -214,6 +216,13 @@ class Torrent:
             self._stopped = True
             for conn in list(self.connections.values()):
                 conn.close()
+            self._close_when_idle()
+
+    def _close_when_idle(self) -> None:
+        """Once stopped and without connections, close the store and say so."""
+        if self._stopped and not self.connections and not self.closed.is_set():
+            self.store.close()
+            self.closed.set()
 
     def stop(self) -> None:
         self._stopped = True
@@ -265,6 +274,7 @@ class Torrent:
         finally:
             conn.closed = True
             self.connections.pop(conn.peer_id, None)
+            self._close_when_idle()
             conn.release_requests()
             conn.forget_availability()
             self.choker.forget(conn.key)
