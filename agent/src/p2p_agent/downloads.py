@@ -83,6 +83,7 @@ class Downloads:
                 self.info_hashes[digest] = meta.info_hash
             self.metrics.active_torrents.set(len(self.engine.torrents))
             task_status.started()
+            await trio.sleep_forever()  # downloads run here until the agent stops
 
     def evicted(self, digest: str) -> None:
         """Cache callback: stop seeding an evicted blob."""

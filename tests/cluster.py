@@ -1,0 +1,141 @@
+"""p2p services in this process, for component and end-to-end tests of the pull path.
+
+Each ``run_*`` context manager starts one service through its real ``serve()`` wiring on
+127.0.0.1 (ports chosen by the kernel or :func:`free_port`), yields a handle with an
+httpx client, and stops it through the service's graceful path on exit.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import httpx
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from p2p_agent.service import AgentPorts
+from p2p_agent.service import serve as serve_agent
+from p2p_agent.settings import AgentSettings
+from p2p_proxy.service import serve as serve_proxy
+from p2p_proxy.settings import ProxySettings
+from p2p_tracker.service import serve as serve_tracker
+from p2p_tracker.settings import TrackerSettings
+from tests.realparts.procs import free_port
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    raw = f"{user}:{password}".encode()
+    return {"Authorization": "Basic " + base64.b64encode(raw).decode()}
+
+
+async def metric(http: httpx.AsyncClient, name: str, **labels: str) -> float:
+    """One sample of a service's ``/metrics`` (0 when absent)."""
+    response = await http.get("/metrics")
+    response.raise_for_status()
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+@asynccontextmanager
+async def run_tracker() -> AsyncIterator[str]:
+    """Our tracker; yields its announce URL."""
+    settings = TrackerSettings.load(
+        None, environ={}, listen="127.0.0.1:0", announce_interval=5, min_announce_interval=1
+    )
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve_tracker, settings)
+        yield f"http://127.0.0.1:{port}/announce"
+        nursery.cancel_scope.cancel()
+
+
+@dataclass
+class ProxyHandle:
+    settings: ProxySettings
+    port: int
+    http: httpx.AsyncClient
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@asynccontextmanager
+async def run_proxy(
+    data_dir: Path, registries: Sequence[str], trackers: Sequence[str], **overrides: object
+) -> AsyncIterator[ProxyHandle]:
+    overrides.setdefault("shutdown_timeout", 2.0)
+    settings = ProxySettings.load(
+        None,
+        environ={},
+        listen="127.0.0.1:0",
+        peer_port=free_port(),
+        data_dir=data_dir,
+        registry=list(registries),
+        trackers=list(trackers),
+        **overrides,
+    )
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        port: int = await nursery.start(partial(serve_proxy, settings, shutdown_trigger=stop.wait))
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+            yield ProxyHandle(settings, port, http)
+        stop.set()
+
+
+@dataclass
+class AgentHandle:
+    settings: AgentSettings
+    ports: AgentPorts
+    http: httpx.AsyncClient
+    """The registry API (what containerd talks to)."""
+    status: httpx.AsyncClient
+    """Metrics, health and readiness."""
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.ports.api}"
+
+    async def metric(self, name: str, **labels: str) -> float:
+        return await metric(self.status, name, **labels)
+
+
+@asynccontextmanager
+async def run_agent(
+    data_dir: Path,
+    registries: Sequence[str],
+    proxies: Sequence[str],
+    *,
+    config_file: Path | None = None,
+    **overrides: object,
+) -> AsyncIterator[AgentHandle]:
+    settings = AgentSettings.load(
+        config_file,
+        environ={},
+        listen="127.0.0.1:0",
+        metrics_listen="127.0.0.1:0",
+        peer_host="127.0.0.1",
+        peer_port=free_port(),
+        data_dir=data_dir,
+        registry=list(registries),
+        proxies=list(proxies),
+        **overrides,
+    )
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        ports: AgentPorts = await nursery.start(
+            partial(serve_agent, settings, config_file=config_file, shutdown_trigger=stop.wait)
+        )
+        async with (
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{ports.api}", timeout=120) as http,
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{ports.metrics}", timeout=30) as status,
+        ):
+            yield AgentHandle(settings, ports, http, status)
+        stop.set()
