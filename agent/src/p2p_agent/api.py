@@ -158,6 +158,11 @@ class RegistryApp:
         authorization = self._authorization(request)
         head = request.method == "HEAD"
         if route.kind == "ping":
+            # Clients that ping first (skopeo, podman, docker) decide here whether to send
+            # credentials at all: challenge anonymous pings like a registry with Basic auth
+            # that also serves anonymous reads. Real answers come per repository.
+            if authorization is None:
+                raise OCIError(ErrorCode.UNAUTHORIZED, "send credentials if you have them")
             await send_bytes(send, 200, b"{}", head=head)
         elif route.kind == "manifest":
             assert route.name is not None

@@ -117,7 +117,7 @@ async def serve(
         lambda: BlobCache(settings.data_dir, quota=settings.cache_size)
     )
     engine = Engine(
-        host="0.0.0.0",
+        host=settings.peer_host,
         port=settings.peer_port,
         role="agent",
         download_rate=settings.download_rate,
