@@ -1,0 +1,201 @@
+"""p2p-agent behaviour that needs no client program: sharing, fallback, cache, reload."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.cluster import AgentHandle, basic, metric, run_agent, run_proxy, run_tracker
+from tests.engine_helpers import wait_until
+from tests.realparts import images
+from tests.realparts.registry import Registry, run_registry
+
+pytestmark = pytest.mark.realparts
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Registry, images.Image]]:
+    workdir = tmp_path_factory.mktemp("origin")
+    with run_registry(workdir / "registry", auth="none") as registry:
+        image = images.build_image(
+            workdir / "layout", seed="agent", tag="1.0", layer_sizes=(6 * MiB, 3 * MiB, 1 * MiB)
+        )
+        images.push_image(workdir / "layout", image, registry.host, "team/app")
+        yield registry, image
+
+
+def blob_path(image: images.Image, index: int) -> str:
+    return f"/v2/team/app/blobs/{image.layers[index].digest}"
+
+
+async def test_concurrent_requests_for_one_blob_share_one_download(
+    origin: tuple[Registry, images.Image], tmp_path: Path
+) -> None:
+    registry, image = origin
+    layer = image.layers[0]
+    async with (
+        run_tracker() as announce,
+        run_proxy(tmp_path / "proxy", [registry.url], [announce]) as proxy,
+        run_agent(tmp_path / "agent", [registry.url], [proxy.url]) as agent,
+    ):
+        bodies: list[bytes] = []
+
+        async def pull() -> None:
+            response = await agent.http.get(blob_path(image, 0), headers=basic("any", "one"))
+            assert response.status_code == 200
+            bodies.append(response.content)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(pull)
+        assert all(body == layer.data for body in bodies)
+        assert len(bodies) == 5
+        assert await metric(proxy.http, "p2p_proxy_metainfo_requests_total") == 1
+        assert await agent.metric("p2p_agent_download_bytes_total", source="proxy") == layer.size
+
+
+async def test_a_stalled_swarm_falls_back_to_the_proxy_over_http(
+    origin: tuple[Registry, images.Image], tmp_path: Path
+) -> None:
+    registry, image = origin
+    layer = image.layers[1]
+    async with (
+        run_tracker() as announce,
+        # The proxy seeds at 2 KB/s: no piece can complete over BitTorrent in time.
+        run_proxy(tmp_path / "proxy", [registry.url], [announce], upload_rate=2000) as proxy,
+        run_agent(tmp_path / "agent", [registry.url], [proxy.url], fallback_after=1.0) as agent,
+    ):
+        with trio.fail_after(30):
+            response = await agent.http.get(blob_path(image, 1))
+        assert response.content == layer.data
+        assert await agent.metric("p2p_agent_http_fallbacks_total") == 1
+        via_http = await agent.metric("p2p_agent_download_bytes_total", source="http_fallback")
+        assert via_http > layer.size // 2
+        cached = agent.settings.data_dir / "blobs" / "sha256" / layer.digest[7:]
+        with trio.fail_after(10):  # published once its SHA-256 is checked, just after streaming
+            await wait_until(cached.exists)
+        assert cached.read_bytes() == layer.data
+
+
+async def test_a_restarted_agent_serves_and_seeds_its_cache_without_the_origin(
+    origin: tuple[Registry, images.Image], tmp_path: Path
+) -> None:
+    registry, image = origin
+    layer = image.layers[2]
+    async with (
+        run_tracker() as announce,
+        run_proxy(tmp_path / "proxy", [registry.url], [announce]) as proxy,
+    ):
+        async with run_agent(tmp_path / "agent", [registry.url], [proxy.url]) as agent:
+            assert (await agent.http.get(blob_path(image, 2))).content == layer.data
+        gets = registry.blob_gets()[layer.digest]
+        async with run_agent(tmp_path / "agent", [registry.url], [proxy.url]) as again:
+            response = await again.http.get(blob_path(image, 2))
+            assert response.content == layer.data
+            assert await again.metric("p2p_agent_cache_hits_total") == 1
+            assert await again.metric("p2p_agent_active_torrents") >= 1
+    assert registry.blob_gets()[layer.digest] == gets
+
+
+async def test_the_cache_quota_evicts_the_least_recently_used_blob(
+    origin: tuple[Registry, images.Image], tmp_path: Path
+) -> None:
+    registry, image = origin
+    big, middle, small = image.layers
+    async with (
+        run_tracker() as announce,
+        run_proxy(tmp_path / "proxy", [registry.url], [announce]) as proxy,
+        run_agent(
+            tmp_path / "agent",
+            [registry.url],
+            [proxy.url],
+            cache_size=big.size + middle.size + small.size // 2,
+        ) as agent,
+    ):
+        blobs = agent.settings.data_dir / "blobs" / "sha256"
+        for index in (1, 0):
+            assert (await agent.http.get(blob_path(image, index))).status_code == 200
+        assert {middle.digest[7:], big.digest[7:]} <= {p.name for p in blobs.iterdir()}
+        # Use the middle one again, then pull the small one: the big one is now the
+        # least recently used and must go.
+        assert (await agent.http.get(blob_path(image, 1))).status_code == 200
+        assert (await agent.http.get(blob_path(image, 2))).content == small.data
+        names = {p.name for p in blobs.iterdir() if not p.suffix}
+        assert names == {middle.digest[7:], small.digest[7:]}
+
+
+class ConfigMapVolume:
+    """A directory updated the way kubelet updates a ConfigMap volume: each version in its
+    own directory, ``..data`` swapped atomically, ``agent.yaml`` a symlink through it."""
+
+    def __init__(self, root: Path, prefix: str) -> None:
+        self.root = root
+        self.prefix = prefix
+        self.version = 0
+        root.mkdir()
+
+    @property
+    def file(self) -> Path:
+        return self.root / "agent.yaml"
+
+    def publish(self, text: str) -> None:
+        self.version += 1
+        data = self.root / f"..2026_11_26_{self.version}"
+        data.mkdir()
+        (data / "agent.yaml").write_text(self.prefix + text)
+        link = self.root / "..data_tmp"
+        link.symlink_to(data.name)
+        link.rename(self.root / "..data")
+        if not self.file.is_symlink():
+            self.file.symlink_to("..data/agent.yaml")
+
+
+async def test_new_rates_in_the_mounted_configmap_apply_without_a_restart(
+    origin: tuple[Registry, images.Image], tmp_path: Path
+) -> None:
+    registry, image = origin
+    layer = image.layers[0]
+    async with (
+        run_tracker() as announce,
+        run_proxy(tmp_path / "proxy", [registry.url], [announce]) as proxy,
+    ):
+        volume = ConfigMapVolume(
+            tmp_path / "configmap", f"registry: {registry.url}\nproxies: [{proxy.url}]\n"
+        )
+        volume.publish("downloadRate: 1MB\nuploadRate: 2MB\n")
+        async with run_agent(
+            tmp_path / "agent", [registry.url], [proxy.url], config_file=volume.file
+        ) as agent:
+            assert await agent.metric("p2p_agent_download_rate_limit_bytes") == 1_000_000
+            # A pull under the old limit (~6 s for this layer) is in progress while the
+            # rates change; it goes on, faster, and completes intact.
+            received = bytearray()
+            changed_at = None
+            async with agent.http.stream("GET", blob_path(image, 0)) as response:
+                async for chunk in response.aiter_bytes():
+                    received += chunk
+                    if changed_at is None and len(received) >= 1_000_000:
+                        volume.publish("downloadRate: 0\nuploadRate: 300MB\n")
+                        changed_at = trio.current_time()
+                        with trio.fail_after(10):
+                            await wait_until_rate(agent, 0)
+            assert changed_at is not None
+            assert bytes(received) == layer.data
+            # The remaining ~5 MB would take 5 s at the old 1 MB/s limit.
+            assert trio.current_time() - changed_at < 4.5
+            assert await agent.metric("p2p_agent_upload_rate_limit_bytes") == 300_000_000
+            # A broken update is refused; the running rates stay.
+            volume.publish("downloadRate: fast\n")
+            await trio.sleep(3)
+            assert await agent.metric("p2p_agent_upload_rate_limit_bytes") == 300_000_000
+            assert await agent.metric("p2p_agent_download_rate_limit_bytes") == 0
+
+
+async def wait_until_rate(agent: AgentHandle, rate: float) -> None:
+    while await agent.metric("p2p_agent_download_rate_limit_bytes") != rate:  # noqa: ASYNC110
+        await trio.sleep(0.1)
