@@ -1,0 +1,242 @@
+"""Single-node pull of one large blob with curl: direct from the origin, cold through the
+agent, warm through the agent; CPU and memory of the agent and the proxy. Same run.
+
+    python -m tests.bench.bench_pull                 # 1 GiB blob, 2 rounds
+    python -m tests.bench.bench_pull --size-mib 256 --rounds 3 --workdir /dev/shm
+
+The origin is the CNCF distribution registry (no auth); the blob is one uncompressed
+layer pushed with skopeo. Tracker, proxy and agent run as processes with their console
+scripts. ``curl -o /dev/null`` is the client every time:
+
+- direct: ``curl`` straight from the registry (the baseline);
+- cold: through the agent with empty proxy and agent caches: origin -> proxy (fetch,
+  hash, cache, metainfo) -> BitTorrent -> agent (verify, write) -> curl;
+- warm: the same request again: from the agent's cache.
+
+Each round starts a fresh proxy and agent on empty data directories. Reported: MB/s and
+the ratio to direct (medians), CPU seconds per GiB of agent and proxy during cold and warm
+pulls, and the agent's peak resident memory (VmHWM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.realparts import images
+from tests.realparts.procs import ManagedProcess, free_port, require
+from tests.realparts.registry import run_registry
+
+GIB = 1 << 30
+
+
+def big_image_layout(directory: Path, size: int) -> tuple[str, int]:
+    """An OCI image layout with one layer of ``size`` random bytes, written in chunks (the
+    test image builder keeps layers in memory); returns the layer's digest and size."""
+    blobs = directory / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    scratch = directory / "layer"
+    digest = hashlib.sha256()
+    with scratch.open("wb") as handle:
+        remaining = size
+        while remaining:
+            chunk = os.urandom(min(remaining, 64 << 20))
+            digest.update(chunk)
+            handle.write(chunk)
+            remaining -= len(chunk)
+    layer = digest.hexdigest()
+    scratch.rename(blobs / layer)
+
+    def add(doc: dict[str, object]) -> tuple[str, int]:
+        data = json.dumps(doc, sort_keys=True).encode()
+        name = hashlib.sha256(data).hexdigest()
+        (blobs / name).write_bytes(data)
+        return "sha256:" + name, len(data)
+
+    config, config_size = add(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": ["sha256:" + layer]},
+        }
+    )
+    manifest, manifest_size = add(
+        {
+            "schemaVersion": 2,
+            "mediaType": images.OCI_MANIFEST,
+            "config": {"mediaType": images.OCI_CONFIG, "digest": config, "size": config_size},
+            "layers": [{"mediaType": images.OCI_LAYER, "digest": "sha256:" + layer, "size": size}],
+        }
+    )
+    (directory / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (directory / "index.json").write_text(
+        json.dumps(
+            {
+                "schemaVersion": 2,
+                "manifests": [
+                    {
+                        "mediaType": images.OCI_MANIFEST,
+                        "digest": manifest,
+                        "size": manifest_size,
+                        "annotations": {"org.opencontainers.image.ref.name": "1.0"},
+                    }
+                ],
+            }
+        )
+    )
+    return "sha256:" + layer, size
+
+
+def curl(url: str) -> tuple[float, int]:
+    """(seconds, bytes) of one ``curl`` download to /dev/null."""
+    done = subprocess.run(
+        [
+            require("curl"),
+            "-sS",
+            "-f",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{time_total} %{size_download}",
+            url,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    seconds, size = done.stdout.split()
+    return float(seconds), int(size)
+
+
+def peak_rss_mib(process: ManagedProcess) -> float:
+    for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+@dataclass
+class Round:
+    direct: float
+    cold: float
+    warm: float
+    agent_cpu_cold: float
+    proxy_cpu_cold: float
+    agent_cpu_warm: float
+    agent_rss_mib: float
+
+
+def services(work: Path, registry_url: str, index: int) -> tuple[list[ManagedProcess], int]:
+    """Tracker, proxy and agent as processes; returns them and the agent's API port."""
+    tracker_port, proxy_port, agent_port = free_port(), free_port(), free_port()
+    (work / f"tracker{index}.yaml").write_text(f"listen: 127.0.0.1:{tracker_port}\n")
+    (work / f"proxy{index}.yaml").write_text(
+        f"listen: 127.0.0.1:{proxy_port}\npeerPort: {free_port()}\n"
+        f"dataDir: {work / f'proxy-data{index}'}\nregistry: {registry_url}\n"
+        f"trackers: [http://127.0.0.1:{tracker_port}/announce]\ncacheSize: 0\n"
+    )
+    (work / f"agent{index}.yaml").write_text(
+        f"listen: 127.0.0.1:{agent_port}\nmetricsListen: 127.0.0.1:{free_port()}\n"
+        f"peerHost: 127.0.0.1\npeerPort: {free_port()}\ndataDir: {work / f'agent-data{index}'}\n"
+        f"registry: {registry_url}\nproxies: [http://127.0.0.1:{proxy_port}]\ncacheSize: 0\n"
+    )
+    bindir = Path(sys.executable).parent
+    started = []
+    for name, port in (("tracker", tracker_port), ("proxy", proxy_port), ("agent", agent_port)):
+        process = ManagedProcess(
+            [str(bindir / f"p2p-{name}"), "--config", str(work / f"{name}{index}.yaml")],
+            work / f"{name}{index}.log",
+        ).start()
+        process.wait_port(port, timeout=60)
+        started.append(process)
+    return started, agent_port
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--workdir", default=None)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=args.workdir, prefix="p2p-bench-pull-") as tmp:
+        work = Path(tmp)
+        with run_registry(work / "registry", auth="none") as registry:
+            digest, size = big_image_layout(work / "layout", args.size_mib << 20)
+            images.skopeo(
+                [
+                    "copy",
+                    "--quiet",
+                    "--preserve-digests",
+                    "--dest-tls-verify=false",
+                    f"oci:{work / 'layout'}:1.0",
+                    f"docker://{registry.host}/bench/big:1.0",
+                ],
+                timeout=900,
+            )
+            shutil.rmtree(work / "layout")
+            path = f"/v2/bench/big/blobs/{digest}"
+            print(
+                f"bench_pull: one blob of {size / 1e6:.0f} MB, {args.rounds} rounds",
+                flush=True,
+            )
+            rounds: list[Round] = []
+            for index in range(args.rounds):
+                direct, got = curl(registry.url + path)
+                assert got == size
+                processes, port = services(work, registry.url, index)
+                _tracker, proxy, agent = processes
+                try:
+                    agent_cpu, proxy_cpu = agent.cpu_seconds(), proxy.cpu_seconds()
+                    cold, got = curl(f"http://127.0.0.1:{port}{path}")
+                    assert got == size
+                    time.sleep(1.0)  # let the agent finish publishing (SHA-256 of the whole blob)
+                    agent_cold = agent.cpu_seconds() - agent_cpu
+                    proxy_cold = proxy.cpu_seconds() - proxy_cpu
+                    agent_cpu = agent.cpu_seconds()
+                    warm, got = curl(f"http://127.0.0.1:{port}{path}")
+                    assert got == size
+                    agent_warm = agent.cpu_seconds() - agent_cpu
+                    rss = peak_rss_mib(agent)
+                finally:
+                    for process in reversed(processes):
+                        process.stop()
+                result = Round(direct, cold, warm, agent_cold, proxy_cold, agent_warm, rss)
+                rounds.append(result)
+                mb = size / 1e6
+                print(
+                    f"  round {index + 1}: direct {mb / direct:6.0f} MB/s  "
+                    f"cold {mb / cold:6.0f} MB/s  warm {mb / warm:6.0f} MB/s  "
+                    f"agent RSS {rss:.0f} MiB",
+                    flush=True,
+                )
+    gib = size / GIB
+    direct = statistics.median(r.direct for r in rounds)
+    cold = statistics.median(r.cold for r in rounds)
+    warm = statistics.median(r.warm for r in rounds)
+    mb = size / 1e6
+    print(f"direct from origin : {mb / direct:6.0f} MB/s")
+    print(f"cold through agent : {mb / cold:6.0f} MB/s  {direct / cold:.2f}x direct (goal >= 0.5x)")
+    print(f"warm through agent : {mb / warm:6.0f} MB/s  {direct / warm:.2f}x direct (goal >= 0.9x)")
+    print(
+        "CPU s/GiB: agent cold "
+        f"{statistics.median(r.agent_cpu_cold for r in rounds) / gib:.2f}, proxy cold "
+        f"{statistics.median(r.proxy_cpu_cold for r in rounds) / gib:.2f}, agent warm "
+        f"{statistics.median(r.agent_cpu_warm for r in rounds) / gib:.2f}"
+    )
+    peak = max(r.agent_rss_mib for r in rounds)
+    print(f"agent peak RSS: {peak:.0f} MiB (goal <= 150 MB)")
+
+
+if __name__ == "__main__":
+    main()
