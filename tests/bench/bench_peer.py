@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from p2p_common import metainfo as mi
+from tests.bench.common import default_workdir
 from tests.realparts.libtorrent_peer import libtorrent_leech, libtorrent_seed
 from tests.realparts.procs import ManagedProcess
 
@@ -119,7 +120,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--workdir", default=None, help="where the test file goes (needs 3x size)")
+    parser.add_argument("--workdir", default=default_workdir(), help="where the files go")
     args = parser.parse_args()
     size = args.size_mib << 20
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="p2p-bench-peer-") as tmp:

@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.bench.common import default_workdir
 from tests.realparts import images
 from tests.realparts.procs import ManagedProcess, free_port, require
 from tests.realparts.registry import run_registry
@@ -167,7 +168,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--workdir", default=default_workdir(), help="where the files go")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="p2p-bench-pull-") as tmp:
         work = Path(tmp)

@@ -1,0 +1,37 @@
+"""``nox -s bench``: every benchmark in turn, each with its baseline measured in the same run.
+
+    python -m tests.bench            # all of them
+    python -m tests.bench peer pull  # some of them
+
+peer     p2p engine versus libtorrent, 1 GiB between two processes (bench_peer)
+tracker  p2p-tracker versus opentracker under wrk (bench_tracker)
+pull     one 1 GiB blob with curl: direct, cold and warm through the agent (bench_pull)
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+BENCHMARKS = {
+    "peer": "tests.bench.bench_peer",
+    "tracker": "tests.bench.bench_tracker",
+    "pull": "tests.bench.bench_pull",
+}
+
+
+def main() -> int:
+    chosen = sys.argv[1:] or list(BENCHMARKS)
+    unknown = [name for name in chosen if name not in BENCHMARKS]
+    if unknown:
+        print(f"unknown benchmark(s): {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+        return 2
+    failed = 0
+    for name in chosen:
+        print(f"=== {name} ({BENCHMARKS[name]})", flush=True)
+        failed |= subprocess.run([sys.executable, "-m", BENCHMARKS[name]], check=False).returncode
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
