@@ -368,3 +368,20 @@ async def test_oversized_headers_and_writes_are_refused(
                 while chunk := await stream.receive_some(65536):
                     raw += chunk
         assert not raw.startswith(b"HTTP/1.1 200")
+
+
+async def test_skopeo_pulls_a_public_image_anonymously(
+    origin: tuple[Registry, dict[str, Pushed]], tmp_path: Path
+) -> None:
+    """skopeo answers the agent's Basic challenge without credentials by sending ':'."""
+    registry, pushed = origin
+    public = pushed["index"]
+    async with cluster(tmp_path, [registry.url], proxies=1, agents=1) as c:
+        await blocking(
+            images.pull_and_compare,
+            public.image,
+            c.agents[0].host,
+            public.repository,
+            tmp_path / "out",
+            all_platforms=True,
+        )

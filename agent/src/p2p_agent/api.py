@@ -51,6 +51,8 @@ from p2p_common.settings import registry_name
 log = logging.getLogger("p2p.agent.api")
 
 CHALLENGE = 'Basic realm="p2p-agent"'
+ANONYMOUS_BASIC = frozenset({"Basic", "Basic Og==", "Basic Og"})
+"""Basic credentials that say nothing: an empty user and password."""
 MAX_AUTH_ENTRIES = 10_000
 
 
@@ -143,8 +145,8 @@ class RegistryApp:
     def _authorization(request: Request) -> str | None:
         """The caller's credentials as a canonical Basic header, or None (anonymous)."""
         header = request.header("authorization")
-        if header is None:
-            return None
+        if header is None or header.strip() in ANONYMOUS_BASIC:
+            return None  # skopeo answers a Basic challenge without credentials with ":"
         try:
             return basic_authorization(parse_basic_authorization(header))
         except AuthSyntaxError:
