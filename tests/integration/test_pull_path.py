@@ -150,7 +150,11 @@ async def test_skopeo_and_containerd_pull_a_private_image_through_different_agen
             [await a.metric("p2p_agent_download_bytes_total", source="agent") for a in c.agents]
         )
         from_proxies = sum(
-            [await a.metric("p2p_agent_download_bytes_total", source="proxy") for a in c.agents]
+            [
+                await a.metric("p2p_agent_download_bytes_total", source=source)
+                for a in c.agents
+                for source in ("proxy", "proxy_stream")
+            ]
         )
     after = registry.blob_gets()
     for digest in private.image.blobs():

@@ -17,13 +17,15 @@ import collections
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 
 import trio
 
-from p2p_agent.downloads import Downloads, open_cached
+from p2p_agent.downloads import BlobRequest, Downloads, open_cached
 from p2p_agent.metrics import AgentMetrics
 from p2p_agent.proxies import ProxyClient
 from p2p_common.asgi import (
+    Message,
     Receive,
     Request,
     Scope,
@@ -34,9 +36,10 @@ from p2p_common.asgi import (
     send_error,
     send_file_range,
     start_stream,
+    until_disconnect,
 )
 from p2p_common.blobcache import BlobCache, CacheFullError
-from p2p_common.errors import LocalError
+from p2p_common.errors import LocalError, collapse
 from p2p_common.logs import event
 from p2p_common.oci import ErrorCode, OCIError, merge_accept, parse_api_path
 from p2p_common.ranges import RangeNotSatisfiableError, parse_range
@@ -54,6 +57,19 @@ CHALLENGE = 'Basic realm="p2p-agent"'
 ANONYMOUS_BASIC = frozenset({"Basic", "Basic Og==", "Basic Og"})
 """Basic credentials that say nothing: an empty user and password."""
 MAX_AUTH_ENTRIES = 10_000
+
+
+class _TrackedSend:
+    """``send`` that remembers whether the response has started."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self._send(message)
 
 
 class AuthCache:
@@ -115,18 +131,24 @@ class RegistryApp:
             return
         request = Request.from_scope(scope)
         head = request.method == "HEAD"
+        tracked = _TrackedSend(send)
         try:
-            await self._handle(request, send)
+            await self._handle(request, receive, tracked)
         except OCIError as exc:
-            await self._error(send, exc, head=head)
+            await self._error(tracked, exc, head=head)
         except CacheFullError as exc:
-            await self._error(send, OCIError(ErrorCode.UNKNOWN, str(exc), status=507), head=head)
+            await self._error(tracked, OCIError(ErrorCode.UNKNOWN, str(exc), status=507), head=head)
         except LocalError as exc:
             event(log, "request.failed", logging.ERROR, path=request.path, error=str(exc))
-            await self._error(send, OCIError(ErrorCode.UNKNOWN, str(exc), status=500), head=head)
+            await self._error(tracked, OCIError(ErrorCode.UNKNOWN, str(exc), status=500), head=head)
 
-    async def _error(self, send: Send, exc: OCIError, *, head: bool) -> None:
+    async def _error(self, send: _TrackedSend, exc: OCIError, *, head: bool) -> None:
         self.metrics.errors.labels(exc.code.value).inc()
+        if send.started:
+            # Too late for an error response: leave the body unfinished, so the client sees
+            # a broken transfer (and retries) rather than a short blob.
+            event(log, "response.aborted", logging.WARNING, error=exc.message)
+            return
         if exc.status == 401:
             exc = OCIError(
                 exc.code, exc.message, status=401, headers={"WWW-Authenticate": CHALLENGE}
@@ -152,7 +174,7 @@ class RegistryApp:
         except AuthSyntaxError:
             raise OCIError(ErrorCode.UNAUTHORIZED, "only Basic credentials are accepted") from None
 
-    async def _handle(self, request: Request, send: Send) -> None:
+    async def _handle(self, request: Request, receive: Receive, send: Send) -> None:
         if request.method not in ("GET", "HEAD"):
             raise OCIError(ErrorCode.UNSUPPORTED, "this registry is read-only", status=405)
         route = parse_api_path(request.path)
@@ -194,6 +216,7 @@ class RegistryApp:
             assert route.reference is not None
             await self._blob(
                 request,
+                receive,
                 send,
                 ns=ns,
                 name=route.name,
@@ -216,6 +239,7 @@ class RegistryApp:
     async def _blob(
         self,
         request: Request,
+        receive: Receive,
         send: Send,
         *,
         ns: str,
@@ -260,16 +284,21 @@ class RegistryApp:
             opened = open_cached(self.cache, digest)
             if opened is None:
                 download = await self.downloads.get(
-                    ns, name, digest, size, authorization=authorization
+                    BlobRequest(ns, name, digest, size, authorization)
                 )
                 if download is not None:
                     self.metrics.cache_misses.inc()
-                    await start_stream(send, status, headers=headers, content_length=length)
-                    async for chunk in self.downloads.stream(download, start, end):
-                        await send_chunk(send, chunk)
-                        self.metrics.pull_bytes.inc(len(chunk))
-                    await send_chunk(send, b"", more=False)
-                    self._pulled(length, started, byte_range is None)
+
+                    async def stream_download() -> None:
+                        assert download is not None
+                        await start_stream(send, status, headers=headers, content_length=length)
+                        async for chunk in download.stream(start, end):
+                            await send_chunk(send, chunk)
+                            self.metrics.pull_bytes.inc(len(chunk))
+                        await send_chunk(send, b"", more=False)
+
+                    if await self._unless_gone(receive, stream_download):
+                        self._pulled(length, started, byte_range is None)
                     return
                 opened = open_cached(self.cache, digest)
                 if opened is None:
@@ -277,15 +306,28 @@ class RegistryApp:
                         ErrorCode.BLOB_UNKNOWN, "blob vanished from the cache", status=404
                     )
             fd, _ = opened
+            self.downloads.ensure_seeded(BlobRequest(ns, name, digest, size, authorization))
             try:
                 self.metrics.cache_hits.inc()
                 self.cache.touch(digest)
-                await start_stream(send, status, headers=headers, content_length=length)
-                await send_file_range(send, fd, start, length)
-                self.metrics.pull_bytes.inc(length)
+
+                async def send_cached() -> None:
+                    await start_stream(send, status, headers=headers, content_length=length)
+                    await send_file_range(send, fd, start, length)
+                    self.metrics.pull_bytes.inc(length)
+
+                finished = await self._unless_gone(receive, send_cached)
             finally:
                 os.close(fd)
-        self._pulled(length, started, byte_range is None)
+        if finished:
+            self._pulled(length, started, byte_range is None)
+
+    @staticmethod
+    async def _unless_gone(receive: Receive, body: Callable[[], Awaitable[None]]) -> bool:
+        try:
+            return await until_disconnect(receive, body)
+        except BaseExceptionGroup as group:
+            raise collapse(group) from None
 
     def _pulled(self, length: int, started: float, whole: bool) -> None:
         if whole:

@@ -1,22 +1,32 @@
 """Blobs on their way into the cache: one shared download per digest, streamed to readers.
 
-A download asks a proxy for the blob's metainfo, joins the swarm, and lets every
-reader stream verified pieces in order as they arrive. When every piece is there,
-the blob's SHA-256 must equal its digest before it is published into the cache;
-the torrent then keeps seeding from the cached file. If the swarm makes no
-progress for ``fallbackAfter`` seconds, the missing pieces are fetched from the
-proxy over HTTP (and still verified piece by piece).
+A cold blob comes one of two ways, as the proxy decides (docs/proxy-api.md):
+
+- **Swarm** (:class:`SwarmDownload`): the proxy has the blob and answers with its metainfo;
+  the agent joins the swarm and every reader streams verified pieces, in order, as they
+  arrive. If the swarm makes no progress for ``fallbackAfter`` seconds, the missing pieces
+  are fetched from the proxy over HTTP (still verified piece by piece).
+- **Stream** (:class:`StreamDownload`): the proxy is still fetching the blob from the origin
+  and has a stream slot free; it sends the blob itself as the origin delivers it, so the
+  first nodes of a cold rollout get bytes at once instead of after the whole fetch. These
+  bytes are the origin's, passed through before the digest check exactly as a direct pull
+  would pass them (containerd checks the digest too).
+
+Either way the blob's SHA-256 must equal its digest before it enters the cache, and then it
+is seeded (a streamed blob as soon as the proxy's metainfo is available).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import trio
 
 from p2p_agent.metrics import AgentMetrics
@@ -32,18 +42,143 @@ from p2p_common.storage import PieceFile
 log = logging.getLogger("p2p.agent.downloads")
 
 READ_CHUNK = 1024 * 1024
+WRITE_BATCH = 4 * 1024 * 1024
+"""Streamed bytes written (and hashed) per worker-thread call."""
+PUBLISH_SECONDS = 120.0
+"""Bound on checking and moving a complete blob into the cache, also during shutdown."""
+
+
+@dataclass(frozen=True)
+class BlobRequest:
+    """The blob a download is for, and whose credentials it is fetched with."""
+
+    ns: str
+    name: str
+    digest: str
+    size: int
+    authorization: str | None
 
 
 @dataclass(eq=False)
 class Download:
+    """What readers of a blob in progress see, whichever way it comes."""
+
     digest: str
     size: int
+    started: float
+    done: trio.Event = field(default_factory=trio.Event, init=False)
+    error: BaseException | None = field(default=None, init=False)
+
+    def failure(self) -> OCIError:
+        if isinstance(self.error, OCIError):
+            return self.error
+        return OCIError(ErrorCode.UNKNOWN, f"download failed: {self.error}", status=502)
+
+    def stream(self, start: int, end: int) -> AsyncIterator[bytes]:
+        """Bytes ``[start, end]`` as they become available."""
+        raise NotImplementedError
+
+
+@dataclass(eq=False)
+class SwarmDownload(Download):
     meta: mi.Metainfo
     store: PieceFile
     torrent: Torrent
-    started: float
-    done: trio.Event = field(default_factory=trio.Event)
-    error: BaseException | None = None
+
+    async def stream(self, start: int, end: int) -> AsyncIterator[bytes]:
+        torrent, meta = self.torrent, self.meta
+        reader = object()
+        fd = self.store.fileno()
+        assert fd is not None
+        position = start
+        try:
+            while position <= end:
+                index = position // meta.piece_length
+                torrent.set_reader(reader, index)
+                if index not in torrent.picker.have:
+                    await self._wait_piece(index)
+                piece_end = min((index + 1) * meta.piece_length, end + 1)
+                while position < piece_end:
+                    size = min(READ_CHUNK, piece_end - position)
+                    data = await trio.to_thread.run_sync(os.pread, fd, size, position)
+                    if len(data) != size:
+                        raise LocalError(f"short read of {self.digest} at {position}")
+                    position += size
+                    yield data
+        finally:
+            torrent.set_reader(reader, None)
+
+    async def _wait_piece(self, index: int) -> None:
+        """Wait for a piece, or raise if the download failed meanwhile."""
+        async with trio.open_nursery() as nursery:
+
+            async def failed() -> None:
+                await self.done.wait()
+                if self.error is not None:
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(failed)
+            await self.torrent.wait_for_piece(index)
+            nursery.cancel_scope.cancel()
+        if index not in self.torrent.picker.have:
+            raise self.failure()
+
+
+@dataclass(eq=False)
+class StreamDownload(Download):
+    fd: int
+    """The writer's descriptor (readers open the file themselves: see :meth:`stream`)."""
+    path: Path
+    cached: Path
+    """Where the file goes once verified (readers that open it late look there)."""
+    available: int = field(default=0, init=False)
+    """Bytes at the start of the file already written."""
+    changed: trio.Event = field(default_factory=trio.Event, init=False)
+
+    def advance(self, count: int) -> None:
+        self.available += count
+        self._wake()
+
+    def finish(self, error: BaseException | None) -> None:
+        self.error = error
+        self.done.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def _open(self) -> int:
+        try:
+            return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:  # verified and moved into the cache meanwhile
+            return os.open(self.cached, os.O_RDONLY | os.O_CLOEXEC)
+
+    async def stream(self, start: int, end: int) -> AsyncIterator[bytes]:
+        try:
+            fd = await trio.to_thread.run_sync(self._open)
+        except FileNotFoundError:
+            raise self.failure() from None
+        try:
+            position = start
+            while position <= end:
+                changed = self.changed
+                # The last byte waits for the digest check (see the proxy's streams).
+                verified = self.done.is_set() and self.error is None
+                readable = min(self.available, self.size - (0 if verified else 1))
+                if readable > position:
+                    size = min(READ_CHUNK, readable - position, end + 1 - position)
+                    data = await trio.to_thread.run_sync(os.pread, fd, size, position)
+                    if len(data) != size:
+                        raise LocalError(f"short read of {self.digest} at {position}")
+                    position += size
+                    yield data
+                elif self.done.is_set() and self.error is not None:
+                    raise self.failure()
+                else:
+                    await changed.wait()
+        finally:
+            os.close(fd)
 
 
 class Downloads:
@@ -64,6 +199,7 @@ class Downloads:
         self.active: dict[str, Download] = {}
         self._starting: dict[str, trio.Event] = {}
         self.info_hashes: dict[str, bytes] = {}
+        self._seeding: set[str] = set()
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -72,18 +208,46 @@ class Downloads:
             self._nursery = nursery
             for digest in self.cache.digests():
                 meta = self.cache.load_metainfo(digest)
-                if meta is None or meta.name != digest:
-                    continue
-                try:
-                    store = PieceFile(meta, self.cache.blob_path(digest), complete=True)
-                except LocalError:
-                    self.cache.remove(digest)
-                    continue
-                await self.engine.add_torrent(meta, store)
-                self.info_hashes[digest] = meta.info_hash
+                if meta is not None and meta.name == digest:
+                    await self._seed(digest, meta)
             self.metrics.active_torrents.set(len(self.engine.torrents))
             task_status.started()
             await trio.sleep_forever()  # downloads run here until the agent stops
+
+    async def _seed(self, digest: str, meta: mi.Metainfo) -> None:
+        """Seed a cached blob."""
+        try:
+            store = PieceFile(meta, self.cache.blob_path(digest), complete=True)
+        except LocalError:
+            self.cache.remove(digest)
+            return
+        await self.engine.add_torrent(meta, store)
+        self.info_hashes[digest] = meta.info_hash
+        self.metrics.active_torrents.set(len(self.engine.torrents))
+
+    def ensure_seeded(self, request: BlobRequest) -> None:
+        """A cached blob that is not being seeded (its metainfo was never stored, e.g. the
+        agent stopped right after a streamed download): get the metainfo from a proxy, in
+        the background, and seed it."""
+        digest = request.digest
+        if digest in self.info_hashes or digest in self._seeding or self._nursery is None:
+            return
+        self._seeding.add(digest)
+        self._nursery.start_soon(self._seed_later, request)
+
+    async def _seed_later(self, request: BlobRequest) -> None:
+        digest = request.digest
+        try:
+            meta = await self.proxies.metainfo(
+                request.ns, request.name, digest, request.size, authorization=request.authorization
+            )
+            if digest in self.cache and digest not in self.info_hashes:
+                await trio.to_thread.run_sync(self.cache.save_metainfo, digest, meta)
+                await self._seed(digest, meta)
+        except (OCIError, OSError, LocalError) as exc:
+            event(log, "seed.unavailable", logging.WARNING, digest=digest, error=str(exc))
+        finally:
+            self._seeding.discard(digest)
 
     def evicted(self, digest: str) -> None:
         """Cache callback: stop seeding an evicted blob."""
@@ -92,10 +256,9 @@ class Downloads:
             self.engine.remove_torrent(info_hash)
             self.metrics.active_torrents.set(len(self.engine.torrents))
 
-    async def get(
-        self, ns: str, name: str, digest: str, size: int, *, authorization: str | None
-    ) -> Download | None:
-        """The running download of ``digest``, started if needed; None if already cached."""
+    async def get(self, request: BlobRequest) -> Download | None:
+        """The running download of a blob, started if needed; None if already cached."""
+        digest = request.digest
         while True:
             if digest in self.cache:
                 return None
@@ -105,73 +268,82 @@ class Downloads:
             starting = self._starting.get(digest)
             if starting is None:
                 break
-            await starting.wait()  # someone else is fetching the metainfo; then look again
+            await starting.wait()  # someone else is asking the proxy; then look again
         starting = self._starting[digest] = trio.Event()
         try:
             assert self._nursery is not None
-            started: Download = await self._nursery.start(
-                self._download, ns, name, digest, size, authorization
-            )
+            started: Download = await self._nursery.start(self._download, request)
             return started
         finally:
             del self._starting[digest]
             starting.set()
 
     async def _download(
-        self,
-        ns: str,
-        name: str,
-        digest: str,
-        size: int,
-        authorization: str | None,
-        *,
-        task_status: trio.TaskStatus[Download],
+        self, request: BlobRequest, *, task_status: trio.TaskStatus[Download]
     ) -> None:
-        meta = await self.proxies.metainfo(ns, name, digest, size, authorization=authorization)
+        digest = request.digest
         self.cache.pin(digest)
         try:
-            with self.cache.reservation(size):
-                store = await trio.to_thread.run_sync(self.cache.open_partial, meta, digest)
-                torrent = await self.engine.add_torrent(meta, store)
-                self.info_hashes[digest] = meta.info_hash
-                download = Download(digest, size, meta, store, torrent, trio.current_time())
-                self.active[digest] = download
-                self.metrics.active_torrents.set(len(self.engine.torrents))
-                event(log, "download.started", digest=digest, size=size, pieces=meta.num_pieces)
-                task_status.started(download)
-                try:
-                    await self._complete(download, ns, name, authorization)
-                    await trio.to_thread.run_sync(self.cache.publish, store, digest)
-                except BaseException as exc:
-                    download.error = exc
-                    self.engine.remove_torrent(meta.info_hash)
-                    self.info_hashes.pop(digest, None)
-                    with contextlib.suppress(Exception):
-                        store.discard()
-                    if not isinstance(exc, Exception):
-                        raise
-                    event(log, "download.failed", logging.ERROR, digest=digest, error=str(exc))
-                    return
-                finally:
-                    self.active.pop(digest, None)
-                    download.done.set()
-                by_role = dict(torrent.downloaded_by_role)
-                for role, count in by_role.items():
-                    self.metrics.download_bytes.labels(role).inc(count)
-                self.metrics.disk_write_bytes.inc(size)
-                event(
-                    log,
-                    "download.complete",
-                    digest=digest,
-                    seconds=round(trio.current_time() - download.started, 3),
-                    **{f"from_{role}": count for role, count in by_role.items()},
-                )
+            with self.cache.reservation(request.size):
+                async with self.proxies.source(
+                    request.ns,
+                    request.name,
+                    digest,
+                    request.size,
+                    authorization=request.authorization,
+                ) as source:
+                    if isinstance(source, mi.Metainfo):
+                        await self._swarm(source, request, task_status)
+                    else:
+                        await self._stream(source, request, task_status)
         finally:
             self.cache.unpin(digest)
 
-    async def _complete(
-        self, download: Download, ns: str, name: str, authorization: str | None
+    # --- from the swarm ---------------------------------------------------------------------
+
+    async def _swarm(
+        self, meta: mi.Metainfo, request: BlobRequest, task_status: trio.TaskStatus[Download]
     ) -> None:
+        digest, size = meta.name, meta.length
+        store = await trio.to_thread.run_sync(self.cache.open_partial, meta, digest)
+        torrent = await self.engine.add_torrent(meta, store)
+        self.info_hashes[digest] = meta.info_hash
+        download = SwarmDownload(digest, size, trio.current_time(), meta, store, torrent)
+        self.active[digest] = download
+        self.metrics.active_torrents.set(len(self.engine.torrents))
+        event(log, "download.started", digest=digest, size=size, pieces=meta.num_pieces)
+        task_status.started(download)
+        try:
+            await self._complete(download, request)
+            with trio.CancelScope(shield=True), trio.fail_after(PUBLISH_SECONDS):
+                # Every piece is here: finish publishing even if the agent is stopping.
+                await trio.to_thread.run_sync(self.cache.publish, store, digest)
+        except BaseException as exc:
+            download.error = exc
+            self.engine.remove_torrent(meta.info_hash)
+            self.info_hashes.pop(digest, None)
+            with contextlib.suppress(Exception):
+                store.discard()
+            if not isinstance(exc, Exception):
+                raise
+            event(log, "download.failed", logging.ERROR, digest=digest, error=str(exc))
+            return
+        finally:
+            self.active.pop(digest, None)
+            download.done.set()
+        by_role = dict(torrent.downloaded_by_role)
+        for role, count in by_role.items():
+            self.metrics.download_bytes.labels(role).inc(count)
+        self.metrics.disk_write_bytes.inc(size)
+        event(
+            log,
+            "download.complete",
+            digest=digest,
+            seconds=round(trio.current_time() - download.started, 3),
+            **{f"from_{role}": count for role, count in by_role.items()},
+        )
+
+    async def _complete(self, download: SwarmDownload, request: BlobRequest) -> None:
         """Wait for the swarm; fall back to HTTP from the proxy when it stalls."""
         torrent = download.torrent
         while not torrent.completed.is_set():
@@ -180,11 +352,9 @@ class Downloads:
             if torrent.completed.is_set():
                 return
             if trio.current_time() - torrent.last_progress >= self.fallback_after:
-                await self._fallback(download, ns, name, authorization)
+                await self._fallback(download, request)
 
-    async def _fallback(
-        self, download: Download, ns: str, name: str, authorization: str | None
-    ) -> None:
+    async def _fallback(self, download: SwarmDownload, request: BlobRequest) -> None:
         torrent, meta = download.torrent, download.meta
         self.metrics.fallbacks.inc()
         event(log, "download.fallback", logging.WARNING, digest=download.digest)
@@ -192,61 +362,115 @@ class Downloads:
             if index in torrent.picker.have:
                 continue
             data = await self.proxies.blob_range(
-                ns,
-                name,
+                request.ns,
+                request.name,
                 download.digest,
                 index * meta.piece_length,
                 meta.piece_size(index),
-                authorization=authorization,
+                authorization=request.authorization,
             )
+            await self.engine.download_limiter.acquire(len(data))
             if not await torrent.add_piece(index, data):
                 raise OCIError(
                     ErrorCode.UNKNOWN, "proxy sent data that fails verification", status=502
                 )
             self.metrics.download_bytes.labels("http_fallback").inc(len(data))
 
-    async def stream(self, download: Download, start: int, end: int) -> AsyncIterator[bytes]:
-        """Verified bytes ``[start, end]`` of a download in progress, as they arrive."""
-        torrent, meta = download.torrent, download.meta
-        reader = object()
-        fd = download.store.fileno()
-        assert fd is not None
-        position = start
+    # --- streamed by the proxy --------------------------------------------------------------
+
+    async def _stream(
+        self,
+        response: httpx.Response,
+        request: BlobRequest,
+        task_status: trio.TaskStatus[Download],
+    ) -> None:
+        digest, size = request.digest, request.size
+        path = self.cache.partial_paths(digest)[0].with_suffix(".stream")
+        fd = await trio.to_thread.run_sync(
+            os.open, path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640
+        )
+        download = StreamDownload(
+            digest, size, trio.current_time(), fd, path, self.cache.blob_path(digest)
+        )
+        self.active[digest] = download
+        event(log, "download.streaming", digest=digest, size=size)
+        task_status.started(download)
+        hasher = hashlib.sha256()
+        adopted = False
         try:
-            while position <= end:
-                index = position // meta.piece_length
-                torrent.set_reader(reader, index)
-                if index not in torrent.picker.have:
-                    await _wait_piece(download, index)
-                piece_end = min((index + 1) * meta.piece_length, end + 1)
-                while position < piece_end:
-                    size = min(READ_CHUNK, piece_end - position)
-                    data = await trio.to_thread.run_sync(os.pread, fd, size, position)
-                    if len(data) != size:
-                        raise LocalError(f"short read of {download.digest} at {position}")
-                    position += size
-                    yield data
+            await self._receive_stream(response, download, hasher)
+            found = "sha256:" + hasher.hexdigest()
+            if found != digest:
+                raise OCIError(ErrorCode.UNKNOWN, f"streamed blob hashes to {found}", status=502)
+            with trio.CancelScope(shield=True), trio.fail_after(PUBLISH_SECONDS):
+                # Every byte is here and checked: finish even if the agent is stopping.
+                await trio.to_thread.run_sync(os.fsync, fd)
+                await trio.to_thread.run_sync(self.cache.adopt, path, digest)
+            adopted = True
+            download.finish(None)
+        except BaseException as exc:
+            download.finish(exc)
+            if not isinstance(exc, Exception):
+                raise
+            event(log, "download.failed", logging.ERROR, digest=digest, error=str(exc))
+            return
         finally:
-            torrent.set_reader(reader, None)
+            self.active.pop(digest, None)
+            if not adopted:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            os.close(fd)
+        self.metrics.download_bytes.labels("proxy_stream").inc(size)
+        self.metrics.disk_write_bytes.inc(size)
+        event(
+            log,
+            "download.complete",
+            digest=digest,
+            seconds=round(trio.current_time() - download.started, 3),
+            from_proxy_stream=size,
+        )
+        # The proxy has the whole blob now: seed it for the nodes that come next.
+        self.ensure_seeded(request)
 
+    async def _receive_stream(
+        self, response: httpx.Response, download: StreamDownload, hasher: hashlib._Hash
+    ) -> None:
+        """Write the proxy's body to the file (hashing it) and let readers follow."""
+        batch: list[bytes] = []
+        pending = 0
 
-async def _wait_piece(download: Download, index: int) -> None:
-    """Wait for a piece, or raise if the download failed meanwhile."""
-    async with trio.open_nursery() as nursery:
+        def write(chunks: list[bytes], offset: int) -> int:
+            total = 0
+            for chunk in chunks:
+                hasher.update(chunk)
+                total += len(chunk)
+            if len(chunks) > 512:  # stay well below IOV_MAX
+                chunks = [b"".join(chunks)]
+            written = os.pwritev(download.fd, chunks, offset)
+            while written < total:  # short write: finish the rest piece by piece
+                rest = b"".join(chunks)[written:]
+                written += os.pwrite(download.fd, rest, offset + written)
+            return total
 
-        async def failed() -> None:
-            await download.done.wait()
-            if download.error is not None:
-                nursery.cancel_scope.cancel()
-
-        nursery.start_soon(failed)
-        await download.torrent.wait_for_piece(index)
-        nursery.cancel_scope.cancel()
-    if index not in download.torrent.picker.have:
-        error = download.error
-        if isinstance(error, OCIError):
-            raise error
-        raise OCIError(ErrorCode.UNKNOWN, f"download failed: {error}", status=502)
+        limiter = self.engine.download_limiter  # downloadRate covers every way bytes arrive
+        try:
+            async for chunk in response.aiter_bytes():
+                await limiter.acquire(len(chunk))
+                batch.append(chunk)
+                pending += len(chunk)
+                if download.available + pending > download.size:
+                    raise OCIError(ErrorCode.UNKNOWN, "proxy streamed too much", status=502)
+                if pending >= WRITE_BATCH:
+                    download.advance(
+                        await trio.to_thread.run_sync(write, batch, download.available)
+                    )
+                    batch, pending = [], 0
+            if batch:
+                download.advance(await trio.to_thread.run_sync(write, batch, download.available))
+        except httpx.HTTPError as exc:
+            raise OCIError(ErrorCode.UNKNOWN, f"proxy stream broke: {exc}", status=502) from None
+        if download.available != download.size:
+            raise OCIError(ErrorCode.UNKNOWN, "proxy stream ended early", status=502)
 
 
 def open_cached(cache: BlobCache, digest: str) -> tuple[int, int] | None:
@@ -256,6 +480,3 @@ def open_cached(cache: BlobCache, digest: str) -> tuple[int, int] | None:
     except FileNotFoundError:
         return None
     return fd, os.fstat(fd).st_size
-
-
-Opener = Callable[[Path], int]

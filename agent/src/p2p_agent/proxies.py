@@ -11,7 +11,8 @@ through unchanged and never stored.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
 
 import httpx
 import trio
@@ -143,8 +144,52 @@ class ProxyClient:
         )
         if response.status_code >= 400:
             raise _error_from(response, "blob")
+        return self._metainfo(response.content, digest, size)
+
+    @asynccontextmanager
+    async def source(
+        self, ns: str, name: str, digest: str, size: int, *, authorization: str | None
+    ) -> AsyncIterator[mi.Metainfo | httpx.Response]:
+        """Where a cold blob comes from: its metainfo (join the swarm), or, while the proxy
+        is still fetching it from the origin and has a stream slot free, an open response
+        streaming the blob itself (``X-P2P-Stream: 1``)."""
+        params = {"ns": ns, "name": name, "digest": digest, "stream": "1"}
+        last = "no proxy instances"
+        for base in await self.resolver.ranked(digest.encode(), self.urls):
+            request = self.client.build_request(
+                "GET", base + "/p2p/v1/metainfo", params=params, headers=self._auth(authorization)
+            )
+            try:
+                response = await self.client.send(request, stream=True)
+            except httpx.HTTPError as exc:
+                last = f"{base}: {exc or type(exc).__name__}"
+                event(log, "proxy.unreachable", logging.WARNING, proxy=base, error=last)
+                continue
+            try:
+                if response.status_code >= 500:
+                    last = f"{base}: {response.status_code}"
+                    continue
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise _error_from(response, "blob")
+                if response.headers.get("x-p2p-stream") == "1":
+                    if int(response.headers.get("content-length", -1)) != size:
+                        raise OCIError(
+                            ErrorCode.UNKNOWN, "proxy streams a blob of another size", status=502
+                        )
+                    yield response
+                    return
+                body = await response.aread()
+                yield self._metainfo(body, digest, size)
+                return
+            finally:
+                await response.aclose()
+        raise OCIError(ErrorCode.UNKNOWN, f"no proxy could answer ({last})", status=502)
+
+    @staticmethod
+    def _metainfo(body: bytes, digest: str, size: int) -> mi.Metainfo:
         try:
-            meta = mi.parse(response.content)
+            meta = mi.parse(body)
         except mi.MetainfoError as exc:
             raise OCIError(
                 ErrorCode.UNKNOWN, f"proxy sent bad metainfo: {exc}", status=502

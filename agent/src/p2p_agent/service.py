@@ -27,6 +27,7 @@ from p2p_agent.settings import AgentSettings
 from p2p_common.asgi import Receive, Request, Scope, Send, lifespan, send_bytes, serve_app
 from p2p_common.blobcache import BlobCache
 from p2p_common.engine import Engine
+from p2p_common.httpclient import tune_reads
 from p2p_common.logs import event
 from p2p_common.settings import ConfigError
 
@@ -134,6 +135,7 @@ async def serve(
     metrics.download_rate.set(settings.download_rate)
     metrics.upload_rate.set(settings.upload_rate)
     status = StatusApp(metrics)
+    tune_reads()
     timeout = httpx.Timeout(connect=5.0, read=300.0, write=60.0, pool=30.0)
     async with httpx.AsyncClient(timeout=timeout, trust_env=False) as http:
         proxies = ProxyClient(settings.proxies, http)

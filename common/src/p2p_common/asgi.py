@@ -208,3 +208,24 @@ async def stream_to(send: Send, chunks: AsyncIterator[bytes]) -> None:
         if chunk:
             await send_chunk(send, chunk)
     await send_chunk(send, b"", more=False)
+
+
+async def until_disconnect(receive: Receive, body: Callable[[], Awaitable[None]]) -> bool:
+    """Run ``body`` (which sends a response) unless the client goes away first.
+
+    Returns False when the client disconnected and ``body`` was cancelled, so that a long
+    response does not keep streaming (and keep a graceful stop waiting) for nobody.
+    """
+    finished = False
+    async with trio.open_nursery() as nursery:
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch)
+        await body()
+        finished = True
+        nursery.cancel_scope.cancel()
+    return finished

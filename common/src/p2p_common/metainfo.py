@@ -163,19 +163,22 @@ class PieceHasher:
     then :meth:`finish`. Large updates release the GIL inside hashlib.
     """
 
-    def __init__(self, piece_length: int) -> None:
+    def __init__(self, piece_length: int, *, whole: bool = True) -> None:
+        """``whole=False`` skips the SHA-256 of the whole stream (for callers that compute it
+        in parallel themselves); :meth:`finish` then reports an empty digest."""
         if piece_length <= 0:
             raise ValueError("piece length must be positive")  # 0 would loop forever
         self.piece_length = piece_length
         self.length = 0
-        self._sha256 = hashlib.sha256()
+        self._sha256 = hashlib.sha256() if whole else None
         self._piece = hashlib.sha1()
         self._in_piece = 0
         self._pieces: list[bytes] = []
 
     def update(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data).cast("B")
-        self._sha256.update(view)
+        if self._sha256 is not None:
+            self._sha256.update(view)
         self.length += len(view)
         while view:
             take = min(len(view), self.piece_length - self._in_piece)
@@ -192,7 +195,8 @@ class PieceHasher:
         pieces = list(self._pieces)
         if self._in_piece:
             pieces.append(self._piece.digest())
-        return b"".join(pieces), "sha256:" + self._sha256.hexdigest()
+        whole = "sha256:" + self._sha256.hexdigest() if self._sha256 is not None else ""
+        return b"".join(pieces), whole
 
 
 def hash_file(path: Path, piece_length: int, *, chunk: int = 1 << 20) -> tuple[bytes, str, int]:

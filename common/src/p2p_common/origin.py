@@ -37,6 +37,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 import trio
 
+from p2p_common.httpclient import tune_reads
 from p2p_common.logs import event
 from p2p_common.oci import (
     DEFAULT_MANIFEST_ACCEPT,
@@ -212,6 +213,7 @@ class OriginClient:
         clock: Callable[[], float] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        tune_reads()
         self.registry_url = normalise_registry(registry_url)
         self.name = registry_name(self.registry_url)
         self.max_manifest_bytes = max_manifest_bytes

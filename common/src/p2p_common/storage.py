@@ -150,11 +150,18 @@ class PieceFile:
 
     def sha256(self) -> str:
         """``sha256:<hex>`` of the whole file (blocking; ~1.7 GB/s)."""
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return self._sha256(fd)
+        finally:
+            os.close(fd)
+
+    def _sha256(self, fd: int) -> str:
         digest = hashlib.sha256()
         view = memoryview(bytearray(1 << 20))
         offset = 0
         while offset < self.metainfo.length:
-            n = os.preadv(self._fd, [view], offset)
+            n = os.preadv(fd, [view], offset)
             if n <= 0:
                 raise StorageError(f"{self.path}: short read at {offset}")
             digest.update(view[:n])
@@ -166,18 +173,24 @@ class PieceFile:
     ) -> None:
         """Verify the complete blob's SHA-256 and atomically rename it to ``destination``.
 
+        Works through its own descriptor, so it completes even if the torrent that filled
+        the file has already closed this store (a shutdown racing a finished download).
         ``known_digest`` skips re-reading the file when the caller already hashed every
-        byte in order (e.g. while streaming it to a client). On a mismatch the data and
-        bitfield files are removed and :class:`DigestMismatchError` is raised.
+        byte in order. On a mismatch the data and bitfield files are removed and
+        :class:`DigestMismatchError` is raised.
         """
         if not self.have.complete:
             raise LocalError("publish() before every piece is present")
-        digest = known_digest or self.sha256()
-        if digest != expected_digest:
-            self.discard()
-            raise DigestMismatchError(f"blob hashes to {digest}, expected {expected_digest}")
         try:
-            os.fsync(self._fd)
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise StorageError(f"{self.path}: {exc.strerror or exc}") from exc
+        try:
+            digest = known_digest or self._sha256(fd)
+            if digest != expected_digest:
+                self.discard()
+                raise DigestMismatchError(f"blob hashes to {digest}, expected {expected_digest}")
+            os.fsync(fd)
             destination.parent.mkdir(parents=True, exist_ok=True)
             os.replace(self.path, destination)
             self.path = destination
@@ -186,6 +199,8 @@ class PieceFile:
                 self.bitfield_path = None
         except OSError as exc:
             raise StorageError(f"publishing {destination}: {exc.strerror or exc}") from exc
+        finally:
+            os.close(fd)
 
     def discard(self) -> None:
         """Close and delete the data and bitfield files."""

@@ -7,6 +7,7 @@ them. Every failure is answered as a registry JSON error with its status.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from p2p_common.asgi import (
     start_stream,
 )
 from p2p_common.blobcache import BlobCache
+from p2p_common.errors import collapse
 from p2p_common.logs import event
 from p2p_common.oci import ApiRoute, ErrorCode, OCIError, parse_api_path
 from p2p_common.origin import OriginClient
@@ -43,7 +45,7 @@ from p2p_proxy.api import (
     select_registry,
 )
 from p2p_proxy.authz import Authorizer
-from p2p_proxy.fetch import BlobFetcher, storage_error
+from p2p_proxy.fetch import BlobFetcher, Progress, storage_error
 from p2p_proxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from p2p_proxy.metrics import ProxyMetrics
 from p2p_proxy.seeding import Seeder
@@ -79,10 +81,12 @@ class ProxyApp:
     seeder: Seeder
     metrics: ProxyMetrics
     peer_port: Callable[[], int]
+    progressive_streams: int = 2
     ready: bool = False
 
     def __post_init__(self) -> None:
         self._served = list(self.origins)
+        self._streams: collections.Counter[str] = collections.Counter()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -136,7 +140,7 @@ class ProxyApp:
                     send, 200, self.metrics.render(), content_type=METRICS_CONTENT_TYPE
                 )
             else:
-                await self._metainfo(request, send)
+                await self._metainfo(request, receive, send)
             return
         if method not in ("GET", "HEAD") and (path == "/v2" or path.startswith("/v2/")):
             raise OCIError(ErrorCode.UNSUPPORTED, "this proxy serves pulls only (GET and HEAD)")
@@ -299,13 +303,95 @@ class ProxyApp:
 
     # --- metainfo ---------------------------------------------------------------------------
 
-    async def _metainfo(self, request: Request, send: Send) -> None:
+    async def _stream_progress(
+        self, receive: Receive, send: Send, digest: str, progress: Progress
+    ) -> None:
+        """The blob itself while its fetch is still running: bytes as the origin sends them.
+
+        For the first ``progressiveStreams`` agents asking for a blob nobody has yet: they get
+        their first bytes at once instead of after the whole fetch, and seed it afterwards.
+        """
+        try:
+            fd = await trio.to_thread.run_sync(os.open, progress.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise OCIError(
+                ErrorCode.UNKNOWN, "the fetch ended meanwhile; ask again", status=503
+            ) from None
+        self._streams[digest] += 1
+        self.metrics.progressive_streams.inc()
+        try:
+            await start_stream(
+                send,
+                200,
+                headers=[
+                    ("Content-Type", BLOB_CONTENT_TYPE),
+                    ("Docker-Content-Digest", digest),
+                    ("X-P2P-Stream", "1"),
+                ],
+                content_length=progress.length,
+            )
+            try:
+                await self._follow_progress(receive, send, fd, progress)
+            except BaseExceptionGroup as group:
+                raise collapse(group) from None
+        finally:
+            self._streams[digest] -= 1
+            if self._streams[digest] <= 0:
+                del self._streams[digest]
+            os.close(fd)
+
+    async def _follow_progress(
+        self, receive: Receive, send: Send, fd: int, progress: Progress
+    ) -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def watch_disconnect() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch_disconnect)
+            position = 0
+            while position < progress.length:
+                changed = progress.changed
+                # The last byte waits for the digest check: a wrong blob never arrives
+                # complete, so nobody can mistake it for the real one.
+                verified = progress.ended and not progress.failed
+                readable = min(progress.written, progress.length - (0 if verified else 1))
+                if readable > position:
+                    size = min(FILE_CHUNK, readable - position)
+                    data = await trio.to_thread.run_sync(os.pread, fd, size, position)
+                    if len(data) != size:
+                        raise StorageError(f"short read of a blob being fetched at {position}")
+                    position += size
+                    await send_chunk(send, data, more=position < progress.length)
+                    self.metrics.fallback_bytes.inc(size)
+                elif progress.ended:
+                    # The fetch failed (or was cut short): end the response unfinished so
+                    # the agent sees a broken transfer, never a complete wrong blob.
+                    raise OCIError(ErrorCode.UNKNOWN, "the origin fetch failed", status=502)
+                else:
+                    await changed.wait()
+            if progress.length == 0:
+                await send_chunk(send, b"", more=False)
+            nursery.cancel_scope.cancel()
+
+    async def _metainfo(self, request: Request, receive: Receive, send: Send) -> None:
         if request.method != "GET":
             raise OCIError(ErrorCode.UNSUPPORTED, "metainfo is fetched with GET")
         name, digest = metainfo_query(request.query)
         registry = select_registry(request.query, self._served)
         origin = self.origins[registry]
         credentials, size = await self._authorize(request, origin, name, digest)
+        if (
+            request.param("stream") == "1"
+            and digest not in self.cache
+            and self._streams[digest] < self.progressive_streams
+        ):
+            progress = await self.fetcher.follow(origin, name, digest, credentials, size)
+            if progress is not None and self._streams[digest] < self.progressive_streams:
+                await self._stream_progress(receive, send, digest, progress)
+                return
         with self.cache.pinned(digest):
             meta = await self.fetcher.ensure(origin, name, digest, credentials, size)
             await self.seeder.seed(digest, meta)

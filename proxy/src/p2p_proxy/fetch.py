@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import collections
 import errno
+import hashlib
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import BinaryIO
@@ -38,7 +39,7 @@ from p2p_proxy.flight import SingleFlight
 from p2p_proxy.metrics import ProxyMetrics
 from p2p_proxy.seeding import usable_metainfo
 
-__all__ = ["BATCH_BYTES", "BlobFetcher", "storage_error"]
+__all__ = ["BATCH_BYTES", "BlobFetcher", "Progress", "storage_error"]
 
 log = logging.getLogger("p2p.proxy")
 
@@ -65,17 +66,31 @@ def _origin_error(message: str) -> OCIError:
 
 
 class _Sink:
-    """The scratch file and the hasher; every method blocks (worker threads only)."""
+    """The scratch file and the hashes; every method blocks (worker threads only).
+
+    SHA-256 of the whole blob and SHA-1 of each piece are computed in two threads at once
+    (hashlib releases the GIL), the SHA-1 side also writing the file.
+    """
 
     def __init__(self, path: Path, piece_length: int) -> None:
         self.path = path
-        self.hasher = mi.PieceHasher(piece_length)
+        self.pieces = mi.PieceHasher(piece_length, whole=False)
+        self.whole = hashlib.sha256()
         self.handle: BinaryIO = path.open("xb")
 
     def write(self, chunks: list[bytes]) -> None:
         for chunk in chunks:
-            self.hasher.update(chunk)
+            self.pieces.update(chunk)
             self.handle.write(chunk)
+        self.handle.flush()  # progressive streams read the file through their own descriptor
+
+    def hash_whole(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self.whole.update(chunk)
+
+    def digests(self) -> tuple[bytes, str]:
+        """(piece hashes, ``sha256:<hex>``) once everything was written and hashed."""
+        return self.pieces.finish()[0], "sha256:" + self.whole.hexdigest()
 
     def finish(self) -> None:
         self.handle.flush()
@@ -85,6 +100,49 @@ class _Sink:
     def discard(self) -> None:
         self.handle.close()
         self.path.unlink(missing_ok=True)
+
+
+class Progress:
+    """A fetch in flight, as seen by streams that follow it (all in the trio thread).
+
+    ``written`` bytes at the start of ``path`` are on disk; ``changed`` fires whenever that
+    grows or the fetch ends. A stream must not trust the bytes: the digest is only checked
+    at the end (``failed`` then tells), exactly as for a client reading from the origin.
+    """
+
+    def __init__(self, path: Path, length: int) -> None:
+        self.path = path
+        self.length = length
+        self.written = 0
+        self.ended = False
+        self.failed = False
+        self.changed = trio.Event()
+
+    def advance(self, count: int) -> None:
+        self.written += count
+        self._wake()
+
+    def end(self, *, failed: bool) -> None:
+        self.ended = True
+        self.failed = failed
+        self._wake()
+
+    def _wake(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+async def _write_and_hash(sink: _Sink, batch: list[bytes]) -> None:
+    """Write (with piece hashes) and hash the whole in two worker threads at once."""
+    try:
+        async with trio.open_nursery() as both:
+            both.start_soon(trio.to_thread.run_sync, sink.hash_whole, batch)
+            await trio.to_thread.run_sync(sink.write, batch)
+    except BaseExceptionGroup as group:
+        failures = group.exceptions
+        if all(isinstance(exc, OSError) for exc in failures):
+            raise failures[0] from None  # a disk error: the caller turns it into a 507
+        raise
 
 
 class BlobFetcher:
@@ -103,6 +161,9 @@ class BlobFetcher:
         # Metainfo is a pure function of the content (and the trackers): what was built or
         # loaded once stays right for as long as the digest is cached, or cached again.
         self._known: collections.OrderedDict[str, mi.Metainfo] = collections.OrderedDict()
+        self.progress: dict[str, Progress] = {}
+        """Fetches whose bytes are arriving, by digest (for progressive streams)."""
+        self._progress_changed = trio.Event()
 
     async def ensure(
         self,
@@ -124,17 +185,58 @@ class BlobFetcher:
                 self.cache.touch(digest)
                 return meta
         self.metrics.cache_misses.inc()
+        return await self._fetches.run(
+            (origin.name, digest), self._work(origin, repository, digest, credentials, size)
+        )
+
+    def _work(
+        self,
+        origin: OriginClient,
+        repository: str,
+        digest: str,
+        credentials: Credentials | None,
+        size: int | None,
+    ) -> Callable[[], Awaitable[mi.Metainfo]]:
+        """The single-flight work that gets ``digest`` into the cache."""
 
         async def fetch() -> mi.Metainfo:
-            if digest in self.cache:  # fetched meanwhile (another registry's flight)
-                meta = await self._cached_metainfo(digest)
-                if meta is not None:
-                    return meta
-            meta = await self._fetch(origin, repository, digest, credentials, size)
-            self._remember(digest, meta)
-            return meta
+            try:
+                if digest in self.cache:  # fetched meanwhile (another registry's flight)
+                    meta = await self._cached_metainfo(digest)
+                    if meta is not None:
+                        return meta
+                meta = await self._fetch(origin, repository, digest, credentials, size)
+                self._remember(digest, meta)
+                return meta
+            finally:
+                self._wake_progress_waiters()
 
-        return await self._fetches.run((origin.name, digest), fetch)
+        return fetch
+
+    async def follow(
+        self,
+        origin: OriginClient,
+        repository: str,
+        digest: str,
+        credentials: Credentials | None,
+        size: int | None,
+    ) -> Progress | None:
+        """The fetch of ``digest`` while its bytes arrive, started if needed; None when
+        there is none to follow (the blob is cached already, or the fetch ended)."""
+        key = (origin.name, digest)
+        if digest not in self.cache:
+            self._fetches.start(key, self._work(origin, repository, digest, credentials, size))
+        while True:
+            progress = self.progress.get(digest)
+            if progress is not None:
+                return progress
+            if digest in self.cache or not self._fetches.in_flight(key):
+                return None
+            await self._progress_changed.wait()
+
+    def _wake_progress_waiters(self) -> None:
+        self._progress_changed.set()
+        self._progress_changed = trio.Event()
 
     def _remember(self, digest: str, meta: mi.Metainfo) -> None:
         self._known[digest] = meta
@@ -267,12 +369,14 @@ class BlobFetcher:
         except OSError as exc:
             raise storage_error(exc, "creating a scratch file") from None
         adopted = False
+        progress = self.progress[digest] = Progress(scratch, length)
+        self._wake_progress_waiters()
         try:
-            received = await self._pump(sink, length, chunks)
+            received = await self._pump(sink, length, chunks, progress)
             if received != length:
                 raise _origin_error(f"origin closed the blob after {received} of {length} bytes")
             await trio.to_thread.run_sync(sink.finish)
-            pieces, found = sink.hasher.finish()
+            pieces, found = sink.digests()
             if found != digest:
                 raise _origin_error(f"origin sent a blob whose digest is {found}, not {digest}")
             meta = mi.build(digest, length, pieces, self.trackers, piece_length=piece_length)
@@ -282,11 +386,16 @@ class BlobFetcher:
         except OSError as exc:
             raise storage_error(exc, "writing a blob") from None
         finally:
+            progress.end(failed=not adopted)
+            if self.progress.get(digest) is progress:
+                del self.progress[digest]
             if not adopted:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(sink.discard)
 
-    async def _pump(self, sink: _Sink, length: int, chunks: AsyncIterator[bytes]) -> int:
+    async def _pump(
+        self, sink: _Sink, length: int, chunks: AsyncIterator[bytes], progress: Progress
+    ) -> int:
         """Receive into batches while a writer task writes and hashes the previous ones.
 
         Returns the byte count received; raises the first failure (origin or disk) as is.
@@ -302,11 +411,12 @@ class BlobFetcher:
                 async with receive:
                     async for batch in receive:
                         try:
-                            await trio.to_thread.run_sync(sink.write, batch)
+                            await _write_and_hash(sink, batch)
                         except OSError as exc:
                             failure = exc
                             nursery.cancel_scope.cancel()
                             return
+                        progress.advance(sum(len(chunk) for chunk in batch))
 
             nursery.start_soon(writer)
             async with send:

@@ -56,13 +56,21 @@ class SingleFlight(Generic[K, T]):
     def in_flight(self, key: K) -> bool:
         return key in self._flights
 
-    async def run(self, key: K, work: Callable[[], Awaitable[T]]) -> T:
-        """The result of ``work()`` for ``key``: started now, or the run already going."""
+    def start(self, key: K, work: Callable[[], Awaitable[T]]) -> None:
+        """Make sure ``work()`` runs for ``key`` (now, or the run already going); don't wait."""
+        self._flight(key, work)
+
+    def _flight(self, key: K, work: Callable[[], Awaitable[T]]) -> _Flight[T]:
         flight = self._flights.get(key)
         if flight is None:
             flight = self._flights[key] = _Flight()
             self.started += 1
             self._nursery.start_soon(self._lead, key, flight, work)
+        return flight
+
+    async def run(self, key: K, work: Callable[[], Awaitable[T]]) -> T:
+        """The result of ``work()`` for ``key``: started now, or the run already going."""
+        flight = self._flight(key, work)
         await flight.done.wait()
         if flight.error is not None:
             raise copy_error(flight.error)

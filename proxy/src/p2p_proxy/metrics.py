@@ -89,6 +89,11 @@ class ProxyMetrics:
             ["code"],
             registry=r,
         )
+        self.progressive_streams = Counter(
+            "p2p_proxy_progressive_streams",
+            "Blobs streamed to an agent while still being fetched from the origin.",
+            registry=r,
+        )
         self.fallback_bytes = Counter(
             "p2p_proxy_http_fallback_bytes", "Blob bytes served over HTTP (fallback).", registry=r
         )

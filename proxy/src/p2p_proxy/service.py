@@ -84,6 +84,7 @@ async def serve(
                 seeder=seeder,
                 metrics=metrics,
                 peer_port=lambda: engine.port,
+                progressive_streams=settings.progressive_streams,
             )
             metrics.watch(
                 lambda: {

@@ -24,7 +24,7 @@ from p2p_common import wire
 from p2p_common.engine.announce import Announcer
 from p2p_common.engine.torrent import HANDSHAKE_TIMEOUT, Torrent, read_handshake
 from p2p_common.engine.transport import make_transport
-from p2p_common.errors import RemoteError
+from p2p_common.errors import LocalError, RemoteError
 from p2p_common.logs import event as log_event
 from p2p_common.metainfo import Metainfo
 from p2p_common.ratelimit import RateLimiter
@@ -34,6 +34,10 @@ log = logging.getLogger("p2p.engine")
 
 DEFAULT_MAX_BLOCK = 1024 * 1024
 CLIENT_NAME = "p2p/0.1.0"
+
+
+class EngineStoppedError(LocalError):
+    """A torrent was added to an engine that is not (or no longer) running."""
 
 
 def make_peer_id(role: str) -> bytes:
@@ -107,7 +111,7 @@ class Engine:
     ) -> Torrent:
         """Start sharing (and, if incomplete, downloading) a torrent."""
         if self._nursery is None:
-            raise RuntimeError("Engine.serve() is not running")
+            raise EngineStoppedError("Engine.serve() is not running")
         existing = self.torrents.get(metainfo.info_hash)
         if existing is not None:
             existing.add_peers(peers)
@@ -123,7 +127,11 @@ class Engine:
                 if self.torrents.get(metainfo.info_hash) is torrent:
                     del self.torrents[metainfo.info_hash]
 
-        await self._nursery.start(run)
+        try:
+            await self._nursery.start(run)
+        except RuntimeError:  # the engine's nursery closed: it is stopping
+            self.torrents.pop(metainfo.info_hash, None)
+            raise EngineStoppedError("the peer engine has stopped") from None
         return torrent
 
     def remove_torrent(self, info_hash: bytes) -> None:
