@@ -317,7 +317,6 @@ class ProxyApp:
             raise OCIError(
                 ErrorCode.UNKNOWN, "the fetch ended meanwhile; ask again", status=503
             ) from None
-        self._streams[digest] += 1
         self.metrics.progressive_streams.inc()
         try:
             await start_stream(
@@ -335,9 +334,6 @@ class ProxyApp:
             except BaseExceptionGroup as group:
                 raise collapse(group) from None
         finally:
-            self._streams[digest] -= 1
-            if self._streams[digest] <= 0:
-                del self._streams[digest]
             os.close(fd)
 
     async def _follow_progress(
@@ -388,10 +384,16 @@ class ProxyApp:
             and digest not in self.cache
             and self._streams[digest] < self.progressive_streams
         ):
-            progress = await self.fetcher.follow(origin, name, digest, credentials, size)
-            if progress is not None and self._streams[digest] < self.progressive_streams:
-                await self._stream_progress(receive, send, digest, progress)
-                return
+            self._streams[digest] += 1  # hold the slot while the fetch gets going
+            try:
+                progress = await self.fetcher.follow(origin, name, digest, credentials, size)
+                if progress is not None:
+                    await self._stream_progress(receive, send, digest, progress)
+                    return
+            finally:
+                self._streams[digest] -= 1
+                if self._streams[digest] <= 0:
+                    del self._streams[digest]
         with self.cache.pinned(digest):
             meta = await self.fetcher.ensure(origin, name, digest, credentials, size)
             await self.seeder.seed(digest, meta)
