@@ -25,11 +25,11 @@ from p2p_agent.downloads import BlobRequest, Downloads, open_cached
 from p2p_agent.metrics import AgentMetrics
 from p2p_agent.proxies import ProxyClient
 from p2p_common.asgi import (
-    Message,
     Receive,
     Request,
     Scope,
     Send,
+    TrackedSend,
     lifespan,
     send_bytes,
     send_chunk,
@@ -57,19 +57,6 @@ CHALLENGE = 'Basic realm="p2p-agent"'
 ANONYMOUS_BASIC = frozenset({"Basic", "Basic Og==", "Basic Og"})
 """Basic credentials that say nothing: an empty user and password."""
 MAX_AUTH_ENTRIES = 10_000
-
-
-class _TrackedSend:
-    """``send`` that remembers whether the response has started."""
-
-    def __init__(self, send: Send) -> None:
-        self._send = send
-        self.started = False
-
-    async def __call__(self, message: Message) -> None:
-        if message["type"] == "http.response.start":
-            self.started = True
-        await self._send(message)
 
 
 class AuthCache:
@@ -131,7 +118,7 @@ class RegistryApp:
             return
         request = Request.from_scope(scope)
         head = request.method == "HEAD"
-        tracked = _TrackedSend(send)
+        tracked = TrackedSend(send)
         try:
             await self._handle(request, receive, tracked)
         except OCIError as exc:
@@ -142,7 +129,7 @@ class RegistryApp:
             event(log, "request.failed", logging.ERROR, path=request.path, error=str(exc))
             await self._error(tracked, OCIError(ErrorCode.UNKNOWN, str(exc), status=500), head=head)
 
-    async def _error(self, send: _TrackedSend, exc: OCIError, *, head: bool) -> None:
+    async def _error(self, send: TrackedSend, exc: OCIError, *, head: bool) -> None:
         self.metrics.errors.labels(exc.code.value).inc()
         if send.started:
             # Too late for an error response: leave the body unfinished, so the client sees

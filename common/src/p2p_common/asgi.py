@@ -21,6 +21,7 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from p2p_common.oci import ErrorCode, OCIError
 from p2p_common.settings import split_host_port
+from p2p_common.storage import StorageError
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -119,18 +120,42 @@ async def send_chunk(send: Send, data: bytes, *, more: bool = True) -> None:
     await send({"type": "http.response.body", "body": data, "more_body": more})
 
 
-async def send_file_range(send: Send, fd: int, offset: int, length: int) -> None:
-    """Body bytes ``[offset, offset+length)`` of an open file, read in worker threads."""
+async def send_file_range(
+    send: Send,
+    fd: int,
+    offset: int,
+    length: int,
+    *,
+    sent: Callable[[int], object] | None = None,
+) -> None:
+    """Body bytes ``[offset, offset+length)`` of an open file, read in worker threads;
+    ``sent`` is told the size of every chunk that went out (for metrics)."""
     end = offset + length
     while offset < end:
         size = min(FILE_CHUNK, end - offset)
         data = await trio.to_thread.run_sync(os.pread, fd, size, offset)
         if len(data) != size:
-            raise OSError(f"short read at {offset}")
+            raise StorageError(f"short read at {offset}")
         offset += size
         await send_chunk(send, data, more=offset < end)
+        if sent is not None:
+            sent(size)
     if length == 0:
         await send_chunk(send, b"", more=False)
+
+
+class TrackedSend:
+    """``send`` that remembers whether the response has started (after which an error can
+    no longer be answered: the response must be left unfinished instead)."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self._send(message)
 
 
 async def read_body(receive: Receive, limit: int) -> bytes:

@@ -18,16 +18,18 @@ import trio
 
 from p2p_common.asgi import (
     FILE_CHUNK,
-    Message,
     Receive,
     Request,
     Scope,
     Send,
+    TrackedSend,
     lifespan,
     send_bytes,
     send_chunk,
     send_error,
+    send_file_range,
     start_stream,
+    until_disconnect,
 )
 from p2p_common.blobcache import BlobCache
 from p2p_common.errors import collapse
@@ -58,19 +60,6 @@ BITTORRENT_CONTENT_TYPE = "application/x-bittorrent"
 BLOB_CONTENT_TYPE = "application/octet-stream"
 
 
-class _TrackedSend:
-    """``send`` that remembers whether the response has started."""
-
-    def __init__(self, send: Send) -> None:
-        self._send = send
-        self.started = False
-
-    async def __call__(self, message: Message) -> None:
-        if message["type"] == "http.response.start":
-            self.started = True
-        await self._send(message)
-
-
 @dataclass
 class ProxyApp:
     origins: Mapping[str, OriginClient]
@@ -95,7 +84,7 @@ class ProxyApp:
         if scope["type"] != "http":
             return
         request = Request.from_scope(scope)
-        tracked = _TrackedSend(send)
+        tracked = TrackedSend(send)
         try:
             await self._route(request, receive, tracked)
         except OCIError as exc:
@@ -106,7 +95,7 @@ class ProxyApp:
             log.error("proxy.request_crashed path=%s", request.path, exc_info=exc)
             await self._fail(request, tracked, OCIError(ErrorCode.UNKNOWN, "internal error"))
 
-    async def _fail(self, request: Request, send: _TrackedSend, error: OCIError) -> None:
+    async def _fail(self, request: Request, send: TrackedSend, error: OCIError) -> None:
         self.metrics.errors.labels(code=str(error.code)).inc()
         level = logging.WARNING if error.status >= 500 else logging.DEBUG
         event(
@@ -278,28 +267,14 @@ class ProxyApp:
         self, receive: Receive, send: Send, fd: int, offset: int, length: int
     ) -> None:
         """Body bytes from ``fd``, a bounded chunk at a time; stops if the client hangs up."""
-        async with trio.open_nursery() as nursery:
 
-            async def watch_disconnect() -> None:
-                while True:
-                    message = await receive()
-                    if message["type"] == "http.disconnect":
-                        nursery.cancel_scope.cancel()
-                        return
+        async def body() -> None:
+            await send_file_range(send, fd, offset, length, sent=self.metrics.fallback_bytes.inc)
 
-            nursery.start_soon(watch_disconnect)
-            end = offset + length
-            while offset < end:
-                size = min(FILE_CHUNK, end - offset)
-                data = await trio.to_thread.run_sync(os.pread, fd, size, offset)
-                if len(data) != size:
-                    raise StorageError(f"short read of a cached blob at {offset}")
-                offset += size
-                await send_chunk(send, data, more=offset < end)
-                self.metrics.fallback_bytes.inc(size)
-            if length == 0:
-                await send_chunk(send, b"", more=False)
-            nursery.cancel_scope.cancel()
+        try:
+            await until_disconnect(receive, body)
+        except BaseExceptionGroup as group:
+            raise collapse(group) from None
 
     # --- metainfo ---------------------------------------------------------------------------
 

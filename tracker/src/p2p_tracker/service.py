@@ -15,6 +15,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
+from p2p_common.asgi import lifespan
 from p2p_common.logs import event
 from p2p_common.settings import split_host_port
 from p2p_tracker.core import Tracker
@@ -73,13 +74,7 @@ class TrackerApp:
                 {"type": "http.response.body", "body": b"" if method == "HEAD" else reply.body}
             )
         elif kind == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await lifespan(receive, send)
 
 
 def hypercorn_config(settings: TrackerSettings) -> Config:

@@ -1,0 +1,97 @@
+"""The shared command line of the three services: ``p2p-<service> --config FILE``.
+
+Reads the settings once (file, then ``P2P_<SERVICE>_*`` environment), sets up logging and
+runs the service's ``serve``. The first SIGTERM or SIGINT asks for a graceful stop
+(``serve``'s ``shutdown_trigger`` returns); a second one stops at once. Exit codes: 0 after
+a stop, 2 for a configuration error (one line naming the key), 1 when a port cannot be
+bound or the service cannot start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import trio
+
+from p2p_common import logs
+from p2p_common.settings import ConfigError, ServiceSettings
+
+S = TypeVar("S", bound=ServiceSettings)
+
+Serve = Callable[[S, Path | None, Callable[[], Awaitable[object]]], Awaitable[None]]
+"""How to run a service: ``(settings, config_file, shutdown_trigger)``."""
+
+
+async def _run(name: str, serve: Serve[S], settings: S, config_file: Path | None) -> None:
+    log = logging.getLogger(f"p2p.{name}")
+    stop = trio.Event()
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                async for signum in signals:
+                    signal_name = signal.Signals(signum).name
+                    if stop.is_set():
+                        logs.event(log, f"{name}.signal", signal=signal_name, action="stop now")
+                        nursery.cancel_scope.cancel()
+                        return
+                    logs.event(log, f"{name}.signal", signal=signal_name, action="graceful stop")
+                    stop.set()
+
+            nursery.start_soon(watch)
+            await serve(settings, config_file, stop.wait)
+            nursery.cancel_scope.cancel()
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    failure: BaseException = group
+    while isinstance(failure, BaseExceptionGroup):
+        failure = failure.exceptions[0]
+    return failure
+
+
+def run_service(
+    name: str,
+    *,
+    description: str,
+    version: str,
+    settings_class: type[S],
+    serve: Serve[S],
+    argv: list[str] | None = None,
+) -> int:
+    """Parse the command line and run the service until it stops; returns the exit code."""
+    prog = f"p2p-{name}"
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", help="YAML configuration file (the mounted ConfigMap)")
+    parser.add_argument("--version", action="version", version=f"{prog} {version}")
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_class.load(args.config)
+    except ConfigError as exc:
+        print(f"{prog}: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logs.setup(settings.log_level, settings.log_format)
+    log = logging.getLogger(f"p2p.{name}")
+    logs.event(log, f"{name}.starting", version=version, **settings.dump())
+    config_file = Path(args.config) if args.config else None
+    config_error: BaseException | None = None
+    start_error: BaseException | None = None
+    try:
+        trio.run(_run, name, serve, settings, config_file)
+    except* ConfigError as group:
+        config_error = _first(group)
+    except* OSError as group:
+        start_error = _first(group)
+    if config_error is not None:
+        print(f"{prog}: configuration error: {config_error}", file=sys.stderr)
+        return 2
+    if start_error is not None:
+        print(f"{prog}: cannot listen or start: {start_error}", file=sys.stderr)
+        return 1
+    return 0
