@@ -244,3 +244,54 @@ async def test_new_rates_in_the_mounted_configmap_apply_without_a_restart(
 async def wait_until_rate(agent: AgentHandle, rate: float) -> None:
     while await agent.metric("p2p_agent_download_rate_limit_bytes") != rate:  # noqa: ASYNC110
         await trio.sleep(0.1)
+
+
+async def test_an_unreachable_proxy_is_skipped_for_the_next_one(
+    origin: tuple[Registry, images.Image], tmp_path: Path
+) -> None:
+    registry, image = origin
+    layer = image.layers[2]
+    dead = "http://127.0.0.1:9"  # nothing listens on the discard port
+    async with (
+        run_tracker() as announce,
+        run_proxy(tmp_path / "proxy", [registry.url], [announce]) as proxy,
+        run_agent(tmp_path / "agent", [registry.url], [dead, proxy.url]) as agent,
+    ):
+        for path in (blob_path(image, 2), "/v2/team/app/manifests/1.0"):
+            with trio.fail_after(30):
+                response = await agent.http.get(path, headers={"Accept": images.OCI_MANIFEST})
+            assert response.status_code == 200, path
+        assert (await agent.http.get(blob_path(image, 2))).content == layer.data
+
+
+async def test_no_reachable_proxy_is_a_clean_502(
+    origin: tuple[Registry, images.Image], tmp_path: Path
+) -> None:
+    registry, image = origin
+    async with run_agent(tmp_path / "agent", [registry.url], ["http://127.0.0.1:9"]) as agent:
+        response = await agent.http.get(blob_path(image, 0))
+        assert response.status_code == 502
+        assert response.json()["errors"][0]["code"] == "UNKNOWN"
+        assert not any((agent.settings.data_dir / "blobs" / "sha256").iterdir())
+
+
+async def test_a_blob_larger_than_the_cache_quota_is_a_507_and_changes_nothing(
+    origin: tuple[Registry, images.Image], tmp_path: Path
+) -> None:
+    registry, image = origin
+    big = image.layers[0]
+    async with (
+        run_tracker() as announce,
+        run_proxy(tmp_path / "proxy", [registry.url], [announce]) as proxy,
+        run_agent(
+            tmp_path / "agent", [registry.url], [proxy.url], cache_size=big.size // 2
+        ) as agent,
+    ):
+        response = await agent.http.get(blob_path(image, 0))
+        assert response.status_code == 507
+        assert response.json()["errors"][0]["code"] == "UNKNOWN"
+        data = agent.settings.data_dir
+        assert not any((data / "blobs" / "sha256").iterdir())
+        assert not any((data / "partial").iterdir())
+        # Smaller blobs still work.
+        assert (await agent.http.get(blob_path(image, 2))).content == image.layers[2].data

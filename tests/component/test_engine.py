@@ -12,6 +12,7 @@ import trio.testing
 from p2p_common import wire
 from p2p_common.engine import make_peer_id
 from p2p_common.storage import MemoryPieceStore, PieceFile
+from tests.cluster import run_tracker
 from tests.engine_helpers import make_content, metainfo_for, running_engines, wait_until
 
 MiB = 1024 * 1024
@@ -256,3 +257,18 @@ def test_engine_peer_ids_say_which_service_they_are() -> None:
     assert make_peer_id("proxy").startswith(b"-PP0100-")
     assert len(make_peer_id("agent")) == 20
     assert make_peer_id("agent") != make_peer_id("agent")
+
+
+async def test_dead_trackers_in_the_list_are_skipped() -> None:
+    """Announces go to the trackers ranked for the infohash, the next one on failure."""
+    content = make_content(2 * MiB)
+    async with run_tracker() as live:
+        trackers = ["http://127.0.0.1:9/announce", live, "http://127.0.0.2:9/announce"]
+        meta = metainfo_for(content, trackers)
+        async with running_engines(1, role="proxy") as (seed,), running_engines(1) as (leech,):
+            await seed.add_torrent(meta, MemoryPieceStore(meta, content))
+            store = MemoryPieceStore(meta)
+            torrent = await leech.add_torrent(meta, store)  # no peers given: only the trackers
+            with trio.fail_after(30):
+                await torrent.wait_complete()
+    assert bytes(store.data) == content
