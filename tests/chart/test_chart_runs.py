@@ -4,8 +4,6 @@ running agent through its ConfigMap volume without a restart."""
 
 from __future__ import annotations
 
-import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ from tests.chart.conftest import Render
 from tests.realparts import images
 from tests.realparts.procs import ManagedProcess, free_port, poll_until
 from tests.realparts.registry import run_registry
+from tests.services import service_binary
 
 pytestmark = pytest.mark.realparts
 
@@ -45,14 +44,6 @@ class ConfigMapVolume:
         staging.rename(self.root / "..data")
         if not self.file.is_symlink():
             self.file.symlink_to(f"..data/{self.name}")
-
-
-def service(name: str) -> str:
-    binary = Path(sys.executable).with_name(f"p2p-{name}")
-    found = str(binary) if binary.exists() else shutil.which(f"p2p-{name}")
-    if found is None:
-        pytest.fail(f"p2p-{name} is not installed")
-    return found
 
 
 def metric(port: int, name: str) -> float | None:
@@ -108,7 +99,7 @@ def test_rendered_configmaps_run_the_services_and_a_helm_upgrade_changes_rates_l
         try:
             for name in ("tracker", "proxy", "agent"):
                 process = ManagedProcess(
-                    [service(name), "--config", str(volumes[name].file)],
+                    [service_binary(name), "--config", str(volumes[name].file)],
                     tmp_path / f"{name}.log",
                     env={"PATH": "/usr/bin:/bin", **env[name]},
                 ).start()

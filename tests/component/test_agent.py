@@ -33,6 +33,21 @@ def blob_path(image: images.Image, index: int) -> str:
     return f"/v2/team/app/blobs/{image.layers[index].digest}"
 
 
+async def pull_concurrently(agent: AgentHandle, path: str, count: int) -> list[bytes]:
+    """``count`` GETs of ``path`` at once (with some credentials); their bodies."""
+    bodies: list[bytes] = []
+
+    async def pull() -> None:
+        response = await agent.http.get(path, headers=basic("any", "one"))
+        assert response.status_code == 200
+        bodies.append(response.content)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(count):
+            nursery.start_soon(pull)
+    return bodies
+
+
 async def test_concurrent_requests_for_one_blob_share_one_download(
     origin: tuple[Registry, images.Image], tmp_path: Path
 ) -> None:
@@ -43,18 +58,8 @@ async def test_concurrent_requests_for_one_blob_share_one_download(
         run_proxy(tmp_path / "proxy", [registry.url], [announce]) as proxy,
         run_agent(tmp_path / "agent", [registry.url], [proxy.url]) as agent,
     ):
-        bodies: list[bytes] = []
-
-        async def pull() -> None:
-            response = await agent.http.get(blob_path(image, 0), headers=basic("any", "one"))
-            assert response.status_code == 200
-            bodies.append(response.content)
-
-        async with trio.open_nursery() as nursery:
-            for _ in range(5):
-                nursery.start_soon(pull)
-        assert all(body == layer.data for body in bodies)
-        assert len(bodies) == 5
+        bodies = await pull_concurrently(agent, blob_path(image, 0), 5)
+        assert bodies == [layer.data] * 5
         # Cold at the proxy too: the proxy streamed the blob while fetching it, once.
         assert await metric(proxy.http, "p2p_proxy_progressive_streams_total") == 1
         assert await agent.metric("p2p_agent_download_bytes_total", source="proxy_stream") == (
@@ -73,16 +78,7 @@ async def test_concurrent_requests_share_one_swarm_download(
         run_proxy(tmp_path / "proxy", [registry.url], [announce], progressive_streams=0) as proxy,
         run_agent(tmp_path / "agent", [registry.url], [proxy.url]) as agent,
     ):
-        bodies: list[bytes] = []
-
-        async def pull() -> None:
-            response = await agent.http.get(blob_path(image, 0), headers=basic("any", "one"))
-            assert response.status_code == 200
-            bodies.append(response.content)
-
-        async with trio.open_nursery() as nursery:
-            for _ in range(5):
-                nursery.start_soon(pull)
+        bodies = await pull_concurrently(agent, blob_path(image, 0), 5)
         assert bodies == [layer.data] * 5
         assert await metric(proxy.http, "p2p_proxy_metainfo_requests_total") == 1
         assert await metric(proxy.http, "p2p_proxy_progressive_streams_total") == 0

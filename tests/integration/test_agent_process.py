@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from tests.cluster import run_proxy, run_tracker
 from tests.realparts import images
 from tests.realparts.procs import ManagedProcess, free_port
 from tests.realparts.registry import run_registry
+from tests.services import service_binary
 
 pytestmark = pytest.mark.realparts
 
@@ -24,11 +23,7 @@ MiB = 1024 * 1024
 
 
 def binary() -> str:
-    beside = Path(sys.executable).with_name("p2p-agent")
-    found = str(beside) if beside.exists() else shutil.which("p2p-agent")
-    if found is None:
-        pytest.fail("the p2p-agent console script is not installed (pip install -e ./agent)")
-    return found
+    return service_binary("agent")
 
 
 def test_an_unknown_key_stops_the_agent_with_one_line_naming_it(tmp_path: Path) -> None:

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +18,7 @@ import pytest
 from p2p_common import metainfo as mi
 from tests.realparts import images
 from tests.realparts.registry import Registry, free_port, run_registry
+from tests.services import service_binary, service_env
 
 pytestmark = pytest.mark.realparts
 
@@ -28,17 +26,7 @@ MiB = 1024 * 1024
 
 
 def _binary() -> str:
-    beside = Path(sys.executable).with_name("p2p-proxy")
-    found = str(beside) if beside.exists() else shutil.which("p2p-proxy")
-    if found is None:
-        pytest.fail("the p2p-proxy console script is not installed (pip install -e ./proxy)")
-    return found
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("P2P_")}
-    env.update(extra)
-    return env
+    return service_binary("proxy")
 
 
 class ProxyProcess:
@@ -113,7 +101,7 @@ def launch(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
     def start(text: str, **env: str) -> ProxyProcess:
         config = tmp_path / f"proxy-{len(started)}.yaml"
         config.write_text(text)
-        process = ProxyProcess(config, _env(**env))
+        process = ProxyProcess(config, service_env(**env))
         started.append(process)
         return process
 
@@ -127,7 +115,7 @@ def run_to_exit(tmp_path: Path, text: str, **env: str) -> subprocess.CompletedPr
     config.write_text(text)
     return subprocess.run(
         [_binary(), "--config", str(config)],
-        env=_env(**env),
+        env=service_env(**env),
         capture_output=True,
         text=True,
         timeout=30,

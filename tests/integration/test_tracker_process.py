@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -17,20 +14,11 @@ from pathlib import Path
 import pytest
 
 from p2p_common.tracker_proto import AnnounceRequest, announce_url, parse_announce_response
+from tests.services import service_binary, service_env
 
 
 def _binary() -> str:
-    beside = Path(sys.executable).with_name("p2p-tracker")
-    found = str(beside) if beside.exists() else shutil.which("p2p-tracker")
-    if found is None:
-        pytest.fail("the p2p-tracker console script is not installed (pip install -e ./tracker)")
-    return found
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("P2P_")}
-    env.update(extra)
-    return env
+    return service_binary("tracker")
 
 
 class Tracker:
@@ -80,7 +68,7 @@ def run(tmp_path: Path) -> Iterator[Callable[..., Tracker]]:
     def launch(config_text: str, **env: str) -> Tracker:
         config = tmp_path / "tracker.yaml"
         config.write_text(config_text)
-        tracker = Tracker(config, _env(**env))
+        tracker = Tracker(config, service_env(**env))
         started.append(tracker)
         return tracker
 
@@ -94,7 +82,7 @@ def _run_to_exit(tmp_path: Path, config_text: str, **env: str) -> subprocess.Com
     config.write_text(config_text)
     return subprocess.run(
         [_binary(), "--config", str(config)],
-        env=_env(**env),
+        env=service_env(**env),
         capture_output=True,
         text=True,
         timeout=30,

@@ -314,14 +314,7 @@ class ProxyApp:
     async def _follow_progress(
         self, receive: Receive, send: Send, fd: int, progress: Progress
     ) -> None:
-        async with trio.open_nursery() as nursery:
-
-            async def watch_disconnect() -> None:
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(watch_disconnect)
+        async def body() -> None:
             position = 0
             while position < progress.length:
                 changed = progress.changed
@@ -345,7 +338,8 @@ class ProxyApp:
                     await changed.wait()
             if progress.length == 0:
                 await send_chunk(send, b"", more=False)
-            nursery.cancel_scope.cancel()
+
+        await until_disconnect(receive, body)
 
     async def _metainfo(self, request: Request, receive: Receive, send: Send) -> None:
         if request.method != "GET":

@@ -1,0 +1,28 @@
+"""Finding and starting the project's own console scripts in process-level tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def service_binary(name: str) -> str:
+    """Absolute path of ``p2p-<name>`` (beside this interpreter, else on PATH); fails the test
+    when the package is not installed."""
+    script = f"p2p-{name}"
+    beside = Path(sys.executable).with_name(script)
+    found = str(beside) if beside.exists() else shutil.which(script)
+    if found is None:
+        pytest.fail(f"the {script} console script is not installed (pip install -e ./{name})")
+    return found
+
+
+def service_env(**extra: str) -> dict[str, str]:
+    """This process's environment without any ``P2P_*`` setting, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("P2P_")}
+    env.update(extra)
+    return env
