@@ -2,19 +2,44 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
-from p2p_common.settings import ByteSize, HostPort, RegistryList, ServiceSettings, StrList
+from p2p_common.settings import (
+    ByteSize,
+    HostPort,
+    RegistryList,
+    ServiceSettings,
+    StrList,
+    split_host_port,
+)
+
+
+def _loopback(value: str) -> str:
+    host, _port = split_host_port(value)
+    if host == "localhost":
+        return value
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return value
+    except ValueError:
+        pass
+    raise ValueError(f"{value!r} is not a loopback address (use 127.0.0.1:5004)")
+
+
+LoopbackHostPort = Annotated[HostPort, AfterValidator(_loopback)]
 
 
 class AgentSettings(ServiceSettings):
     ENV_PREFIX: ClassVar[str] = "P2P_AGENT_"
 
-    listen: HostPort = "127.0.0.1:5004"
-    """The registry API containerd pulls from. Keep it on 127.0.0.1."""
+    listen: LoopbackHostPort = "127.0.0.1:5004"
+    """The registry API containerd pulls from. Only a loopback address is accepted: the API
+    serves cached private layers to callers the origin authorized, and forwards their
+    credentials; nothing off the node may reach it."""
     metrics_listen: HostPort = "0.0.0.0:5014"
     """``/metrics``, ``/healthz`` and ``/readyz``."""
     peer_port: int = Field(6881, ge=1, le=65535)
