@@ -41,7 +41,7 @@ from p2p_common.storage import PieceFile
 
 log = logging.getLogger("p2p.agent.downloads")
 
-READ_CHUNK = 1024 * 1024
+READ_CHUNK = 4 * 1024 * 1024
 WRITE_BATCH = 4 * 1024 * 1024
 """Streamed bytes written (and hashed) per worker-thread call."""
 PUBLISH_SECONDS = 120.0

