@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 
+from p2p_common.blobcache import BlobCache
+from p2p_common.storage import PieceFile, StorageError
 from tests.cluster import AgentHandle, basic, metric, run_agent, run_proxy, run_tracker
 from tests.engine_helpers import wait_until
 from tests.realparts import images
@@ -291,3 +295,54 @@ async def test_a_blob_larger_than_the_cache_quota_is_a_507_and_changes_nothing(
         assert not any((data / "partial").iterdir())
         # Smaller blobs still work.
         assert (await agent.http.get(blob_path(image, 2))).content == image.layers[2].data
+
+
+async def test_too_little_disk_is_a_507_before_anything_is_written(
+    origin: tuple[Registry, images.Image], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry, image = origin
+    monkeypatch.setattr(BlobCache, "free_bytes", lambda self: 10 * MiB)  # a nearly full disk
+    async with (
+        run_tracker() as announce,
+        run_proxy(tmp_path / "proxy", [registry.url], [announce]) as proxy,
+        run_agent(tmp_path / "agent", [registry.url], [proxy.url], cache_size=0) as agent,
+    ):
+        response = await agent.http.get(blob_path(image, 1))
+        assert response.status_code == 507
+        assert "free" in response.json()["errors"][0]["message"]
+        assert not any((agent.settings.data_dir / "partial").iterdir())
+
+
+async def test_a_disk_that_fills_up_mid_download_fails_that_pull_not_the_agent(
+    origin: tuple[Registry, images.Image], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry, image = origin
+    layer = image.layers[1]
+    real_write = PieceFile.write_piece
+    full = True
+
+    def write_piece(self: PieceFile, index: int, data: bytes) -> None:
+        if full and index >= 3:
+            raise StorageError("disk full") from OSError(errno.ENOSPC, "No space left on device")
+        real_write(self, index, data)
+
+    monkeypatch.setattr(PieceFile, "write_piece", write_piece)
+    async with (
+        run_tracker() as announce,
+        run_proxy(tmp_path / "proxy", [registry.url], [announce], progressive_streams=0) as proxy,
+        run_agent(tmp_path / "agent", [registry.url], [proxy.url]) as agent,
+    ):
+        received = bytearray()
+
+        async def pull() -> None:
+            async with agent.http.stream("GET", blob_path(image, 1)) as response:
+                async for chunk in response.aiter_bytes():
+                    received.extend(chunk)
+
+        with pytest.raises(httpx.HTTPError):
+            await pull()
+        assert len(received) < layer.size
+        assert (await agent.status.get("/healthz")).status_code == 200  # the agent lives on
+        full = False  # space was freed
+        again = await agent.http.get(blob_path(image, 1))
+        assert again.content == layer.data

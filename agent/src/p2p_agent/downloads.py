@@ -19,6 +19,7 @@ is seeded (a streamed blob as soon as the proxy's metainfo is available).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -48,6 +49,17 @@ PUBLISH_SECONDS = 120.0
 """Bound on checking and moving a complete blob into the cache, also during shutdown."""
 
 
+def _disk_full(error: BaseException | None) -> bool:
+    """Is an out-of-space error anywhere in ``error``'s chain of causes?"""
+    seen = 0
+    while error is not None and seen < 10:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+        seen += 1
+    return False
+
+
 @dataclass(frozen=True)
 class BlobRequest:
     """The blob a download is for, and whose credentials it is fetched with."""
@@ -70,8 +82,11 @@ class Download:
     error: BaseException | None = field(default=None, init=False)
 
     def failure(self) -> OCIError:
+        """The registry error readers get: the download's own, 507 for a full disk, 502 else."""
         if isinstance(self.error, OCIError):
             return self.error
+        if _disk_full(self.error):
+            return OCIError(ErrorCode.UNKNOWN, f"agent disk full: {self.error}", status=507)
         return OCIError(ErrorCode.UNKNOWN, f"download failed: {self.error}", status=502)
 
     def stream(self, start: int, end: int) -> AsyncIterator[bytes]:

@@ -22,6 +22,7 @@ import collections
 import contextlib
 import os
 import re
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +33,9 @@ from p2p_common.errors import LocalError
 from p2p_common.storage import PieceFile
 
 _DIGEST = re.compile(r"^sha256:([0-9a-f]{64})$")
+
+MIN_FREE_BYTES = 64 * 1024 * 1024
+"""Disk space a new blob must leave free (logs, metadata, other downloads growing)."""
 
 
 class CacheFullError(LocalError):
@@ -163,30 +167,41 @@ class BlobCache:
                 self._reserved -= nbytes
 
     def evict_for(self, nbytes: int) -> list[str]:
-        """Evict least recently used, unpinned blobs until ``nbytes`` more fit the quota.
+        """Evict least recently used, unpinned blobs until ``nbytes`` more fit: within the
+        quota (if any) and on the disk, which must keep :data:`MIN_FREE_BYTES` free beyond them.
 
-        Raises :class:`CacheFullError` when that is impossible. No-op without a quota.
+        Raises :class:`CacheFullError` when that is impossible.
         """
-        if not self.quota:
-            return []
-        if nbytes > self.quota:
+        if self.quota and nbytes > self.quota:
             raise CacheFullError(f"a blob of {nbytes} bytes is larger than the cache quota")
         evicted: list[str] = []
         while True:
             with self._lock:
                 total = sum(self._lru.values()) + self._reserved
-                if total + nbytes <= self.quota:
-                    return evicted
+                over_quota = bool(self.quota) and total + nbytes > self.quota
+            free = self.free_bytes()
+            short_of_disk = free < nbytes + MIN_FREE_BYTES
+            if not over_quota and not short_of_disk:
+                return evicted
+            with self._lock:
                 victim = next((d for d in self._lru if not self._pins.get(d)), None)
                 if victim is None:
+                    if over_quota:
+                        raise CacheFullError(
+                            f"cache quota of {self.quota} bytes is full of blobs in use"
+                        )
                     raise CacheFullError(
-                        f"cache quota of {self.quota} bytes is full of blobs in use"
+                        f"{self.root} has {free} bytes free, a blob of {nbytes} bytes needs more"
                     )
                 del self._lru[victim]
             self._remove_files(victim)
             evicted.append(victim)
             if self.on_evict is not None:
                 self.on_evict(victim)
+
+    def free_bytes(self) -> int:
+        """Bytes free on the cache's file system (for the caller's user)."""
+        return shutil.disk_usage(self.root).free
 
     def _remove_files(self, digest: str) -> None:
         for path in (self.blob_path(digest), self.metainfo_path(digest)):

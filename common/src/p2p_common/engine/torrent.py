@@ -400,11 +400,15 @@ class Torrent:
                     batch.append(receive.receive_nowait())
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
-            results = await trio.to_thread.run_sync(
-                self._verify_and_store,
-                [(index, data) for index, data, _ in batch],
-                limiter=self.engine.disk_threads,
-            )
+            try:
+                results = await trio.to_thread.run_sync(
+                    self._verify_and_store,
+                    [(index, data) for index, data, _ in batch],
+                    limiter=self.engine.disk_threads,
+                )
+            except LocalError as exc:  # the disk failed us (full, gone): this torrent stops
+                self.fail(exc)
+                return
             for (index, _data, contributors), ok in zip(batch, results, strict=True):
                 self._piece_checked(index, ok, contributors)
 
