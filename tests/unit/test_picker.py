@@ -282,12 +282,17 @@ def test_endgame_gives_another_peer_the_requested_blocks_but_not_the_received_on
     assert sorted(keys(other)) == sorted(keys(mine[1:]))
 
 
-def test_endgame_never_repeats_a_block_the_peer_has_outstanding() -> None:
+def test_endgame_duplicates_go_only_to_idle_peers_and_only_once() -> None:
     picker = PiecePicker(1, 4 * UNIT, 4 * UNIT, rng=random.Random(0))
     mine = picker.pick(full(1), UNIT, 4)
+    # A peer still busy with its own requests gets no duplicates, whatever it lacks.
     assert picker.pick(full(1), UNIT, 4, outstanding=as_outstanding(mine)) == []
-    some = as_outstanding(mine[:2])
-    assert sorted(keys(picker.pick(full(1), UNIT, 4, outstanding=some))) == sorted(keys(mine[2:]))
+    assert picker.pick(full(1), UNIT, 4, outstanding=as_outstanding(mine[:2])) == []
+    # An idle peer may duplicate every block that is in flight once ...
+    duplicates = picker.pick(full(1), UNIT, 4, outstanding={})
+    assert sorted(keys(duplicates)) == sorted(keys(mine))
+    # ... and no third peer is asked for the same bytes.
+    assert picker.pick(full(1), UNIT, 4, outstanding={}) == []
 
 
 def test_endgame_waits_until_every_missing_unit_is_requested() -> None:

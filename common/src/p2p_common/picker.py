@@ -6,9 +6,10 @@ Order of preference for a peer:
 2. pieces already started, so partial pieces complete and can be shared;
 3. new pieces: random while we hold fewer than ``random_first`` pieces (something
    to trade quickly), then rarest first (ties broken randomly);
-4. endgame: when every missing block is already requested, blocks requested from
-   other peers, so one slow peer cannot hold the last piece hostage. The caller
-   cancels the duplicates when a block arrives.
+4. endgame: when every missing block is already requested and this peer has nothing
+   else in flight, blocks requested from one other peer (never more), so one slow peer
+   cannot hold the last piece hostage. The caller cancels the duplicates when a block
+   arrives.
 
 Accounting is in 16 KiB units; a block is a run of consecutive units up to the
 peer's block size, so standard peers (16 KiB requests) and p2p peers (whole
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 from p2p_common.bitfield import Bitfield
 
 UNIT = 16 * 1024
+ENDGAME_REQUESTS = 2
+"""In endgame a unit is asked from at most this many peers at once (one duplicate)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,8 +175,11 @@ class PiecePicker:
             if fresh is None:
                 break
             self._take(fresh, units_per_block, count, blocks)
-        if len(blocks) < count and self._in_endgame():
-            self._endgame(peer, units_per_block, count, outstanding or {}, blocks)
+        if not blocks and not outstanding and self._in_endgame():
+            # Duplicates only for a peer with nothing else to do: with deep queues of
+            # whole-piece requests the endgame starts early, and duplicating everything then
+            # costs a fifth of the swarm's upload (measured in the demo).
+            self._endgame(peer, units_per_block, count, {}, blocks)
         return blocks
 
     def _take(self, index: int, units_per_block: int, count: int, out: list[Block]) -> None:
@@ -272,7 +278,11 @@ class PiecePicker:
                 continue
             unit = 0
             while unit < partial.units and len(out) < count:
-                if partial.received[unit] or (index, unit) in busy:
+                if (
+                    partial.received[unit]
+                    or (index, unit) in busy
+                    or partial.requests[unit] >= ENDGAME_REQUESTS
+                ):
                     unit += 1
                     continue
                 first = unit
@@ -282,6 +292,7 @@ class PiecePicker:
                     and unit - first < units_per_block
                     and not partial.received[unit]
                     and (index, unit) not in busy
+                    and partial.requests[unit] < ENDGAME_REQUESTS
                 ):
                     if partial.requests[unit] < 255:
                         partial.requests[unit] += 1
