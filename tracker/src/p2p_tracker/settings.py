@@ -14,11 +14,11 @@ class TrackerSettings(ServiceSettings):
 
     listen: HostPort = "0.0.0.0:6969"
     """Where the HTTP announce, scrape, health and metrics endpoints listen."""
-    announce_interval: int = Field(60, ge=1, le=3600)
+    announce_interval: int = Field(300, ge=1, le=3600)
     """Seconds a peer should wait between regular announces (the ``interval`` answer)."""
     min_announce_interval: int = Field(5, ge=1, le=3600)
     """Seconds a peer must wait at least between announces (``min interval``)."""
-    peer_expiry: int = Field(180, ge=1, le=86400)
+    peer_expiry: int = Field(900, ge=1, le=86400)
     """Seconds after its last announce that a silent peer is forgotten."""
     max_torrents: int = Field(100_000, ge=1)
     """Most infohashes tracked at once; announces for new ones are refused beyond it."""
