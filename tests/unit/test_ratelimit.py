@@ -102,11 +102,6 @@ def test_negative_or_nan_rates_are_refused(rate: float) -> None:
 # --- RateLimiter on trio's mock clock ------------------------------------------------------------
 
 
-@pytest.fixture
-def autojump_clock() -> trio.testing.MockClock:
-    return trio.testing.MockClock(autojump_threshold=0)
-
-
 async def test_sequential_acquires_take_total_over_rate(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
