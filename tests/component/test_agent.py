@@ -346,3 +346,27 @@ async def test_a_disk_that_fills_up_mid_download_fails_that_pull_not_the_agent(
         full = False  # space was freed
         again = await agent.http.get(blob_path(image, 1))
         assert again.content == layer.data
+
+
+async def test_the_swarm_works_without_a_tracker_from_the_proxys_seed(
+    origin: tuple[Registry, images.Image], tmp_path: Path
+) -> None:
+    """The proxy says where it seeds; the agent connects at once, even with no tracker."""
+    registry, image = origin
+    layer = image.layers[1]
+    async with (
+        run_proxy(
+            tmp_path / "proxy",
+            [registry.url],
+            ["http://127.0.0.1:9/announce"],  # a tracker that is down
+            progressive_streams=0,
+        ) as proxy,
+        run_agent(tmp_path / "agent", [registry.url], [proxy.url], fallback_after=60) as agent,
+    ):
+        with trio.fail_after(20):
+            response = await agent.http.get(blob_path(image, 1))
+        assert response.content == layer.data
+        assert await agent.metric("p2p_agent_http_fallbacks_total") == 0
+        with trio.fail_after(10):  # counted once the download is published
+            while await agent.metric("p2p_agent_download_bytes_total", source="proxy") == 0:  # noqa: ASYNC110
+                await trio.sleep(0.1)

@@ -31,7 +31,7 @@ import httpx
 import trio
 
 from p2p_agent.metrics import AgentMetrics
-from p2p_agent.proxies import ProxyClient
+from p2p_agent.proxies import ProxyClient, SwarmSource
 from p2p_common import metainfo as mi
 from p2p_common.blobcache import BlobCache
 from p2p_common.engine import Engine, Torrent
@@ -307,7 +307,7 @@ class Downloads:
                     request.size,
                     authorization=request.authorization,
                 ) as source:
-                    if isinstance(source, mi.Metainfo):
+                    if isinstance(source, SwarmSource):
                         await self._swarm(source, request, task_status)
                     else:
                         await self._stream(source, request, task_status)
@@ -317,11 +317,13 @@ class Downloads:
     # --- from the swarm ---------------------------------------------------------------------
 
     async def _swarm(
-        self, meta: mi.Metainfo, request: BlobRequest, task_status: trio.TaskStatus[Download]
+        self, source: SwarmSource, request: BlobRequest, task_status: trio.TaskStatus[Download]
     ) -> None:
+        meta = source.meta
         digest, size = meta.name, meta.length
         store = await trio.to_thread.run_sync(self.cache.open_partial, meta, digest)
-        torrent = await self.engine.add_torrent(meta, store)
+        seeds = [source.seed] if source.seed is not None else []
+        torrent = await self.engine.add_torrent(meta, store, peers=seeds)
         self.info_hashes[digest] = meta.info_hash
         download = SwarmDownload(digest, size, trio.current_time(), meta, store, torrent)
         self.active[digest] = download

@@ -11,8 +11,10 @@ through unchanged and never stored.
 from __future__ import annotations
 
 import logging
+import urllib.parse
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import httpx
 import trio
@@ -40,6 +42,23 @@ def _error_from(response: httpx.Response, what: str) -> OCIError:
             429: ErrorCode.TOOMANYREQUESTS,
         }.get(response.status_code, ErrorCode.UNKNOWN)
     return OCIError(code, message, status=response.status_code)
+
+
+@dataclass(frozen=True)
+class SwarmSource:
+    """A blob to get from the swarm: its metainfo and the proxy that seeds it (if it said)."""
+
+    meta: mi.Metainfo
+    seed: tuple[str, int] | None
+
+
+def _seed(base: str, response: httpx.Response) -> tuple[str, int] | None:
+    """The proxy's BitTorrent address: its API host and the peer port it announced."""
+    port = response.headers.get("x-p2p-peer-port", "")
+    host = urllib.parse.urlsplit(base).hostname
+    if not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        return None
+    return host, int(port)
 
 
 class ProxyClient:
@@ -149,7 +168,7 @@ class ProxyClient:
     @asynccontextmanager
     async def source(
         self, ns: str, name: str, digest: str, size: int, *, authorization: str | None
-    ) -> AsyncIterator[mi.Metainfo | httpx.Response]:
+    ) -> AsyncIterator[SwarmSource | httpx.Response]:
         """Where a cold blob comes from: its metainfo (join the swarm), or, while the proxy
         is still fetching it from the origin and has a stream slot free, an open response
         streaming the blob itself (``X-P2P-Stream: 1``)."""
@@ -180,7 +199,7 @@ class ProxyClient:
                     yield response
                     return
                 body = await response.aread()
-                yield self._metainfo(body, digest, size)
+                yield SwarmSource(self._metainfo(body, digest, size), _seed(base, response))
                 return
             finally:
                 await response.aclose()

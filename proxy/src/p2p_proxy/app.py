@@ -381,5 +381,10 @@ class ProxyApp:
             200,
             meta.to_bytes(),
             content_type=BITTORRENT_CONTENT_TYPE,
-            headers=[("Docker-Content-Digest", digest), ("X-P2P-Info-Hash", meta.info_hash.hex())],
+            headers=[
+                ("Docker-Content-Digest", digest),
+                ("X-P2P-Info-Hash", meta.info_hash.hex()),
+                # Where this proxy seeds it: agents connect at once, tracker or not.
+                ("X-P2P-Peer-Port", str(self.peer_port())),
+            ],
         )
