@@ -17,6 +17,7 @@ BENCHMARKS = {
     "peer": "tests.bench.bench_peer",
     "tracker": "tests.bench.bench_tracker",
     "pull": "tests.bench.bench_pull",
+    "rollout": "tests.bench.bench_rollout",
 }
 
 
