@@ -1132,7 +1132,8 @@ class Bench:
             "origin_bytes": metric(samples, "p2p_proxy_origin_bytes_total"),
             "peer_upload_bytes": metric(samples, "p2p_proxy_peer_upload_bytes_total"),
             # Progressive streams count here too (the proxy's metric includes them).
-            "http_bytes": metric(samples, "p2p_proxy_http_fallback_bytes_total"),
+            "http_bytes": metric(samples, "p2p_proxy_http_fallback_bytes_total")
+            + metric(samples, "p2p_proxy_stream_bytes_total"),
             "progressive_streams": metric(samples, "p2p_proxy_progressive_streams_total"),
         }
 

@@ -78,6 +78,8 @@ async def test_first_callers_stream_the_rest_get_metainfo(origin: Origin, tmp_pa
         assert again.headers.get("x-p2p-stream") is None
         assert mi.parse(again.content).info_hash == parsed.info_hash
         assert await metric(proxy.http, "p2p_proxy_progressive_streams_total") == 2
+        assert await metric(proxy.http, "p2p_proxy_stream_bytes_total") == 2 * blob.size
+        assert await metric(proxy.http, "p2p_proxy_http_fallback_bytes_total") == 0
     assert origin.registry.blob_gets()[blob.digest] == 1
 
 

@@ -430,3 +430,14 @@ def test_simulated_swarm_picks_valid_blocks_and_always_completes(
                 picker.peer_have(index)
     assert picker.complete
     assert picker.have == full(num_pieces)
+
+
+def test_a_seed_is_asked_for_priority_pieces_only_when_no_other_peer_has_them() -> None:
+    picker = PiecePicker(10, PIECE, 10 * PIECE, rng=random.Random(1), random_first=0)
+    picker.peer_seed()  # the proxy
+    picker.peer_bitfield(bits(10, [0, 1]))  # another agent has the first two pieces
+    picker.set_priority([0, 1, 2])
+    from_seed = keys(picker.pick(None, PIECE, 1))
+    assert from_seed == [(2, 0)]  # not 0 or 1: the other agent has those
+    from_agent = keys(picker.pick(bits(10, [0, 1]), PIECE, 2))
+    assert from_agent == [(0, 0), (1, 0)]

@@ -140,9 +140,9 @@ async def send_file_range(
         if len(data) != size:
             raise StorageError(f"short read at {offset}")
         offset += size
-        await send_chunk(send, data, more=offset < end)
-        if sent is not None:
+        if sent is not None:  # counted before sending: a cancelled last send still went out
             sent(size)
+        await send_chunk(send, data, more=offset < end)
     if length == 0:
         await send_chunk(send, b"", more=False)
 

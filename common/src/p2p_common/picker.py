@@ -2,7 +2,8 @@
 
 Order of preference for a peer:
 
-1. pieces a reader is waiting on (:meth:`PiecePicker.set_priority`), in reading order;
+1. pieces a reader is waiting on (:meth:`PiecePicker.set_priority`), in reading order
+   (from a seed only those no other peer has);
 2. pieces already started, so partial pieces complete and can be shared;
 3. new pieces: random while we hold fewer than ``random_first`` pieces (something
    to trade quickly), then rarest first (ties broken randomly);
@@ -163,6 +164,11 @@ class PiecePicker:
         for index in self._priority:
             if len(blocks) >= count:
                 return blocks
+            if peer is None and self._avail[index]:
+                # A seed (the proxy, usually) is asked for a reader's next pieces only when
+                # no other peer has them: when a whole rollout reads in the same order, the
+                # seed's uplink would otherwise send every one of those pieces to every node.
+                continue
             if self.wanted(index) and has(index):
                 self._take(index, units_per_block, count, blocks)
         for index in list(self._partials):

@@ -328,8 +328,8 @@ class ProxyApp:
                     if len(data) != size:
                         raise StorageError(f"short read of a blob being fetched at {position}")
                     position += size
+                    self.metrics.stream_bytes.inc(size)  # before: the last send may be cut short
                     await send_chunk(send, data, more=position < progress.length)
-                    self.metrics.fallback_bytes.inc(size)
                 elif progress.ended:
                     # The fetch failed (or was cut short): end the response unfinished so
                     # the agent sees a broken transfer, never a complete wrong blob.

@@ -94,6 +94,11 @@ class ProxyMetrics:
             "Blobs streamed to an agent while still being fetched from the origin.",
             registry=r,
         )
+        self.stream_bytes = Counter(
+            "p2p_proxy_stream_bytes",
+            "Blob bytes streamed to agents while the blob was still being fetched.",
+            registry=r,
+        )
         self.fallback_bytes = Counter(
             "p2p_proxy_http_fallback_bytes", "Blob bytes served over HTTP (fallback).", registry=r
         )

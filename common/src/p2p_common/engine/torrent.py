@@ -39,8 +39,10 @@ SNUB_AFTER = 20.0
 IDLE_TIMEOUT = 180.0
 CONNECT_TIMEOUT = 5.0
 HANDSHAKE_TIMEOUT = 10.0
-READER_WINDOW = 8
-"""Pieces ahead of each streaming reader that the picker fetches first."""
+READER_WINDOW = 4
+"""Pieces ahead of each streaming reader that the picker fetches first. Small on purpose: a
+whole rollout reads in the same order, and everyone wanting the same pieces first is the
+opposite of what a swarm needs (tests/bench/bench_rollout.py)."""
 BAN_STRIKES = 2
 RECONNECT_DELAY = 5.0
 """Seconds before dialling again a peer whose connection ended normally."""
