@@ -272,3 +272,25 @@ async def test_dead_trackers_in_the_list_are_skipped() -> None:
             with trio.fail_after(30):
                 await torrent.wait_complete()
     assert bytes(store.data) == content
+
+
+async def test_a_super_seed_puts_each_piece_into_the_swarm_about_once() -> None:
+    """BEP 16 style: pieces revealed a few at a time, in order across peers; the leechers
+    trade the rest. Without it the seed sends the same pieces to every leecher."""
+    content = make_content(4 * MiB)
+    meta = metainfo_for(content, piece_length=256 * 1024)
+    async with running_engines(1, role="proxy", upload_rate=3 * MiB, super_seed=True) as (seed,):
+        await seed.add_torrent(meta, MemoryPieceStore(meta, content))
+        async with running_engines(4) as leechers:
+            addresses = [("127.0.0.1", e.port) for e in (seed, *leechers)]
+            stores = [MemoryPieceStore(meta) for _ in leechers]
+            torrents = [
+                await engine.add_torrent(meta, store, peers=addresses)
+                for engine, store in zip(leechers, stores, strict=True)
+            ]
+            with trio.fail_after(60):
+                for torrent in torrents:
+                    await torrent.wait_complete()
+    assert all(bytes(store.data) == content for store in stores)
+    assert seed.upload_limiter.total <= 1.5 * len(content)
+    assert sum(t.downloaded_by_role["agent"] for t in torrents) >= 2.5 * len(content)

@@ -6,7 +6,8 @@ Order of preference for a peer:
    (from a seed only those no other peer has);
 2. pieces already started, so partial pieces complete and can be shared;
 3. new pieces: random while we hold fewer than ``random_first`` pieces (something
-   to trade quickly), then rarest first (ties broken randomly);
+   to trade quickly), then rarest first (ties broken randomly); from a seed, pieces no
+   other peer has come first, so the seed's upload brings new pieces into the swarm;
 4. endgame: when every missing block is already requested and this peer has nothing
    else in flight, blocks requested from one other peer (never more), so one slow peer
    cannot hold the last piece hostage. The caller cancels the duplicates when a block
@@ -27,6 +28,8 @@ from dataclasses import dataclass
 from p2p_common.bitfield import Bitfield
 
 UNIT = 16 * 1024
+SEED_LOOKAHEAD = 64
+"""How far past the rarest-first cursor a pick from a seed looks for a piece nobody has."""
 ENDGAME_REQUESTS = 2
 """In endgame a unit is asked from at most this many peers at once (one duplicate)."""
 
@@ -127,6 +130,10 @@ class PiecePicker:
     def availability(self, index: int) -> int:
         return self._avail[index] + self._seeds
 
+    def holders(self, index: int) -> int:
+        """Peers other than seeds known to have piece ``index``."""
+        return self._avail[index]
+
     # -- what readers want ---------------------------------------------------------------------
 
     def set_priority(self, indices: Iterable[int]) -> None:
@@ -222,6 +229,9 @@ class PiecePicker:
             candidates = [
                 i for i in (range(self.num_pieces) if peer is None else peer) if self._eligible(i)
             ]
+            if peer is None:  # from a seed, pieces no other peer has come first
+                unseen = [i for i in candidates if not self._avail[i]]
+                candidates = unseen or candidates
             return self._rng.choice(candidates) if candidates else None
         if self._dirty and (self._picks_since_rebuild >= 16 or self._cursor >= len(self._order)):
             self._rebuild()
@@ -230,6 +240,12 @@ class PiecePicker:
         while self._cursor < len(order) and not self._eligible(order[self._cursor]):
             self._cursor += 1
         if peer is None:
+            # The order may be a few picks stale: look a little ahead for a piece that no peer
+            # has (live availability), so that a seed's upload adds a new piece to the swarm.
+            for position in range(self._cursor, min(len(order), self._cursor + SEED_LOOKAHEAD)):
+                index = order[position]
+                if not self._avail[index] and self._eligible(index):
+                    return index
             return order[self._cursor] if self._cursor < len(order) else None
         if peer.count * 8 < len(order) - self._cursor:
             # Few pieces: scan the peer's, rarest wins, ties broken at random (reservoir).

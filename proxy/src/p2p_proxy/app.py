@@ -70,7 +70,7 @@ class ProxyApp:
     seeder: Seeder
     metrics: ProxyMetrics
     peer_port: Callable[[], int]
-    progressive_streams: int = 2
+    progressive_streams: int = 1
     ready: bool = False
 
     def __post_init__(self) -> None:

@@ -63,6 +63,7 @@ async def serve(
         role="proxy",
         upload_rate=settings.upload_rate,
         max_connections=settings.max_connections,
+        super_seed=settings.super_seed,
     )
     async with AsyncExitStack() as stack:
         origins: dict[str, OriginClient] = {}

@@ -35,10 +35,13 @@ class ProxySettings(ServiceSettings):
     auth_cache_ttl: float = Field(60.0, ge=0)
     """Seconds an origin authorization decision is reused for the same credentials,
     registry, repository and digest (0 = ask the origin every time)."""
-    progressive_streams: int = Field(2, ge=0)
+    progressive_streams: int = Field(1, ge=0)
     """Agents that may stream a blob from the proxy while the proxy is still fetching it from
     the origin (they get the first bytes at once, then seed); the others wait for the fetch and
     use the swarm. 0 turns progressive streams off."""
+    super_seed: bool = True
+    """Reveal each blob's pieces to the agents a few at a time (BEP 16 super-seeding), so the
+    proxy's upload brings every piece into the swarm once before it sends any piece twice."""
     max_connections: int = Field(1000, ge=1)
     """Most BitTorrent peer connections at once."""
     shutdown_timeout: float = Field(90.0, ge=0)

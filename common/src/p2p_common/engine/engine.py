@@ -60,6 +60,7 @@ class Engine:
         max_peers_per_torrent: int = 50,
         max_block: int = DEFAULT_MAX_BLOCK,
         ban_by_address: bool = True,
+        super_seed: bool = False,
         http_client: httpx.AsyncClient | None = None,
     ) -> None:
         self.host = host
@@ -71,6 +72,8 @@ class Engine:
         self.max_peers_per_torrent = max_peers_per_torrent
         self.max_block = max_block
         self.ban_by_address = ban_by_address
+        self.super_seed = super_seed
+        """Seed complete torrents BEP 16 style (proxies: see Torrent.offer)."""
         self.download_limiter = RateLimiter(download_rate)
         self.upload_limiter = RateLimiter(upload_rate)
         self.disk_threads = trio.CapacityLimiter(4)

@@ -35,6 +35,10 @@ MAX_UNREQUESTED_BYTES = 64 * 1024 * 1024
 IN_FLIGHT_BYTES = 8 * 1024 * 1024
 """Request bytes we keep outstanding per p2p peer (bandwidth-delay product headroom)."""
 FOREIGN_IN_FLIGHT_BYTES = 2 * 1024 * 1024
+QUEUE_SECONDS = 2.0
+SUPER_SEED_OFFERS = 8
+"""Pieces a super-seed reveals to a peer at a time."""
+MIN_QUEUE = 2
 RECEIVE_CHUNK = 256 * 1024
 
 
@@ -68,9 +72,12 @@ class PeerConnection:
         self.peer_seed = False
         self.extension: wire.ExtensionHandshake | None = None
         self.block_size = wire.BLOCK_SIZE
-        self.queue_target = FOREIGN_IN_FLIGHT_BYTES // wire.BLOCK_SIZE
+        self.max_queue = FOREIGN_IN_FLIGHT_BYTES // wire.BLOCK_SIZE
+        self.queue_target = self.max_queue
         # requests we sent and requests we received
         self.outstanding: dict[tuple[int, int], Block] = {}
+        self.offers: set[int] = set()
+        """Pieces revealed to this peer while super-seeding and not yet reported by it."""
         self.uploads: collections.deque[wire.Request] = collections.deque()
         # accounting
         self.downloaded = 0
@@ -157,6 +164,13 @@ class PeerConnection:
         ):
             self.update_interest()
 
+    def adapt_queue(self) -> None:
+        """Keep about :data:`QUEUE_SECONDS` of this peer's measured rate requested (plus two
+        blocks so the rate can grow). A deep fixed queue on a slow or shared link means
+        requests chosen on stale information and pieces stuck behind others at busy peers."""
+        rate_blocks = int(self.download_rate * QUEUE_SECONDS / self.block_size)
+        self.queue_target = max(MIN_QUEUE, min(self.max_queue, rate_blocks + 2))
+
     def cancel(self, block: Block) -> None:
         if self.outstanding.pop((block.index, block.begin), None) is not None:
             self.send(wire.encode_cancel(block.index, block.begin, block.length))
@@ -196,7 +210,12 @@ class PeerConnection:
     def _send_opening(self) -> None:
         torrent = self.torrent
         have = torrent.picker.have
-        if self.protocol.fast and have.complete:
+        if torrent.super_seeding:
+            # BEP 16: reveal a few pieces at a time instead of everything (see Torrent.offer).
+            if self.protocol.fast:
+                self._out.append(wire.ENCODED_HAVE_NONE)
+            torrent.offer(self, SUPER_SEED_OFFERS)
+        elif self.protocol.fast and have.complete:
             self._out.append(wire.ENCODED_HAVE_ALL)
         elif self.protocol.fast and not have.count:
             self._out.append(wire.ENCODED_HAVE_NONE)
@@ -242,6 +261,15 @@ class PeerConnection:
                 )
                 self.uploaded += request.length
                 torrent.uploaded += request.length
+                if (
+                    request.index in self.offers
+                    and request.begin + request.length == torrent.metainfo.piece_size(request.index)
+                ):
+                    # The last block of a revealed piece is out (peers do not tell a seed
+                    # they have a piece it has): reveal the next one.
+                    if self.peer_bits.set(request.index):  # it has it now, as far as we know
+                        torrent.picker.peer_have(request.index)
+                    torrent.offer_done(self, request.index)
                 await trio.lowlevel.checkpoint()
 
     async def _reader(self) -> None:
@@ -279,6 +307,8 @@ class PeerConnection:
         elif isinstance(event, wire.Request):
             self._on_request(event)
         elif isinstance(event, wire.Have):
+            if self.offers and event.index in self.offers:
+                torrent.offer_done(self, event.index)  # it has what we revealed: reveal more
             if not self.peer_seed and self.peer_bits.set(event.index):
                 torrent.picker.peer_have(event.index)
                 if not self.am_interested and torrent.picker.wanted(event.index):
@@ -330,9 +360,11 @@ class PeerConnection:
             self.extension = event
             if event.p2p_block is not None:
                 self.block_size = min(event.p2p_block, torrent.engine.max_block)
-                self.queue_target = max(2, IN_FLIGHT_BYTES // self.block_size)
+                self.max_queue = max(2, IN_FLIGHT_BYTES // self.block_size)
+                self.queue_target = self.max_queue
             elif event.request_queue is not None:
-                self.queue_target = max(1, min(self.queue_target, event.request_queue))
+                self.max_queue = max(1, min(self.max_queue, event.request_queue))
+                self.queue_target = self.max_queue
             torrent.peer_interest_changed(self)
         # keep-alive, port, suggest, allowed-fast, other extensions: nothing to do
 

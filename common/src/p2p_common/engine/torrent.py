@@ -20,7 +20,7 @@ import trio
 
 from p2p_common import wire
 from p2p_common.choker import Choker, PeerStats
-from p2p_common.engine.peer import PeerConnection
+from p2p_common.engine.peer import SUPER_SEED_OFFERS, PeerConnection
 from p2p_common.engine.transport import PeerGoneError, Transport, make_transport
 from p2p_common.errors import LocalError, RemoteError
 from p2p_common.logs import event as log_event
@@ -96,6 +96,14 @@ class Torrent:
         self._piece_events: dict[int, trio.Event] = {}
         self._readers: dict[object, int] = {}
         self._candidates_changed = trio.Event()
+        self.super_seeding = engine.super_seed and self.picker.complete
+        """BEP 16: reveal pieces to each peer a few at a time, each piece to one peer before
+        any piece goes to a second, so a seed's upload puts every piece into the swarm once
+        instead of the same pieces into every peer (tests/bench/bench_rollout.py)."""
+        self._offer_cursor = 0
+        self._first_pass = 0
+        self._offered_now = [0] * metainfo.num_pieces
+        """Per piece: to how many peers it is revealed and not yet delivered."""
         self.completed = trio.Event()
         self.closed = trio.Event()
         """Set when the torrent has stopped, its connections ended and its store is closed."""
@@ -278,6 +286,9 @@ class Torrent:
             self.connections.pop(conn.peer_id, None)
             self._close_when_idle()
             conn.release_requests()
+            for index in conn.offers:
+                self._offered_now[index] -= 1
+            conn.offers.clear()
             conn.forget_availability()
             self.choker.forget(conn.key)
             for contributors in self._contributors.values():
@@ -473,6 +484,55 @@ class Torrent:
 
     # -- choking ---------------------------------------------------------------------------------
 
+    def offer(self, conn: PeerConnection, count: int) -> None:
+        """Reveal up to ``count`` more pieces to ``conn`` (super-seeding).
+
+        First every piece once, in index order across peers (which spreads first copies and
+        keeps streaming readers supplied roughly in reading order). After that, pieces the
+        peer lacks that no other peer is known to have and nobody is being sent, then any
+        piece it lacks that nobody is being sent. A piece revealed to one peer is not revealed
+        to a second while the first still has it in flight, so the seed's upload adds new
+        pieces to the swarm instead of copies; the peers trade the rest.
+        """
+        num = self.metainfo.num_pieces
+        while count > 0 and self._first_pass < num:
+            index = self._first_pass
+            self._first_pass += 1
+            if index not in conn.peer_bits:
+                self._reveal(conn, index)
+                count -= 1
+        if count <= 0:
+            return
+        fallback: list[int] = []
+        for step in range(num):
+            index = (self._offer_cursor + step) % num
+            if index in conn.peer_bits or index in conn.offers or self._offered_now[index]:
+                continue
+            if self.picker.holders(index):
+                if len(fallback) < count:
+                    fallback.append(index)
+                continue
+            self._reveal(conn, index)
+            count -= 1
+            if count <= 0:
+                self._offer_cursor = (index + 1) % num
+                return
+        for index in fallback[:count]:
+            self._reveal(conn, index)
+
+    def _reveal(self, conn: PeerConnection, index: int) -> None:
+        conn.offers.add(index)
+        self._offered_now[index] += 1
+        conn.send(wire.encode_have(index))
+
+    def offer_done(self, conn: PeerConnection, index: int) -> None:
+        """A revealed piece reached ``conn`` (or ``conn`` left): reveal another one."""
+        if index in conn.offers:
+            conn.offers.discard(index)
+            self._offered_now[index] -= 1
+        if not conn.closed:
+            self.offer(conn, 1)
+
     def peer_interest_changed(self, conn: PeerConnection) -> None:
         """Cooperative peers are unchoked at once rather than at the next round."""
         if conn.cooperative and conn.peer_interested and conn.am_choking:
@@ -491,6 +551,10 @@ class Torrent:
                 delta = conn.downloaded - conn._rate_mark
                 conn._rate_mark = conn.downloaded
                 conn.download_rate = 0.7 * conn.download_rate + 0.3 * delta / CHOKE_ROUND
+                if conn.outstanding:  # only a peer we are asking tells its rate
+                    conn.adapt_queue()
+                if self.super_seeding and not conn.offers and conn.peer_interested:
+                    self.offer(conn, SUPER_SEED_OFFERS)  # nothing revealed: try again
                 if now - conn.last_received > IDLE_TIMEOUT:
                     conn.close()
                     continue
