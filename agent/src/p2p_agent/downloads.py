@@ -23,6 +23,7 @@ import errno
 import hashlib
 import logging
 import os
+import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from p2p_agent.proxies import ProxyClient, SwarmSource
 from p2p_common import metainfo as mi
 from p2p_common.blobcache import BlobCache
 from p2p_common.engine import Engine, Torrent
+from p2p_common.engine.torrent import RESEED_ANNOUNCE_SPREAD
 from p2p_common.errors import LocalError
 from p2p_common.logs import event
 from p2p_common.oci import ErrorCode, OCIError
@@ -224,19 +226,20 @@ class Downloads:
             for digest in self.cache.digests():
                 meta = self.cache.load_metainfo(digest)
                 if meta is not None and meta.name == digest:
-                    await self._seed(digest, meta)
+                    await self._seed(digest, meta, spread=True)
             self.metrics.active_torrents.set(len(self.engine.torrents))
             task_status.started()
             await trio.sleep_forever()  # downloads run here until the agent stops
 
-    async def _seed(self, digest: str, meta: mi.Metainfo) -> None:
-        """Seed a cached blob."""
+    async def _seed(self, digest: str, meta: mi.Metainfo, *, spread: bool = False) -> None:
+        """Seed a cached blob (``spread``: at start-up, first announce at a random moment)."""
         try:
             store = PieceFile(meta, self.cache.blob_path(digest), complete=True)
         except LocalError:
             self.cache.remove(digest)
             return
-        await self.engine.add_torrent(meta, store)
+        delay = random.uniform(0, RESEED_ANNOUNCE_SPREAD) if spread else 0.0
+        await self.engine.add_torrent(meta, store, announce_delay=delay)
         self.info_hashes[digest] = meta.info_hash
         self.metrics.active_torrents.set(len(self.engine.torrents))
 

@@ -11,6 +11,7 @@ trusted, the blob was verified when it entered the cache).
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ import trio
 
 from p2p_common.blobcache import BlobCache
 from p2p_common.engine import Engine, Torrent
+from p2p_common.engine.torrent import RESEED_ANNOUNCE_SPREAD
 from p2p_common.logs import event
 from p2p_common.metainfo import Metainfo, piece_length_for
 from p2p_common.storage import PieceFile, StorageError
@@ -67,7 +69,7 @@ class Seeder:
     def _alive(self, seed: _Seed) -> bool:
         return self.engine.torrents.get(seed.torrent.info_hash) is seed.torrent
 
-    async def seed(self, digest: str, meta: Metainfo) -> None:
+    async def seed(self, digest: str, meta: Metainfo, *, announce_delay: float = 0.0) -> None:
         """Make sure ``digest`` (cached, described by ``meta``) is being seeded."""
         lock = self._locks.setdefault(digest, trio.Lock())
         try:
@@ -82,7 +84,9 @@ class Seeder:
                     lambda: PieceFile(meta.with_trackers(self.trackers), path, complete=True)
                 )
                 try:
-                    torrent = await self.engine.add_torrent(store.metainfo, store)
+                    torrent = await self.engine.add_torrent(
+                        store.metainfo, store, announce_delay=announce_delay
+                    )
                 except BaseException:
                     store.close()
                     raise
@@ -132,7 +136,10 @@ class Seeder:
                 continue
             assert meta is not None
             try:
-                await self.seed(digest, meta)
+                # Spread the first announces: a restarted proxy reseeds its whole cache.
+                await self.seed(
+                    digest, meta, announce_delay=random.uniform(0, RESEED_ANNOUNCE_SPREAD)
+                )
             except StorageError as exc:
                 event(log, "proxy.reseed_failed", logging.WARNING, digest=digest, error=str(exc))
                 continue

@@ -110,16 +110,31 @@ class Engine:
         self.upload_limiter.set_rate(upload_rate)
 
     async def add_torrent(
-        self, metainfo: Metainfo, store: PieceStore, *, peers: Iterable[tuple[str, int]] = ()
+        self,
+        metainfo: Metainfo,
+        store: PieceStore,
+        *,
+        peers: Iterable[tuple[str, int]] = (),
+        announce_delay: float = 0.0,
     ) -> Torrent:
-        """Start sharing (and, if incomplete, downloading) a torrent."""
+        """Start sharing (and, if incomplete, downloading) a torrent.
+
+        ``announce_delay`` postpones the first announce: a service that reseeds its whole
+        cache at start-up spreads those announces out instead of sending them all at once
+        (a DaemonSet rollout restarts many agents together)."""
         if self._nursery is None:
             raise EngineStoppedError("Engine.serve() is not running")
         existing = self.torrents.get(metainfo.info_hash)
         if existing is not None:
             existing.add_peers(peers)
             return existing
-        torrent = Torrent(self, metainfo, store, max_peers=self.max_peers_per_torrent)
+        torrent = Torrent(
+            self,
+            metainfo,
+            store,
+            max_peers=self.max_peers_per_torrent,
+            announce_delay=announce_delay,
+        )
         self.torrents[metainfo.info_hash] = torrent
         torrent.add_peers(peers)
 

@@ -44,6 +44,8 @@ READER_WINDOW = 4
 whole rollout reads in the same order, and everyone wanting the same pieces first is the
 opposite of what a swarm needs (tests/bench/bench_rollout.py)."""
 BAN_STRIKES = 2
+RESEED_ANNOUNCE_SPREAD = 30.0
+"""Seconds over which a service spreads the first announces of the blobs it reseeds at start."""
 RECONNECT_DELAY = 5.0
 """Seconds before dialling again a peer whose connection ended normally."""
 VERIFY_QUEUE_BYTES = 8 * 1024 * 1024
@@ -77,8 +79,10 @@ class Torrent:
         store: PieceStore,
         *,
         max_peers: int = 50,
+        announce_delay: float = 0.0,
     ) -> None:
         self.engine = engine
+        self.announce_delay = announce_delay
         self.metainfo = metainfo
         self.store = store
         self.info_hash = metainfo.info_hash
@@ -587,6 +591,7 @@ class Torrent:
         event = AnnounceEvent.STARTED
         young_delay = 0.5
         was_complete = self.picker.complete
+        await trio.sleep(self.announce_delay)
         try:
             while True:
                 response = await announcer.announce(self, event)
