@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 
 from p2p_common import metainfo
 from p2p_common.bitfield import Bitfield
+from p2p_common.blobcache import PARTIAL_MAX_AGE, BlobCache
 from p2p_common.errors import LocalError, RemoteError
 from p2p_common.metainfo import Metainfo
 from p2p_common.storage import (
@@ -351,3 +353,18 @@ def test_discard_removes_both_files_and_close_twice_is_harmless(tmp_path: Path) 
     store.close()
     assert not data.exists()
     assert not bits.exists()
+
+
+def test_the_cache_scan_drops_what_cannot_be_resumed(tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path)
+    partial = tmp_path / "partial"
+    keep = [partial / f"sha256-{'a' * 64}{suffix}" for suffix in (".data", ".bits", ".torrent")]
+    old = [partial / f"sha256-{'b' * 64}{suffix}" for suffix in (".data", ".bits", ".torrent")]
+    stream = partial / f"sha256-{'c' * 64}.stream"
+    orphan = partial / f"sha256-{'d' * 64}.bits"
+    for path in (*keep, *old, stream, orphan):
+        path.write_bytes(b"x")
+    ancient = time.time() - PARTIAL_MAX_AGE - 60
+    os.utime(old[0], (ancient, ancient))
+    cache.scan()
+    assert sorted(partial.iterdir()) == sorted(keep)

@@ -34,6 +34,8 @@ from p2p_common.storage import PieceFile
 
 _DIGEST = re.compile(r"^sha256:([0-9a-f]{64})$")
 
+PARTIAL_MAX_AGE = 7 * 24 * 3600
+"""Seconds an interrupted download is kept for resuming (by the data file's last write)."""
 MIN_FREE_BYTES = 64 * 1024 * 1024
 """Disk space a new blob must leave free (logs, metadata, other downloads growing)."""
 
@@ -99,6 +101,25 @@ class BlobCache:
         for scratch in self.tmp_dir.iterdir():
             with contextlib.suppress(OSError):
                 scratch.unlink()
+        self._clean_partials()
+
+    def _clean_partials(self) -> None:
+        """Drop what a previous run cannot resume: streamed downloads (no bitfield), pieces
+        of a download left for :data:`PARTIAL_MAX_AGE` seconds, stray files of cut sets."""
+        now = time.time()
+        groups: dict[str, list[Path]] = collections.defaultdict(list)
+        for path in self.partial_dir.iterdir():
+            groups[path.stem].append(path)
+        for stem, paths in groups.items():
+            data = self.partial_dir / (stem + ".data")
+            try:
+                stale = now - data.stat().st_mtime > PARTIAL_MAX_AGE
+            except FileNotFoundError:
+                stale = True  # a stream, or a bitfield/metainfo without its data
+            for path in paths:
+                if stale or path.suffix not in (".data", ".bits", ".torrent"):
+                    with contextlib.suppress(OSError):
+                        path.unlink()
 
     @property
     def used(self) -> int:
