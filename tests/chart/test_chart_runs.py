@@ -15,35 +15,9 @@ from tests.chart.conftest import Render
 from tests.realparts import images
 from tests.realparts.procs import ManagedProcess, free_port, poll_until
 from tests.realparts.registry import run_registry
-from tests.services import service_binary
+from tests.services import ConfigMapVolume, service_binary
 
 pytestmark = pytest.mark.realparts
-
-
-class ConfigMapVolume:
-    """A directory kept the way kubelet keeps a ConfigMap volume: each version in its own
-    directory, ``..data`` swapped atomically, the file a symlink through ``..data``."""
-
-    def __init__(self, root: Path, name: str) -> None:
-        self.root = root
-        self.name = name
-        self.version = 0
-        root.mkdir(parents=True)
-
-    @property
-    def file(self) -> Path:
-        return self.root / self.name
-
-    def publish(self, text: str) -> None:
-        self.version += 1
-        data = self.root / f"..2026_11_26_00_00_{self.version:02d}"
-        data.mkdir()
-        (data / self.name).write_text(text)
-        staging = self.root / "..data_tmp"
-        staging.symlink_to(data.name)
-        staging.rename(self.root / "..data")
-        if not self.file.is_symlink():
-            self.file.symlink_to(f"..data/{self.name}")
 
 
 def metric(port: int, name: str) -> float | None:

@@ -16,6 +16,7 @@ from tests.cluster import AgentHandle, basic, metric, run_agent, run_proxy, run_
 from tests.engine_helpers import wait_until
 from tests.realparts import images
 from tests.realparts.registry import Registry, run_registry
+from tests.services import ConfigMapVolume
 
 pytestmark = pytest.mark.realparts
 
@@ -174,32 +175,6 @@ async def test_the_cache_quota_evicts_the_least_recently_used_blob(
             )
 
 
-class ConfigMapVolume:
-    """A directory updated the way kubelet updates a ConfigMap volume: each version in its
-    own directory, ``..data`` swapped atomically, ``agent.yaml`` a symlink through it."""
-
-    def __init__(self, root: Path, prefix: str) -> None:
-        self.root = root
-        self.prefix = prefix
-        self.version = 0
-        root.mkdir()
-
-    @property
-    def file(self) -> Path:
-        return self.root / "agent.yaml"
-
-    def publish(self, text: str) -> None:
-        self.version += 1
-        data = self.root / f"..2026_11_26_{self.version}"
-        data.mkdir()
-        (data / "agent.yaml").write_text(self.prefix + text)
-        link = self.root / "..data_tmp"
-        link.symlink_to(data.name)
-        link.rename(self.root / "..data")
-        if not self.file.is_symlink():
-            self.file.symlink_to("..data/agent.yaml")
-
-
 async def test_new_rates_in_the_mounted_configmap_apply_without_a_restart(
     origin: tuple[Registry, images.Image], tmp_path: Path
 ) -> None:
@@ -209,10 +184,9 @@ async def test_new_rates_in_the_mounted_configmap_apply_without_a_restart(
         run_tracker() as announce,
         run_proxy(tmp_path / "proxy", [registry.url], [announce]) as proxy,
     ):
-        volume = ConfigMapVolume(
-            tmp_path / "configmap", f"registry: {registry.url}\nproxies: [{proxy.url}]\n"
-        )
-        volume.publish("downloadRate: 1MB\nuploadRate: 2MB\n")
+        volume = ConfigMapVolume(tmp_path / "configmap", "agent.yaml")
+        base = f"registry: {registry.url}\nproxies: [{proxy.url}]\n"
+        volume.publish(base + "downloadRate: 1MB\nuploadRate: 2MB\n")
         async with run_agent(
             tmp_path / "agent", [registry.url], [proxy.url], config_file=volume.file
         ) as agent:
@@ -225,7 +199,7 @@ async def test_new_rates_in_the_mounted_configmap_apply_without_a_restart(
                 async for chunk in response.aiter_bytes():
                     received += chunk
                     if changed_at is None and len(received) >= 1_000_000:
-                        volume.publish("downloadRate: 0\nuploadRate: 300MB\n")
+                        volume.publish(base + "downloadRate: 0\nuploadRate: 300MB\n")
                         changed_at = trio.current_time()
                         with trio.fail_after(10):
                             await wait_until_rate(agent, 0)
@@ -235,7 +209,7 @@ async def test_new_rates_in_the_mounted_configmap_apply_without_a_restart(
             assert trio.current_time() - changed_at < 4.5
             assert await agent.metric("p2p_agent_upload_rate_limit_bytes") == 300_000_000
             # A broken update is refused; the running rates stay.
-            volume.publish("downloadRate: fast\n")
+            volume.publish(base + "downloadRate: fast\n")
             await trio.sleep(3)
             assert await agent.metric("p2p_agent_upload_rate_limit_bytes") == 300_000_000
             assert await agent.metric("p2p_agent_download_rate_limit_bytes") == 0
