@@ -1,0 +1,1 @@
+"""The rollout benchmark's parts; the command line is :mod:`tests.bench.bench_rollout`."""
