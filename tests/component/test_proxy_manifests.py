@@ -303,3 +303,128 @@ async def test_a_tls_origin_with_a_private_ca(tmp_path: Path) -> None:
             )
             assert refused.status_code == 502
             assert "certificate" in refused.json()["errors"][0]["message"]
+
+
+# --- by-digest cache -------------------------------------------------------------------------
+
+
+def _manifest_requests(registry: Registry, repository: str) -> list[tuple[str, str]]:
+    """(method, reference) of every manifest request the origin answered for ``repository``."""
+    prefix = f"/v2/{repository}/manifests/"
+    return [
+        (e.method, e.path.removeprefix(prefix))
+        for e in origin_requests(registry)
+        if e.path.startswith(prefix)
+    ]
+
+
+async def test_a_tag_is_resolved_every_time_but_its_body_fetched_once(
+    origins: Origins, tmp_path: Path
+) -> None:
+    image = origins.index
+    before = len(_manifest_requests(origins.plain, "library/multi"))
+    async with run_proxy(tmp_path / "data", [origins.plain.url]) as proxy:
+        for _ in range(5):
+            got = await proxy.http.get(
+                "/v2/library/multi/manifests/latest", headers=accept(*ACCEPT_LINES)
+            )
+            assert (got.status_code, got.content) == (200, image.top.data)
+            assert got.headers["content-type"] == images.OCI_INDEX
+            assert got.headers["docker-content-digest"] == image.digest
+        # What containerd asks next: the index and a platform manifest by digest.
+        by_digest = await proxy.http.get(
+            f"/v2/library/multi/manifests/{image.digest}", headers=accept(*ACCEPT_LINES)
+        )
+        assert (by_digest.status_code, by_digest.content) == (200, image.top.data)
+        platform = image.images[0].manifest
+        for _ in range(3):
+            got = await proxy.http.get(
+                f"/v2/library/multi/manifests/{platform.digest}", headers=accept(*ACCEPT_LINES)
+            )
+            assert (got.status_code, got.content) == (200, platform.data)
+            assert got.headers["content-type"] == images.OCI_MANIFEST
+        head = await proxy.http.head(
+            f"/v2/library/multi/manifests/{platform.digest}", headers=accept(*ACCEPT_LINES)
+        )
+        assert head.status_code == 200
+        assert head.headers["content-length"] == str(platform.size)
+        hits = await proxy.metric("p2p_proxy_manifest_cache_hits_total")
+    asked = _manifest_requests(origins.plain, "library/multi")[before:]
+    # Every tag request was resolved at the origin (HEAD); each body was fetched once (GET);
+    # by-digest requests were answered from memory (the tag HEAD and the GET authorized them).
+    assert asked == [
+        ("HEAD", "latest"),
+        ("GET", "latest"),
+        *[("HEAD", "latest")] * 4,
+        ("GET", platform.digest),
+    ]
+    assert hits == 4 + 1 + 2 + 1
+
+
+async def test_a_moved_tag_is_answered_with_its_new_manifest(
+    origins: Origins, tmp_path: Path
+) -> None:
+    first = push(tmp_path, origins.plain, "library/moving", seed="mv-1", tag="1.0")
+    async with run_proxy(tmp_path / "data", [origins.plain.url]) as proxy:
+        got = await proxy.http.get(
+            "/v2/library/moving/manifests/1.0", headers=accept(*ACCEPT_LINES)
+        )
+        assert (got.status_code, got.content) == (200, first.top.data)
+        second = push(tmp_path, origins.plain, "library/moving", seed="mv-2", tag="1.0")
+        assert second.digest != first.digest
+        moved = await proxy.http.get(
+            "/v2/library/moving/manifests/1.0", headers=accept(*ACCEPT_LINES)
+        )
+        assert (moved.status_code, moved.content) == (200, second.top.data)
+        assert moved.headers["docker-content-digest"] == second.digest
+        # The old manifest is still there by digest, from memory.
+        old = await proxy.http.get(
+            f"/v2/library/moving/manifests/{first.digest}", headers=accept(*ACCEPT_LINES)
+        )
+        assert (old.status_code, old.content) == (200, first.top.data)
+
+
+async def test_a_cached_manifest_is_served_only_to_callers_the_origin_authorizes(
+    origins: Origins, tmp_path: Path
+) -> None:
+    image = origins.private
+    alice = basic(ALICE.username, ALICE.password)
+    path = f"/v2/private/app/manifests/{image.digest}"
+    async with run_proxy(tmp_path / "data", [origins.token.url]) as proxy:
+        got = await proxy.http.get(path, headers=[*accept(*ACCEPT_LINES), *alice.items()])
+        assert (got.status_code, got.content) == (200, image.top.data)
+        before = len(_manifest_requests(origins.token, "private/app"))
+        for headers, statuses in (
+            ({}, (401,)),
+            (basic("bob", DEFAULT_USERS["bob"]), (401, 403)),
+            (basic("alice", "wrong"), (401,)),
+        ):
+            for method in ("GET", "HEAD"):
+                refused = await proxy.http.request(
+                    method, path, headers=[*accept(*ACCEPT_LINES), *headers.items()]
+                )
+                assert refused.status_code in statuses, (headers, method)
+                assert image.top.data not in refused.content
+        # Each refusal came from the origin, asked with that caller's credentials.
+        asked = _manifest_requests(origins.token, "private/app")[before:]
+        assert asked
+        assert all(method == "HEAD" for method, _ in asked)
+        again = await proxy.http.get(path, headers=[*accept(*ACCEPT_LINES), *alice.items()])
+        assert (again.status_code, again.content) == (200, image.top.data)
+        assert await proxy.metric("p2p_proxy_manifest_cache_hits_total") == 1
+
+
+async def test_manifest_cache_size_zero_forwards_every_request(
+    origins: Origins, tmp_path: Path
+) -> None:
+    image = origins.oci
+    before = len(_manifest_requests(origins.plain, "library/oci"))
+    async with run_proxy(tmp_path / "data", [origins.plain.url], manifest_cache_size=0) as proxy:
+        for reference in ("1.0", "1.0", image.digest, image.digest):
+            got = await proxy.http.get(
+                f"/v2/library/oci/manifests/{reference}", headers=accept(*ACCEPT_LINES)
+            )
+            assert (got.status_code, got.content) == (200, image.top.data)
+        assert await proxy.metric("p2p_proxy_manifest_cache_hits_total") == 0
+    asked = _manifest_requests(origins.plain, "library/oci")[before:]
+    assert asked == [("GET", "1.0")] * 2 + [("GET", image.digest)] * 2

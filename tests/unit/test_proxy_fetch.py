@@ -25,6 +25,7 @@ from p2p_proxy import fetch
 from p2p_proxy.authz import Authorizer, Decision, DecisionCache
 from p2p_proxy.fetch import BATCH_BYTES, BlobFetcher
 from p2p_proxy.flight import SingleFlight
+from p2p_proxy.manifests import CachedManifest, ManifestCache
 from p2p_proxy.metrics import ProxyMetrics
 
 MiB = 1024 * 1024
@@ -337,3 +338,23 @@ async def test_quota_evicts_least_recently_used_and_refuses_what_cannot_fit(
         assert info.value.status == 507
     assert cache_is_clean(cache)
     assert not cache.blob_path(second).exists()
+
+
+# --- manifest cache ---------------------------------------------------------------------------
+
+
+def test_manifest_cache_drops_the_least_recently_used_beyond_its_size() -> None:
+    cache = ManifestCache(max_bytes=10)
+    cache.put("a", "t/a", b"1234")
+    cache.put("b", "t/b", b"1234")
+    assert cache.get("a") == CachedManifest("t/a", b"1234")  # a is now the most recent
+    cache.put("c", "t/c", b"1234")
+    assert "b" not in cache
+    assert ("a" in cache, "c" in cache, cache.bytes) == (True, True, 8)
+    cache.put("a", "t/a", b"123456")  # replacing an entry accounts for the old body
+    assert (cache.bytes, len(cache)) == (10, 2)
+    cache.put("big", "t", b"x" * 11)  # larger than the whole cache: not kept, nothing dropped
+    assert ("big" in cache, len(cache), cache.bytes) == (False, 2, 10)
+    off = ManifestCache(max_bytes=0)
+    off.put("a", "t", b"1")
+    assert off.get("a") is None

@@ -1,8 +1,9 @@
 """The proxy's ASGI application: routing and request handlers (docs/proxy-api.md).
 
 Handlers stay thin: the origin clients talk to the registries, :class:`Authorizer` decides
-who may read a blob, :class:`BlobFetcher` gets blobs into the cache, :class:`Seeder` seeds
-them. Every failure is answered as a registry JSON error with its status.
+who may read a blob, :class:`Manifests` resolves tags and caches manifests by digest,
+:class:`BlobFetcher` gets blobs into the cache, :class:`Seeder` seeds them. Every failure is
+answered as a registry JSON error with its status.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from p2p_common.asgi import (
 from p2p_common.blobcache import BlobCache
 from p2p_common.errors import collapse
 from p2p_common.logs import event
-from p2p_common.oci import ApiRoute, ErrorCode, OCIError, parse_api_path
+from p2p_common.oci import ApiRoute, ErrorCode, OCIError, merge_accept, parse_api_path
 from p2p_common.origin import OriginClient
 from p2p_common.registry_auth import Credentials
 from p2p_common.storage import StorageError
@@ -48,6 +49,7 @@ from p2p_proxy.api import (
 )
 from p2p_proxy.authz import Authorizer
 from p2p_proxy.fetch import BlobFetcher, Progress, storage_error
+from p2p_proxy.manifests import ManifestQuery, Manifests
 from p2p_proxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from p2p_proxy.metrics import ProxyMetrics
 from p2p_proxy.seeding import Seeder
@@ -66,6 +68,7 @@ class ProxyApp:
     """Origin clients by registry host[:port], the default first."""
     cache: BlobCache
     authorizer: Authorizer
+    manifests: Manifests
     fetcher: BlobFetcher
     seeder: Seeder
     metrics: ProxyMetrics
@@ -158,22 +161,16 @@ class ProxyApp:
     async def _manifest(
         self, request: Request, send: Send, origin: OriginClient, route: ApiRoute
     ) -> None:
-        credentials = credentials_from(request.headers)
-        accept = request.headers.get("accept")
-        self.metrics.manifest_requests.inc()
         head = request.method == "HEAD"
-        if head:
-            found = await origin.head_manifest(
-                route.name, route.reference, credentials, accept=accept
-            )
-            if found.size is None:  # an origin that does not tell: ask for the body
-                found = await origin.get_manifest(
-                    route.name, route.reference, credentials, accept=accept
-                )
-        else:
-            found = await origin.get_manifest(
-                route.name, route.reference, credentials, accept=accept
-            )
+        accept = request.headers.get("accept")  # every Accept line, merged below
+        query = ManifestQuery(
+            origin,
+            route.name,
+            route.reference,
+            credentials_from(request.headers),
+            merge_accept(accept) if accept else None,
+        )
+        found = await self.manifests.fetch(query, head=head)
         headers = [] if found.digest is None else [("Docker-Content-Digest", found.digest)]
         await send_bytes(
             send,

@@ -1,6 +1,9 @@
-"""Authorization: may these credentials read this blob in this repository of this registry?
+"""Authorization: may these credentials read this blob (or manifest) in this repository of this
+registry?
 
-The origin decides (a HEAD of the blob with the caller's credentials). Decisions are kept
+The origin decides (a HEAD of the blob, or of the manifest by digest, with the caller's
+credentials); one :class:`Authorizer` per kind, so a decision about a blob never answers for a
+manifest. Decisions are kept
 in memory only, per (credentials fingerprint, registry, repository, digest), for
 ``authCacheTtl`` seconds: grants, and refusals (``UNAUTHORIZED``, ``DENIED``). Anything
 else (the blob is unknown, the origin failed) is not remembered, so a retry asks again.
@@ -14,6 +17,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import trio
 
@@ -84,7 +88,8 @@ class DecisionCache:
 
 
 class Authorizer:
-    """Asks the origin (or the cache of its recent answers) whether a caller may read a blob."""
+    """Asks the origin (or the cache of its recent answers) whether a caller may read a blob
+    (``kind="blob"``) or a manifest by digest (``kind="manifest"``)."""
 
     def __init__(
         self,
@@ -92,12 +97,29 @@ class Authorizer:
         metrics: ProxyMetrics,
         *,
         ttl: float,
+        kind: Literal["blob", "manifest"] = "blob",
         clock: Callable[[], float] | None = None,
     ) -> None:
         self.cache = DecisionCache(ttl)
         self.metrics = metrics
+        self.kind = kind
         self._clock = clock or trio.current_time
-        self._flights: SingleFlight[AuthKey, Decision] = SingleFlight(nursery, "authorization")
+        self._flights: SingleFlight[AuthKey, Decision] = SingleFlight(
+            nursery, f"{kind} authorization"
+        )
+
+    def remember_grant(
+        self,
+        origin: OriginClient,
+        repository: str,
+        digest: str,
+        credentials: Credentials | None,
+        size: int | None,
+    ) -> None:
+        """Record that the origin just served ``digest`` to ``credentials`` (a GET or HEAD that
+        succeeded counts as the same check a HEAD would make)."""
+        key: AuthKey = (fingerprint(credentials), origin.name, repository, digest)
+        self.cache.put(key, Decision(size=size), self._clock())
 
     async def authorize(
         self,
@@ -106,7 +128,7 @@ class Authorizer:
         digest: str,
         credentials: Credentials | None,
     ) -> int | None:
-        """The blob's size if the origin lets ``credentials`` read it; raises its refusal."""
+        """The size if the origin lets ``credentials`` read ``digest``; raises its refusal."""
         key: AuthKey = (fingerprint(credentials), origin.name, repository, digest)
         decision = self.cache.get(key, self._clock())
         if decision is not None:
@@ -116,8 +138,11 @@ class Authorizer:
             async def ask() -> Decision:
                 self.metrics.auth_checks.labels(source="origin").inc()
                 try:
-                    head = await origin.head_blob(repository, digest, credentials)
-                    found = Decision(size=head.size)
+                    if self.kind == "blob":
+                        size = (await origin.head_blob(repository, digest, credentials)).size
+                    else:
+                        size = (await origin.head_manifest(repository, digest, credentials)).size
+                    found = Decision(size=size)
                 except OCIError as exc:
                     found = Decision(error=exc)
                 self.cache.put(key, found, self._clock())

@@ -103,7 +103,18 @@ class ProxyMetrics:
             "p2p_proxy_http_fallback_bytes", "Blob bytes served over HTTP (fallback).", registry=r
         )
         self.manifest_requests = Counter(
-            "p2p_proxy_manifest_requests", "Manifest requests forwarded to an origin.", registry=r
+            "p2p_proxy_manifest_requests", "Manifest requests from agents.", registry=r
+        )
+        self.manifest_origin_requests = Counter(
+            "p2p_proxy_manifest_origin_requests",
+            "Manifest requests sent to an origin, by method.",
+            ["method"],
+            registry=r,
+        )
+        self.manifest_cache_hits = Counter(
+            "p2p_proxy_manifest_cache_hits",
+            "Manifest bodies served from the proxy's by-digest cache.",
+            registry=r,
         )
         self.errors = Counter(
             "p2p_proxy_errors", "Error responses, by registry error code.", ["code"], registry=r

@@ -25,6 +25,7 @@ from p2p_common.settings import ConfigError, registry_name
 from p2p_proxy.app import ProxyApp
 from p2p_proxy.authz import Authorizer
 from p2p_proxy.fetch import BlobFetcher
+from p2p_proxy.manifests import Manifests
 from p2p_proxy.metrics import ProxyMetrics
 from p2p_proxy.seeding import Seeder
 from p2p_proxy.settings import ProxySettings
@@ -81,6 +82,12 @@ async def serve(
                 origins=origins,
                 cache=cache,
                 authorizer=Authorizer(nursery, metrics, ttl=settings.auth_cache_ttl),
+                manifests=Manifests(
+                    nursery,
+                    metrics,
+                    Authorizer(nursery, metrics, ttl=settings.auth_cache_ttl, kind="manifest"),
+                    max_bytes=settings.manifest_cache_size,
+                ),
                 fetcher=BlobFetcher(cache, metrics, nursery, settings.trackers),
                 seeder=seeder,
                 metrics=metrics,

@@ -35,6 +35,10 @@ class ProxySettings(ServiceSettings):
     auth_cache_ttl: float = Field(60.0, ge=0)
     """Seconds an origin authorization decision is reused for the same credentials,
     registry, repository and digest (0 = ask the origin every time)."""
+    manifest_cache_size: ByteSize = 64 * 10**6
+    """Memory for manifest bodies cached by digest (tags are still resolved at the origin on
+    every request); least recently used dropped beyond it. 0 = every manifest request goes to
+    the origin."""
     progressive_streams: int = Field(1, ge=0)
     """Agents that may stream a blob from the proxy while the proxy is still fetching it from
     the origin (they get the first bytes at once, then seed); the others wait for the fetch and
