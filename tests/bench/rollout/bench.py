@@ -3,6 +3,7 @@ the baseline and p2p scenarios, and the cleanup of all of it."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
@@ -274,6 +275,9 @@ class Bench:
             nodes=[self._node_result(a) for a in answers],
             origin_blob_bytes=sum(e.size for e in blob_entries),
             origin_blob_gets=sum(count_blob_gets(entries).values()),
+            origin_manifest_requests=dict(
+                collections.Counter(e.method for e in entries if "/manifests/" in e.path)
+            ),
             wall=wall,
             cpu=cpu,
             machine_busy=busy / total if total else 0.0,

@@ -81,6 +81,8 @@ class ScenarioResult:
     nodes: list[NodeResult]
     origin_blob_bytes: int
     origin_blob_gets: int
+    origin_manifest_requests: dict[str, int]
+    """Manifest requests the origin answered during the scenario, by method (GET, HEAD)."""
     wall: float
     cpu: dict[str, float]
     """CPU seconds over the scenario: by our process group, and ``machine`` (all cores, all
@@ -206,6 +208,12 @@ def render(report: Report) -> list[str]:
             f"{statistics.median(base_slowest) / statistics.median(p2p_slowest):.2f}x"
             f"   per round: "
             + ", ".join(f"{b / p:.2f}x" for b, p in zip(base_slowest, p2p_slowest, strict=True))
+        )
+    for result in report.of("baseline") + report.of("p2p"):
+        asked = ", ".join(f"{n} {m}" for m, n in sorted(result.origin_manifest_requests.items()))
+        lines.append(
+            f"{result.scenario} {result.round}: the origin answered {asked or 'no'} manifest "
+            f"requests for {nodes} nodes"
         )
     for result in report.of("p2p"):
         bt = result.proxy.get("peer_upload_bytes", 0.0)
