@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 from pydantic import Field, ValidationError
 
 from p2p_common.errors import LocalError
@@ -326,3 +328,91 @@ def test_normalise_registry_refuses_paths_credentials_and_other_schemes(value: s
 def test_registry_name_drops_the_scheme() -> None:
     assert registry_name("https://r.example:5000") == "r.example:5000"
     assert registry_name("r.example") == "r.example"
+
+
+# --- property-based: the value parsers --------------------------------------------------------
+
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "k": 10**3,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "Ki": 2**10,
+    "MiB": 2**20,
+    "Gi": 2**30,
+    "TiB": 2**40,
+}
+
+
+@given(st.text(max_size=30))
+@example("\u0663MB")  # ARABIC-INDIC DIGIT THREE: a digit to Python, not a size
+def test_parse_size_gives_a_count_or_a_value_error(text: str) -> None:
+    try:
+        number = parse_size(text)
+    except ValueError:
+        return
+    assert isinstance(number, int)
+    assert number >= 0
+    assert text.strip()[0].isascii()  # only ASCII digits are numbers here
+
+
+@given(
+    st.integers(min_value=0, max_value=10**6),
+    st.sampled_from(sorted(_UNITS)),
+    st.booleans(),
+    st.sampled_from(["", " "]),
+)
+def test_parse_size_multiplies_by_the_unit(
+    number: int, unit: str, per_second: bool, gap: str
+) -> None:
+    text = f"{number}{gap}{unit}" + ("/s" if per_second and unit else "")
+    assert parse_size(text) == number * _UNITS[unit]
+    assert parse_size(number) == number
+
+
+@given(st.text(max_size=40))
+@example("host:\u0663")
+def test_split_host_port_gives_a_pair_or_a_value_error(text: str) -> None:
+    try:
+        host, port = split_host_port(text)
+    except ValueError:
+        return
+    assert host
+    assert 0 <= port <= 65535
+    assert text.endswith(f":{text.rsplit(':', 1)[1]}")
+    assert text.rsplit(":", 1)[1].isascii()
+
+
+_HOST = st.from_regex(r"[a-z0-9][a-z0-9.-]{0,30}", fullmatch=True)
+
+
+@given(_HOST, st.integers(min_value=0, max_value=65535))
+def test_split_host_port_round_trips(host: str, port: int) -> None:
+    assert split_host_port(f"{host}:{port}") == (host, port)
+    assert split_host_port(f"[fd00::{port % 100}]:{port}") == (f"fd00::{port % 100}", port)
+
+
+@given(st.text(max_size=60))
+@example("http://host:\u0663")
+def test_normalise_registry_is_a_url_or_a_value_error_and_idempotent(text: str) -> None:
+    try:
+        url = normalise_registry(text)
+    except ValueError:
+        return
+    scheme, _, rest = url.partition("://")
+    assert scheme in ("http", "https")
+    assert "/" not in rest
+    assert "@" not in rest
+    assert rest.isascii()
+    assert normalise_registry(url) == url
+    assert registry_name(url) == rest
+
+
+@given(_HOST, st.one_of(st.none(), st.integers(min_value=1, max_value=65535)), st.booleans())
+def test_normalise_registry_keeps_host_and_port(host: str, port: int | None, http: bool) -> None:
+    spelled = ("http://" if http else "") + host + (f":{port}" if port else "")
+    url = normalise_registry(spelled)
+    assert url == ("http" if http else "https") + "://" + host + (f":{port}" if port else "")

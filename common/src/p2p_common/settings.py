@@ -37,7 +37,7 @@ class ConfigError(LocalError):
 
 # --- value types --------------------------------------------------------------------------------
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtKMGT]?)(i?)([bB]?)(?:/s)?\s*$")
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtKMGT]?)(i?)([bB]?)(?:/s)?\s*\Z", re.ASCII)
 _SIZE_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
 
 
@@ -78,7 +78,7 @@ def split_host_port(value: str) -> tuple[str, int]:
         host, sep, port = value[1:].partition("]:")
     else:
         host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit():
+    if not sep or not host or not (port.isascii() and port.isdigit()):
         raise ValueError(f"{value!r} is not host:port")
     number = int(port)
     if not 0 <= number <= 65535:
@@ -251,7 +251,9 @@ def _describe(exc: ValidationError, source: str) -> str:
 
 # --- shared value types for the services ---------------------------------------------------------
 
-_REGISTRY_RE = re.compile(r"^(?:(https?)://)?([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::(\d{1,5}))?/?$")
+_REGISTRY_RE = re.compile(
+    r"^(?:(https?)://)?([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::(\d{1,5}))?/?\Z", re.ASCII
+)
 
 
 def normalise_registry(value: str) -> str:
