@@ -8,6 +8,8 @@ import errno
 from pathlib import Path
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from p2p_common import metainfo as mi
 from p2p_common.blobcache import CacheFullError
@@ -204,3 +206,56 @@ def test_usable_metainfo() -> None:
     assert not usable_metainfo(odd, digest, 1000)
     public = mi.build(digest, len(data), pieces, private=False)
     assert not usable_metainfo(public, digest, 1000)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=40), st.integers(0, 10**12))
+@example("bytes=\u0663-", 2)
+def test_requested_range_is_inside_the_blob_none_or_range_invalid(header: str, size: int) -> None:
+    error: OCIError | None = None
+    try:
+        got = requested_range(header, size)
+    except OCIError as exc:
+        error, got = exc, None
+    if error is not None:
+        assert (error.code, error.status) == (ErrorCode.RANGE_INVALID, 416)
+        assert error.headers == {"Content-Range": f"bytes */{size}"}
+    elif got is not None:
+        assert 0 <= got.start <= got.end < size
+
+
+_VALUES = st.lists(st.text(max_size=20), max_size=3)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["name", "digest", "ns", "x"]), _VALUES))
+@example({"name": ["library/app"], "digest": ["sha256:" + "a" * 64]})
+@example({"name": ["library/app"], "digest": ["sha256:" + "a" * 64, "sha256:" + "b" * 64]})
+def test_metainfo_query_is_validated_or_a_400(query: dict[str, list[str]]) -> None:
+    try:
+        name, digest = metainfo_query(query)
+    except OCIError as exc:
+        error = exc
+    else:
+        assert query["name"] == [name]
+        assert query["digest"] == [digest]
+        assert digest.startswith("sha256:")
+        return
+    assert error.status == 400
+    assert error.code in (ErrorCode.NAME_INVALID, ErrorCode.DIGEST_INVALID)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_VALUES, st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=3))
+@example([" Registry.Example.com "], ["10.0.0.1:5000", "registry.example.com"])
+@example(["a", "b"], ["a", "b"])
+def test_select_registry_picks_a_served_one_or_404(ns: list[str], served: list[str]) -> None:
+    try:
+        chosen = select_registry({"ns": ns}, served)
+    except OCIError as exc:
+        error = exc
+    else:
+        assert chosen in served
+        assert {value.strip().lower() for value in ns} == {chosen.lower()}
+        return
+    assert (error.code, error.status) == (ErrorCode.NAME_UNKNOWN, 404)

@@ -73,6 +73,15 @@ def test_any_header_gives_a_range_inside_the_blob_none_or_the_range_error(
         assert 0 <= got.start <= got.end < size
 
 
+@pytest.mark.parametrize(
+    "header",
+    ["bytes=\u0663-\u0665", "bytes=0-\u0665", "bytes=1-2\n", "bytes=\uff11-2"],
+)
+def test_only_ascii_digits_and_nothing_after_the_range(header: str) -> None:
+    """Unicode digits are digits to Python's ``int`` and ``\\d``, not to HTTP."""
+    assert parse_range(header, 100) is None
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.integers(0, 10**9), st.integers(0, 10**9), st.integers(1, 10**9))
 def test_well_formed_ranges_are_clamped_to_the_blob(first: int, last: int, size: int) -> None:

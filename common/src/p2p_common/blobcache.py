@@ -32,7 +32,7 @@ from p2p_common import metainfo as mi
 from p2p_common.errors import LocalError
 from p2p_common.storage import PieceFile
 
-_DIGEST = re.compile(r"^sha256:([0-9a-f]{64})$")
+_DIGEST = re.compile(r"^sha256:([0-9a-f]{64})\Z")
 
 PARTIAL_MAX_AGE = 7 * 24 * 3600
 """Seconds an interrupted download is kept for resuming (by the data file's last write)."""

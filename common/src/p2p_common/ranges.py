@@ -14,7 +14,9 @@ from p2p_common.errors import RemoteError
 
 MAX_RANGE_HEADER = 200
 
-_SINGLE = re.compile(r"^bytes[ \t]*=[ \t]*(\d{0,19})[ \t]*-[ \t]*(\d{0,19})[ \t]*$", re.IGNORECASE)
+_SINGLE = re.compile(
+    r"^bytes[ \t]*=[ \t]*(\d{0,19})[ \t]*-[ \t]*(\d{0,19})[ \t]*\Z", re.IGNORECASE | re.ASCII
+)
 
 
 class RangeNotSatisfiableError(RemoteError):

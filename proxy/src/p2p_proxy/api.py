@@ -81,7 +81,7 @@ def metainfo_query(query: Mapping[str, list[str]]) -> tuple[str, str]:
     return name, digest
 
 
-_OPEN_RANGE = re.compile(r"^bytes[ \t]*=[ \t]*(\d{1,19})[ \t]*-[ \t]*$", re.IGNORECASE)
+_OPEN_RANGE = re.compile(r"^bytes[ \t]*=[ \t]*(\d{1,19})[ \t]*-[ \t]*\Z", re.IGNORECASE | re.ASCII)
 
 
 def requested_range(header: str | None, size: int) -> ByteRange | None:
