@@ -513,6 +513,7 @@ async def run(options: Options, workdir: Path, processes: ProcessSet, console: C
             manifest_digest=image.manifest_digest,
             origin_bytes=sent.total_bytes,
             origin_gets=sent.total_gets,
+            origin_manifest_gets=sent.manifest_gets,
             pull_seconds=pull_seconds,
             agents=reports,
             setup_seconds=t0 - started,

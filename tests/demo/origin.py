@@ -72,10 +72,12 @@ class OriginError(RuntimeError):
 
 @dataclass
 class BlobStats:
-    """What an origin served: per blob digest, GETs answered 200/206 and body bytes sent."""
+    """What an origin served: per blob digest, GETs answered 200/206 and body bytes sent; and
+    how many manifest GETs it answered 200."""
 
     gets: collections.Counter[str] = field(default_factory=collections.Counter)
     bytes: collections.Counter[str] = field(default_factory=collections.Counter)
+    manifest_gets: int = 0
 
     @property
     def total_bytes(self) -> int:
@@ -87,7 +89,11 @@ class BlobStats:
 
     def since(self, earlier: BlobStats) -> BlobStats:
         """What was served after ``earlier`` was taken."""
-        return BlobStats(self.gets - earlier.gets, self.bytes - earlier.bytes)
+        return BlobStats(
+            self.gets - earlier.gets,
+            self.bytes - earlier.bytes,
+            self.manifest_gets - earlier.manifest_gets,
+        )
 
 
 # --- the built-in origin ------------------------------------------------------------------------
@@ -151,7 +157,9 @@ class BuiltinOrigin:
     async def blob_stats(self, sizes: dict[str, int] | None = None) -> BlobStats:
         """A copy of the counters (``sizes`` is unused: the counters are exact)."""
         return BlobStats(
-            collections.Counter(self.stats.gets), collections.Counter(self.stats.bytes)
+            collections.Counter(self.stats.gets),
+            collections.Counter(self.stats.bytes),
+            self.manifest_gets,
         )
 
     def _access(self, scope: Scope, status: int, sent: int) -> None:
@@ -366,10 +374,12 @@ _COMBINED = re.compile(
     r"(?P<status>\d{3}) (?P<size>\d+|-) " + _QUOTED + " " + _QUOTED + r"\s*$"
 )
 _BLOB_PATH = re.compile(r"^/v2/(?P<repo>.+)/blobs/(?P<digest>sha256:[a-f0-9]{64})$")
+_MANIFEST_PATH = re.compile(r"^/v2/.+/manifests/[^/]+$")
 
 
 def blob_stats_from_access_log(text: str, sizes: dict[str, int] | None = None) -> BlobStats:
-    """Blob GETs answered 200/206 and their bytes, from combined-format access log lines.
+    """Blob GETs answered 200/206 and their bytes, and manifest GETs answered 200, from
+    combined-format access log lines.
 
     The logged response size is used; where it is ``-``, the blob's size from ``sizes``.
     """
@@ -378,7 +388,10 @@ def blob_stats_from_access_log(text: str, sizes: dict[str, int] | None = None) -
         match = _COMBINED.match(line)
         if match is None or match["method"] != "GET" or match["status"] not in ("200", "206"):
             continue
-        blob = _BLOB_PATH.match(match["target"].partition("?")[0])
+        path = match["target"].partition("?")[0]
+        if _MANIFEST_PATH.match(path) and match["status"] == "200":
+            stats.manifest_gets += 1
+        blob = _BLOB_PATH.match(path)
         if blob is None:
             continue
         digest = blob["digest"]

@@ -174,6 +174,7 @@ class Summary:
     pull_seconds: float
     agents: list[AgentReport]
     setup_seconds: float = 0.0
+    origin_manifest_gets: int = 0
 
     @property
     def verified(self) -> bool:
@@ -262,7 +263,8 @@ class Summary:
             f"  origin       {self.origin_description}",
             f"  origin sent  {mb(self.origin_bytes)} MB of blobs in {self.origin_gets} GETs = "
             f"{self.origin_ratio:.2f} x the image (a pull per agent straight from the origin: "
-            f"{count:.2f} x) [{self.origin_source}]",
+            f"{count:.2f} x) [{self.origin_source}]; and the manifest "
+            f"{self.origin_manifest_gets} time(s) for {count} agents",
             f"  pulled       {mb(self.pulled_bytes)} MB through {count} agents at once in "
             f"{self.pull_seconds:.2f} s ({self.pull_rate / MB:.1f} MB/s); "
             + (

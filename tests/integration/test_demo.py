@@ -80,6 +80,8 @@ def _check_success(
     # The point of p2p: the origin sent about one image, not one per agent.
     assert 0 < summary["origin_bytes"] <= 1.1 * image
     assert summary["origin_ratio"] <= 1.1
+    # Every agent asked for the manifest; the proxy fetched its body from the origin once.
+    assert summary["origin_manifest_gets"] == 1
     # Every service stopped by itself on the one SIGTERM.
     assert doc["stopped"], doc
     assert all(r["graceful"] for r in doc["stopped"]), doc["stopped"]

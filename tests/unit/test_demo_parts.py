@@ -190,9 +190,18 @@ def test_blob_stats_from_a_distribution_access_log() -> None:
             f'HTTP/1.1" 404 120 {agent}',
             f'127.0.0.1 - - [26/Nov/2026:13:15:44 +0000] "GET /v2/demo/app/blobs/{DIGEST_B} '
             f'HTTP/1.1" 200 - {agent}',
+            f'127.0.0.1 - - [26/Nov/2026:13:15:44 +0000] "GET /v2/demo/app/manifests/1.0 '
+            f'HTTP/1.1" 200 500 {agent}',
+            f'127.0.0.1 - - [26/Nov/2026:13:15:44 +0000] "HEAD /v2/demo/app/manifests/1.0 '
+            f'HTTP/1.1" 200 500 {agent}',
+            f'127.0.0.1 - - [26/Nov/2026:13:15:44 +0000] "GET /v2/demo/app/manifests/{DIGEST_A}'
+            f'?ns=x HTTP/1.1" 200 500 {agent}',
+            f'127.0.0.1 - - [26/Nov/2026:13:15:44 +0000] "GET /v2/demo/app/manifests/2.0 '
+            f'HTTP/1.1" 404 80 {agent}',
         ]
     )
     stats = blob_stats_from_access_log(text, {DIGEST_B: 77})
+    assert stats.manifest_gets == 2  # 200 GETs only: no HEAD, no 404
     assert stats.gets == {DIGEST_A: 2, DIGEST_B: 1}
     assert stats.bytes == {DIGEST_A: 1010, DIGEST_B: 77}
     assert stats.total_bytes == 1087

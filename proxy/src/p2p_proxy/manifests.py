@@ -178,12 +178,10 @@ class Manifests:
         return found
 
     def _learn(self, query: ManifestQuery, found: ManifestResponse) -> None:
-        """Keep what a successful origin answer taught: the body by digest (a GET), and that
-        these credentials may read that digest in this repository."""
+        """Keep what a successful origin answer taught: that these credentials may read that
+        digest in this repository (the body was cached by the request itself)."""
         if found.status != 200 or found.digest is None:
             return
-        if found.body:
-            self.cache.put(found.digest, found.content_type, found.body)
         self.authorizer.remember_grant(
             query.origin, query.repository, found.digest, query.credentials, found.size
         )
@@ -205,6 +203,11 @@ class Manifests:
             self.metrics.manifest_origin_requests.labels(method=method).inc()
             if method == "HEAD":
                 return await origin.head_manifest(repository, reference, credentials, accept=accept)
-            return await origin.get_manifest(repository, reference, credentials, accept=accept)
+            found = await origin.get_manifest(repository, reference, credentials, accept=accept)
+            if found.status == 200 and found.digest is not None:
+                # Cached before the flight ends: a caller arriving between the end of this
+                # flight and its waiters waking up finds the body instead of asking again.
+                self.cache.put(found.digest, found.content_type, found.body)
+            return found
 
         return await self._flights.run(key, ask)
