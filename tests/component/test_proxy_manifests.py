@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import trio
 
 from p2p_common.registry_auth import Credentials
 from tests.component.test_proxy_harness import (
@@ -428,3 +429,28 @@ async def test_manifest_cache_size_zero_forwards_every_request(
         assert await proxy.metric("p2p_proxy_manifest_cache_hits_total") == 0
     asked = _manifest_requests(origins.plain, "library/oci")[before:]
     assert asked == [("GET", "1.0")] * 2 + [("GET", image.digest)] * 2
+
+
+async def test_concurrent_requests_for_a_tag_fetch_its_body_once(
+    origins: Origins, tmp_path: Path
+) -> None:
+    image = origins.docker
+    before = len(_manifest_requests(origins.plain, "library/docker"))
+    bodies: list[bytes] = []
+    async with run_proxy(tmp_path / "data", [origins.plain.url]) as proxy:
+
+        async def pull(delay: float) -> None:
+            await trio.sleep(delay)
+            got = await proxy.http.get(
+                "/v2/library/docker/manifests/latest", headers=accept(*ACCEPT_LINES)
+            )
+            assert got.status_code == 200
+            bodies.append(got.content)
+
+        async with trio.open_nursery() as nursery:
+            for n in range(20):
+                nursery.start_soon(pull, n * 0.002)
+    assert bodies == [image.top.data] * 20
+    methods = [method for method, _ in _manifest_requests(origins.plain, "library/docker")[before:]]
+    assert methods.count("GET") == 1
+    assert 1 <= methods.count("HEAD") <= 20

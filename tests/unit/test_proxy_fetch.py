@@ -9,6 +9,7 @@ import errno
 import hashlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import cast
 
 import httpx
 import pytest
@@ -19,13 +20,13 @@ import trio.testing
 from p2p_common import metainfo as mi
 from p2p_common.blobcache import BlobCache
 from p2p_common.oci import ErrorCode, OCIError
-from p2p_common.origin import OriginClient
+from p2p_common.origin import ManifestResponse, OriginClient
 from p2p_common.registry_auth import Credentials
 from p2p_proxy import fetch
 from p2p_proxy.authz import Authorizer, Decision, DecisionCache
 from p2p_proxy.fetch import BATCH_BYTES, BlobFetcher
 from p2p_proxy.flight import SingleFlight
-from p2p_proxy.manifests import CachedManifest, ManifestCache
+from p2p_proxy.manifests import CachedManifest, ManifestCache, ManifestQuery, Manifests
 from p2p_proxy.metrics import ProxyMetrics
 
 MiB = 1024 * 1024
@@ -358,3 +359,60 @@ def test_manifest_cache_drops_the_least_recently_used_beyond_its_size() -> None:
     off = ManifestCache(max_bytes=0)
     off.put("a", "t", b"1")
     assert off.get("a") is None
+
+
+class TimedManifestOrigin:
+    """An origin whose manifest answers take the time the test says (virtual clock)."""
+
+    name = "registry.test"
+
+    def __init__(self, body: bytes, get_seconds: float) -> None:
+        self.body = body
+        self.digest = digest_of(body)
+        self.get_seconds = get_seconds
+        self.head_seconds: list[float] = []
+        """Per HEAD, in order: how long it takes."""
+        self.gets = 0
+        self.heads = 0
+
+    def _answer(self, body: bytes) -> ManifestResponse:
+        return ManifestResponse(200, {}, "application/x-test", self.digest, len(self.body), body)
+
+    async def head_manifest(self, *args: object, **kwargs: object) -> ManifestResponse:
+        self.heads += 1
+        await trio.sleep(self.head_seconds[self.heads - 1])
+        return self._answer(b"")
+
+    async def get_manifest(self, *args: object, **kwargs: object) -> ManifestResponse:
+        self.gets += 1
+        await trio.sleep(self.get_seconds)
+        return self._answer(self.body)
+
+
+@pytest.mark.parametrize("round_", range(12))
+async def test_a_tag_resolved_as_its_body_arrives_does_not_fetch_the_body_again(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, round_: int
+) -> None:
+    """A resolves the tag (0.1 s) and fetches the body (until 1.1 s); B's resolution ends at
+    the very instant A's fetch does. Whichever task trio wakes first, B must find the body."""
+    metrics = ProxyMetrics()
+    manifests = Manifests(
+        nursery,
+        metrics,
+        Authorizer(nursery, metrics, ttl=60, kind="manifest"),
+        max_bytes=1 << 20,
+    )
+    origin = TimedManifestOrigin(b'{"schemaVersion": 2}', get_seconds=1.0)
+    origin.head_seconds = [0.1, 0.6]
+    query = ManifestQuery(cast(OriginClient, origin), REPO, "latest", None, None)
+    answers: list[ManifestResponse] = []
+
+    async def ask(delay: float) -> None:
+        await trio.sleep(delay)
+        answers.append(await manifests.fetch(query, head=False))
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(ask, 0.0)
+        inner.start_soon(ask, 0.5)
+    assert [a.body for a in answers] == [origin.body] * 2
+    assert (origin.heads, origin.gets) == (2, 1)
