@@ -21,9 +21,6 @@ pulls, and the agent's peak resident memory (VmHWM).
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -33,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.bench.common import default_workdir
+from tests.bench.common import default_workdir, random_image_layout
 from tests.realparts import images
 from tests.realparts.procs import ManagedProcess, free_port, require
 from tests.realparts.registry import run_registry
@@ -42,60 +39,9 @@ GIB = 1 << 30
 
 
 def big_image_layout(directory: Path, size: int) -> tuple[str, int]:
-    """An OCI image layout with one layer of ``size`` random bytes, written in chunks (the
-    test image builder keeps layers in memory); returns the layer's digest and size."""
-    blobs = directory / "blobs" / "sha256"
-    blobs.mkdir(parents=True)
-    scratch = directory / "layer"
-    digest = hashlib.sha256()
-    with scratch.open("wb") as handle:
-        remaining = size
-        while remaining:
-            chunk = os.urandom(min(remaining, 64 << 20))
-            digest.update(chunk)
-            handle.write(chunk)
-            remaining -= len(chunk)
-    layer = digest.hexdigest()
-    scratch.rename(blobs / layer)
-
-    def add(doc: dict[str, object]) -> tuple[str, int]:
-        data = json.dumps(doc, sort_keys=True).encode()
-        name = hashlib.sha256(data).hexdigest()
-        (blobs / name).write_bytes(data)
-        return "sha256:" + name, len(data)
-
-    config, config_size = add(
-        {
-            "architecture": "amd64",
-            "os": "linux",
-            "rootfs": {"type": "layers", "diff_ids": ["sha256:" + layer]},
-        }
-    )
-    manifest, manifest_size = add(
-        {
-            "schemaVersion": 2,
-            "mediaType": images.OCI_MANIFEST,
-            "config": {"mediaType": images.OCI_CONFIG, "digest": config, "size": config_size},
-            "layers": [{"mediaType": images.OCI_LAYER, "digest": "sha256:" + layer, "size": size}],
-        }
-    )
-    (directory / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-    (directory / "index.json").write_text(
-        json.dumps(
-            {
-                "schemaVersion": 2,
-                "manifests": [
-                    {
-                        "mediaType": images.OCI_MANIFEST,
-                        "digest": manifest,
-                        "size": manifest_size,
-                        "annotations": {"org.opencontainers.image.ref.name": "1.0"},
-                    }
-                ],
-            }
-        )
-    )
-    return "sha256:" + layer, size
+    """An OCI image layout with one layer of ``size`` random bytes; the layer's digest and size."""
+    (layer,) = random_image_layout(directory, size, 1, "1.0").layers
+    return layer, size
 
 
 def curl(url: str) -> tuple[float, int]:

@@ -23,8 +23,9 @@ from typing import Any
 
 import yaml
 
+from tests.bench.common import RandomImage
 from tests.bench.rollout.client import PullWorker
-from tests.bench.rollout.image import REPOSITORY, TAG, TestImage, build_layout
+from tests.bench.rollout.image import REPOSITORY, TAG, build_layout
 from tests.bench.rollout.netns import (
     INFRA_IP,
     ORIGIN_IP,
@@ -84,14 +85,14 @@ class Bench:
         self.workers: list[PullWorker] = []
         self.registry: ManagedProcess | None = None
         self.services = ProcessSet()
-        self.image: TestImage | None = None
+        self.image: RandomImage | None = None
         self.pids: list[int] = []
         """Every process started, for the report."""
         self._generation = 0
 
     # -- setup --------------------------------------------------------------------------------
 
-    def setup(self) -> TestImage:
+    def setup(self) -> RandomImage:
         """Build the network, start the origin and push the image, start the pull clients."""
         stale = remove_stale_namespaces()
         if stale:
@@ -130,7 +131,7 @@ class Bench:
             lambda: self.network.http(origin, url)[0] == 200, READY_TIMEOUT, f"{url} to answer"
         )
 
-    def _push_image(self) -> TestImage:
+    def _push_image(self) -> RandomImage:
         layout = self.work / "layout"
         total = int(self.options.size_mb * MB)
         image = build_layout(layout, total, self.options.layers)
