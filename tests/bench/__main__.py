@@ -6,6 +6,8 @@
 peer     p2p engine versus libtorrent, 1 GiB between two processes (bench_peer)
 tracker  p2p-tracker versus opentracker under wrk (bench_tracker)
 pull     one 1 GiB blob with curl: direct, cold and warm through the agent (bench_pull)
+rollout  8 emulated nodes (network namespaces, 100 Mbit/s links) pull one image at once, from
+         the origin and through their agents (bench_rollout; needs root)
 """
 
 from __future__ import annotations
