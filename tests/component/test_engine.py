@@ -294,3 +294,78 @@ async def test_a_super_seed_puts_each_piece_into_the_swarm_about_once() -> None:
     assert all(bytes(store.data) == content for store in stores)
     assert seed.upload_limiter.total <= 1.5 * len(content)
     assert sum(t.downloaded_by_role["agent"] for t in torrents) >= 2.5 * len(content)
+
+
+async def test_a_seed_that_vanishes_mid_transfer_leaves_its_share_to_the_others() -> None:
+    content = make_content(4 * MiB)
+    meta = metainfo_for(content, piece_length=256 * 1024)
+    async with (
+        running_engines(1, role="proxy", upload_rate=1 * MiB) as (steady,),
+        running_engines(1) as (leech,),
+    ):
+        await steady.add_torrent(meta, MemoryPieceStore(meta, content))
+        store = MemoryPieceStore(meta)
+        async with running_engines(1, upload_rate=1 * MiB) as (vanishing,):
+            await vanishing.add_torrent(meta, MemoryPieceStore(meta, content))
+            torrent = await leech.add_torrent(
+                meta, store, peers=[("127.0.0.1", steady.port), ("127.0.0.1", vanishing.port)]
+            )
+            with trio.fail_after(30):
+                await wait_until(lambda: torrent.downloaded_by_role["agent"] >= 512 * 1024)
+            assert not torrent.completed.is_set()
+        # The vanishing seed's engine is gone (its sockets closed mid-transfer).
+        with trio.fail_after(30):
+            await torrent.wait_complete()
+    assert bytes(store.data) == content
+    assert vanishing.peer_id not in torrent.connections
+
+
+async def test_a_peer_that_goes_silent_is_worked_around(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A peer that offers every piece, unchokes, then never answers a request: its requests
+    go to the other seed once it is snubbed, and the download completes (virtual time)."""
+    content = make_content(2 * MiB)
+    meta = metainfo_for(content, piece_length=256 * 1024)
+    received_requests = 0
+    async with running_engines(2, role="proxy") as (seed, leech):
+        await seed.add_torrent(meta, MemoryPieceStore(meta, content))
+        store = MemoryPieceStore(meta)
+        torrent = await leech.add_torrent(meta, store)
+
+        async def silent_peer(stream: trio.abc.Stream) -> None:
+            nonlocal received_requests
+            handshake = b""
+            while len(handshake) < wire.HANDSHAKE_LENGTH:
+                handshake += await stream.receive_some(wire.HANDSHAKE_LENGTH - len(handshake))
+            peer_id = b"-XX0001-" + b"s" * 12
+            reserved = wire.reserved_bytes(extensions=False, fast=True)
+            await stream.send_all(wire.encode_handshake(meta.info_hash, peer_id, reserved))
+            await stream.send_all(wire.ENCODED_HAVE_ALL + wire.ENCODED_UNCHOKE)
+            while data := await stream.receive_some(65536):
+                received_requests += data.count(b"\x00\x00\x00\x0d\x06")  # request headers
+
+        silent_end, leech_end = trio.testing.memory_stream_pair()
+        good_end, leech_end2 = trio.testing.memory_stream_pair()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(silent_peer, silent_end)
+            nursery.start_soon(
+                lambda: leech.attach_stream(
+                    leech_end, address=("silent", 1), info_hash=meta.info_hash
+                )
+            )
+            with trio.fail_after(5):
+                await wait_until(lambda: received_requests > 0)
+            # Only now does a working seed show up.
+            nursery.start_soon(lambda: seed.attach_stream(good_end, address=("memory", 2)))
+            nursery.start_soon(
+                lambda: leech.attach_stream(
+                    leech_end2, address=("memory", 3), info_hash=meta.info_hash
+                )
+            )
+            with trio.fail_after(120):
+                await torrent.wait_complete()
+            nursery.cancel_scope.cancel()
+    assert bytes(store.data) == content
+    assert received_requests > 0
+    assert torrent.downloaded_by_role == {"proxy": len(content)}
