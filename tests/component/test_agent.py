@@ -344,3 +344,36 @@ async def test_the_swarm_works_without_a_tracker_from_the_proxys_seed(
         with trio.fail_after(10):  # counted once the download is published
             while await agent.metric("p2p_agent_download_bytes_total", source="proxy") == 0:  # noqa: ASYNC110
                 await trio.sleep(0.1)
+
+
+@pytest.mark.parametrize("swarm_min_size", [1_000_000, 0])
+async def test_blobs_below_swarm_min_size_come_over_http_and_are_not_seeded(
+    origin: tuple[Registry, images.Image], tmp_path: Path, swarm_min_size: int
+) -> None:
+    registry, image = origin
+    config = image.images[0].config
+    assert config.size < 1_000_000
+    path = f"/v2/team/app/blobs/{config.digest}"
+    swarms = swarm_min_size == 0
+    gets_before = registry.blob_gets().get(config.digest, 0)  # the origin is shared by tests
+    async with (
+        run_tracker() as announce,
+        run_proxy(tmp_path / "proxy", [registry.url], [announce]) as proxy,
+    ):
+        settings = {"swarm_min_size": swarm_min_size}
+        async with run_agent(tmp_path / "agent", [registry.url], [proxy.url], **settings) as agent:
+            assert (await agent.http.get(path)).content == config.data
+            cached = agent.settings.data_dir / "blobs" / "sha256" / config.digest[7:]
+            with trio.fail_after(10):
+                await wait_until(cached.exists)
+            await trio.sleep(0.5)  # time to start seeding, if it were going to
+            assert await agent.metric("p2p_agent_active_torrents") == (1 if swarms else 0)
+        async with run_agent(tmp_path / "agent", [registry.url], [proxy.url], **settings) as again:
+            assert (await again.http.get(path)).content == config.data
+            assert await again.metric("p2p_agent_cache_hits_total") == 1
+            await trio.sleep(0.5)
+            assert await again.metric("p2p_agent_active_torrents") == (1 if swarms else 0)
+        # Only a swarmed blob needed its metainfo.
+        asked = await metric(proxy.http, "p2p_proxy_metainfo_requests_total")
+        assert (asked >= 1) if swarms else (asked == 0)
+    assert registry.blob_gets()[config.digest] == gets_before + 1

@@ -12,6 +12,9 @@ A cold blob comes one of two ways, as the proxy decides (docs/proxy-api.md):
   bytes are the origin's, passed through before the digest check exactly as a direct pull
   would pass them (containerd checks the digest too).
 
+- **Direct** (also :class:`StreamDownload`): a blob smaller than ``swarmMinSize`` (an image
+  config, a tiny layer) is simply sent by the proxy over HTTP and never seeded.
+
 Either way the blob's SHA-256 must equal its digest before it enters the cache, and then it
 is seeded (a streamed blob as soon as the proxy's metainfo is available).
 """
@@ -207,12 +210,14 @@ class Downloads:
         proxies: ProxyClient,
         metrics: AgentMetrics,
         fallback_after: float,
+        swarm_min_size: int = 0,
     ) -> None:
         self.cache = cache
         self.engine = engine
         self.proxies = proxies
         self.metrics = metrics
         self.fallback_after = fallback_after
+        self.swarm_min_size = swarm_min_size
         self.active: dict[str, Download] = {}
         self._starting: dict[str, trio.Event] = {}
         self.info_hashes: dict[str, bytes] = {}
@@ -225,7 +230,7 @@ class Downloads:
             self._nursery = nursery
             for digest in self.cache.digests():
                 meta = self.cache.load_metainfo(digest)
-                if meta is not None and meta.name == digest:
+                if meta is not None and meta.name == digest and self.swarms(meta.length):
                     await self._seed(digest, meta, spread=True)
             self.metrics.active_torrents.set(len(self.engine.torrents))
             task_status.started()
@@ -243,12 +248,18 @@ class Downloads:
         self.info_hashes[digest] = meta.info_hash
         self.metrics.active_torrents.set(len(self.engine.torrents))
 
+    def swarms(self, size: int) -> bool:
+        """Does a blob of ``size`` bytes go through the swarm (and get seeded)?"""
+        return size >= self.swarm_min_size
+
     def ensure_seeded(self, request: BlobRequest) -> None:
         """A cached blob that is not being seeded (its metainfo was never stored, e.g. the
         agent stopped right after a streamed download): get the metainfo from a proxy, in
-        the background, and seed it."""
+        the background, and seed it. Blobs below ``swarm_min_size`` are never seeded."""
         digest = request.digest
         if digest in self.info_hashes or digest in self._seeding or self._nursery is None:
+            return
+        if not self.swarms(request.size):
             return
         self._seeding.add(digest)
         self._nursery.start_soon(self._seed_later, request)
@@ -303,6 +314,16 @@ class Downloads:
         self.cache.pin(digest)
         try:
             with self.cache.reservation(request.size):
+                if not self.swarms(request.size):
+                    async with self.proxies.blob(
+                        request.ns,
+                        request.name,
+                        digest,
+                        request.size,
+                        authorization=request.authorization,
+                    ) as response:
+                        await self._stream(response, request, task_status, seed=False)
+                    return
                 async with self.proxies.source(
                     request.ns,
                     request.name,
@@ -403,7 +424,11 @@ class Downloads:
         response: httpx.Response,
         request: BlobRequest,
         task_status: trio.TaskStatus[Download],
+        *,
+        seed: bool = True,
     ) -> None:
+        """Receive a whole blob the proxy sends over HTTP (a progressive stream, or a blob
+        below ``swarm_min_size``), check it, cache it; then seed it if ``seed``."""
         digest, size = request.digest, request.size
         path = self.cache.partial_paths(digest)[0].with_suffix(".stream")
         fd = await trio.to_thread.run_sync(
@@ -449,8 +474,9 @@ class Downloads:
             seconds=round(trio.current_time() - download.started, 3),
             from_proxy_stream=size,
         )
-        # The proxy has the whole blob now: seed it for the nodes that come next.
-        self.ensure_seeded(request)
+        if seed:
+            # The proxy has the whole blob now: seed it for the nodes that come next.
+            self.ensure_seeded(request)
 
     async def _receive_stream(
         self, response: httpx.Response, download: StreamDownload, hasher: hashlib._Hash

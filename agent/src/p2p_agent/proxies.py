@@ -52,6 +52,13 @@ class SwarmSource:
     seed: tuple[str, int] | None
 
 
+def _check_length(response: httpx.Response, size: int) -> None:
+    """A whole-blob response must announce exactly the blob's size."""
+    length = response.headers.get("content-length", "")
+    if not length.isdigit() or int(length) != size:
+        raise OCIError(ErrorCode.UNKNOWN, "proxy sends a blob of another size", status=502)
+
+
 def _seed(base: str, response: httpx.Response) -> tuple[str, int] | None:
     """The proxy's BitTorrent address: its API host and the peer port it announced."""
     port = response.headers.get("x-p2p-peer-port", "")
@@ -173,10 +180,40 @@ class ProxyClient:
         is still fetching it from the origin and has a stream slot free, an open response
         streaming the blob itself (``X-P2P-Stream: 1``)."""
         params = {"ns": ns, "name": name, "digest": digest, "stream": "1"}
+        async with self._open_ranked(digest, "/p2p/v1/metainfo", params, authorization) as (
+            base,
+            response,
+        ):
+            if response.headers.get("x-p2p-stream") == "1":
+                _check_length(response, size)
+                yield response
+                return
+            body = await response.aread()
+            yield SwarmSource(self._metainfo(body, digest, size), _seed(base, response))
+
+    @asynccontextmanager
+    async def blob(
+        self, ns: str, name: str, digest: str, size: int, *, authorization: str | None
+    ) -> AsyncIterator[httpx.Response]:
+        """An open response streaming the whole blob from the proxy ranked first for it (the
+        next one when a proxy cannot answer)."""
+        path = f"/v2/{name}/blobs/{digest}"
+        async with self._open_ranked(digest, path, {"ns": ns}, authorization) as (_, response):
+            if response.status_code != 200:
+                raise OCIError(ErrorCode.UNKNOWN, "proxy sent part of a blob", status=502)
+            _check_length(response, size)
+            yield response
+
+    @asynccontextmanager
+    async def _open_ranked(
+        self, digest: str, path: str, params: dict[str, str], authorization: str | None
+    ) -> AsyncIterator[tuple[str, httpx.Response]]:
+        """(proxy, open streaming response) of the first proxy, in rendezvous order for
+        ``digest``, that answers without a 5xx; its 4xx is raised as the registry error."""
         last = "no proxy instances"
         for base in await self.resolver.ranked(digest.encode(), self.urls):
             request = self.client.build_request(
-                "GET", base + "/p2p/v1/metainfo", params=params, headers=self._auth(authorization)
+                "GET", base + path, params=params, headers=self._auth(authorization)
             )
             try:
                 response = await self.client.send(request, stream=True)
@@ -191,15 +228,7 @@ class ProxyClient:
                 if response.status_code >= 400:
                     await response.aread()
                     raise _error_from(response, "blob")
-                if response.headers.get("x-p2p-stream") == "1":
-                    if int(response.headers.get("content-length", -1)) != size:
-                        raise OCIError(
-                            ErrorCode.UNKNOWN, "proxy streams a blob of another size", status=502
-                        )
-                    yield response
-                    return
-                body = await response.aread()
-                yield SwarmSource(self._metainfo(body, digest, size), _seed(base, response))
+                yield base, response
                 return
             finally:
                 await response.aclose()

@@ -145,6 +145,7 @@ async def serve(
             proxies=proxies,
             metrics=metrics,
             fallback_after=settings.fallback_after,
+            swarm_min_size=settings.swarm_min_size,
         )
         cache.on_evict = downloads.evicted
         app = RegistryApp(

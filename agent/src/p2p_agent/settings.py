@@ -61,6 +61,10 @@ class AgentSettings(ServiceSettings):
     """Process-wide upload limit in bytes per second (0 = unlimited)."""
     cache_size: ByteSize = 20 * 10**9
     """Disk quota for cached blobs, least recently used evicted beyond it (0 = no quota)."""
+    swarm_min_size: ByteSize = 10**6
+    """Blobs smaller than this (image configs, tiny layers) come from the proxy over HTTP and
+    are not seeded: a swarm gains nothing on a piece or four, and every seeded blob costs the
+    tracker an announce per node and interval. 0 = every blob through the swarm."""
     fallback_after: float = Field(10.0, gt=0)
     """Seconds without swarm progress before a blob is fetched from the proxy over HTTP."""
     auth_cache_ttl: float = Field(60.0, ge=0)
