@@ -5,6 +5,15 @@ through their agents; the origin's uplink is the bottleneck p2p removes.
     python -m tests.bench.bench_rollout --nodes 8 --rate 100mbit --size-mb 160 --rounds 2
     python -m tests.bench.bench_rollout --nodes 3 --rate 500mbit --size-mb 10 --json out.json
     python -m tests.bench.bench_rollout --no-baseline --proxy-set progressiveStreams=0
+    python -m tests.bench.bench_rollout --swarm libtorrent --nodes 16 --rate 25mbit --size-mb 100
+    python -m tests.bench.bench_rollout --scenarios p2p-warm,libtorrent --cpu-quota 0.2
+
+``--scenarios`` picks what each round runs (default ``baseline,p2p``): ``p2p-warm`` is the p2p
+swarm fed by a proxy that already holds the image, ``libtorrent`` the same swarm made of
+libtorrent 2.1 peers (a warm libtorrent seed on the infra host, a libtorrent leecher per node,
+peers found through the p2p-tracker); ``--swarm libtorrent`` is short for ``--scenarios
+p2p-warm,libtorrent``. ``--cpu-quota CORES`` holds every agent and libtorrent leecher to that
+much CPU (cgroup v1 cpu controller). See :mod:`tests.bench.rollout.results` and docs/rollout.md.
 
 ``--infra-rate``, ``--queue-ms``, ``--tcp-cc``, ``--agent-set`` and ``--proxy-set`` vary one thing
 at a time to find out what limits a rollout (results and findings: docs/rollout.md).
@@ -67,6 +76,7 @@ import yaml
 
 from tests.bench.common import default_workdir
 from tests.bench.rollout.bench import run
+from tests.bench.rollout.cgroups import CgroupError, parse_cpu_quota
 from tests.bench.rollout.client import worker_main
 from tests.bench.rollout.netns import (
     PREFIX,
@@ -75,7 +85,17 @@ from tests.bench.rollout.netns import (
     leftover_namespaces,
     parse_rate,
 )
-from tests.bench.rollout.results import NodeResult, Options, Report, ScenarioResult, render
+from tests.bench.rollout.results import (
+    DEFAULT_SCENARIOS,
+    SCENARIOS,
+    SWARM_LIBTORRENT,
+    NodeResult,
+    Options,
+    Report,
+    ScenarioResult,
+    parse_scenarios,
+    render,
+)
 
 __all__ = [
     "PREFIX",
@@ -112,9 +132,28 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Options | No
     )
     parser.add_argument("--size-mb", type=float, default=160.0, help="image size (160 MB)")
     parser.add_argument("--layers", type=int, default=4, help="layers of the image (4)")
-    parser.add_argument("--rounds", type=int, default=1, help="rounds of baseline + p2p (1)")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of every scenario (1)")
     parser.add_argument("--concurrency", type=int, default=3, help="blobs at once per client")
-    parser.add_argument("--no-baseline", action="store_true", help="only the p2p scenario")
+    parser.add_argument(
+        "--no-baseline", action="store_true", help="leave the baseline scenario out"
+    )
+    parser.add_argument(
+        "--scenarios",
+        help="what each round runs, in order, from "
+        + ", ".join(SCENARIOS)
+        + f" (default {','.join(DEFAULT_SCENARIOS)})",
+    )
+    parser.add_argument(
+        "--swarm",
+        choices=["libtorrent"],
+        help="libtorrent: short for --scenarios "
+        + ",".join(SWARM_LIBTORRENT)
+        + " (our swarm and libtorrent's, each fed by one warm seed)",
+    )
+    parser.add_argument(
+        "--cpu-quota", metavar="CORES",
+        help="hold every agent and libtorrent leecher to CORES CPUs (cgroup v1 cpu), e.g. 0.2",
+    )  # fmt: skip
     parser.add_argument("--workdir", default=default_workdir(), help="where files go (tmpfs)")
     parser.add_argument("--keep", action="store_true", help="keep the logs of a good run too")
     parser.add_argument("--json", type=Path, help="also write the report as JSON here")
@@ -125,6 +164,10 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Options | No
     parser.add_argument(
         "--proxy-set", action="append", default=[], metavar="KEY=VALUE",
         help="extra proxy setting (YAML value), e.g. progressiveStreams=0",
+    )  # fmt: skip
+    parser.add_argument(
+        "--lt-set", action="append", default=[], metavar="KEY=VALUE",
+        help="extra libtorrent session setting (YAML value), e.g. unchoke_slots_limit=16",
     )  # fmt: skip
     args = parser.parse_args(argv)
     if args.worker:
@@ -139,6 +182,21 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Options | No
         parser.error("--queue-ms must be between 1 and 1000")
     if args.size_mb <= 0 or args.layers < 1 or args.rounds < 1 or args.concurrency < 1:
         parser.error("--size-mb, --layers, --rounds and --concurrency must be positive")
+    if args.swarm and args.scenarios:
+        parser.error("--swarm libtorrent is short for --scenarios p2p-warm,libtorrent: give one")
+    try:
+        scenarios = (
+            SWARM_LIBTORRENT
+            if args.swarm
+            else parse_scenarios(args.scenarios)
+            if args.scenarios
+            else DEFAULT_SCENARIOS
+        )
+        cpu_quota = parse_cpu_quota(args.cpu_quota) if args.cpu_quota is not None else None
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.no_baseline and scenarios == ("baseline",):
+        parser.error("--no-baseline leaves no scenario to run")
 
     def settings(pairs: list[str]) -> dict[str, Any]:
         found = {}
@@ -164,6 +222,9 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Options | No
         keep=args.keep,
         agent_settings=settings(args.agent_set),
         proxy_settings=settings(args.proxy_set),
+        scenarios=scenarios,
+        cpu_quota=cpu_quota,
+        lt_settings=settings(args.lt_set),
     )
     return args, options
 
@@ -187,7 +248,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = run(options)
     except RolloutError as exc:
         print(f"bench_rollout: {exc}", file=sys.stderr)
-        return 2 if "cannot create network namespaces" in str(exc) or "root" in str(exc) else 1
+        cannot_run = isinstance(exc, CgroupError) or any(
+            text in str(exc) for text in ("cannot create network namespaces", "root")
+        )
+        return 2 if cannot_run else 1
     except KeyboardInterrupt as exc:
         print("bench_rollout: interrupted; everything was cleaned up", file=sys.stderr)
         return 143 if isinstance(exc, _Terminated) else 130

@@ -5,6 +5,7 @@ token buckets (the topology is drawn in :mod:`tests.bench.bench_rollout`)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -248,6 +249,21 @@ class Network:
         for name in reversed(self.created):
             _delete_namespace(name)
         self.created.clear()
+
+    def egress_counters(self, host: Host) -> dict[str, int]:
+        """``bytes``, ``packets``, ``drops`` the host's upload token bucket has sent or dropped
+        so far (``tc -s qdisc`` of its ``eth0``); empty if tc cannot tell."""
+        out = run_ip(
+            [self.tc, "-n", host.netns, "-s", "-j", "qdisc", "show", "dev", "eth0"], check=False
+        )
+        try:
+            qdiscs = json.loads(out or "[]")
+        except ValueError:
+            return {}
+        for qdisc in qdiscs:
+            if qdisc.get("kind") == "tbf":
+                return {key: int(qdisc.get(key, 0)) for key in ("bytes", "packets", "drops")}
+        return {}
 
     def exec_argv(self, host: Host, argv: Sequence[str]) -> list[str]:
         """``argv`` run inside ``host``'s namespace."""
