@@ -18,7 +18,7 @@ TEST_DEPS = [
     "kubernetes-validate>=1.30",
     "cryptography>=42",
 ]
-LINT_DEPS = ["ruff>=0.6"]
+LINT_DEPS = ["ruff>=0.6", "import-linter>=2.0"]
 TYPE_DEPS = ["mypy>=1.10", "types-PyYAML", "pytest>=8", "hypothesis>=6.100"]
 
 
@@ -29,9 +29,10 @@ def _real_parts(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    session.install(*LINT_DEPS)
+    session.install(*LINT_DEPS, *PACKAGES)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+    session.run("lint-imports")  # architecture contracts in pyproject.toml
 
 
 @nox.session

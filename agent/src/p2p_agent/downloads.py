@@ -115,7 +115,7 @@ class SwarmDownload(Download):
             while position <= end:
                 index = position // meta.piece_length
                 torrent.set_reader(reader, index)
-                if index not in torrent.picker.have:
+                if not torrent.has_piece(index):
                     await self._wait_piece(index)
                 piece_end = min((index + 1) * meta.piece_length, end + 1)
                 while position < piece_end:
@@ -140,7 +140,7 @@ class SwarmDownload(Download):
             nursery.start_soon(failed)
             await self.torrent.wait_for_piece(index)
             nursery.cancel_scope.cancel()
-        if index not in self.torrent.picker.have:
+        if not self.torrent.has_piece(index):
             raise self.failure()
 
 
@@ -400,7 +400,7 @@ class Downloads:
         self.metrics.fallbacks.inc()
         event(log, "download.fallback", logging.WARNING, digest=download.digest)
         for index in range(meta.num_pieces):
-            if index in torrent.picker.have:
+            if torrent.has_piece(index):
                 continue
             data = await self.proxies.blob_range(
                 request.ns,

@@ -66,6 +66,7 @@ class PiecePicker:
         total_length: int,
         *,
         have: Bitfield | None = None,
+        known: int | None = None,
         rng: random.Random | None = None,
         random_first: int = 4,
     ) -> None:
@@ -75,6 +76,9 @@ class PiecePicker:
         self.piece_length = piece_length
         self.total_length = total_length
         self.have = have.copy() if have is not None else Bitfield(num_pieces)
+        self.known = num_pieces if known is None else max(0, min(known, num_pieces))
+        """Pieces ``[0, known)`` have known hashes (a blob whose chunks are still being
+        published knows a prefix); only those are ever wanted."""
         self._rng = rng or random.Random()
         self._random_first = random_first
         self._avail = [0] * num_pieces
@@ -99,8 +103,16 @@ class PiecePicker:
         return self.have.complete
 
     def wanted(self, index: int) -> bool:
-        """True while piece ``index`` is neither verified nor fully received."""
-        return index not in self.have and index not in self._verifying
+        """True while piece ``index`` is known, neither verified nor fully received."""
+        return index < self.known and index not in self.have and index not in self._verifying
+
+    def set_known(self, known: int) -> None:
+        """More piece hashes became known (pieces ``[0, known)``)."""
+        known = min(known, self.num_pieces)
+        if known > self.known:
+            self.known = known
+            self._dirty = True
+            self._cursor = len(self._order)  # rebuild: the new pieces are candidates now
 
     # -- what the swarm has ----------------------------------------------------------------------
 
@@ -145,7 +157,7 @@ class PiecePicker:
     def interesting(self, peer: Bitfield | None) -> bool:
         """Does the peer (None = seed) have a piece we still want?"""
         if peer is None:
-            return not self.have.complete
+            return self.have.count < self.known
         return any(self.wanted(i) for i in peer)
 
     def pick(
@@ -227,7 +239,7 @@ class PiecePicker:
     def _new_piece(self, peer: Bitfield | None) -> int | None:
         if self.have.count < self._random_first:
             candidates = [
-                i for i in (range(self.num_pieces) if peer is None else peer) if self._eligible(i)
+                i for i in (range(self.known) if peer is None else peer) if self._eligible(i)
             ]
             if peer is None:  # from a seed, pieces no other peer has come first
                 unseen = [i for i in candidates if not self._avail[i]]
@@ -271,7 +283,7 @@ class PiecePicker:
     def _rebuild(self) -> None:
         avail = self._avail
         rnd = self._rng.random
-        candidates = [i for i in range(self.num_pieces) if self._eligible(i)]
+        candidates = [i for i in range(self.known) if self._eligible(i)]
         keys = {i: (avail[i], rnd()) for i in candidates}
         candidates.sort(key=keys.__getitem__)
         self._order = candidates
@@ -282,7 +294,7 @@ class PiecePicker:
     def _in_endgame(self) -> bool:
         if any(p.free for p in self._partials.values()):
             return False
-        missing = self.num_pieces - self.have.count - len(self._verifying)
+        missing = self.known - self.have.count - len(self._verifying)
         return missing == len(self._partials)
 
     def _endgame(

@@ -463,6 +463,18 @@ class PeerProtocol:
                 return max(4 + length - pending, 4096)
         return 4096
 
+    def needed(self) -> int:
+        """Bytes that must still arrive before the next event is complete (at least 1)."""
+        pending = self._end - self._start
+        if self.handshake is None:
+            return max(1, HANDSHAKE_LENGTH - pending)
+        if pending < 4:
+            return 4 - pending
+        length: int = _U32.unpack_from(self._buf, self._start)[0]
+        if length > self._max_message:
+            return 1  # next_event() raises for it
+        return max(1, 4 + length - pending)
+
     def commit(self, n: int) -> None:
         """Record that ``n`` bytes were written into the last :meth:`receive_buffer`."""
         if n < 0 or self._end + n > len(self._buf):

@@ -11,7 +11,6 @@ or lost tracker moves only its own swarms.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import httpx
 import trio
@@ -27,9 +26,6 @@ from p2p_common.tracker_proto import (
     parse_announce_response,
 )
 
-if TYPE_CHECKING:
-    from p2p_common.engine.torrent import Torrent
-
 log = logging.getLogger("p2p.announce")
 
 ANNOUNCE_TIMEOUT = 5.0
@@ -38,30 +34,41 @@ NUMWANT = 80
 
 
 class Announcer:
-    def __init__(self, client: httpx.AsyncClient, *, numwant: int = NUMWANT) -> None:
+    def __init__(
+        self, client: httpx.AsyncClient, *, peer_id: bytes, numwant: int = NUMWANT
+    ) -> None:
         self.client = client
+        self.peer_id = peer_id
+        self.port = 0
+        """Our BitTorrent port (set once the engine listens)."""
         self.numwant = numwant
         self.resolver = Resolver()
 
-    async def ranked(self, torrent: Torrent) -> list[str]:
-        urls = [u for u in torrent.metainfo.trackers if u.startswith(("http://", "https://"))]
-        return await self.resolver.ranked(torrent.info_hash, urls)
+    async def ranked(self, info_hash: bytes, trackers: tuple[str, ...]) -> list[str]:
+        urls = [u for u in trackers if u.startswith(("http://", "https://"))]
+        return await self.resolver.ranked(info_hash, urls)
 
-    async def announce(self, torrent: Torrent, event: Event) -> AnnounceResponse | None:
-        """Announce to the best tracker that answers; None if none did."""
-        engine = torrent.engine
+    async def announce(
+        self,
+        info_hash: bytes,
+        trackers: tuple[str, ...],
+        state: tuple[Event, int, int, int],
+    ) -> AnnounceResponse | None:
+        """Announce ``(event, uploaded, downloaded, left)`` of one swarm to the best of its
+        trackers that answers; None if none did."""
+        event, uploaded, downloaded, left = state
         request = AnnounceRequest(
-            info_hash=torrent.info_hash,
-            peer_id=engine.peer_id,
-            port=engine.port,
-            uploaded=torrent.uploaded,
-            downloaded=torrent.downloaded,
-            left=torrent.left,
+            info_hash=info_hash,
+            peer_id=self.peer_id,
+            port=self.port,
+            uploaded=uploaded,
+            downloaded=downloaded,
+            left=left,
             event=event,
             numwant=0 if event is Event.STOPPED else self.numwant,
             compact=True,
         )
-        for url in await self.ranked(torrent):
+        for url in await self.ranked(info_hash, trackers):
             try:
                 with trio.fail_after(ANNOUNCE_TIMEOUT):
                     async with self.client.stream("GET", announce_url(url, request)) as reply:

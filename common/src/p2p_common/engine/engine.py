@@ -9,6 +9,9 @@ Wire it once per service::
 
 The download and upload :class:`~p2p_common.ratelimit.RateLimiter` are shared by
 every connection of the process; change them at runtime with :meth:`Engine.set_rates`.
+
+One task runs the choking round of every torrent once a second (:data:`CHOKE_ROUND`): an idle
+torrent costs a dictionary lookup per round, not a task that wakes up.
 """
 
 from __future__ import annotations
@@ -22,18 +25,22 @@ import trio
 
 from p2p_common import wire
 from p2p_common.engine.announce import Announcer
-from p2p_common.engine.torrent import HANDSHAKE_TIMEOUT, Torrent, read_handshake
+from p2p_common.engine.disk import DiskRunner
+from p2p_common.engine.shared import Bans, ConnectionSlots, EngineShared
+from p2p_common.engine.torrent import HANDSHAKE_TIMEOUT, Torrent, TorrentInfo, read_handshake
 from p2p_common.engine.transport import make_transport
 from p2p_common.errors import LocalError, RemoteError
 from p2p_common.logs import event as log_event
-from p2p_common.metainfo import Metainfo
 from p2p_common.ratelimit import RateLimiter
+from p2p_common.session import LocalPeer
 from p2p_common.storage import PieceStore
 
 log = logging.getLogger("p2p.engine")
 
 DEFAULT_MAX_BLOCK = 1024 * 1024
 CLIENT_NAME = "p2p/0.1.0"
+CHOKE_ROUND = 1.0
+"""Seconds between choking rounds (cooperative peers are re-evaluated about once a second)."""
 
 
 class EngineStoppedError(LocalError):
@@ -68,25 +75,47 @@ class Engine:
         self.role = role
         self.peer_id = peer_id or make_peer_id(role)
         self.client_name = CLIENT_NAME
-        self.max_connections = max_connections
         self.max_peers_per_torrent = max_peers_per_torrent
         self.max_block = max_block
-        self.ban_by_address = ban_by_address
         self.super_seed = super_seed
-        """Seed complete torrents BEP 16 style (proxies: see Torrent.offer)."""
-        self.download_limiter = RateLimiter(download_rate)
-        self.upload_limiter = RateLimiter(upload_rate)
-        self.disk_threads = trio.CapacityLimiter(4)
+        """Seed complete torrents BEP 16 style (proxies: see SwarmCore.offer)."""
+        self.shared = EngineShared(
+            peer_id=self.peer_id,
+            local=LocalPeer(CLIENT_NAME, port, max_block, role),
+            reserved=wire.reserved_bytes(),
+            download_limiter=RateLimiter(download_rate),
+            upload_limiter=RateLimiter(upload_rate),
+            disk=DiskRunner(),
+            announcer=Announcer(http_client or httpx.AsyncClient(), peer_id=self.peer_id),
+            bans=Bans(by_address=ban_by_address),
+            slots=ConnectionSlots(max_connections),
+            super_seed=super_seed,
+        )
         self.torrents: dict[bytes, Torrent] = {}
-        self.self_addresses: set[tuple[str, int]] = set()
-        self.connection_count = 0
-        self._banned_ids: set[bytes] = set()
-        self._banned_addresses: set[str] = set()
-        self._banned_endpoints: set[tuple[str, int]] = set()
-        self._http_client = http_client
-        self.announcer: Announcer = Announcer(http_client or httpx.AsyncClient())
         self._nursery: trio.Nursery | None = None
-        self._reserved = wire.reserved_bytes()
+
+    @property
+    def download_limiter(self) -> RateLimiter:
+        return self.shared.download_limiter
+
+    @property
+    def upload_limiter(self) -> RateLimiter:
+        return self.shared.upload_limiter
+
+    @property
+    def self_addresses(self) -> set[tuple[str, int]]:
+        return self.shared.self_addresses
+
+    @property
+    def connection_count(self) -> int:
+        return self.shared.slots.used
+
+    def is_banned(self, peer_id: bytes | None, host: str, port: int | None = None) -> bool:
+        return self.shared.bans.is_banned(peer_id, host, port)
+
+    def ban(self, peer_id: bytes, address: tuple[str, int]) -> None:
+        """Refuse this peer from now on: its id, its endpoint, and (by default) its address."""
+        self.shared.bans.ban(peer_id, address)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -95,23 +124,36 @@ class Engine:
     ) -> None:
         listeners = await trio.open_tcp_listeners(self.port, host=self.host or None)
         self.port = listeners[0].socket.getsockname()[1]
+        self.shared.local = LocalPeer(self.client_name, self.port, self.max_block, self.role)
+        self.shared.announcer.port = self.port
         try:
-            async with self.announcer.client, trio.open_nursery() as nursery:
+            async with self.shared.announcer.client, trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(trio.serve_listeners, self._handle_incoming, listeners)
+                nursery.start_soon(self._choke_rounds)
                 log_event(log, "engine.listening", port=self.port, role=self.role)
                 task_status.started(self)
         finally:
             for listener in listeners:
                 await listener.aclose()
 
+    async def _choke_rounds(self) -> None:
+        last = trio.current_time()
+        while True:
+            await trio.sleep(CHOKE_ROUND)
+            now = trio.current_time()
+            interval, last = max(now - last, 1e-3), now
+            for torrent in list(self.torrents.values()):
+                if torrent.connections or torrent.candidates:
+                    torrent.tick(now, interval)
+
     def set_rates(self, download_rate: float, upload_rate: float) -> None:
-        self.download_limiter.set_rate(download_rate)
-        self.upload_limiter.set_rate(upload_rate)
+        self.shared.download_limiter.set_rate(download_rate)
+        self.shared.upload_limiter.set_rate(upload_rate)
 
     async def add_torrent(
         self,
-        metainfo: Metainfo,
+        metainfo: TorrentInfo,
         store: PieceStore,
         *,
         peers: Iterable[tuple[str, int]] = (),
@@ -129,7 +171,7 @@ class Engine:
             existing.add_peers(peers)
             return existing
         torrent = Torrent(
-            self,
+            self.shared,
             metainfo,
             store,
             max_peers=self.max_peers_per_torrent,
@@ -160,18 +202,6 @@ class Engine:
 
     # -- connections -----------------------------------------------------------------------------
 
-    def handshake_for(self, info_hash: bytes) -> bytes:
-        return wire.encode_handshake(info_hash, self.peer_id, self._reserved)
-
-    def reserve_connection(self) -> bool:
-        if self.connection_count >= self.max_connections:
-            return False
-        self.connection_count += 1
-        return True
-
-    def release_connection(self) -> None:
-        self.connection_count -= 1
-
     async def _handle_incoming(self, stream: trio.SocketStream) -> None:
         try:
             host, port = stream.socket.getpeername()[:2]
@@ -193,18 +223,18 @@ class Engine:
         the peer's handshake and answer only for a torrent we have. Used for incoming
         TCP connections and, in tests, for in-memory streams.
         """
-        if not self.reserve_connection():
+        if not self.shared.slots.reserve():
             await stream.aclose()
             return
         try:
             async with stream:
-                if self.is_banned(None, address[0]):
+                if self.shared.bans.is_banned(None, address[0]):
                     return
                 transport = make_transport(stream)
                 protocol = wire.PeerProtocol(max_block=self.max_block)
                 try:
                     if info_hash is not None:
-                        await transport.send_all(self.handshake_for(info_hash))
+                        await transport.send_all(self.shared.handshake_for(info_hash))
                     with trio.fail_after(HANDSHAKE_TIMEOUT):
                         handshake = await read_handshake(transport, protocol)
                     torrent = self.torrents.get(handshake.info_hash)
@@ -212,10 +242,10 @@ class Engine:
                         return  # unknown infohash: the infohash is a capability
                     if handshake.peer_id == self.peer_id:
                         if info_hash is None:  # let our own outgoing side see who answered
-                            await transport.send_all(self.handshake_for(handshake.info_hash))
+                            await transport.send_all(self.shared.handshake_for(handshake.info_hash))
                         return
                     if info_hash is None:
-                        await transport.send_all(self.handshake_for(handshake.info_hash))
+                        await transport.send_all(self.shared.handshake_for(handshake.info_hash))
                     elif handshake.info_hash != info_hash:
                         return
                     await torrent.run_connection(
@@ -228,20 +258,4 @@ class Engine:
                 except (RemoteError, trio.TooSlowError):
                     return
         finally:
-            self.release_connection()
-
-    # -- bans ------------------------------------------------------------------------------------
-
-    def ban(self, peer_id: bytes, address: tuple[str, int]) -> None:
-        """Refuse this peer from now on: its id, its endpoint, and (by default) its address."""
-        self._banned_ids.add(peer_id)
-        self._banned_endpoints.add(address)
-        if self.ban_by_address:
-            self._banned_addresses.add(address[0])
-
-    def is_banned(self, peer_id: bytes | None, host: str, port: int | None = None) -> bool:
-        return (
-            (peer_id is not None and peer_id in self._banned_ids)
-            or host in self._banned_addresses
-            or (port is not None and (host, port) in self._banned_endpoints)
-        )
+            self.shared.slots.release()

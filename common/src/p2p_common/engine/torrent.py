@@ -1,63 +1,92 @@
-"""One torrent in the engine: its peers, its pieces, its readers, its announces.
+"""One torrent in the engine: the trio shell around its :class:`~p2p_common.swarm.SwarmCore`.
 
-Tasks (children of :meth:`Torrent.run`): the choke round (every second), the
-connector (keeps up to ``max_peers`` connections from known candidates), and the
-announcer (tracker re-announces, fast while the swarm is young). Connections run
-as children of the torrent's nursery (outgoing) or of the engine's listener
-(incoming) and are closed with the torrent.
+The shell keeps what needs I/O or time: the connections (each a
+:class:`~p2p_common.engine.connection.Connection`), the verifier (SHA-1 of every complete
+piece, then the store), the connector (dials candidate peers, with backoff) and the announcer
+(tracker re-announces, fast while the swarm is young). The engine calls :meth:`Torrent.tick`
+once per choking round for every torrent.
+
+What the rest of a service uses: :meth:`has_piece`, :meth:`wait_for_piece`,
+:meth:`wait_complete`, :meth:`set_reader`, :meth:`add_piece` (a piece fetched outside the
+swarm), :meth:`add_peers` and the :meth:`statistics` snapshot.
 """
 
 from __future__ import annotations
 
-import collections
+import hashlib
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 
 from p2p_common import wire
-from p2p_common.choker import Choker, PeerStats
-from p2p_common.engine.peer import SUPER_SEED_OFFERS, PeerConnection
+from p2p_common.engine.connection import Connection
+from p2p_common.engine.shared import EngineShared
 from p2p_common.engine.transport import PeerGoneError, Transport, make_transport
 from p2p_common.errors import LocalError, RemoteError
 from p2p_common.logs import event as log_event
-from p2p_common.metainfo import Metainfo
-from p2p_common.picker import Block, PiecePicker
-from p2p_common.storage import PieceStore, verify_piece
+from p2p_common.session import PeerSession, PieceReady, Window
+from p2p_common.storage import PieceStore
+from p2p_common.swarm import SwarmCore
 from p2p_common.tracker_proto import Event as AnnounceEvent
-
-if TYPE_CHECKING:
-    from p2p_common.engine.engine import Engine
 
 log = logging.getLogger("p2p.torrent")
 
-CHOKE_ROUND = 1.0
-SNUB_AFTER = 20.0
-IDLE_TIMEOUT = 180.0
 CONNECT_TIMEOUT = 5.0
 HANDSHAKE_TIMEOUT = 10.0
-READER_WINDOW = 4
-"""Pieces ahead of each streaming reader that the picker fetches first. Small on purpose: a
-whole rollout reads in the same order, and everyone wanting the same pieces first is the
-opposite of what a swarm needs (tests/bench/bench_rollout.py)."""
-BAN_STRIKES = 2
 RESEED_ANNOUNCE_SPREAD = 30.0
 """Seconds over which a service spreads the first announces of the blobs it reseeds at start."""
 RECONNECT_DELAY = 5.0
 """Seconds before dialling again a peer whose connection ended normally."""
-VERIFY_QUEUE_BYTES = 8 * 1024 * 1024
-"""Received pieces that may wait for their hash check and write (per torrent)."""
-VERIFIERS = 2
-VERIFY_BATCH = 8
-"""Most queued pieces one worker-thread call checks and writes."""
-"""Pieces checked and written at once per torrent (hashlib releases the GIL)."""
 
 
 class TorrentFailedError(LocalError):
     """The torrent stopped because of a local failure (disk full, ...)."""
+
+
+class TorrentInfo(Protocol):
+    """What the engine needs to know of a torrent (a :class:`~p2p_common.metainfo.Metainfo`
+    is one; a chunked blob's metainfo is another)."""
+
+    @property
+    def info_hash(self) -> bytes:
+        """The swarm's id: what handshakes and announces name."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def length(self) -> int: ...
+
+    @property
+    def piece_length(self) -> int: ...
+
+    @property
+    def num_pieces(self) -> int: ...
+
+    @property
+    def trackers(self) -> tuple[str, ...]: ...
+
+    def piece_size(self, index: int) -> int: ...
+
+    def piece_hash(self, index: int) -> bytes: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TorrentStatistics:
+    """A snapshot for metrics and status pages."""
+
+    pieces: int
+    have: int
+    known: int
+    downloaded_by_role: dict[str, int]
+    uploaded: int
+    peers: int
+    peers_by_role: dict[str, int]
+    seconds_since_progress: float
 
 
 def _backoff(failures: int) -> float:
@@ -74,78 +103,93 @@ class _Candidate:
 class Torrent:
     def __init__(
         self,
-        engine: Engine,
-        metainfo: Metainfo,
+        engine: EngineShared,
+        info: TorrentInfo,
         store: PieceStore,
         *,
+        known: int | None = None,
+        published: int | None = None,
         max_peers: int = 50,
         announce_delay: float = 0.0,
     ) -> None:
         self.engine = engine
-        self.announce_delay = announce_delay
-        self.metainfo = metainfo
+        self.info = info
+        self.info_hash = info.info_hash
         self.store = store
-        self.info_hash = metainfo.info_hash
         self.max_peers = max_peers
-        self.picker = PiecePicker(
-            metainfo.num_pieces, metainfo.piece_length, metainfo.length, have=store.have
+        self.announce_delay = announce_delay
+        now = trio.current_time()
+        self.core = SwarmCore(
+            num_pieces=info.num_pieces,
+            piece_length=info.piece_length,
+            length=info.length,
+            local=engine.local,
+            have=store.have,
+            known=known,
+            published=published,
+            super_seed=engine.super_seed,
+            now=now,
         )
-        self.choker = Choker()
-        self.connections: dict[bytes, PeerConnection] = {}
+        self.connections: dict[bytes, Connection] = {}
         self.candidates: dict[tuple[str, int], _Candidate] = {}
         self._connecting: set[tuple[str, int]] = set()
-        self._strikes: collections.Counter[bytes] = collections.Counter()
-        self._buffers: dict[int, bytearray] = {}
-        self._contributors: dict[int, set[PeerConnection]] = {}
         self._piece_events: dict[int, trio.Event] = {}
-        self._readers: dict[object, int] = {}
-        self._candidates_changed = trio.Event()
-        self.super_seeding = engine.super_seed and self.picker.complete
-        """BEP 16: reveal pieces to each peer a few at a time, each piece to one peer before
-        any piece goes to a second, so a seed's upload puts every piece into the swarm once
-        instead of the same pieces into every peer (tests/bench/bench_rollout.py)."""
-        self._offer_cursor = 0
-        self._first_pass = 0
-        self._offered_now = [0] * metainfo.num_pieces
-        """Per piece: to how many peers it is revealed and not yet delivered."""
+        self.on_stored: Callable[[int, bytes | bytearray], None] | None = None
+        """Called with every piece verified and stored by the swarm (in the event loop)."""
         self.completed = trio.Event()
         self.closed = trio.Event()
         """Set when the torrent has stopped, its connections ended and its store is closed."""
-        if self.picker.complete:
+        if self.core.complete:
             self.completed.set()
         self.failure: BaseException | None = None
         self._failed = trio.Event()
-        self.downloaded_by_role: collections.Counter[str] = collections.Counter()
-        self.uploaded = 0
-        self.started_at = trio.current_time()
-        self.last_progress = self.started_at
-        """When the last piece was verified (for no-progress fallbacks)."""
-        # Received pieces wait here for their hash check and disk write, which run in
-        # worker threads while the connections keep receiving (bounded: backpressure).
-        depth = max(2, VERIFY_QUEUE_BYTES // metainfo.piece_length)
-        self._verify_send, self._verify_receive = trio.open_memory_channel[
-            tuple[int, bytes | bytearray, set[PeerConnection]]
-        ](depth)
         self._nursery: trio.Nursery | None = None
         self._stopped = False
 
-    # -- public API ------------------------------------------------------------------------------
+    # -- what the rest of a service uses ---------------------------------------------------------
+
+    @property
+    def metainfo(self) -> TorrentInfo:
+        return self.info
+
+    @property
+    def downloaded_by_role(self) -> dict[str, int]:
+        return self.core.downloaded_by_role
 
     @property
     def downloaded(self) -> int:
-        return sum(self.downloaded_by_role.values())
+        return self.core.downloaded
+
+    @property
+    def uploaded(self) -> int:
+        return self.core.uploaded
 
     @property
     def left(self) -> int:
-        have = self.picker.have
-        if have.complete:
-            return 0
-        missing = self.metainfo.num_pieces - have.count
-        left = missing * self.metainfo.piece_length
-        last = self.metainfo.num_pieces - 1
-        if last not in have:
-            left -= self.metainfo.piece_length - self.metainfo.piece_size(last)
-        return left
+        return self.core.left
+
+    @property
+    def last_progress(self) -> float:
+        return self.core.last_progress
+
+    def has_piece(self, index: int) -> bool:
+        return index in self.core.picker.have
+
+    def statistics(self) -> TorrentStatistics:
+        picker = self.core.picker
+        roles: dict[str, int] = {}
+        for session in self.core.sessions.values():
+            roles[session.role] = roles.get(session.role, 0) + 1
+        return TorrentStatistics(
+            pieces=picker.num_pieces,
+            have=picker.have.count,
+            known=picker.known,
+            downloaded_by_role=dict(self.core.downloaded_by_role),
+            uploaded=self.core.uploaded,
+            peers=len(self.core.sessions),
+            peers_by_role=roles,
+            seconds_since_progress=trio.current_time() - self.core.last_progress,
+        )
 
     def add_peers(self, addresses: Iterable[tuple[str, int]]) -> None:
         """Candidate peers (from a tracker, or given directly)."""
@@ -155,60 +199,40 @@ class Torrent:
                 self.candidates[address] = _Candidate()
                 added = True
         if added:
-            self._candidates_changed.set()
+            self.dial(trio.current_time())
+
+    def set_reader(self, reader: object, next_piece: int | None) -> None:
+        """A streaming reader's position (None when it is done): its next pieces come first."""
+        self.core.set_reader(reader, next_piece)
 
     async def wait_for_piece(self, index: int) -> None:
         """Return once piece ``index`` is verified and stored (raises if the torrent failed)."""
-        while index not in self.picker.have:
+        while index not in self.core.picker.have:
             if self.failure is not None:
                 raise TorrentFailedError(str(self.failure)) from self.failure
             event = self._piece_events.get(index)
             if event is None:
                 event = self._piece_events[index] = trio.Event()
-            async with trio.open_nursery() as nursery:
-
-                async def failed(scope: trio.CancelScope = nursery.cancel_scope) -> None:
-                    await self._failed.wait()
-                    scope.cancel()
-
-                nursery.start_soon(failed)
-                await event.wait()
-                nursery.cancel_scope.cancel()
+            await self._until(event)
 
     async def wait_complete(self) -> None:
-        with trio.CancelScope() as scope:
-            async with trio.open_nursery() as nursery:
-
-                async def failed() -> None:
-                    await self._failed.wait()
-                    scope.cancel()
-
-                nursery.start_soon(failed)
-                await self.completed.wait()
-                nursery.cancel_scope.cancel()
+        await self._until(self.completed)
         if self.failure is not None and not self.completed.is_set():
             raise TorrentFailedError(str(self.failure)) from self.failure
 
-    def set_reader(self, reader: object, next_piece: int | None) -> None:
-        """A streaming reader's position (None when it is done): its next pieces come first."""
-        if next_piece is None:
-            self._readers.pop(reader, None)
-        else:
-            self._readers[reader] = next_piece
-        self._update_priority()
+    async def _until(self, event: trio.Event) -> None:
+        """Wait for ``event`` or for the torrent to fail, whichever comes first."""
+        if self.failure is not None:
+            return
+        async with trio.open_nursery() as nursery:
 
-    def _update_priority(self) -> None:
-        have = self.picker.have
-        wanted: list[int] = []
-        for start in sorted(self._readers.values()):
-            index = start
-            taken = 0
-            while index < self.metainfo.num_pieces and taken < READER_WINDOW:
-                if index not in have:
-                    wanted.append(index)
-                    taken += 1
-                index += 1
-        self.picker.set_priority(dict.fromkeys(wanted))
+            async def failed() -> None:
+                await self._failed.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(failed)
+            await event.wait()
+            nursery.cancel_scope.cancel()
 
     # -- running ---------------------------------------------------------------------------------
 
@@ -218,14 +242,11 @@ class Torrent:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._choke_loop)
-                nursery.start_soon(self._connect_loop)
-                if not self.picker.complete:
-                    for _ in range(VERIFIERS):
-                        nursery.start_soon(self._verifier)
-                if self.metainfo.trackers:
+                if self.info.trackers:
                     nursery.start_soon(self._announce_loop)
                 task_status.started(self)
+                self.dial(trio.current_time())
+                await trio.sleep_forever()
         finally:
             self._stopped = True
             for conn in list(self.connections.values()):
@@ -248,13 +269,27 @@ class Torrent:
     def fail(self, exc: BaseException) -> None:
         if self.failure is None:
             self.failure = exc
-            log_event(
-                log, "torrent.failed", logging.ERROR, torrent=self.metainfo.name, error=str(exc)
-            )
+            log_event(log, "torrent.failed", logging.ERROR, torrent=self.info.name, error=str(exc))
             self._failed.set()
         self.stop()
 
+    def tick(self, now: float, interval: float) -> None:
+        """The choking round: the core decides; connections it gives up on are closed."""
+        for session, reason in self.core.tick(now, interval):
+            conn = self.connections.get(session.peer_id)
+            if conn is not None:
+                log_event(log, "peer.closed", logging.DEBUG, peer=repr(session), reason=reason)
+                conn.close()
+        if not self.core.complete:
+            self.dial(now)
+
     # -- connections -----------------------------------------------------------------------------
+
+    def window_of(self, info_hash: bytes) -> Window | None:
+        """The pieces a connection that names ``info_hash`` sees (None: not ours)."""
+        if info_hash == self.info_hash:
+            return Window(0, self.info.num_pieces)
+        return None
 
     async def run_connection(
         self,
@@ -266,46 +301,79 @@ class Torrent:
         outgoing: bool,
     ) -> None:
         """Run an established connection until it ends; cleans up after it."""
-        if self._stopped or handshake.peer_id in self.connections:
+        window = self.window_of(handshake.info_hash)
+        if self._stopped or window is None or handshake.peer_id in self.connections:
             return
-        if self.engine.is_banned(handshake.peer_id, address[0]):
+        if self.engine.bans.is_banned(handshake.peer_id, address[0]):
             return
+        info = self.info
+        end = min(info.length, (window.first + window.count) * info.piece_length)
         protocol.set_geometry(
-            self.metainfo.num_pieces, self.metainfo.piece_length, self.metainfo.length
+            window.count, info.piece_length, end - window.first * info.piece_length
         )
-        conn = PeerConnection(
-            self, transport, protocol, handshake, address=address, outgoing=outgoing
+        session = PeerSession(
+            self.core,
+            peer_id=handshake.peer_id,
+            address=address,
+            outgoing=outgoing,
+            window=window,
+            fast=protocol.fast,
+            extensions=protocol.extensions,
+            now=trio.current_time(),
         )
-        self.connections[conn.peer_id] = conn
+        conn = Connection(
+            session,
+            transport,
+            protocol,
+            store=self.store,
+            verify=self.verify,
+            download_limiter=self.engine.download_limiter,
+            upload_limiter=self.engine.upload_limiter,
+            uploaded=self._count_upload,
+        )
+        self.connections[session.peer_id] = conn
+        self.core.add_session(session)
         try:
             await conn.run()
         except PeerGoneError:
             pass
         except RemoteError as exc:
-            log_event(log, "peer.dropped", logging.INFO, peer=repr(conn), reason=str(exc))
+            log_event(log, "peer.dropped", logging.INFO, peer=repr(session), reason=str(exc))
         except LocalError as exc:
             self.fail(exc)
         finally:
-            conn.closed = True
-            self.connections.pop(conn.peer_id, None)
+            self.connections.pop(session.peer_id, None)
+            self.core.remove_session(session)
             self._close_when_idle()
-            conn.release_requests()
-            for index in conn.offers:
-                self._offered_now[index] -= 1
-            conn.offers.clear()
-            conn.forget_availability()
-            self.choker.forget(conn.key)
-            for contributors in self._contributors.values():
-                contributors.discard(conn)
+
+    def _count_upload(self, count: int) -> None:
+        self.core.uploaded += count
+
+    def dial(self, now: float) -> None:
+        """Start connecting to candidates that are due, up to ``max_peers`` connections."""
+        if self._nursery is None or self._stopped or self.core.complete:
+            return  # seeds wait for leechers to connect
+        busy = {conn.session.address for conn in self.connections.values()} | self._connecting
+        for address, candidate in self.candidates.items():
+            if len(self.connections) + len(self._connecting) >= self.max_peers:
+                break
+            if (
+                address in busy
+                or candidate.next_attempt > now
+                or self.engine.bans.is_banned(None, address[0], address[1])
+            ):
+                continue
+            candidate.next_attempt = math.inf  # set properly when the attempt ends
+            self._connecting.add(address)
+            self._nursery.start_soon(self._connect_one, address)
 
     async def _connect_one(self, address: tuple[str, int]) -> None:
         """Dial a candidate and run the connection; schedule its next attempt afterwards."""
         engine = self.engine
-        self._connecting.add(address)
         candidate = self.candidates.get(address)
         connected = False
         try:
-            if not engine.reserve_connection():
+            if not engine.slots.reserve():
                 return
             try:
                 with trio.fail_after(CONNECT_TIMEOUT):
@@ -330,7 +398,7 @@ class Torrent:
             except (OSError, RemoteError, trio.TooSlowError):
                 pass
             finally:
-                engine.release_connection()
+                engine.slots.release()
         finally:
             self._connecting.discard(address)
             if candidate is not None:
@@ -342,247 +410,77 @@ class Torrent:
                     delay = _backoff(candidate.failures)
                 candidate.next_attempt = trio.current_time() + delay
 
-    async def _connect_loop(self) -> None:
-        assert self._nursery is not None
-        while True:
-            with trio.move_on_after(1.0):
-                await self._candidates_changed.wait()
-            self._candidates_changed = trio.Event()
-            if self.picker.complete:
-                continue  # seeds wait for leechers to connect
-            now = trio.current_time()
-            connected = {c.address for c in self.connections.values()}
-            for address, candidate in list(self.candidates.items()):
-                if len(self.connections) + len(self._connecting) >= self.max_peers:
-                    break
-                if (
-                    address in connected
-                    or address in self._connecting
-                    or candidate.next_attempt > now
-                    or self.engine.is_banned(None, address[0], address[1])
-                ):
-                    continue
-                candidate.next_attempt = math.inf  # set properly when the attempt ends
-                self._nursery.start_soon(self._connect_one, address)
-
     # -- pieces ----------------------------------------------------------------------------------
 
-    async def on_block(self, conn: PeerConnection, block: Block, data: memoryview) -> None:
-        index = block.index
-        piece_size = self.metainfo.piece_size(index)
-        if block.begin == 0 and block.length == piece_size:
-            if not self.picker.block_received(block):
-                return
-            self.downloaded_by_role[conn.role] += block.length
-            # ``data`` points into the connection's receive buffer: copy it out.
-            await self._verify_send.send((index, bytes(data), {conn}))
-            return
-        if not self.picker.wanted(index):
-            return
-        buffer = self._buffers.get(index)
-        if buffer is None:
-            buffer = self._buffers[index] = bytearray(piece_size)
-        buffer[block.begin : block.begin + block.length] = data
-        self._contributors.setdefault(index, set()).add(conn)
-        self.downloaded_by_role[conn.role] += block.length
-        if self.picker.block_received(block):
-            del self._buffers[index]
-            await self._verify_send.send((index, buffer, self._contributors.pop(index, {conn})))
+    def _check_and_store(self, index: int, data: bytes | bytearray) -> bool:
+        """(Inline or worker thread.) Check a piece's SHA-1; store it if good."""
+        info = self.info
+        if len(data) != info.piece_size(index) or (
+            hashlib.sha1(data).digest() != info.piece_hash(index)
+        ):
+            return False
+        self.store.write_piece(index, data)
+        return True
 
-    async def add_piece(self, index: int, data: bytes) -> bool:
-        """A piece fetched outside the swarm (e.g. the proxy's HTTP fallback): check it,
-        store it and announce it like a piece from a peer. False if it does not verify."""
-        if index in self.picker.have:
-            return True
-        if not self.picker.wanted(index):
-            return True  # a peer's copy is being checked right now
-        self.picker.piece_verifying(index)
-        pieces: list[tuple[int, bytes | bytearray]] = [(index, data)]
-        [ok] = await trio.to_thread.run_sync(
-            self._verify_and_store, pieces, limiter=self.engine.disk_threads
-        )
-        self._piece_checked(index, ok, set())
-        return ok
-
-    async def _verifier(self) -> None:
-        """Check and store queued pieces, several per worker-thread call."""
-        receive = self._verify_receive
-        while True:
-            try:
-                batch = [await receive.receive()]
-            except trio.EndOfChannel:
-                return
-            while len(batch) < VERIFY_BATCH:
-                try:
-                    batch.append(receive.receive_nowait())
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-            try:
-                results = await trio.to_thread.run_sync(
-                    self._verify_and_store,
-                    [(index, data) for index, data, _ in batch],
-                    limiter=self.engine.disk_threads,
-                )
-            except LocalError as exc:  # the disk failed us (full, gone): this torrent stops
-                self.fail(exc)
-                return
-            for (index, _data, contributors), ok in zip(batch, results, strict=True):
-                self._piece_checked(index, ok, contributors)
-
-    def _piece_checked(self, index: int, ok: bool, contributors: set[PeerConnection]) -> None:
-        if not ok:
-            self.picker.piece_failed(index)
-            self._punish(contributors, index)
+    async def verify(self, ready: PieceReady) -> None:
+        """Check and store a piece the swarm completed, then tell the swarm the outcome."""
+        try:
+            ok = await self.engine.disk.run(self._check_and_store, ready.index, ready.data)
+        except LocalError as exc:  # the disk failed us (full, gone): this torrent stops
+            self.fail(exc)
             return
-        self.picker.piece_verified(index)
-        self.last_progress = trio.current_time()
+        if ok:
+            self._stored(ready.index, ready.data)
+            return
+        for session in self.core.piece_failed(ready.index, ready.contributors):
+            self.engine.bans.ban(session.peer_id, session.address)
+            log_event(
+                log,
+                "peer.banned",
+                logging.WARNING,
+                peer=repr(session),
+                piece=ready.index,
+                reason="bad data",
+            )
+            conn = self.connections.get(session.peer_id)
+            if conn is not None:
+                conn.close()
+
+    def _stored(self, index: int, data: bytes | bytearray) -> None:
+        now = trio.current_time()
+        self.core.piece_stored(index, now)
+        if self.on_stored is not None:
+            self.on_stored(index, data)
         event = self._piece_events.pop(index, None)
         if event is not None:
             event.set()
-        if self._readers:
-            self._update_priority()
-        endgame = self.metainfo.num_pieces - self.picker.have.count < 8
-        for conn in self.connections.values():
-            conn.have(index)
-            if endgame:
-                for key, block in list(conn.outstanding.items()):
-                    if key[0] == index:
-                        conn.cancel(block)
-                        self.picker.block_failed(block)
-            if conn.am_interested and not conn.outstanding:
-                conn.update_interest()
-        if self.picker.complete:
+        if self.core.complete and not self.completed.is_set():
             self.completed.set()
             log_event(
                 log,
                 "torrent.complete",
-                torrent=self.metainfo.name,
-                seconds=round(trio.current_time() - self.started_at, 3),
-                **{f"from_{role}": n for role, n in self.downloaded_by_role.items()},
+                torrent=self.info.name,
+                seconds=round(now - self.core.started_at, 3),
+                **{f"from_{role}": n for role, n in self.core.downloaded_by_role.items()},
             )
 
-    def _verify_and_store(self, pieces: list[tuple[int, bytes | bytearray]]) -> list[bool]:
-        """(Worker thread.) Check each piece's SHA-1; store the good ones."""
-        results = []
-        for index, data in pieces:
-            ok = verify_piece(self.metainfo, index, data)
-            if ok:
-                self.store.write_piece(index, data)
-            results.append(ok)
-        return results
-
-    def _punish(self, contributors: set[PeerConnection], index: int) -> None:
-        for conn in contributors:
-            self._strikes[conn.peer_id] += 1
-            if len(contributors) == 1 or self._strikes[conn.peer_id] >= BAN_STRIKES:
-                self.engine.ban(conn.peer_id, conn.address)
-                log_event(
-                    log,
-                    "peer.banned",
-                    logging.WARNING,
-                    peer=repr(conn),
-                    piece=index,
-                    reason="bad data",
-                )
-                conn.close()
-
-    # -- choking ---------------------------------------------------------------------------------
-
-    def offer(self, conn: PeerConnection, count: int) -> None:
-        """Reveal up to ``count`` more pieces to ``conn`` (super-seeding).
-
-        First every piece once, in index order across peers (which spreads first copies and
-        keeps streaming readers supplied roughly in reading order). After that, pieces the
-        peer lacks that no other peer is known to have and nobody is being sent, then any
-        piece it lacks that nobody is being sent. A piece revealed to one peer is not revealed
-        to a second while the first still has it in flight, so the seed's upload adds new
-        pieces to the swarm instead of copies; the peers trade the rest.
-        """
-        num = self.metainfo.num_pieces
-        while count > 0 and self._first_pass < num:
-            index = self._first_pass
-            self._first_pass += 1
-            if index not in conn.peer_bits:
-                self._reveal(conn, index)
-                count -= 1
-        if count <= 0:
-            return
-        fallback: list[int] = []
-        for step in range(num):
-            index = (self._offer_cursor + step) % num
-            if index in conn.peer_bits or index in conn.offers or self._offered_now[index]:
-                continue
-            if self.picker.holders(index):
-                if len(fallback) < count:
-                    fallback.append(index)
-                continue
-            self._reveal(conn, index)
-            count -= 1
-            if count <= 0:
-                self._offer_cursor = (index + 1) % num
-                return
-        for index in fallback[:count]:
-            self._reveal(conn, index)
-
-    def _reveal(self, conn: PeerConnection, index: int) -> None:
-        conn.offers.add(index)
-        self._offered_now[index] += 1
-        conn.send(wire.encode_have(index))
-
-    def offer_done(self, conn: PeerConnection, index: int) -> None:
-        """A revealed piece reached ``conn`` (or ``conn`` left): reveal another one."""
-        if index in conn.offers:
-            conn.offers.discard(index)
-            self._offered_now[index] -= 1
-        if not conn.closed:
-            self.offer(conn, 1)
-
-    def peer_interest_changed(self, conn: PeerConnection) -> None:
-        """Cooperative peers are unchoked at once rather than at the next round."""
-        if conn.cooperative and conn.peer_interested and conn.am_choking:
-            unchoked = sum(
-                1 for c in self.connections.values() if c.cooperative and not c.am_choking
-            )
-            if unchoked < self.choker.max_cooperative:
-                conn.unchoke()
-
-    async def _choke_loop(self) -> None:
-        while True:
-            await trio.sleep(CHOKE_ROUND)
-            now = trio.current_time()
-            stats = []
-            for conn in list(self.connections.values()):
-                delta = conn.downloaded - conn._rate_mark
-                conn._rate_mark = conn.downloaded
-                conn.download_rate = 0.7 * conn.download_rate + 0.3 * delta / CHOKE_ROUND
-                if conn.outstanding:  # only a peer we are asking tells its rate
-                    conn.adapt_queue()
-                if self.super_seeding and not conn.offers and conn.peer_interested:
-                    self.offer(conn, SUPER_SEED_OFFERS)  # nothing revealed: try again
-                if now - conn.last_received > IDLE_TIMEOUT:
-                    conn.close()
-                    continue
-                if conn.outstanding and now - conn.last_piece > SNUB_AFTER:
-                    conn.snubbed = True
-                    for block in conn.release_requests():
-                        conn.send(wire.encode_cancel(block.index, block.begin, block.length))
-                    conn.last_piece = now
-                stats.append(
-                    PeerStats(
-                        key=conn.key,
-                        interested=conn.peer_interested,
-                        cooperative=conn.cooperative,
-                        download_rate=conn.download_rate,
-                        snubbed=conn.snubbed,
-                    )
-                )
-            unchoke = self.choker.decide(stats, seeding=self.picker.complete, now=now)
-            for conn in list(self.connections.values()):
-                if conn.key in unchoke:
-                    conn.unchoke()
-                else:
-                    conn.choke()
-                conn.fill_requests()
+    async def add_piece(self, index: int, data: bytes) -> bool:
+        """A piece fetched outside the swarm (e.g. the proxy's HTTP fallback): check it,
+        store it and announce it like a piece from a peer. False if it does not verify."""
+        if index in self.core.picker.have:
+            return True
+        if not self.core.piece_verifying(index):
+            return True  # a peer's copy is being checked right now
+        try:
+            ok = await self.engine.disk.run(self._check_and_store, index, data)
+        except LocalError as exc:
+            self.fail(exc)
+            raise
+        if ok:
+            self._stored(index, data)
+        else:
+            self.core.piece_failed(index, ())
+        return ok
 
     # -- tracker ---------------------------------------------------------------------------------
 
@@ -590,18 +488,20 @@ class Torrent:
         announcer = self.engine.announcer
         event = AnnounceEvent.STARTED
         young_delay = 0.5
-        was_complete = self.picker.complete
+        was_complete = self.core.complete
         await trio.sleep(self.announce_delay)
         try:
             while True:
-                response = await announcer.announce(self, event)
+                response = await announcer.announce(
+                    self.info_hash, self.info.trackers, self._announce_state(event)
+                )
                 interval = 60.0
                 if response is not None:
                     event = AnnounceEvent.NONE
                     interval = float(response.interval)
                     self.add_peers((p.ip, p.port) for p in response.peers)
                 wait = interval
-                young = len(self.connections) < min(self.max_peers, 8) and not self.picker.complete
+                young = len(self.connections) < min(self.max_peers, 8) and not self.core.complete
                 if young or response is None:
                     wait = min(interval, young_delay)
                     young_delay = min(young_delay * 2, 30.0)
@@ -610,12 +510,20 @@ class Torrent:
                         await self.completed.wait()
                     else:
                         await trio.sleep_forever()
-                if self.picker.complete and not was_complete:
+                if self.core.complete and not was_complete:
                     was_complete = True
                     event = AnnounceEvent.COMPLETED
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(2.0):
-                await announcer.announce(self, AnnounceEvent.STOPPED)
+                await announcer.announce(
+                    self.info_hash,
+                    self.info.trackers,
+                    self._announce_state(AnnounceEvent.STOPPED),
+                )
+
+    def _announce_state(self, event: AnnounceEvent) -> tuple[AnnounceEvent, int, int, int]:
+        """(event, uploaded, downloaded, left)"""
+        return event, self.core.uploaded, self.core.downloaded, self.core.left
 
 
 async def read_handshake(transport: Transport, protocol: wire.PeerProtocol) -> wire.Handshake:

@@ -1,0 +1,113 @@
+"""One peer connection's I/O: a reader task and a writer task around a pure session.
+
+The reader receives into the wire protocol's buffer (asking the transport to wait for the rest
+of a block rather than waking for every segment), feeds each event to the
+:class:`~p2p_common.session.PeerSession`, and hands every complete piece to the torrent's
+verifier. The writer sends what the session queued (control messages joined into one write)
+and uploads the blocks it names (``sendfile`` where possible), each paid for in the
+process-wide upload bucket. Any :class:`~p2p_common.errors.RemoteError` ends this connection
+only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from p2p_common import wire
+from p2p_common.engine.transport import PeerGoneError, Transport
+from p2p_common.errors import RemoteError, collapse
+from p2p_common.ratelimit import RateLimiter
+from p2p_common.session import PeerSession, PieceReady
+from p2p_common.storage import PieceStore
+
+RECEIVE_CHUNK = 256 * 1024
+
+
+class Connection:
+    """Runs one established connection until either side ends it."""
+
+    def __init__(
+        self,
+        session: PeerSession,
+        transport: Transport,
+        protocol: wire.PeerProtocol,
+        *,
+        store: PieceStore,
+        verify: Callable[[PieceReady], Awaitable[None]],
+        download_limiter: RateLimiter,
+        upload_limiter: RateLimiter,
+        uploaded: Callable[[int], None],
+    ) -> None:
+        self.session = session
+        self.transport = transport
+        self.protocol = protocol
+        self.store = store
+        self._verify = verify
+        self._download_limiter = download_limiter
+        self._upload_limiter = upload_limiter
+        self._uploaded = uploaded
+        self._wake = trio.Event()
+        self._cancel_scope: trio.CancelScope | None = None
+        session.notify = self.wake
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def close(self) -> None:
+        if self._cancel_scope is not None:
+            self._cancel_scope.cancel()
+
+    async def run(self) -> None:
+        with trio.CancelScope() as scope:
+            self._cancel_scope = scope
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer)
+                    await self._reader()
+                    nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                raise collapse(group) from None
+
+    async def _writer(self) -> None:
+        session = self.session
+        transport = self.transport
+        limiter = self._upload_limiter
+        while True:
+            if not session.wants_write:
+                self._wake = trio.Event()
+                await self._wake.wait()
+            if session.error is not None:
+                raise RemoteError(session.error)
+            data = session.take_output(trio.current_time())
+            if data:
+                await transport.send_all(data)
+            upload = session.next_upload()
+            if upload is not None:
+                await limiter.acquire(upload.length)
+                await transport.send_block(upload.header, self.store, upload.offset, upload.length)
+                session.block_sent(upload, trio.current_time())
+                self._uploaded(upload.length)
+
+    async def _reader(self) -> None:
+        protocol = self.protocol
+        transport = self.transport
+        session = self.session
+        limiter = self._download_limiter
+        verify = self._verify
+        while True:
+            event = protocol.next_event()
+            if event is not None:
+                now = trio.current_time()
+                while event is not None:
+                    ready = session.receive(event, now)
+                    if ready is not None:
+                        await verify(ready)
+                    event = protocol.next_event()
+            buffer = protocol.receive_buffer(RECEIVE_CHUNK)
+            received = await transport.recv_into(buffer[:RECEIVE_CHUNK], protocol.needed())
+            if not received:
+                raise PeerGoneError("connection closed by peer")
+            protocol.commit(received)
+            await limiter.acquire(received)

@@ -1,0 +1,345 @@
+"""One torrent's swarm as a pure state machine: its sessions, picker, choker and offers.
+
+:class:`SwarmCore` is what the engine's ``Torrent`` shell and a swarm simulator both drive.
+It never touches a socket, a clock, a disk or a thread: time comes in as ``now``; pieces to
+verify go out as :class:`~p2p_common.session.PieceReady` (returned by
+:meth:`PeerSession.receive`); outcomes come back in through :meth:`SwarmCore.piece_stored`
+and :meth:`SwarmCore.piece_failed`; the choking round is :meth:`SwarmCore.tick`, whose answer
+says which connections to close.
+
+Pieces and hashes. Pieces ``[0, picker.known)`` have known hashes and may be downloaded; a
+chunked blob learns its hashes a chunk at a time (:meth:`SwarmCore.set_known`). A torrent that
+gets its pieces from elsewhere (the proxy's origin fetch) downloads nothing (``known = 0``) and
+only offers what it stored and published (:meth:`SwarmCore.set_published`).
+
+Super-seeding (BEP 16, proxies): a seed reveals pieces to each peer a few at a time, each
+piece to one peer before any piece goes to a second, so the seed's upload puts every piece
+into the swarm once instead of the same pieces into every peer; the peers trade the rest.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+from collections.abc import Iterable
+
+from p2p_common.bitfield import Bitfield
+from p2p_common.choker import Choker, PeerStats
+from p2p_common.picker import Block, PiecePicker
+from p2p_common.session import SUPER_SEED_OFFERS, LocalPeer, PeerSession, PieceReady
+
+READER_WINDOW = 4
+"""Pieces ahead of each streaming reader that the picker fetches first. Small on purpose: a
+whole rollout reads in the same order, and everyone wanting the same pieces first is the
+opposite of what a swarm needs (tests/bench/bench_rollout.py)."""
+BAN_STRIKES = 2
+"""Failed pieces a peer may have contributed to before it is banned."""
+ENDGAME_PIECES = 8
+"""With fewer missing pieces than this, a verified piece cancels its duplicate requests."""
+OFFER_SCAN = 256
+"""Pieces one super-seeding offer looks at past the first pass (bounded work per HAVE)."""
+
+
+class SwarmCore:
+    def __init__(
+        self,
+        *,
+        num_pieces: int,
+        piece_length: int,
+        length: int,
+        local: LocalPeer,
+        have: Bitfield | None = None,
+        known: int | None = None,
+        published: int | None = None,
+        super_seed: bool = False,
+        now: float = 0.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.local = local
+        self.piece_length = piece_length
+        self.length = length
+        self.picker = PiecePicker(num_pieces, piece_length, length, have=have, known=known, rng=rng)
+        self.choker = Choker(rng=rng)
+        self.super_seed = super_seed
+        """Seed BEP 16 style whenever we download nothing (complete, or fed from elsewhere)."""
+        self.published = num_pieces if published is None else published
+        """Pieces ``[0, published)`` may be offered while super-seeding (their hashes are out)."""
+        self.sessions: dict[bytes, PeerSession] = {}
+        self.strikes: collections.Counter[bytes] = collections.Counter()
+        self._buffers: dict[int, bytearray] = {}
+        self._contributors: dict[int, set[bytes]] = {}
+        self._readers: dict[object, int] = {}
+        self._first_pass = 0
+        self._offer_cursor = 0
+        self._offered_now = [0] * num_pieces
+        """Per piece: to how many peers it is revealed and not yet delivered."""
+        self.downloaded_by_role: collections.Counter[str] = collections.Counter()
+        self.uploaded = 0
+        self.started_at = now
+        self.last_progress = now
+        """When the last piece was stored (for no-progress fallbacks)."""
+
+    # -- geometry and state ------------------------------------------------------------------------
+
+    @property
+    def num_pieces(self) -> int:
+        return self.picker.num_pieces
+
+    @property
+    def complete(self) -> bool:
+        return self.picker.have.complete
+
+    @property
+    def super_seeding(self) -> bool:
+        return self.super_seed and (self.picker.complete or self.picker.known == 0)
+
+    @property
+    def downloaded(self) -> int:
+        return sum(self.downloaded_by_role.values())
+
+    @property
+    def left(self) -> int:
+        """Bytes we do not have (for announces)."""
+        have = self.picker.have
+        if have.complete:
+            return 0
+        missing = self.num_pieces - have.count
+        left = missing * self.piece_length
+        last = self.num_pieces - 1
+        if last not in have:
+            left -= self.piece_length - self.picker.piece_size(last)
+        return left
+
+    # -- sessions ----------------------------------------------------------------------------------
+
+    def add_session(self, session: PeerSession) -> None:
+        """An established connection joins; its opening messages are queued."""
+        self.sessions[session.peer_id] = session
+        session.start()
+
+    def remove_session(self, session: PeerSession) -> None:
+        """A connection ended (for whatever reason): give back what it held."""
+        session.closed = True
+        if self.sessions.get(session.peer_id) is session:
+            del self.sessions[session.peer_id]
+        session.release_requests()
+        for index in session.offers:
+            self._offered_now[index] -= 1
+        session.offers.clear()
+        session.forget_availability()
+        self.choker.forget(session.peer_id)
+
+    def interest_changed(self, session: PeerSession) -> None:
+        """Cooperative peers are unchoked at once rather than at the next round."""
+        if session.cooperative and session.peer_interested and session.am_choking:
+            unchoked = sum(1 for s in self.sessions.values() if s.cooperative and not s.am_choking)
+            if unchoked < self.choker.max_cooperative:
+                session.unchoke()
+
+    # -- pieces ------------------------------------------------------------------------------------
+
+    def on_block(self, session: PeerSession, block: Block, data: memoryview) -> PieceReady | None:
+        index = block.index
+        picker = self.picker
+        if block.begin == 0 and block.length == picker.piece_size(index):
+            if not picker.block_received(block):
+                return None
+            self.downloaded_by_role[session.role] += block.length
+            return PieceReady(index, bytes(data), (session.peer_id,))
+        if not picker.wanted(index):
+            return None  # a late duplicate (endgame)
+        buffer = self._buffers.get(index)
+        if buffer is None:
+            buffer = self._buffers[index] = bytearray(picker.piece_size(index))
+        buffer[block.begin : block.begin + block.length] = data
+        self._contributors.setdefault(index, set()).add(session.peer_id)
+        self.downloaded_by_role[session.role] += block.length
+        if not picker.block_received(block):
+            return None
+        del self._buffers[index]
+        contributors = self._contributors.pop(index, {session.peer_id})
+        return PieceReady(index, buffer, tuple(contributors))
+
+    def piece_verifying(self, index: int) -> bool:
+        """A piece fetched outside the swarm (HTTP fallback) is about to be checked; False if
+        we have it already or a peer's copy is being checked."""
+        if not self.picker.wanted(index):
+            return False
+        self.picker.piece_verifying(index)
+        return True
+
+    def piece_stored(self, index: int, now: float) -> None:
+        """Piece ``index`` is verified and stored: tell every peer, cancel duplicates, and (when
+        super-seeding from a growing store) offer it."""
+        picker = self.picker
+        picker.piece_verified(index)
+        self.last_progress = now
+        if self._readers:
+            self._update_priority()
+        endgame = picker.known - picker.have.count < ENDGAME_PIECES
+        super_seeding = self.super_seeding
+        for session in list(self.sessions.values()):
+            if super_seeding and session.full_window:
+                if index < self.published and len(session.offers) < SUPER_SEED_OFFERS:
+                    self.offer(session, 1)
+            else:
+                session.we_have(index)
+            if endgame:
+                for key, block in list(session.outstanding.items()):
+                    if key[0] == index:
+                        session.cancel(block)
+                        picker.block_failed(block)
+
+    def piece_failed(self, index: int, contributors: Iterable[bytes]) -> list[PeerSession]:
+        """Piece ``index`` did not match its hash: it is wanted again, and its contributors
+        take a strike. Returns the sessions to close and ban (a sole contributor, or one
+        with :data:`BAN_STRIKES` strikes)."""
+        self.picker.piece_failed(index)
+        blamed = list(contributors)
+        banned = []
+        for peer_id in blamed:
+            self.strikes[peer_id] += 1
+            if len(blamed) == 1 or self.strikes[peer_id] >= BAN_STRIKES:
+                session = self.sessions.get(peer_id)
+                if session is not None:
+                    banned.append(session)
+        for session in self.sessions.values():
+            session.fill_requests()
+        return banned
+
+    def set_known(self, known: int) -> None:
+        """The hashes of pieces ``[0, known)`` are known now (a chunk was published)."""
+        picker = self.picker
+        old = picker.known
+        if known <= old:
+            return
+        picker.set_known(known)
+        for session in list(self.sessions.values()):
+            session.known_grew(old, picker.known)
+
+    def set_published(self, published: int) -> None:
+        """Pieces ``[0, published)`` may be offered now (super-seeding a growing store)."""
+        if published <= self.published:
+            return
+        self.published = min(published, self.num_pieces)
+        if self.super_seeding:
+            for session in list(self.sessions.values()):
+                if session.full_window and len(session.offers) < SUPER_SEED_OFFERS:
+                    self.offer(session, SUPER_SEED_OFFERS - len(session.offers))
+
+    # -- readers -----------------------------------------------------------------------------------
+
+    def set_reader(self, reader: object, next_piece: int | None) -> None:
+        """A streaming reader's position (None when it is done): its next pieces come first."""
+        if next_piece is None:
+            self._readers.pop(reader, None)
+        else:
+            self._readers[reader] = next_piece
+        self._update_priority()
+
+    def _update_priority(self) -> None:
+        have = self.picker.have
+        wanted: list[int] = []
+        for start in sorted(self._readers.values()):
+            index = start
+            taken = 0
+            while index < self.num_pieces and taken < READER_WINDOW:
+                if index not in have:
+                    wanted.append(index)
+                    taken += 1
+                index += 1
+        self.picker.set_priority(dict.fromkeys(wanted))
+
+    # -- super-seeding -----------------------------------------------------------------------------
+
+    def offer(self, session: PeerSession, count: int) -> None:
+        """Reveal up to ``count`` more pieces to ``session`` (super-seeding).
+
+        First every piece once, in index order across peers (which spreads first copies and
+        keeps streaming readers supplied roughly in reading order). After that, pieces the
+        peer lacks that no other peer is known to have and nobody is being sent, then any
+        piece it lacks that nobody is being sent. A piece revealed to one peer is not revealed
+        to a second while the first still has it in flight, so the seed's upload adds new
+        pieces to the swarm instead of copies; the peers trade the rest.
+        """
+        if not session.full_window:
+            return
+        have = self.picker.have
+        limit = self.published
+        while count > 0 and self._first_pass < limit and self._first_pass in have:
+            index = self._first_pass
+            self._first_pass += 1
+            if index not in session.peer_bits:
+                self._reveal(session, index)
+                count -= 1
+        passed = self._first_pass
+        if count <= 0 or not passed:
+            return
+        fallback: list[int] = []
+        cursor = self._offer_cursor % passed
+        for step in range(min(passed, OFFER_SCAN)):
+            index = (cursor + step) % passed
+            if index in session.peer_bits or index in session.offers or self._offered_now[index]:
+                continue
+            if self.picker.holders(index):
+                if len(fallback) < count:
+                    fallback.append(index)
+                continue
+            self._reveal(session, index)
+            count -= 1
+            if count <= 0:
+                self._offer_cursor = index + 1
+                return
+        self._offer_cursor = cursor + min(passed, OFFER_SCAN)
+        for index in fallback[:count]:
+            self._reveal(session, index)
+
+    def _reveal(self, session: PeerSession, index: int) -> None:
+        self._offered_now[index] += 1
+        session.reveal(index)
+
+    def offer_done(self, session: PeerSession, index: int) -> None:
+        """A revealed piece reached ``session``: reveal another one."""
+        if index in session.offers:
+            session.offers.discard(index)
+            self._offered_now[index] -= 1
+        if not session.closed:
+            self.offer(session, 1)
+
+    # -- time --------------------------------------------------------------------------------------
+
+    def tick(self, now: float, interval: float) -> list[tuple[PeerSession, str]]:
+        """The choking round (about once a second): every session's rates and timers, then who
+        is unchoked, then fresh requests. Returns the sessions to close, with the reason."""
+        closing: list[tuple[PeerSession, str]] = []
+        stats = []
+        super_seeding = self.super_seeding
+        for session in list(self.sessions.values()):
+            reason = session.tick(now, interval)
+            if super_seeding and not session.offers and not session.peer_bits.complete:
+                # Nothing revealed (nothing was free to reveal then): try again. Interest is
+                # no condition: a peer shown nothing it lacks has no reason to be interested.
+                self.offer(session, SUPER_SEED_OFFERS)
+            if reason is not None:
+                closing.append((session, reason))
+                continue
+            stats.append(
+                PeerStats(
+                    key=session.peer_id,
+                    interested=session.peer_interested,
+                    cooperative=session.cooperative,
+                    download_rate=session.download_rate,
+                    snubbed=session.snubbed,
+                )
+            )
+        unchoke = self.choker.decide(stats, seeding=self.picker.complete, now=now)
+        dropped = {session.peer_id for session, _ in closing}
+        for session in list(self.sessions.values()):
+            if session.peer_id in dropped:
+                continue
+            if session.peer_id in unchoke:
+                session.unchoke()
+            else:
+                session.choke()
+            session.fill_requests()
+        return closing
