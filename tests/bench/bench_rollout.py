@@ -169,6 +169,10 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Options | No
         "--lt-set", action="append", default=[], metavar="KEY=VALUE",
         help="extra libtorrent session setting (YAML value), e.g. unchoke_slots_limit=16",
     )  # fmt: skip
+    parser.add_argument(
+        "--lt-super-seed", action="store_true",
+        help="the libtorrent seed super-seeds (BEP 16) like the proxy (libtorrent: off)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.worker:
         return args, None
@@ -225,6 +229,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Options | No
         scenarios=scenarios,
         cpu_quota=cpu_quota,
         lt_settings=settings(args.lt_set),
+        lt_super_seed=args.lt_super_seed,
     )
     return args, options
 

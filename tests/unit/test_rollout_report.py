@@ -255,15 +255,20 @@ def test_side_by_side_report_compares_the_warm_swarms() -> None:
     for node in warm.nodes + theirs.nodes:
         node.throttled = 2.5
     warm.links = {"bytes": 200 * MB, "packets": 100_000, "drops": 7}
+    warm.tracker = {"started": 17.0, "completed": 1.0, "stopped": 0.0}
     report = _report(warm, theirs, lt_settings={"unchoke_slots_limit": 16})
     report.cpu_quota = {"cores": 0.2, "cfs_quota_us": 20000, "cfs_period_us": 100000}
-    report.libtorrent = {"version": "2.1.1.0", "settings": {"enable_dht": False}}
+    report.libtorrent = {
+        "version": "2.1.1.0",
+        "settings": {"enable_dht": False},
+        "seed_super_seeding": True,
+    }
     lines = render(report)
     text = "\n".join(lines)
     assert "libtorrent / p2p-warm (median over rounds; above 1: p2p sooner): slowest 0.75x" in text
     assert "CPU quota: 0.2 cores" in text
     assert "cfs_quota_us=20000" in text
-    assert "libtorrent 2.1.1.0: defaults except enable_dht=False" in text
+    assert "libtorrent 2.1.1.0: defaults except enable_dht=False; the seed super-seeds" in text
     assert "libtorrent.unchoke_slots_limit=16" in text
     side = lines.index(next(line for line in lines if line.startswith("side by side")))
     warm_row, lt_row = lines[side + 2], lines[side + 3]
@@ -272,6 +277,7 @@ def test_side_by_side_report_compares_the_warm_swarms() -> None:
     assert "20.00" in warm_row  # 8 CPU-s for 0.4 GB moved
     assert "MB/s" in text
     assert "uplinks sent 200 MB in 100,000 packets (2000 bytes each on average), dropped 7" in text
+    assert "p2p-warm 1: the tracker answered 18 announces (1 completed, 17 started)" in text
     assert "throttled" in text
     assert any(line.split()[:1] == ["node1"] and "2.5s" in line for line in lines)
 
@@ -297,8 +303,9 @@ def test_swarm_libtorrent_is_the_warm_seed_comparison() -> None:
     assert options is not None
     assert options.scenario_list == ("p2p-warm", "libtorrent")
     assert options.cpu_quota == 0.2
-    _, options = bench_rollout._parse(["--lt-set", "unchoke_slots_limit=16"])
+    _, options = bench_rollout._parse(["--lt-set", "unchoke_slots_limit=16", "--lt-super-seed"])
     assert options is not None
+    assert options.lt_super_seed
     assert options.scenario_list == ("baseline", "p2p")
     assert options.cpu_quota is None
     assert options.lt_settings == {"unchoke_slots_limit": 16}

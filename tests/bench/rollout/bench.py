@@ -414,11 +414,13 @@ class Bench:
         traffic: dict[str, Traffic] = {}
         proxy: dict[str, float] = {}
         before: dict[str, float] = {}
+        tracker: dict[str, float] = {}
         notes: list[str] = []
 
         def collect() -> None:
             traffic.update(self._agent_traffic())
             proxy.update(self._proxy_numbers())
+            tracker.update(self._tracker_announces())
 
         try:
             if warm:
@@ -445,6 +447,7 @@ class Bench:
             "downloaded": result.proxy.get("origin_bytes", 0.0),
         }
         result.notes = notes
+        result.tracker = tracker
         return result
 
     def _http_status(
@@ -486,6 +489,20 @@ class Bench:
         time.sleep(1.0)  # let the fetch's CPU settle before the clock
         return notes
 
+    def _tracker_announces(self) -> dict[str, float]:
+        """The announces the tracker has answered so far, by event (``none``, ``started``...)."""
+        status, body = self.network.http(
+            self.network.infra, f"http://{INFRA_IP}:{TRACKER_PORT}/metrics"
+        )
+        if status != 200:
+            return {}
+        found: dict[str, float] = {}
+        for name, labels, value in parse_metrics(body):
+            if name == "p2p_tracker_announces_total":
+                event = labels.get("event", "?")
+                found[event] = found.get(event, 0.0) + value
+        return found
+
     def _wait_tracker_announces(self, expected: int) -> bool:
         """Wait until the tracker has answered ``expected`` announces (the seed's, one a blob)."""
         url = f"http://{INFRA_IP}:{TRACKER_PORT}/metrics"
@@ -516,6 +533,7 @@ class Bench:
         seed_after: dict[str, Any] = {}
         results: list[NodeResult] = []
         late: dict[str, float] = {}
+        tracker: dict[str, float] = {}
         notes: list[str] = []
         try:
             self._start_services(generation, proxy_and_agents=False)
@@ -547,6 +565,7 @@ class Bench:
                 return results, at
 
             def collect() -> None:
+                tracker.update(self._tracker_announces())
                 seed_after.update(seed.status())
                 for role, leecher in leechers.items():
                     statuses[role] = leecher.status()
@@ -578,6 +597,7 @@ class Bench:
             "leechers and the seed)"
         )
         result.notes = notes
+        result.tracker = tracker
         return result
 
     def _start_libtorrent(self, generation: int) -> tuple[LtNode, dict[str, LtNode]]:
@@ -603,6 +623,7 @@ class Bench:
                 "save_path": str(save),
                 "torrents": blobs,
                 "settings": dict(self.options.lt_settings),
+                "super_seeding": is_seed and self.options.lt_super_seed,
                 "start_timeout": READY_TIMEOUT,
             }
             path = self.work / f"{name}-{generation}.json"
@@ -899,7 +920,11 @@ def _libtorrent_info(options: Options) -> dict[str, Any]:
     """The libtorrent version and the session settings the ``libtorrent`` scenario passes (the
     leechers'; the seed's differ only in its listen address)."""
     settings = session_settings("10.77.0.11", AGENT_PEER_PORT, options.lt_settings)
-    return {"version": LIBTORRENT_VERSION, "settings": settings}
+    return {
+        "version": LIBTORRENT_VERSION,
+        "settings": settings,
+        "seed_super_seeding": options.lt_super_seed,
+    }
 
 
 def run(options: Options) -> Report:

@@ -4,12 +4,14 @@ per host with one libtorrent 2.1 session and one torrent per blob (worker side, 
 in the benchmark (:class:`LtNode`, parent side).
 
 A seed (on the infra host) adds every torrent with a full hash check of the blobs it was given
-and is ready once all of them are seeding; it announces to the tracker at once. A leecher (one
-per node) adds every torrent *paused* and is ready once it listens; on ``start`` it waits for the
-common start instant, resumes every torrent (which announces to the tracker) and connects each
-torrent to the seed, the way an agent connects to its proxy's peer port as soon as it has the
-metainfo. When every torrent has finished it answers once (like the pull client) and keeps
-seeding until it is stopped.
+and is ready once all of them are seeding; it announces to the tracker at once. With
+``super_seeding`` in its config it super-seeds (BEP 16, libtorrent's ``super_seeding`` torrent
+flag) every blob of more than one piece, as the p2p proxy does; libtorrent's default is not to.
+A leecher (one per node) adds every torrent *paused* and is ready once it listens; on ``start``
+it waits for the common start instant, resumes every torrent (which announces to the tracker)
+and connects each torrent to the seed, the way an agent connects to its proxy's peer port as
+soon as it has the metainfo. When every torrent has finished it answers once (like the pull
+client) and keeps seeding until it is stopped.
 
 Session settings: :func:`tests.realparts.lt_worker.build_settings` (the interop tests' settings:
 no DHT, LSD, UPnP, NAT-PMP or IP notifier, ``allow_multiple_connections_per_ip``, encryption
@@ -193,6 +195,10 @@ class _Worker:
             flags = params.flags & ~lt.torrent_flags.auto_managed & ~lt.torrent_flags.paused
             if not self.seed:
                 flags |= lt.torrent_flags.paused  # resumed at the start instant
+            elif self.config.get("super_seeding") and params.ti.num_pieces() > 1:
+                # BEP 16, as the proxy does. Not for a one-piece blob (the image config):
+                # libtorrent never offered such a torrent to any leecher here.
+                flags |= lt.torrent_flags.super_seeding
             params.flags = flags
             handle = self.session.add_torrent(params)
             torrent = _Torrent(str(blob["digest"]), handle, int(blob["size"]))

@@ -85,6 +85,8 @@ class Options:
     the cgroup v1 cpu controller; ``None``: no quota."""
     lt_settings: dict[str, Any] = field(default_factory=dict)
     """Extra libtorrent session settings for the ``libtorrent`` scenario (seed and leechers)."""
+    lt_super_seed: bool = False
+    """The libtorrent seed super-seeds (BEP 16) like the proxy; libtorrent's default is off."""
 
     @property
     def scenario_list(self) -> tuple[str, ...]:
@@ -166,6 +168,9 @@ class ScenarioResult:
     """Swarm scenarios: the seed (the proxy, or the libtorrent seed) over the scenario: ``cpu``
     seconds, ``uploaded`` bytes (BitTorrent + HTTP), ``downloaded`` bytes (from the origin)."""
     notes: list[str] = field(default_factory=list)
+    tracker: dict[str, float] = field(default_factory=dict)
+    """Swarm scenarios: announces the tracker answered from its start to the scenario's end
+    (the seed's before the clock included), by event."""
 
     @property
     def slowest(self) -> float:
@@ -386,6 +391,7 @@ def render(report: Report) -> list[str]:
         lines.append(
             f"libtorrent {report.libtorrent.get('version', '?')}: defaults except "
             + ", ".join(f"{k}={v}" for k, v in settings.items())
+            + ("; the seed super-seeds" if report.libtorrent.get("seed_super_seeding") else "")
         )
     rounds = sorted({s.round for s in report.scenarios})
     for number in rounds:
@@ -524,6 +530,12 @@ def _ratio_lines(report: Report) -> list[str]:
                 f"{result.scenario} {result.round}: the {PEER_NAME[result.scenario]}s' CPU: "
                 f"{split['user']:.2f} s user + {split['system']:.2f} s system"
             )
+        if result.tracker:
+            counts = ", ".join(f"{int(n)} {e}" for e, n in sorted(result.tracker.items()) if n)
+            lines.append(
+                f"{result.scenario} {result.round}: the tracker answered "
+                f"{int(sum(result.tracker.values()))} announces ({counts or 'none'})"
+            )
         if result.links.get("packets"):
             links = result.links
             lines.append(
@@ -563,7 +575,7 @@ def _summary_line(result: ScenarioResult, size: int, cpus: int) -> str:
     tail = result.slowest / result.median if math.isfinite(result.slowest) else math.nan
     return (
         f"  {result.scenario + ' ' + str(result.round):<13} {_fmt(result.slowest):>8} "
-        f"{_fmt(result.median):>8} {tail:5.2f} "
+        f"{_fmt(result.median):>8} {_num(tail, '.2f', 5)} "
         f"{result.origin_blob_bytes / MB:7.1f} MB {result.origin_blob_bytes / size:4.2f}x "
         f"{peer_cols} {ours:7.1f}s {result.machine_busy * cpus:4.2f}/{cpus}  "
         f"{'yes' if result.verified else 'NO'}"
