@@ -12,7 +12,7 @@ import httpx
 import pytest
 import trio
 
-from p2p_common import metainfo as mi
+from p2p_common.blobinfo import BlobMetainfo
 from tests.cluster import metric, run_agent, run_proxy, run_tracker
 from tests.engine_helpers import wait_until
 from tests.realparts import images
@@ -71,12 +71,15 @@ async def test_first_callers_stream_the_rest_get_metainfo(origin: Origin, tmp_pa
         assert streamed[0].headers["docker-content-digest"] == blob.digest
         assert len(meta) == 3
         assert len({r.content for r in meta}) == 1
-        parsed = mi.parse(meta[0].content)
+        parsed = BlobMetainfo.from_frames(blob.digest, blob.size, meta[0].content)
         assert (parsed.name, parsed.length) == (blob.digest, blob.size)
         # Once cached, nobody streams any more: everyone gets the metainfo.
         again = await proxy.http.get("/p2p/v1/metainfo", params=params)
         assert again.headers.get("x-p2p-stream") is None
-        assert mi.parse(again.content).info_hash == parsed.info_hash
+        assert (
+            BlobMetainfo.from_frames(blob.digest, blob.size, again.content).info_hash
+            == parsed.info_hash
+        )
         assert await metric(proxy.http, "p2p_proxy_progressive_streams_total") == 2
         assert await metric(proxy.http, "p2p_proxy_stream_bytes_total") == 2 * blob.size
         assert await metric(proxy.http, "p2p_proxy_http_fallback_bytes_total") == 0

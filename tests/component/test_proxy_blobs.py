@@ -12,9 +12,14 @@ from pathlib import Path
 import pytest
 import trio
 
-from p2p_common import metainfo as mi
 from p2p_common.asgi import FILE_CHUNK
-from tests.component.test_proxy_harness import origin_requests, push, raw_get, run_proxy
+from tests.component.test_proxy_harness import (
+    chunks_of,
+    origin_requests,
+    push,
+    raw_get,
+    run_proxy,
+)
 from tests.realparts import images
 from tests.realparts.registry import Registry, run_registry
 
@@ -115,8 +120,8 @@ async def test_the_small_layer_and_config_blob(origin: Origin, tmp_path: Path) -
         for blob in (config, small):
             got = await proxy.http.get(f"/v2/library/app/blobs/{blob.digest}")
             assert (got.status_code, got.content) == (200, blob.data)
-            meta = mi.parse((await proxy.metainfo("library/app", blob.digest)).content)
-            assert (meta.length, meta.num_pieces) == (blob.size, 1)
+            meta = chunks_of(await proxy.metainfo("library/app", blob.digest), blob)
+            assert (meta.length, meta.num_pieces, len(meta.chunks)) == (blob.size, 1, 1)
 
 
 async def test_invalid_names_and_digests_are_400(origin: Origin, tmp_path: Path) -> None:

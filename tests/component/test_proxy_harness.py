@@ -9,6 +9,7 @@ shutdown trigger), so every test also checks that a stop finishes.
 from __future__ import annotations
 
 import base64
+import hashlib
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -20,8 +21,9 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from p2p_common import metainfo as mi
-from p2p_common.storage import PieceFile
+from p2p_common.blobinfo import BlobMetainfo, ChunkBuilder
+from p2p_common.storage import Info, PieceFile
+from p2p_proxy.app import CHUNKS_CONTENT_TYPE
 from p2p_proxy.service import serve
 from p2p_proxy.settings import ProxySettings
 from tests.engine_helpers import running_engines
@@ -138,7 +140,24 @@ def origin_requests(registry: Registry) -> list[AccessEntry]:
     return [e for e in registry.access_log() if "p2p-log-marker" not in e.query]
 
 
-async def leech(meta: mi.Metainfo, peer_port: int, target: Path) -> bytes:
+def chunks_of(response: httpx.Response, blob: images.Blob) -> BlobMetainfo:
+    """The chunked metainfo a proxy answered for ``blob`` (checked to be whole and its)."""
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == CHUNKS_CONTENT_TYPE
+    return BlobMetainfo.from_frames(blob.digest, blob.size, response.content)
+
+
+def expected_chunks(blob: images.Blob, trackers: Sequence[str]) -> BlobMetainfo:
+    """What any proxy must publish for ``blob`` (built here from its bytes)."""
+    builder = ChunkBuilder(blob.digest, blob.size, trackers)
+    step = builder.blob.piece_length
+    for start in range(0, blob.size, step):
+        builder.piece(hashlib.sha1(blob.data[start : start + step]).digest())
+    builder.finish()
+    return builder.blob
+
+
+async def leech(meta: Info, peer_port: int, target: Path) -> bytes:
     """Download ``meta`` with the project's engine from the proxy's peer port alone
     (at most 30 seconds)."""
     async with running_engines(1) as (engine,):
@@ -247,9 +266,7 @@ async def test_a_stop_closes_every_file_and_socket(registry: Registry, tmp_path:
     before = open_fds()
     async with run_proxy(tmp_path / "data", [registry.url]) as proxy:
         for layer in image.layers:
-            response = await proxy.metainfo("library/fds", layer.digest)
-            assert response.status_code == 200
-            meta = mi.parse(response.content)
+            meta = chunks_of(await proxy.metainfo("library/fds", layer.digest), layer)
             assert await leech(meta, proxy.peer_port, tmp_path / layer.digest[7:]) == layer.data
     with trio.fail_after(5):
         while open_fds() - before:  # noqa: ASYNC110 - sockets close in other tasks

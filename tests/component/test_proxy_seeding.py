@@ -13,7 +13,15 @@ import trio
 
 from p2p_common import metainfo as mi
 from p2p_common.storage import PieceFile
-from tests.component.test_proxy_harness import TRACKERS, leech, origin_requests, push, run_proxy
+from tests.component.test_proxy_harness import (
+    TRACKERS,
+    chunks_of,
+    expected_chunks,
+    leech,
+    origin_requests,
+    push,
+    run_proxy,
+)
 from tests.engine_helpers import running_engines
 from tests.realparts import images
 from tests.realparts.registry import Registry, run_registry
@@ -41,15 +49,6 @@ def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Origin]:
             layer_sizes=[3 * MiB, 3 * MiB, 8 * MiB, 2 * MiB + 12345, 1 * MiB],
         )
         yield Origin(registry, image)
-
-
-def expected_metainfo(blob: images.Blob, trackers: list[str]) -> mi.Metainfo:
-    piece_length = mi.piece_length_for(blob.size)
-    hasher = mi.PieceHasher(piece_length)
-    hasher.update(blob.data)
-    pieces, digest = hasher.finish()
-    assert digest == blob.digest
-    return mi.build(digest, blob.size, pieces, trackers, piece_length=piece_length)
 
 
 async def test_concurrent_requests_share_one_origin_fetch(origin: Origin, tmp_path: Path) -> None:
@@ -85,31 +84,34 @@ async def test_concurrent_requests_share_one_origin_fetch(origin: Origin, tmp_pa
 
 
 async def test_two_proxies_build_the_same_metainfo(origin: Origin, tmp_path: Path) -> None:
-    blob = origin.image.layers[3]
-    async with (
-        run_proxy(tmp_path / "one", [origin.registry.url]) as one,
-        run_proxy(tmp_path / "two", [origin.registry.url]) as two,
-    ):
-        first = await one.metainfo("library/app", blob.digest)
-        second = await two.metainfo("library/app", blob.digest)
-    assert first.status_code == second.status_code == 200
-    assert first.content == second.content
-    meta = mi.parse(first.content)
-    expected = expected_metainfo(blob, TRACKERS)
-    assert meta.info_hash == expected.info_hash
-    assert first.content == expected.to_bytes()
-    assert first.headers["x-p2p-info-hash"] == meta.info_hash.hex()
-    assert (meta.name, meta.length, meta.private) == (blob.digest, blob.size, True)
-    assert meta.piece_length == mi.piece_length_for(blob.size)
-    assert meta.trackers == tuple(TRACKERS)
+    for blob in (origin.image.layers[3], origin.image.layers[2]):  # one chunk, then two
+        async with (
+            run_proxy(tmp_path / f"one{blob.size}", [origin.registry.url]) as one,
+            run_proxy(tmp_path / f"two{blob.size}", [origin.registry.url]) as two,
+        ):
+            first = await one.metainfo("library/app", blob.digest)
+            second = await two.metainfo("library/app", blob.digest)
+        assert first.content == second.content
+        meta = chunks_of(first, blob)
+        expected = expected_chunks(blob, TRACKERS)
+        assert first.content == expected.frames()
+        assert meta.info_hash == expected.info_hash
+        assert first.headers["x-p2p-info-hash"] == meta.info_hash.hex()
+        assert first.headers["x-p2p-chunks"] == str(meta.geometry.num_chunks)
+        for chunk in meta.chunks:
+            assert (chunk.private, chunk.piece_length) == (True, mi.piece_length_for(blob.size))
+            assert chunk.trackers == tuple(TRACKERS)
+        assert meta.trackers == tuple(TRACKERS)
+    whole = meta if len(meta.chunks) == 1 else chunks_of(first, blob)
+    assert whole.length == blob.size
 
 
 async def test_the_torrent_is_seeded(origin: Origin, tmp_path: Path) -> None:
     blob = origin.image.layers[2]
     async with run_proxy(tmp_path / "data", [origin.registry.url], trackers=[]) as proxy:
-        response = await proxy.metainfo("library/app", blob.digest)
-        meta = mi.parse(response.content)
+        meta = chunks_of(await proxy.metainfo("library/app", blob.digest), blob)
         assert meta.trackers == ()
+        assert len(meta.chunks) == 3  # 8 MiB and a little: 4 MiB chunks
         data = await leech(meta, proxy.peer_port, tmp_path / "leech.bin")
         assert data == blob.data
         assert await proxy.metric("p2p_proxy_peer_upload_bytes_total") >= blob.size
@@ -118,17 +120,17 @@ async def test_the_torrent_is_seeded(origin: Origin, tmp_path: Path) -> None:
 async def test_eviction_stops_seeding_and_removes_the_files(origin: Origin, tmp_path: Path) -> None:
     first, second = origin.image.layers[0], origin.image.layers[1]
     async with run_proxy(tmp_path / "data", [origin.registry.url], cache_size=5 * MiB) as proxy:
-        first_meta = mi.parse((await proxy.metainfo("library/app", first.digest)).content)
+        first_meta = chunks_of(await proxy.metainfo("library/app", first.digest), first)
         assert await leech(first_meta, proxy.peer_port, tmp_path / "first.bin") == first.data
         blob_dir = proxy.data_dir / "blobs" / "sha256"
         hexpart = first.digest.removeprefix("sha256:")
         assert (blob_dir / hexpart).exists()
-        assert (blob_dir / (hexpart + ".torrent")).exists()
+        assert (blob_dir / (hexpart + ".chunks")).exists()
 
-        second_meta = mi.parse((await proxy.metainfo("library/app", second.digest)).content)
+        second_meta = chunks_of(await proxy.metainfo("library/app", second.digest), second)
         assert proxy.blob_files() == {second.digest}
         assert not (blob_dir / hexpart).exists()
-        assert not (blob_dir / (hexpart + ".torrent")).exists()
+        assert not (blob_dir / (hexpart + ".chunks")).exists()
         assert await proxy.metric("p2p_proxy_evictions_total") == 1
         assert await proxy.metric("p2p_proxy_seeding_torrents") == 1
 
@@ -146,7 +148,7 @@ async def test_eviction_stops_seeding_and_removes_the_files(origin: Origin, tmp_
 
         # Asking again fetches it again (and evicts the other one).
         again = await proxy.metainfo("library/app", first.digest)
-        assert again.content == first_meta.to_bytes()
+        assert again.content == first_meta.frames()
         assert proxy.blob_files() == {first.digest}
     assert origin.registry.blob_gets()[first.digest] >= 2
 
@@ -158,7 +160,7 @@ async def test_a_restart_reseeds_from_the_cache_without_the_origin(
     data_dir = tmp_path / "data"
     async with run_proxy(data_dir, [origin.registry.url]) as proxy:
         metas = [
-            mi.parse((await proxy.metainfo("library/app", blob.digest)).content) for blob in blobs
+            chunks_of(await proxy.metainfo("library/app", blob.digest), blob) for blob in blobs
         ]
     seen = len(origin_requests(origin.registry))
     gets = origin.registry.blob_gets()
@@ -174,7 +176,7 @@ async def test_a_restart_reseeds_from_the_cache_without_the_origin(
 
         # Asked for the metainfo again: the origin only authorizes (HEAD), the blob and its
         # piece hashes come from the cache, the trackers from the new configuration.
-        again = mi.parse((await proxy.metainfo("library/app", blobs[0].digest)).content)
+        again = chunks_of(await proxy.metainfo("library/app", blobs[0].digest), blobs[0])
         assert again.info_hash == metas[0].info_hash
         assert again.trackers == tuple(new_trackers)
         assert await proxy.metric("p2p_proxy_cache_hits_total") == 1
@@ -187,7 +189,7 @@ async def test_a_cached_blob_without_metainfo_is_rehashed(origin: Origin, tmp_pa
     data_dir = tmp_path / "data"
     async with run_proxy(data_dir, [origin.registry.url]) as proxy:
         first = (await proxy.metainfo("library/app", blob.digest)).content
-    torrent = data_dir / "blobs" / "sha256" / (blob.digest.removeprefix("sha256:") + ".torrent")
+    torrent = data_dir / "blobs" / "sha256" / (blob.digest.removeprefix("sha256:") + ".chunks")
     torrent.unlink()
     gets = origin.registry.blob_gets()
     async with run_proxy(data_dir, [origin.registry.url]) as proxy:

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from p2p_common import metainfo as mi
+from p2p_common.blobinfo import BlobMetainfo
 from tests.realparts import images
 from tests.realparts.registry import Registry, free_port, run_registry
 from tests.services import service_binary, service_env
@@ -145,7 +145,7 @@ def test_serves_from_file_and_env_and_stops_on_sigterm(
         timeout=30,
     )
     assert answer.status_code == 200
-    meta = mi.parse(answer.content)
+    meta = BlobMetainfo.from_frames(layer.digest, layer.size, answer.content)
     assert meta.trackers == ("http://tracker.test:6969/announce",)
     assert meta.name == layer.digest
 

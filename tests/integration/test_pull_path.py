@@ -79,13 +79,14 @@ async def cluster(
     *,
     proxies: int = 2,
     agents: int = 3,
+    proxy_options: dict[str, object] | None = None,
     **agent_options: object,
 ) -> AsyncIterator[Cluster]:
     async with AsyncExitStack() as stack:
         announce = await stack.enter_async_context(run_tracker())
         proxy_handles = [
             await stack.enter_async_context(
-                run_proxy(tmp_path / f"proxy{n}", registries, [announce])
+                run_proxy(tmp_path / f"proxy{n}", registries, [announce], **(proxy_options or {}))
             )
             for n in range(proxies)
         ]
@@ -121,7 +122,9 @@ async def test_skopeo_and_containerd_pull_a_private_image_through_different_agen
     registry, pushed = origin
     private = pushed["private"]
     before = registry.blob_gets()
-    async with cluster(tmp_path, [registry.url]) as c:
+    # A proxy held to 4 MB/s: on loopback it would otherwise send a whole blob before the
+    # agents have even met through the tracker.
+    async with cluster(tmp_path, [registry.url], proxy_options={"upload_rate": 4_000_000}) as c:
         first, second, third = c.agents
         # skopeo through the first agent, with alice's credentials (its imagePullSecret).
         await blocking(

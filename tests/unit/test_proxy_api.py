@@ -11,7 +11,6 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from p2p_common import metainfo as mi
 from p2p_common.blobcache import CacheFullError
 from p2p_common.oci import ErrorCode, OCIError
 from p2p_common.ranges import ByteRange
@@ -25,7 +24,6 @@ from p2p_proxy.api import (
     select_registry,
 )
 from p2p_proxy.fetch import storage_error
-from p2p_proxy.seeding import usable_metainfo
 from p2p_proxy.settings import ProxySettings
 
 DIGEST = "sha256:" + "a" * 64
@@ -189,23 +187,6 @@ def test_storage_errors_are_5xx() -> None:
     other = storage_error(OSError(errno.EIO, "I/O error"), "reading")
     assert other.status == 500
     assert "I/O error" in other.message
-
-
-def test_usable_metainfo() -> None:
-    data = b"x" * 1000
-    hasher = mi.PieceHasher(mi.piece_length_for(len(data)))
-    hasher.update(data)
-    pieces, digest = hasher.finish()
-    meta = mi.build(digest, len(data), pieces, ["http://t/announce"])
-    assert usable_metainfo(meta, digest, 1000)
-    assert usable_metainfo(meta, digest, None)
-    assert not usable_metainfo(None, digest, 1000)
-    assert not usable_metainfo(meta, DIGEST, 1000)
-    assert not usable_metainfo(meta, digest, 999)
-    odd = mi.build(digest, len(data), pieces, piece_length=512 * 1024)
-    assert not usable_metainfo(odd, digest, 1000)
-    public = mi.build(digest, len(data), pieces, private=False)
-    assert not usable_metainfo(public, digest, 1000)
 
 
 @settings(max_examples=300, deadline=None)

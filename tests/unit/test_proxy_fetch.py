@@ -19,12 +19,12 @@ import trio.testing
 
 from p2p_common import metainfo as mi
 from p2p_common.blobcache import BlobCache
+from p2p_common.ingest import BATCH_BYTES, Ingest
 from p2p_common.oci import ErrorCode, OCIError
 from p2p_common.origin import ManifestResponse, OriginClient
 from p2p_common.registry_auth import Credentials
-from p2p_proxy import fetch
 from p2p_proxy.authz import Authorizer, Decision, DecisionCache
-from p2p_proxy.fetch import BATCH_BYTES, BlobFetcher
+from p2p_proxy.fetch import BlobFetcher
 from p2p_proxy.flight import SingleFlight
 from p2p_proxy.manifests import CachedManifest, ManifestCache, ManifestQuery, Manifests
 from p2p_proxy.metrics import ProxyMetrics
@@ -250,7 +250,10 @@ async def test_fetch_streams_hashes_and_adopts(nursery: trio.Nursery, tmp_path: 
     assert stored is not None
     assert stored.info_hash == meta.info_hash
     pieces, found, length = mi.hash_file(cache.blob_path(digest), meta.piece_length)
-    assert (found, length, pieces) == (digest, len(data), meta.pieces)
+    assert (found, length) == (digest, len(data))
+    assert pieces == b"".join(chunk.pieces for chunk in meta.chunks)
+    assert meta.complete
+    assert len(meta.chunks) == meta.geometry.num_chunks > 1
     assert meta.trackers == ("http://t/announce",)
     assert cache_is_clean(cache)
     assert metrics.origin_bytes._value.get() == len(data)
@@ -294,17 +297,17 @@ async def test_disk_full_is_507_and_the_cache_stays_consistent(
     digest = digest_of(data)
     origin = FakeOrigin({digest: data})
     fetcher, cache, _ = make_fetcher(nursery, tmp_path)
-    real_write: Callable[[fetch._Sink, list[bytes]], None] = fetch._Sink.write
+    real_write: Callable[[Ingest, list[bytes], int], list[tuple[int, bytes]]] = Ingest._write
     writes = 0
 
-    def failing_write(self: fetch._Sink, chunks: list[bytes]) -> None:
+    def failing_write(self: Ingest, chunks: list[bytes], offset: int) -> list[tuple[int, bytes]]:
         nonlocal writes
         writes += 1
         if writes == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_write(self, chunks)
+        return real_write(self, chunks, offset)
 
-    monkeypatch.setattr(fetch._Sink, "write", failing_write)
+    monkeypatch.setattr(Ingest, "_write", failing_write)
     async with origin.client() as client:
         with pytest.raises(OCIError) as info:
             await fetcher.ensure(client, REPO, digest, None, len(data))
@@ -312,7 +315,7 @@ async def test_disk_full_is_507_and_the_cache_stays_consistent(
         assert "disk full" in info.value.message
         assert cache_is_clean(cache)
         assert cache.used == 0
-        monkeypatch.setattr(fetch._Sink, "write", real_write)
+        monkeypatch.setattr(Ingest, "_write", real_write)
         await fetcher.ensure(client, REPO, digest, None, len(data))
     assert cache.blob_path(digest).read_bytes() == data
 

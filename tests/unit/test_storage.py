@@ -358,8 +358,8 @@ def test_discard_removes_both_files_and_close_twice_is_harmless(tmp_path: Path) 
 def test_the_cache_scan_drops_what_cannot_be_resumed(tmp_path: Path) -> None:
     cache = BlobCache(tmp_path)
     partial = tmp_path / "partial"
-    keep = [partial / f"sha256-{'a' * 64}{suffix}" for suffix in (".data", ".bits", ".torrent")]
-    old = [partial / f"sha256-{'b' * 64}{suffix}" for suffix in (".data", ".bits", ".torrent")]
+    keep = [partial / f"sha256-{'a' * 64}{suffix}" for suffix in (".data", ".bits", ".chunks")]
+    old = [partial / f"sha256-{'b' * 64}{suffix}" for suffix in (".data", ".bits", ".chunks")]
     stream = partial / f"sha256-{'c' * 64}.stream"
     orphan = partial / f"sha256-{'d' * 64}.bits"
     for path in (*keep, *old, stream, orphan):

@@ -2,10 +2,13 @@
 
 A cold blob comes one of two ways, as the proxy decides (docs/proxy-api.md):
 
-- **Swarm** (:class:`SwarmDownload`): the proxy has the blob and answers with its metainfo;
-  the agent joins the swarm and every reader streams verified pieces, in order, as they
-  arrive. If the swarm makes no progress for ``fallbackAfter`` seconds, the missing pieces
-  are fetched from the proxy over HTTP (still verified piece by piece).
+- **Swarm** (:class:`SwarmDownload`): the proxy answers with the blob's chunk torrents
+  (p2p_common.blobinfo), the first one at once and the others as it fetches them from the
+  origin; the agent joins the blob's swarm with the first chunk and downloads each chunk's
+  pieces as soon as it knows their hashes, while every reader streams verified pieces, in
+  order, as they arrive. If the swarm makes no progress for ``fallbackAfter`` seconds, the
+  missing pieces whose hashes are known are fetched from the proxy over HTTP (still verified
+  piece by piece).
 - **Stream** (:class:`StreamDownload`): the proxy is still fetching the blob from the origin
   and has a stream slot free; it sends the blob itself as the origin delivers it, so the
   first nodes of a cold rollout get bytes at once instead of after the whole fetch. These
@@ -16,7 +19,10 @@ A cold blob comes one of two ways, as the proxy decides (docs/proxy-api.md):
   config, a tiny layer) is simply sent by the proxy over HTTP and never seeded.
 
 Either way the blob's SHA-256 must equal its digest before it enters the cache, and then it
-is seeded (a streamed blob as soon as the proxy's metainfo is available).
+is seeded (a streamed blob as soon as the proxy's chunks are available). Every byte is
+hashed once: a swarmed blob's SHA-256 is fed by each piece verified in order, by the readers
+streaming it, and at the end by whatever nobody fed (:class:`~p2p_common.ingest.
+OrderedHasher`).
 """
 
 from __future__ import annotations
@@ -36,11 +42,12 @@ import trio
 
 from p2p_agent.metrics import AgentMetrics
 from p2p_agent.proxies import ProxyClient, SwarmSource
-from p2p_common import metainfo as mi
 from p2p_common.blobcache import BlobCache
+from p2p_common.blobinfo import BlobMetainfo
 from p2p_common.engine import Engine, Torrent
 from p2p_common.engine.torrent import RESEED_ANNOUNCE_SPREAD
 from p2p_common.errors import LocalError
+from p2p_common.ingest import OrderedHasher
 from p2p_common.logs import event
 from p2p_common.oci import ErrorCode, OCIError
 from p2p_common.storage import PieceFile
@@ -48,6 +55,8 @@ from p2p_common.storage import PieceFile
 log = logging.getLogger("p2p.agent.downloads")
 
 READ_CHUNK = 4 * 1024 * 1024
+CHUNK_STREAM_RETRIES = 5
+"""Times a broken chunk stream is reopened before the download fails."""
 WRITE_BATCH = 4 * 1024 * 1024
 """Streamed bytes written (and hashed) per worker-thread call."""
 PUBLISH_SECONDS = 120.0
@@ -101,9 +110,18 @@ class Download:
 
 @dataclass(eq=False)
 class SwarmDownload(Download):
-    meta: mi.Metainfo
+    meta: BlobMetainfo
     store: PieceFile
     torrent: Torrent
+    hasher: OrderedHasher
+
+    def _read(self, fd: int, size: int, position: int) -> bytes:
+        """(Worker thread.) Read for a reader, and feed the blob's SHA-256 on the way."""
+        data = os.pread(fd, size, position)
+        if len(data) != size:
+            raise LocalError(f"short read of {self.digest} at {position}")
+        self.hasher.feed(position, data)
+        return data
 
     async def stream(self, start: int, end: int) -> AsyncIterator[bytes]:
         torrent, meta = self.torrent, self.meta
@@ -117,14 +135,15 @@ class SwarmDownload(Download):
                 torrent.set_reader(reader, index)
                 if not torrent.has_piece(index):
                     await self._wait_piece(index)
-                piece_end = min((index + 1) * meta.piece_length, end + 1)
-                while position < piece_end:
-                    size = min(READ_CHUNK, piece_end - position)
-                    data = await trio.to_thread.run_sync(os.pread, fd, size, position)
-                    if len(data) != size:
-                        raise LocalError(f"short read of {self.digest} at {position}")
-                    position += size
-                    yield data
+                # Read as far as the pieces are there (fewer, larger reads), up to READ_CHUNK.
+                limit = min(end + 1, position + READ_CHUNK)
+                reach = (index + 1) * meta.piece_length
+                while reach < limit and torrent.has_piece(reach // meta.piece_length):
+                    reach += meta.piece_length
+                size = min(reach, limit) - position
+                data = await trio.to_thread.run_sync(self._read, fd, size, position)
+                position += size
+                yield data
         finally:
             torrent.set_reader(reader, None)
 
@@ -230,13 +249,13 @@ class Downloads:
             self._nursery = nursery
             for digest in self.cache.digests():
                 meta = self.cache.load_metainfo(digest)
-                if meta is not None and meta.name == digest and self.swarms(meta.length):
+                if meta is not None and self.swarms(meta.length):
                     await self._seed(digest, meta, spread=True)
             self.metrics.active_torrents.set(len(self.engine.torrents))
             task_status.started()
             await trio.sleep_forever()  # downloads run here until the agent stops
 
-    async def _seed(self, digest: str, meta: mi.Metainfo, *, spread: bool = False) -> None:
+    async def _seed(self, digest: str, meta: BlobMetainfo, *, spread: bool = False) -> None:
         """Seed a cached blob (``spread``: at start-up, first announce at a random moment)."""
         try:
             store = PieceFile(meta, self.cache.blob_path(digest), complete=True)
@@ -343,25 +362,36 @@ class Downloads:
     async def _swarm(
         self, source: SwarmSource, request: BlobRequest, task_status: trio.TaskStatus[Download]
     ) -> None:
-        meta = source.meta
-        digest, size = meta.name, meta.length
+        meta = source.blob
+        digest, size = meta.digest, meta.length
         store = await trio.to_thread.run_sync(self.cache.open_partial, meta, digest)
         seeds = [source.seed] if source.seed is not None else []
         torrent = await self.engine.add_torrent(meta, store, peers=seeds)
-        self.info_hashes[digest] = meta.info_hash
-        download = SwarmDownload(digest, size, trio.current_time(), meta, store, torrent)
+        self.info_hashes[digest] = torrent.info_hash
+        hasher = OrderedHasher(size)
+        torrent.on_stored = lambda index, data: hasher.feed(index * meta.piece_length, data)
+        download = SwarmDownload(digest, size, trio.current_time(), meta, store, torrent, hasher)
         self.active[digest] = download
         self.metrics.active_torrents.set(len(self.engine.torrents))
-        event(log, "download.started", digest=digest, size=size, pieces=meta.num_pieces)
+        event(log, "download.started", digest=digest, size=size, chunks=len(meta.chunks))
         task_status.started(download)
         try:
-            await self._complete(download, request)
+            async with trio.open_nursery() as nursery:
+                if not meta.complete:
+                    nursery.start_soon(self._follow_chunks, source, request, torrent)
+                await self._complete(download, request)
+                nursery.cancel_scope.cancel()
             with trio.CancelScope(shield=True), trio.fail_after(PUBLISH_SECONDS):
                 # Every piece is here: finish publishing even if the agent is stopping.
-                await trio.to_thread.run_sync(self.cache.publish, store, digest)
+                fd = store.fileno()
+                assert fd is not None
+                found = await trio.to_thread.run_sync(hasher.catch_up, fd)
+                await trio.to_thread.run_sync(
+                    lambda: self.cache.publish(store, digest, known_digest=found)
+                )
         except BaseException as exc:
             download.error = exc
-            self.engine.remove_torrent(meta.info_hash)
+            self.engine.remove_torrent(torrent.info_hash)
             self.info_hashes.pop(digest, None)
             with contextlib.suppress(Exception):
                 store.discard()
@@ -383,6 +413,47 @@ class Downloads:
             seconds=round(trio.current_time() - download.started, 3),
             **{f"from_{role}": count for role, count in by_role.items()},
         )
+
+    async def _follow_chunks(
+        self, source: SwarmSource, request: BlobRequest, torrent: Torrent
+    ) -> None:
+        """Add the blob's chunks as the proxy publishes them; reopen the stream (at another
+        proxy, if need be) when it breaks before the last chunk."""
+        blob, feed = source.blob, source.feed
+        failures = 0
+        async with contextlib.AsyncExitStack() as reopened:
+            while not blob.complete:
+                try:
+                    if await feed.next_chunks():
+                        self.engine.chunks_added(torrent)
+                        await trio.to_thread.run_sync(
+                            self.cache.save_partial_chunks, blob, blob.digest
+                        )
+                        continue
+                except OCIError as exc:
+                    event(log, "chunks.broken", logging.WARNING, digest=blob.digest, error=str(exc))
+                failures += 1
+                if failures > CHUNK_STREAM_RETRIES:
+                    raise OCIError(
+                        ErrorCode.UNKNOWN, "no proxy could send the blob's chunks", status=502
+                    )
+                await trio.sleep(min(5.0, 0.25 * 2**failures))
+                try:
+                    again = await reopened.enter_async_context(
+                        self.proxies.chunks(
+                            request.ns,
+                            request.name,
+                            request.digest,
+                            request.size,
+                            authorization=request.authorization,
+                            known=blob,
+                        )
+                    )
+                except OCIError as exc:
+                    event(log, "chunks.broken", logging.WARNING, digest=blob.digest, error=str(exc))
+                    continue
+                feed = again.feed
+                self.engine.chunks_added(torrent)
 
     async def _complete(self, download: SwarmDownload, request: BlobRequest) -> None:
         """Wait for the swarm; fall back to HTTP from the proxy when it stalls."""

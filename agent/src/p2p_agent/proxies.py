@@ -20,6 +20,7 @@ import httpx
 import trio
 
 from p2p_common import metainfo as mi
+from p2p_common.blobinfo import BlobMetainfo, FrameParser
 from p2p_common.discovery import Resolver
 from p2p_common.logs import event
 from p2p_common.oci import ErrorCode, OCIError, known_code, parse_error_body
@@ -44,12 +45,65 @@ def _error_from(response: httpx.Response, what: str) -> OCIError:
     return OCIError(code, message, status=response.status_code)
 
 
-@dataclass(frozen=True)
-class SwarmSource:
-    """A blob to get from the swarm: its metainfo and the proxy that seeds it (if it said)."""
+class ChunkFeed:
+    """A blob's chunks arriving over an open response (the proxy publishes them while it
+    fetches the blob), checked to belong to the blob and to come in order."""
 
-    meta: mi.Metainfo
+    def __init__(self, blob: BlobMetainfo, body: AsyncIterator[bytes] | None) -> None:
+        self.blob = blob
+        self._body = body
+        self._parser = FrameParser()
+        self._skip = len(blob.chunks)
+        """Chunks the stream will repeat first (a stream reopened after a break)."""
+
+    async def next_chunks(self) -> int:
+        """Wait for more chunks; returns how many were added (0: the stream ended)."""
+        if self._body is None:
+            return 0
+        try:
+            while True:
+                try:
+                    data = await self._body.__anext__()
+                except StopAsyncIteration:
+                    self._body = None
+                    if self._parser.pending:
+                        raise _bad("proxy cut a chunk frame short") from None
+                    return 0
+                added = 0
+                for chunk in self._parser.feed(data):
+                    if self._skip:
+                        known = self.blob.chunks[len(self.blob.chunks) - self._skip]
+                        if known.info_hash != chunk.info_hash:
+                            raise _bad("proxy sent other chunks than before")
+                        self._skip -= 1
+                        continue
+                    if not self.blob.chunks:  # announce where the proxy's chunks say
+                        self.blob.trackers = chunk.trackers
+                    self.blob.add_chunk(chunk)
+                    added += 1
+                if added:
+                    return added
+        except mi.MetainfoError as exc:
+            raise _bad(f"proxy sent bad chunks: {exc}") from None
+        except httpx.HTTPError as exc:
+            raise OCIError(ErrorCode.UNKNOWN, f"chunk stream broke: {exc}", status=502) from None
+
+
+def _bad(message: str) -> OCIError:
+    return OCIError(ErrorCode.UNKNOWN, message, status=502)
+
+
+@dataclass
+class SwarmSource:
+    """A blob to get from the swarm: its chunks so far (more may follow on ``feed``), and the
+    proxy that seeds it (if it said)."""
+
+    feed: ChunkFeed
     seed: tuple[str, int] | None
+
+    @property
+    def blob(self) -> BlobMetainfo:
+        return self.feed.blob
 
 
 def _check_length(response: httpx.Response, size: int) -> None:
@@ -160,27 +214,63 @@ class ProxyClient:
 
     async def metainfo(
         self, ns: str, name: str, digest: str, size: int, *, authorization: str | None
-    ) -> mi.Metainfo:
-        response = await self._send(
-            "GET",
-            "/p2p/v1/metainfo",
-            key=digest.encode(),
-            params={"ns": ns, "name": name, "digest": digest},
-            headers=self._auth(authorization),
-        )
-        if response.status_code >= 400:
-            raise _error_from(response, "blob")
-        return self._metainfo(response.content, digest, size)
+    ) -> BlobMetainfo:
+        """Every chunk of a blob (waiting for the proxy to publish them all)."""
+        async with self.chunks(ns, name, digest, size, authorization=authorization) as source:
+            while not source.blob.complete:
+                if not await source.feed.next_chunks():
+                    raise _bad("proxy ended the chunk stream early")
+            return source.blob
+
+    @asynccontextmanager
+    async def chunks(
+        self,
+        ns: str,
+        name: str,
+        digest: str,
+        size: int,
+        *,
+        authorization: str | None,
+        known: BlobMetainfo | None = None,
+    ) -> AsyncIterator[SwarmSource]:
+        """The blob's chunks as the proxy publishes them: the first chunk (or, given
+        ``known`` chunks, the next one) is there when this enters; more follow on the
+        source's feed while the response stays open."""
+        async with self._chunk_response(ns, name, digest, authorization, stream=False) as (
+            base,
+            response,
+        ):
+            blob = known or BlobMetainfo.for_blob(digest, size)
+            feed = ChunkFeed(blob, response.aiter_bytes())
+            source = SwarmSource(feed, _seed(base, response))
+            await self._first_chunks(source, blob)
+            yield source
+
+    async def _first_chunks(self, source: SwarmSource, blob: BlobMetainfo) -> None:
+        before = len(blob.chunks)
+        while len(blob.chunks) == before and not blob.complete:
+            if not await source.feed.next_chunks():
+                raise _bad("proxy ended the chunk stream early")
+
+    @asynccontextmanager
+    async def _chunk_response(
+        self, ns: str, name: str, digest: str, authorization: str | None, *, stream: bool
+    ) -> AsyncIterator[tuple[str, httpx.Response]]:
+        params = {"ns": ns, "name": name, "digest": digest}
+        if stream:
+            params["stream"] = "1"
+        async with self._open_ranked(digest, "/p2p/v1/metainfo", params, authorization) as found:
+            yield found
 
     @asynccontextmanager
     async def source(
         self, ns: str, name: str, digest: str, size: int, *, authorization: str | None
     ) -> AsyncIterator[SwarmSource | httpx.Response]:
-        """Where a cold blob comes from: its metainfo (join the swarm), or, while the proxy
-        is still fetching it from the origin and has a stream slot free, an open response
-        streaming the blob itself (``X-P2P-Stream: 1``)."""
-        params = {"ns": ns, "name": name, "digest": digest, "stream": "1"}
-        async with self._open_ranked(digest, "/p2p/v1/metainfo", params, authorization) as (
+        """Where a cold blob comes from: its chunks (join the swarm; more chunks follow while
+        the proxy fetches the blob), or, while the proxy is still fetching it from the origin
+        and has a stream slot free, an open response streaming the blob itself
+        (``X-P2P-Stream: 1``)."""
+        async with self._chunk_response(ns, name, digest, authorization, stream=True) as (
             base,
             response,
         ):
@@ -188,8 +278,10 @@ class ProxyClient:
                 _check_length(response, size)
                 yield response
                 return
-            body = await response.aread()
-            yield SwarmSource(self._metainfo(body, digest, size), _seed(base, response))
+            blob = BlobMetainfo.for_blob(digest, size)
+            source = SwarmSource(ChunkFeed(blob, response.aiter_bytes()), _seed(base, response))
+            await self._first_chunks(source, blob)
+            yield source
 
     @asynccontextmanager
     async def blob(
@@ -233,18 +325,6 @@ class ProxyClient:
             finally:
                 await response.aclose()
         raise OCIError(ErrorCode.UNKNOWN, f"no proxy could answer ({last})", status=502)
-
-    @staticmethod
-    def _metainfo(body: bytes, digest: str, size: int) -> mi.Metainfo:
-        try:
-            meta = mi.parse(body)
-        except mi.MetainfoError as exc:
-            raise OCIError(
-                ErrorCode.UNKNOWN, f"proxy sent bad metainfo: {exc}", status=502
-            ) from None
-        if meta.name != digest or meta.length != size:
-            raise OCIError(ErrorCode.UNKNOWN, "proxy sent metainfo for another blob", status=502)
-        return meta
 
     async def blob_range(
         self, ns: str, name: str, digest: str, start: int, length: int, *, authorization: str | None

@@ -3,8 +3,9 @@
 Layout::
 
     dataDir/blobs/sha256/<hex>            complete blobs, SHA-256 verified
-    dataDir/blobs/sha256/<hex>.torrent    their metainfo (reseed after restart, no rehash)
-    dataDir/partial/sha256-<hex>.*        downloads in progress: data, bitfield, metainfo
+    dataDir/blobs/sha256/<hex>.chunks     their chunk torrents as frames (p2p_common.blobinfo;
+                                          reseed after restart without rehashing)
+    dataDir/partial/sha256-<hex>.*        downloads in progress: data, bitfield, chunks known
     dataDir/tmp/                          scratch files (origin fetches)
 
 A blob enters ``blobs/`` only by an atomic rename after its digest was checked,
@@ -29,6 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from p2p_common import metainfo as mi
+from p2p_common.blobinfo import BlobMetainfo, FrameParser
 from p2p_common.errors import LocalError
 from p2p_common.storage import PieceFile
 
@@ -79,11 +81,11 @@ class BlobCache:
         return self.blob_dir / _hex(digest)
 
     def metainfo_path(self, digest: str) -> Path:
-        return self.blob_dir / (_hex(digest) + ".torrent")
+        return self.blob_dir / (_hex(digest) + ".chunks")
 
     def partial_paths(self, digest: str) -> tuple[Path, Path, Path]:
         base = self.partial_dir / ("sha256-" + _hex(digest))
-        return base.with_suffix(".data"), base.with_suffix(".bits"), base.with_suffix(".torrent")
+        return base.with_suffix(".data"), base.with_suffix(".bits"), base.with_suffix(".chunks")
 
     # -- index -----------------------------------------------------------------------------------
 
@@ -91,6 +93,10 @@ class BlobCache:
         """Rebuild the index from disk, oldest use first; drop scratch files."""
         entries = []
         for path in self.blob_dir.iterdir():
+            if path.suffix == ".torrent":  # whole-blob metainfo of an earlier version
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                continue
             if path.suffix or not _DIGEST.match("sha256:" + path.name):
                 continue
             stat = path.stat()
@@ -117,7 +123,7 @@ class BlobCache:
             except FileNotFoundError:
                 stale = True  # a stream, or a bitfield/metainfo without its data
             for path in paths:
-                if stale or path.suffix not in (".data", ".bits", ".torrent"):
+                if stale or path.suffix not in (".data", ".bits", ".chunks"):
                     with contextlib.suppress(OSError):
                         path.unlink()
 
@@ -237,7 +243,7 @@ class BlobCache:
 
     # -- entering the cache ----------------------------------------------------------------------
 
-    def adopt(self, source: Path, digest: str, meta: mi.Metainfo | None = None) -> Path:
+    def adopt(self, source: Path, digest: str, meta: BlobMetainfo | None = None) -> Path:
         """Move an already verified file into the cache (atomic rename); returns its path."""
         target = self.blob_path(digest)
         if meta is not None:
@@ -251,7 +257,8 @@ class BlobCache:
     ) -> Path:
         """Verify a completed download's SHA-256 and move it into the cache."""
         target = self.blob_path(digest)
-        self.save_metainfo(digest, piece_file.metainfo)
+        if isinstance(piece_file.metainfo, BlobMetainfo):
+            self.save_metainfo(digest, piece_file.metainfo)
         piece_file.publish(target, digest, known_digest=known_digest)
         for path in self.partial_paths(digest)[1:]:
             with contextlib.suppress(FileNotFoundError):
@@ -267,32 +274,52 @@ class BlobCache:
         with contextlib.suppress(OSError):
             os.utime(path, (time.time(), time.time()))
 
-    def save_metainfo(self, digest: str, meta: mi.Metainfo) -> None:
+    def save_metainfo(self, digest: str, meta: BlobMetainfo) -> None:
+        """Store a blob's chunks (all of them) beside it."""
+        if not meta.complete:
+            raise LocalError("only the metainfo of a whole blob is stored")
         path = self.metainfo_path(digest)
-        scratch = path.with_suffix(".torrent.tmp")
-        scratch.write_bytes(meta.to_bytes())
+        scratch = path.with_suffix(".chunks.tmp")
+        scratch.write_bytes(meta.frames())
         os.replace(scratch, path)
 
-    def load_metainfo(self, digest: str) -> mi.Metainfo | None:
-        """The stored metainfo of a cached blob, if present and intact."""
+    def load_metainfo(self, digest: str) -> BlobMetainfo | None:
+        """The stored chunks of a cached blob, if present, intact and of this blob's size."""
+        size = self.size(digest)
+        if size is None:
+            return None
         try:
-            return mi.parse(self.metainfo_path(digest).read_bytes())
+            frames = self.metainfo_path(digest).read_bytes()
+            return BlobMetainfo.from_frames(digest, size, frames, trackers=())
         except (OSError, mi.MetainfoError):
             return None
 
-    def open_partial(self, meta: mi.Metainfo, digest: str) -> PieceFile:
-        """The in-progress download of ``digest`` (resumed if a previous run left one)."""
-        data, bits, torrent = self.partial_paths(digest)
+    def open_partial(self, meta: BlobMetainfo, digest: str) -> PieceFile:
+        """The in-progress download of ``digest`` (resumed if a previous run left one for the
+        same chunks; only pieces of chunks known now are kept)."""
+        data, bits, chunks = self.partial_paths(digest)
         stored = None
         with contextlib.suppress(OSError, mi.MetainfoError):
-            stored = mi.parse(torrent.read_bytes())
-        if stored is None or stored.info_hash != meta.info_hash:
+            parsed = BlobMetainfo.for_blob(digest, meta.length)
+            for chunk in mi_frames(chunks.read_bytes()):
+                parsed.add_chunk(chunk)
+            stored = parsed
+        if stored is None or not stored.chunks or stored.info_hash != meta.info_hash:
             for path in (data, bits):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
-            torrent.write_bytes(meta.to_bytes())
+        chunks.write_bytes(meta.frames())
         return PieceFile(meta, data, bits)
+
+    def save_partial_chunks(self, meta: BlobMetainfo, digest: str) -> None:
+        """Remember the chunks of an in-progress download known so far (for resuming)."""
+        self.partial_paths(digest)[2].write_bytes(meta.frames())
 
     def scratch_file(self, prefix: str) -> Path:
         """A fresh path under ``tmp/`` (removed at the next :meth:`scan`)."""
         return self.tmp_dir / f"{prefix}-{os.getpid()}-{time.monotonic_ns()}"
+
+
+def mi_frames(data: bytes) -> list[mi.Metainfo]:
+    """The chunk torrents in a frames file (a cut-off last frame is ignored)."""
+    return FrameParser().feed(data)

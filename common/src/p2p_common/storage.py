@@ -20,8 +20,12 @@ from pathlib import Path
 from typing import Protocol
 
 from p2p_common.bitfield import Bitfield, byte_length
+from p2p_common.blobinfo import BlobMetainfo
 from p2p_common.errors import LocalError, RemoteError
 from p2p_common.metainfo import Metainfo
+
+Info = Metainfo | BlobMetainfo
+"""A plain torrent, or a chunked blob (whose later chunks may not be known yet)."""
 
 
 class StorageError(LocalError):
@@ -35,7 +39,6 @@ class DigestMismatchError(RemoteError):
 class PieceStore(Protocol):
     """What the peer engine needs from storage."""
 
-    metainfo: Metainfo
     have: Bitfield
 
     def fileno(self) -> int | None:
@@ -49,7 +52,7 @@ class PieceStore(Protocol):
     def close(self) -> None: ...
 
 
-def verify_piece(metainfo: Metainfo, index: int, data: bytes | bytearray | memoryview) -> bool:
+def verify_piece(metainfo: Info, index: int, data: bytes | bytearray | memoryview) -> bool:
     return len(data) == metainfo.piece_size(index) and (
         hashlib.sha1(data).digest() == metainfo.piece_hash(index)
     )
@@ -60,7 +63,7 @@ class PieceFile:
 
     def __init__(
         self,
-        metainfo: Metainfo,
+        metainfo: Info,
         data_path: Path,
         bitfield_path: Path | None = None,
         *,
@@ -73,7 +76,8 @@ class PieceFile:
         machine, writing into a range made sparse by ``ftruncate`` costs about eight times
         the system time of writing past the end, on ext4 and tmpfs alike; see
         docs/benchmarks.md) and the bitfield loaded
-        from ``bitfield_path``, keeping only pieces that still verify.
+        from ``bitfield_path``, keeping only pieces that still verify (of a chunked blob, only
+        pieces whose hashes are known: the rest is fetched again).
         """
         self.metainfo = metainfo
         self.path = data_path
@@ -112,7 +116,10 @@ class PieceFile:
             # Reset the file too: bytes no later write touches would fail this check again.
             stored = Bitfield(self.metainfo.num_pieces)
             os.pwrite(self._bits_fd, stored.to_bytes(), 0)
+        known = getattr(self.metainfo, "known_pieces", self.metainfo.num_pieces)
         for index in stored:
+            if index >= known:
+                break
             data = os.pread(
                 self._fd, self.metainfo.piece_size(index), index * self.metainfo.piece_length
             )
@@ -221,7 +228,7 @@ class PieceFile:
 class MemoryPieceStore:
     """In-memory twin of :class:`PieceFile` for fast tests."""
 
-    def __init__(self, metainfo: Metainfo, content: bytes | None = None) -> None:
+    def __init__(self, metainfo: Info, content: bytes | None = None) -> None:
         self.metainfo = metainfo
         self.data = bytearray(content if content is not None else bytes(metainfo.length))
         if len(self.data) != metainfo.length:

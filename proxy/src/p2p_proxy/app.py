@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import trio
 
 from p2p_common.asgi import (
-    FILE_CHUNK,
     Receive,
     Request,
     Scope,
@@ -48,17 +47,19 @@ from p2p_proxy.api import (
     select_registry,
 )
 from p2p_proxy.authz import Authorizer
-from p2p_proxy.fetch import BlobFetcher, Progress, storage_error
+from p2p_proxy.fetch import BlobFetcher, Fetch, storage_error
+from p2p_proxy.flight import copy_error
 from p2p_proxy.manifests import ManifestQuery, Manifests
 from p2p_proxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from p2p_proxy.metrics import ProxyMetrics
 from p2p_proxy.seeding import Seeder
 
-__all__ = ["BITTORRENT_CONTENT_TYPE", "ProxyApp"]
+__all__ = ["CHUNKS_CONTENT_TYPE", "ProxyApp"]
 
 log = logging.getLogger("p2p.proxy")
 
-BITTORRENT_CONTENT_TYPE = "application/x-bittorrent"
+CHUNKS_CONTENT_TYPE = "application/x-p2p-chunks"
+"""A blob's chunk torrents as frames (p2p_common.blobinfo)."""
 BLOB_CONTENT_TYPE = "application/octet-stream"
 
 
@@ -276,15 +277,15 @@ class ProxyApp:
     # --- metainfo ---------------------------------------------------------------------------
 
     async def _stream_progress(
-        self, receive: Receive, send: Send, digest: str, progress: Progress
+        self, receive: Receive, send: Send, digest: str, fetch: Fetch
     ) -> None:
         """The blob itself while its fetch is still running: bytes as the origin sends them.
 
         For the first ``progressiveStreams`` agents asking for a blob nobody has yet: they get
-        their first bytes at once instead of after the whole fetch, and seed it afterwards.
+        their first bytes at once, straight from the fetch, and seed it afterwards.
         """
         try:
-            fd = await trio.to_thread.run_sync(os.open, progress.path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = await trio.to_thread.run_sync(os.open, fetch.path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise OCIError(
                 ErrorCode.UNKNOWN, "the fetch ended meanwhile; ask again", status=503
@@ -299,44 +300,72 @@ class ProxyApp:
                     ("Docker-Content-Digest", digest),
                     ("X-P2P-Stream", "1"),
                 ],
-                content_length=progress.length,
+                content_length=fetch.length,
             )
+
+            async def body() -> None:
+                sent = 0
+                # The last byte waits for the digest check: a wrong blob never arrives complete.
+                async for data in fetch.ingest.follow(fd):
+                    sent += len(data)
+                    self.metrics.stream_bytes.inc(len(data))  # before: the send may be cut short
+                    await send_chunk(send, data, more=sent < fetch.length)
+                if fetch.length == 0:
+                    await send_chunk(send, b"", more=False)
+
             try:
-                await self._follow_progress(receive, send, fd, progress)
+                await until_disconnect(receive, body)
             except BaseExceptionGroup as group:
                 raise collapse(group) from None
         finally:
             os.close(fd)
 
-    async def _follow_progress(
-        self, receive: Receive, send: Send, fd: int, progress: Progress
-    ) -> None:
+    async def _stream_chunks(self, receive: Receive, send: Send, fetch: Fetch) -> None:
+        """The chunks of a blob being fetched, each as soon as it is published (the last one
+        once the blob is verified). A fetch that fails before the first chunk is an error
+        answer; one that fails later cuts the response off unfinished, so the agent cannot
+        take it for a whole answer."""
+        while not fetch.blob.chunks and not fetch.ended:
+            await fetch.changed.wait()
+        if not fetch.blob.chunks:
+            if fetch.error is not None:
+                raise copy_error(fetch.error)
+            raise OCIError(ErrorCode.UNKNOWN, "the origin fetch failed", status=502)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", CHUNKS_CONTENT_TYPE.encode()),
+                    (b"docker-content-digest", fetch.digest.encode()),
+                    (b"x-p2p-chunks", str(fetch.blob.geometry.num_chunks).encode()),
+                    (b"x-p2p-info-hash", fetch.blob.info_hash.hex().encode()),
+                    (b"x-p2p-peer-port", str(self.peer_port()).encode()),
+                    (b"docker-distribution-api-version", b"registry/2.0"),
+                ],
+            }
+        )
+
         async def body() -> None:
-            position = 0
-            while position < progress.length:
-                changed = progress.changed
-                # The last byte waits for the digest check: a wrong blob never arrives
-                # complete, so nobody can mistake it for the real one.
-                verified = progress.ended and not progress.failed
-                readable = min(progress.written, progress.length - (0 if verified else 1))
-                if readable > position:
-                    size = min(FILE_CHUNK, readable - position)
-                    data = await trio.to_thread.run_sync(os.pread, fd, size, position)
-                    if len(data) != size:
-                        raise StorageError(f"short read of a blob being fetched at {position}")
-                    position += size
-                    self.metrics.stream_bytes.inc(size)  # before: the last send may be cut short
-                    await send_chunk(send, data, more=position < progress.length)
-                elif progress.ended:
-                    # The fetch failed (or was cut short): end the response unfinished so
-                    # the agent sees a broken transfer, never a complete wrong blob.
-                    raise OCIError(ErrorCode.UNKNOWN, "the origin fetch failed", status=502)
+            sent = 0
+            while True:
+                changed = fetch.changed
+                if len(fetch.blob.chunks) > sent:
+                    frames = fetch.blob.frames(sent)
+                    sent = len(fetch.blob.chunks)
+                    await send_chunk(send, frames)
+                elif fetch.ended:
+                    if fetch.failed:
+                        raise OCIError(ErrorCode.UNKNOWN, "the origin fetch failed", status=502)
+                    await send_chunk(send, b"", more=False)
+                    return
                 else:
                     await changed.wait()
-            if progress.length == 0:
-                await send_chunk(send, b"", more=False)
 
-        await until_disconnect(receive, body)
+        try:
+            await until_disconnect(receive, body)
+        except BaseExceptionGroup as group:
+            raise collapse(group) from None
 
     async def _metainfo(self, request: Request, receive: Receive, send: Send) -> None:
         if request.method != "GET":
@@ -352,18 +381,26 @@ class ProxyApp:
         ):
             self._streams[digest] += 1  # hold the slot while the fetch gets going
             try:
-                progress = await self.fetcher.follow(origin, name, digest, credentials, size)
-                if progress is not None:
-                    await self._stream_progress(receive, send, digest, progress)
+                fetch = await self.fetcher.follow(origin, name, digest, credentials, size)
+                if fetch is not None:
+                    await self._stream_progress(receive, send, digest, fetch)
                     return
             finally:
                 self._streams[digest] -= 1
                 if self._streams[digest] <= 0:
                     del self._streams[digest]
-        with self.cache.pinned(digest):
-            meta = await self.fetcher.ensure(origin, name, digest, credentials, size)
-            await self.seeder.seed(digest, meta)
         self.metrics.metainfo_requests.inc()
+        with self.cache.pinned(digest):
+            blob = await self.fetcher.cached(digest)
+            if blob is None:
+                fetch = await self.fetcher.follow(origin, name, digest, credentials, size)
+                if fetch is not None:
+                    self.metrics.cache_misses.inc()
+                    event(log, "proxy.chunks", logging.DEBUG, digest=digest, following=True)
+                    await self._stream_chunks(receive, send, fetch)
+                    return
+                blob = await self.fetcher.ensure(origin, name, digest, credentials, size)
+            await self.seeder.seed(digest, blob)
         event(
             log,
             "proxy.metainfo",
@@ -371,16 +408,17 @@ class ProxyApp:
             registry=registry,
             repository=name,
             digest=digest,
-            info_hash=meta.info_hash.hex(),
+            info_hash=blob.info_hash.hex(),
         )
         await send_bytes(
             send,
             200,
-            meta.to_bytes(),
-            content_type=BITTORRENT_CONTENT_TYPE,
+            blob.frames(),
+            content_type=CHUNKS_CONTENT_TYPE,
             headers=[
                 ("Docker-Content-Digest", digest),
-                ("X-P2P-Info-Hash", meta.info_hash.hex()),
+                ("X-P2P-Chunks", str(blob.geometry.num_chunks)),
+                ("X-P2P-Info-Hash", blob.info_hash.hex()),
                 # Where this proxy seeds it: agents connect at once, tracker or not.
                 ("X-P2P-Peer-Port", str(self.peer_port())),
             ],

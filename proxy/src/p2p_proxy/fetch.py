@@ -1,52 +1,53 @@
-"""Getting blobs into the cache: each fetched from the origin once, verified, with metainfo.
+"""Getting blobs into the cache: each fetched from the origin once, verified, published in chunks.
 
-:meth:`BlobFetcher.ensure` returns the metainfo of a cached blob, fetching it first if
-needed. Concurrent requests for one (registry, digest) share one fetch (a
+:meth:`BlobFetcher.ensure` returns the chunked metainfo of a cached blob
+(:class:`~p2p_common.blobinfo.BlobMetainfo`), fetching it first if needed;
+:meth:`BlobFetcher.follow` returns the fetch in flight, whose chunks are published while it
+runs. Concurrent requests for one (registry, digest) share one fetch (a
 :class:`~p2p_proxy.flight.SingleFlight`), which runs in the service's nursery so that it
 outlives a caller that hangs up.
 
-A fetch reserves the blob's size in the cache quota (evicting least recently used blobs),
-streams the origin's body into a scratch file while hashing it (SHA-1 per piece and
-SHA-256, :class:`~p2p_common.metainfo.PieceHasher`), and checks the SHA-256 against the
-digest before the file enters the cache by an atomic rename, together with its metainfo.
-Writing and hashing run in a worker thread, a batch (:data:`BATCH_BYTES`) at a time, while
-the trio loop keeps receiving the next batch: the bytes held in memory stay bounded. On any
-failure the scratch file is deleted and the caller gets a registry error: 502 for an origin
-that sent wrong or short data, 507 when the disk or the quota is full.
+A fetch reserves the blob's size in the cache quota (evicting least recently used blobs) and
+streams the origin's body into a scratch file with :class:`~p2p_common.ingest.Ingest`: every
+byte written once, hashed once by SHA-1 (per piece) and SHA-256 (the whole). Each piece's SHA-1
+goes to a :class:`~p2p_common.blobinfo.ChunkBuilder`; every completed chunk is published at once
+(to the :class:`FetchListener`, which seeds it, and to the agents following the fetch), so the
+swarm trades the first chunks while the origin still sends the last. The SHA-256 is checked
+against the digest before the file enters the cache by an atomic rename, together with its
+chunks. On any failure the scratch file is deleted, the listener is told (the blob stops being
+seeded) and the caller gets a registry error: 502 for an origin that sent wrong or short data,
+507 when the disk or the quota is full.
 """
 
 from __future__ import annotations
 
 import collections
 import errno
-import hashlib
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import Protocol
 
 import trio
 
 from p2p_common import metainfo as mi
 from p2p_common.blobcache import BlobCache, CacheFullError
+from p2p_common.blobinfo import BlobMetainfo, ChunkBuilder
+from p2p_common.engine.disk import DiskRunner
+from p2p_common.ingest import Ingest, IngestError
 from p2p_common.logs import event
 from p2p_common.oci import ErrorCode, OCIError
 from p2p_common.origin import BlobHead, OriginClient
 from p2p_common.registry_auth import Credentials
 from p2p_proxy.flight import SingleFlight
 from p2p_proxy.metrics import ProxyMetrics
-from p2p_proxy.seeding import usable_metainfo
 
-__all__ = ["BATCH_BYTES", "BlobFetcher", "Progress", "storage_error"]
+__all__ = ["BlobFetcher", "Fetch", "FetchListener", "storage_error"]
 
 log = logging.getLogger("p2p.proxy")
 
-BATCH_BYTES = 4 * 1024 * 1024
-"""Bytes received before they are written and hashed in one worker-thread call."""
-QUEUED_BATCHES = 2
-"""Batches that may wait for the writer (memory bound: about (2 + 2) x BATCH_BYTES)."""
 MAX_KNOWN_METAINFO = 4096
 """Metainfo of cached blobs kept in memory (each is 20 bytes per piece plus a little)."""
 
@@ -65,84 +66,54 @@ def _origin_error(message: str) -> OCIError:
     return OCIError(ErrorCode.UNKNOWN, message, status=502)
 
 
-class _Sink:
-    """The scratch file and the hashes; every method blocks (worker threads only).
+class Fetch:
+    """A fetch in flight, as its followers see it (all in the trio thread).
 
-    SHA-256 of the whole blob and SHA-1 of each piece are computed in two threads at once
-    (hashlib releases the GIL), the SHA-1 side also writing the file.
+    ``blob`` holds the chunks published so far; ``ingest`` the bytes on disk (progressive
+    streams follow it). ``changed`` fires on every new chunk and when the fetch ends. Bytes and
+    chunks are the origin's until the SHA-256 is checked at the end (``failed`` then tells),
+    exactly as for a client reading from the origin.
     """
 
-    def __init__(self, path: Path, piece_length: int) -> None:
+    def __init__(self, digest: str, path: Path, blob: BlobMetainfo, ingest: Ingest) -> None:
+        self.digest = digest
         self.path = path
-        self.pieces = mi.PieceHasher(piece_length, whole=False)
-        self.whole = hashlib.sha256()
-        self.handle: BinaryIO = path.open("xb")
-
-    def write(self, chunks: list[bytes]) -> None:
-        for chunk in chunks:
-            self.pieces.update(chunk)
-            self.handle.write(chunk)
-        self.handle.flush()  # progressive streams read the file through their own descriptor
-
-    def hash_whole(self, chunks: list[bytes]) -> None:
-        for chunk in chunks:
-            self.whole.update(chunk)
-
-    def digests(self) -> tuple[bytes, str]:
-        """(piece hashes, ``sha256:<hex>``) once everything was written and hashed."""
-        return self.pieces.finish()[0], "sha256:" + self.whole.hexdigest()
-
-    def finish(self) -> None:
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
-        self.handle.close()
-
-    def discard(self) -> None:
-        self.handle.close()
-        self.path.unlink(missing_ok=True)
-
-
-class Progress:
-    """A fetch in flight, as seen by streams that follow it (all in the trio thread).
-
-    ``written`` bytes at the start of ``path`` are on disk; ``changed`` fires whenever that
-    grows or the fetch ends. A stream must not trust the bytes: the digest is only checked
-    at the end (``failed`` then tells), exactly as for a client reading from the origin.
-    """
-
-    def __init__(self, path: Path, length: int) -> None:
-        self.path = path
-        self.length = length
-        self.written = 0
+        self.blob = blob
+        self.ingest = ingest
+        self.pieces = 0
+        """Pieces on disk (in order)."""
         self.ended = False
         self.failed = False
+        self.error: OCIError | None = None
+        """Why it failed, when it did."""
         self.changed = trio.Event()
 
-    def advance(self, count: int) -> None:
-        self.written += count
-        self._wake()
-
-    def end(self, *, failed: bool) -> None:
-        self.ended = True
-        self.failed = failed
-        self._wake()
+    @property
+    def length(self) -> int:
+        return self.ingest.length
 
     def _wake(self) -> None:
         self.changed.set()
         self.changed = trio.Event()
 
+    def end(self, *, failed: bool) -> None:
+        self.ended = True
+        self.failed = failed
+        self.ingest.end(verified=not failed)
+        self._wake()
 
-async def _write_and_hash(sink: _Sink, batch: list[bytes]) -> None:
-    """Write (with piece hashes) and hash the whole in two worker threads at once."""
-    try:
-        async with trio.open_nursery() as both:
-            both.start_soon(trio.to_thread.run_sync, sink.hash_whole, batch)
-            await trio.to_thread.run_sync(sink.write, batch)
-    except BaseExceptionGroup as group:
-        failures = group.exceptions
-        if all(isinstance(exc, OSError) for exc in failures):
-            raise failures[0] from None  # a disk error: the caller turns it into a 507
-        raise
+
+class FetchListener(Protocol):
+    """Who is told about a fetch's progress (the proxy's seeder)."""
+
+    def fetch_chunk(self, fetch: Fetch) -> None:
+        """A chunk was published (``fetch.blob.chunks[-1]``)."""
+
+    def fetch_piece(self, fetch: Fetch, index: int) -> None:
+        """Piece ``index`` is on disk (pieces arrive in order)."""
+
+    def fetch_ended(self, fetch: Fetch) -> None:
+        """The fetch ended: the blob is cached (``fetch.failed`` is False) or gone."""
 
 
 class BlobFetcher:
@@ -152,18 +123,23 @@ class BlobFetcher:
         metrics: ProxyMetrics,
         nursery: trio.Nursery,
         trackers: Sequence[str],
+        *,
+        disk: DiskRunner | None = None,
+        listener: FetchListener | None = None,
     ) -> None:
         self.cache = cache
         self.metrics = metrics
         self.trackers = tuple(trackers)
-        self._fetches: SingleFlight[tuple[str, str], mi.Metainfo] = SingleFlight(nursery, "fetch")
-        self._rebuilds: SingleFlight[str, mi.Metainfo | None] = SingleFlight(nursery, "rehash")
+        self.disk = disk or DiskRunner()
+        self.listener = listener
+        self._fetches: SingleFlight[tuple[str, str], BlobMetainfo] = SingleFlight(nursery, "fetch")
+        self._rebuilds: SingleFlight[str, BlobMetainfo | None] = SingleFlight(nursery, "rehash")
         # Metainfo is a pure function of the content (and the trackers): what was built or
         # loaded once stays right for as long as the digest is cached, or cached again.
-        self._known: collections.OrderedDict[str, mi.Metainfo] = collections.OrderedDict()
-        self.progress: dict[str, Progress] = {}
-        """Fetches whose bytes are arriving, by digest (for progressive streams)."""
-        self._progress_changed = trio.Event()
+        self._known: collections.OrderedDict[str, BlobMetainfo] = collections.OrderedDict()
+        self.in_flight: dict[str, Fetch] = {}
+        """Fetches whose bytes are arriving, by digest (for chunk and progressive streams)."""
+        self._in_flight_changed = trio.Event()
 
     async def ensure(
         self,
@@ -172,8 +148,8 @@ class BlobFetcher:
         digest: str,
         credentials: Credentials | None,
         size: int | None,
-    ) -> mi.Metainfo:
-        """The metainfo of cached blob ``digest``, fetched from ``origin`` first if needed.
+    ) -> BlobMetainfo:
+        """The chunks of cached blob ``digest``, fetched from ``origin`` first if needed.
 
         The caller must already be authorized for it (and should pin the digest while it
         uses the result, so that eviction cannot remove it underneath).
@@ -189,6 +165,16 @@ class BlobFetcher:
             (origin.name, digest), self._work(origin, repository, digest, credentials, size)
         )
 
+    async def cached(self, digest: str) -> BlobMetainfo | None:
+        """The chunks of ``digest`` if it is cached (rebuilt from the file if need be)."""
+        if digest not in self.cache:
+            return None
+        meta = await self._cached_metainfo(digest)
+        if meta is not None:
+            self.metrics.cache_hits.inc()
+            self.cache.touch(digest)
+        return meta
+
     def _work(
         self,
         origin: OriginClient,
@@ -196,10 +182,10 @@ class BlobFetcher:
         digest: str,
         credentials: Credentials | None,
         size: int | None,
-    ) -> Callable[[], Awaitable[mi.Metainfo]]:
+    ) -> Callable[[], Awaitable[BlobMetainfo]]:
         """The single-flight work that gets ``digest`` into the cache."""
 
-        async def fetch() -> mi.Metainfo:
+        async def fetch() -> BlobMetainfo:
             try:
                 if digest in self.cache:  # fetched meanwhile (another registry's flight)
                     meta = await self._cached_metainfo(digest)
@@ -209,7 +195,7 @@ class BlobFetcher:
                 self._remember(digest, meta)
                 return meta
             finally:
-                self._wake_progress_waiters()
+                self._wake_in_flight_waiters()
 
         return fetch
 
@@ -220,25 +206,25 @@ class BlobFetcher:
         digest: str,
         credentials: Credentials | None,
         size: int | None,
-    ) -> Progress | None:
+    ) -> Fetch | None:
         """The fetch of ``digest`` while its bytes arrive, started if needed; None when
         there is none to follow (the blob is cached already, or the fetch ended)."""
         key = (origin.name, digest)
         if digest not in self.cache:
             self._fetches.start(key, self._work(origin, repository, digest, credentials, size))
         while True:
-            progress = self.progress.get(digest)
-            if progress is not None:
-                return progress
+            fetch = self.in_flight.get(digest)
+            if fetch is not None:
+                return fetch
             if digest in self.cache or not self._fetches.in_flight(key):
                 return None
-            await self._progress_changed.wait()
+            await self._in_flight_changed.wait()
 
-    def _wake_progress_waiters(self) -> None:
-        self._progress_changed.set()
-        self._progress_changed = trio.Event()
+    def _wake_in_flight_waiters(self) -> None:
+        self._in_flight_changed.set()
+        self._in_flight_changed = trio.Event()
 
-    def _remember(self, digest: str, meta: mi.Metainfo) -> None:
+    def _remember(self, digest: str, meta: BlobMetainfo) -> None:
         self._known[digest] = meta
         self._known.move_to_end(digest)
         while len(self._known) > MAX_KNOWN_METAINFO:
@@ -246,15 +232,14 @@ class BlobFetcher:
 
     # --- cached blobs -----------------------------------------------------------------------
 
-    async def _cached_metainfo(self, digest: str) -> mi.Metainfo | None:
-        """The stored metainfo, else rebuilt from the file (``None`` if the file is bad)."""
+    async def _cached_metainfo(self, digest: str) -> BlobMetainfo | None:
+        """The stored chunks, else rebuilt from the file (``None`` if the file is bad)."""
         known = self._known.get(digest)
         if known is not None and known.length == self.cache.size(digest):
             self._known.move_to_end(digest)
             return known
         meta = await trio.to_thread.run_sync(self.cache.load_metainfo, digest)
-        if usable_metainfo(meta, digest, self.cache.size(digest)):
-            assert meta is not None
+        if meta is not None:
             meta = meta.with_trackers(self.trackers)
         else:
             meta = await self._rebuilds.run(digest, lambda: self._rehash(digest))
@@ -262,24 +247,24 @@ class BlobFetcher:
             self._remember(digest, meta)
         return meta
 
-    async def _rehash(self, digest: str) -> mi.Metainfo | None:
+    async def _rehash(self, digest: str) -> BlobMetainfo | None:
         path = self.cache.blob_path(digest)
         size = self.cache.size(digest)
         if size is None:
             return None
-        piece_length = mi.piece_length_for(size)
         try:
-            pieces, found, length = await trio.to_thread.run_sync(mi.hash_file, path, piece_length)
+            meta, found = await trio.to_thread.run_sync(
+                _chunks_of_file, path, digest, size, self.trackers
+            )
         except FileNotFoundError:
             self.cache.remove(digest)
             return None
         except OSError as exc:
             raise storage_error(exc, "reading a cached blob") from None
-        if found != digest or length != size:
+        if found != digest or meta is None:
             event(log, "proxy.cache_corrupt", logging.WARNING, digest=digest, found=found)
             self.cache.remove(digest)
             return None
-        meta = mi.build(digest, length, pieces, self.trackers, piece_length=piece_length)
         try:
             await trio.to_thread.run_sync(self.cache.save_metainfo, digest, meta)
         except OSError as exc:
@@ -295,10 +280,10 @@ class BlobFetcher:
         digest: str,
         credentials: Credentials | None,
         size: int | None,
-    ) -> mi.Metainfo:
+    ) -> BlobMetainfo:
         started = trio.current_time()
 
-        async def consume(head: BlobHead, chunks: AsyncIterator[bytes]) -> mi.Metainfo:
+        async def consume(head: BlobHead, chunks: AsyncIterator[bytes]) -> BlobMetainfo:
             length = head.size if head.size is not None else size
             if length is None:
                 raise _origin_error("origin sent a blob without a Content-Length")
@@ -311,7 +296,7 @@ class BlobFetcher:
             async with self._reserved(length):
                 return await self._store(digest, length, chunks)
 
-        async def get() -> mi.Metainfo:
+        async def get() -> BlobMetainfo:
             return await origin.get_blob(repository, digest, credentials, consume)
 
         try:
@@ -341,6 +326,7 @@ class BlobFetcher:
             repository=repository,
             digest=digest,
             size=meta.length,
+            chunks=len(meta.chunks),
             seconds=round(trio.current_time() - started, 3),
         )
         return meta
@@ -360,86 +346,85 @@ class BlobFetcher:
         finally:
             reservation.__exit__(None, None, None)
 
-    async def _store(self, digest: str, length: int, chunks: AsyncIterator[bytes]) -> mi.Metainfo:
-        """Write and hash ``chunks`` into a scratch file, verify, adopt into the cache."""
-        piece_length = mi.piece_length_for(length)
+    async def _store(self, digest: str, length: int, chunks: AsyncIterator[bytes]) -> BlobMetainfo:
+        """Write and hash ``chunks`` into a scratch file, publishing each chunk as it is
+        complete; verify the whole; adopt it into the cache with its chunks."""
         scratch = self.cache.scratch_file("fetch")
         try:
-            sink = await trio.to_thread.run_sync(_Sink, scratch, piece_length)
+            fd = await trio.to_thread.run_sync(
+                os.open, scratch, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640
+            )
         except OSError as exc:
             raise storage_error(exc, "creating a scratch file") from None
+        builder = ChunkBuilder(digest, length, self.trackers)
+        ingest = Ingest(fd, length, disk=self.disk, piece_length=builder.blob.piece_length)
+        fetch = Fetch(digest, scratch, builder.blob, ingest)
+
+        def on_piece(index: int, sha1: bytes) -> None:
+            fetch.pieces = index + 1
+            chunk = builder.piece(sha1)
+            if self.listener is not None:
+                if chunk is not None:
+                    self.listener.fetch_chunk(fetch)
+                self.listener.fetch_piece(fetch, index)
+            if chunk is not None:
+                fetch._wake()
+
+        ingest.on_piece = on_piece
+        self.in_flight[digest] = fetch
+        self._wake_in_flight_waiters()
         adopted = False
-        progress = self.progress[digest] = Progress(scratch, length)
-        self._wake_progress_waiters()
         try:
-            received = await self._pump(sink, length, chunks, progress)
-            if received != length:
-                raise _origin_error(f"origin closed the blob after {received} of {length} bytes")
-            await trio.to_thread.run_sync(sink.finish)
-            pieces, found = sink.digests()
+            try:
+                found = await ingest.run(self._counted(chunks))
+            except IngestError as exc:
+                raise _origin_error(f"origin {exc}") from None
             if found != digest:
                 raise _origin_error(f"origin sent a blob whose digest is {found}, not {digest}")
-            meta = mi.build(digest, length, pieces, self.trackers, piece_length=piece_length)
-            await trio.to_thread.run_sync(self.cache.adopt, scratch, digest, meta)
+            if builder.finish() is not None:  # the last chunk waited for the digest check
+                if self.listener is not None:
+                    self.listener.fetch_chunk(fetch)
+                fetch._wake()
+            await trio.to_thread.run_sync(os.fsync, fd)
+            await trio.to_thread.run_sync(self.cache.adopt, scratch, digest, builder.blob)
             adopted = True
-            return meta
+            return builder.blob
         except OSError as exc:
-            raise storage_error(exc, "writing a blob") from None
+            fetch.error = storage_error(exc, "writing a blob")
+            raise fetch.error from None
+        except OCIError as exc:
+            fetch.error = exc
+            raise
         finally:
-            progress.end(failed=not adopted)
-            if self.progress.get(digest) is progress:
-                del self.progress[digest]
+            fetch.end(failed=not adopted)
+            if self.in_flight.get(digest) is fetch:
+                del self.in_flight[digest]
+            if self.listener is not None:
+                self.listener.fetch_ended(fetch)
+            os.close(fd)  # the seeder and the streams read through descriptors of their own
             if not adopted:
                 with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(sink.discard)
+                    await trio.to_thread.run_sync(_unlink, scratch)
 
-    async def _pump(
-        self, sink: _Sink, length: int, chunks: AsyncIterator[bytes], progress: Progress
-    ) -> int:
-        """Receive into batches while a writer task writes and hashes the previous ones.
+    async def _counted(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            self.metrics.origin_bytes.inc(len(chunk))
+            yield chunk
 
-        Returns the byte count received; raises the first failure (origin or disk) as is.
-        """
-        send, receive = trio.open_memory_channel[list[bytes]](QUEUED_BATCHES)
-        received = 0
-        failure: OCIError | OSError | None = None
 
-        async with trio.open_nursery() as nursery:
+def _unlink(path: Path) -> None:
+    path.unlink(missing_ok=True)
 
-            async def writer() -> None:
-                nonlocal failure
-                async with receive:
-                    async for batch in receive:
-                        try:
-                            await _write_and_hash(sink, batch)
-                        except OSError as exc:
-                            failure = exc
-                            nursery.cancel_scope.cancel()
-                            return
-                        progress.advance(sum(len(chunk) for chunk in batch))
 
-            nursery.start_soon(writer)
-            async with send:
-                batch: list[bytes] = []
-                pending = 0
-                try:
-                    async for chunk in chunks:
-                        received += len(chunk)
-                        if received > length:
-                            raise _origin_error(
-                                f"origin sent more than the {length} bytes it announced"
-                            )
-                        self.metrics.origin_bytes.inc(len(chunk))
-                        batch.append(chunk)
-                        pending += len(chunk)
-                        if pending >= BATCH_BYTES:
-                            await send.send(batch)
-                            batch, pending = [], 0
-                    if batch:
-                        await send.send(batch)
-                except OCIError as exc:
-                    failure = exc
-                    nursery.cancel_scope.cancel()
-        if failure is not None:
-            raise failure
-        return received
+def _chunks_of_file(
+    path: Path, digest: str, size: int, trackers: tuple[str, ...]
+) -> tuple[BlobMetainfo | None, str]:
+    """(Blocking.) Rebuild a cached blob's chunks from its file: (chunks, its sha256)."""
+    builder = ChunkBuilder(digest, size, trackers)
+    pieces, found, length = mi.hash_file(path, builder.blob.piece_length)
+    if length != size:
+        return None, found
+    for index in range(len(pieces) // 20):
+        builder.piece(pieces[index * 20 : index * 20 + 20])
+    builder.finish()
+    return builder.blob, found

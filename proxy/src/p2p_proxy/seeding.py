@@ -1,11 +1,14 @@
-"""Seeding cached blobs with the peer engine.
+"""Seeding blobs with the peer engine: while they are fetched, and once they are cached.
 
-One torrent per cached blob, opened read-only from the cache (:class:`PieceFile` with
-``complete=True``). The cache's eviction callback stops a blob's torrent; its file is
-closed once its last peer connection has ended, so no reader ever sees the descriptor
-reused. At start-up :meth:`Seeder.reseed_all` seeds every cached blob whose metainfo was
-stored beside it, without reading the origin (or the blob: the stored piece hashes are
-trusted, the blob was verified when it entered the cache).
+One torrent (one swarm) per blob. A blob being fetched is seeded from its first published
+chunk on (:class:`Seeder` is the fetcher's :class:`~p2p_proxy.fetch.FetchListener`): the
+torrent ingests, offering each piece the origin delivered once its chunk is published, and goes
+on seeding the same file once it is verified and moved into the cache. A cached blob is seeded
+read-only from the cache (:class:`PieceFile` with ``complete=True``). The cache's eviction
+callback stops a blob's torrent; its file is closed once its last peer connection has ended, so
+no reader ever sees the descriptor reused. At start-up :meth:`Seeder.reseed_all` seeds every
+cached blob whose chunks were stored beside it, without reading the origin (or the blob: the
+stored piece hashes are trusted, the blob was verified when it entered the cache).
 """
 
 from __future__ import annotations
@@ -18,29 +21,20 @@ from dataclasses import dataclass
 import trio
 
 from p2p_common.blobcache import BlobCache
+from p2p_common.blobinfo import BlobMetainfo
 from p2p_common.engine import Engine, Torrent
 from p2p_common.engine.torrent import RESEED_ANNOUNCE_SPREAD
+from p2p_common.errors import LocalError
 from p2p_common.logs import event
-from p2p_common.metainfo import Metainfo, piece_length_for
 from p2p_common.storage import PieceFile, StorageError
+from p2p_proxy.fetch import Fetch
 
-__all__ = ["Seeder", "usable_metainfo"]
+__all__ = ["Seeder"]
 
 log = logging.getLogger("p2p.proxy")
 
 CLOSE_WAIT = 30.0
 """Longest wait for a stopped torrent's connections to end before its file is closed."""
-
-
-def usable_metainfo(meta: Metainfo | None, digest: str, size: int | None) -> bool:
-    """Whether stored metainfo is the deterministic one for this blob (else rebuild it)."""
-    return (
-        meta is not None
-        and meta.name == digest
-        and meta.private
-        and (size is None or meta.length == size)
-        and meta.piece_length == piece_length_for(meta.length)
-    )
 
 
 @dataclass
@@ -64,12 +58,61 @@ class Seeder:
         self._seeds: dict[str, _Seed] = {}
         self._closing: list[_Seed] = []
         self._locks: dict[str, trio.Lock] = {}
+        self._starting: set[str] = set()
         self._trio_token = trio.lowlevel.current_trio_token()
 
     def _alive(self, seed: _Seed) -> bool:
         return self.engine.torrents.get(seed.torrent.info_hash) is seed.torrent
 
-    async def seed(self, digest: str, meta: Metainfo, *, announce_delay: float = 0.0) -> None:
+    # -- blobs being fetched (FetchListener) ------------------------------------------------------
+
+    def fetch_chunk(self, fetch: Fetch) -> None:
+        seed = self._seeds.get(fetch.digest)
+        if seed is not None and seed.torrent.info is fetch.blob:
+            self.engine.chunks_added(seed.torrent)
+        elif len(fetch.blob.chunks) == 1 and fetch.digest not in self._starting:
+            self._starting.add(fetch.digest)
+            self._nursery.start_soon(self._start_ingest, fetch)
+
+    def fetch_piece(self, fetch: Fetch, index: int) -> None:
+        seed = self._seeds.get(fetch.digest)
+        if seed is not None and seed.torrent.info is fetch.blob:
+            seed.torrent.piece_arrived(index)
+
+    def fetch_ended(self, fetch: Fetch) -> None:
+        if fetch.failed:
+            seed = self._seeds.get(fetch.digest)
+            if seed is not None and seed.torrent.info is fetch.blob:
+                self._stop(fetch.digest)
+
+    async def _start_ingest(self, fetch: Fetch) -> None:
+        """Seed a blob from its first published chunk on, while the rest is fetched."""
+        digest = fetch.digest
+        try:
+            lock = self._locks.setdefault(digest, trio.Lock())
+            async with lock:
+                if digest in self._seeds or fetch.ended:
+                    return
+                store = await trio.to_thread.run_sync(PieceFile, fetch.blob, fetch.path)
+                try:
+                    torrent = await self.engine.add_torrent(fetch.blob, store, ingest=True)
+                except BaseException:
+                    store.close()
+                    raise
+                self._seeds[digest] = _Seed(torrent, store)
+                for index in range(fetch.pieces):
+                    torrent.piece_arrived(index)
+                self.engine.chunks_added(torrent)
+                event(log, "proxy.seeding", logging.DEBUG, digest=digest, while_fetching=True)
+        except (LocalError, OSError) as exc:
+            event(log, "proxy.seed_failed", logging.WARNING, digest=digest, error=str(exc))
+        finally:
+            self._starting.discard(digest)
+            self._drop_lock(digest)
+
+    # -- cached blobs ------------------------------------------------------------------------------
+
+    async def seed(self, digest: str, meta: BlobMetainfo, *, announce_delay: float = 0.0) -> None:
         """Make sure ``digest`` (cached, described by ``meta``) is being seeded."""
         lock = self._locks.setdefault(digest, trio.Lock())
         try:
@@ -80,12 +123,11 @@ class Seeder:
                         return
                     self._stop(digest)  # failed, or built from other metainfo
                 path = self.cache.blob_path(digest)
-                store = await trio.to_thread.run_sync(
-                    lambda: PieceFile(meta.with_trackers(self.trackers), path, complete=True)
-                )
+                info = meta.with_trackers(self.trackers)
+                store = await trio.to_thread.run_sync(lambda: PieceFile(info, path, complete=True))
                 try:
                     torrent = await self.engine.add_torrent(
-                        store.metainfo, store, announce_delay=announce_delay
+                        info, store, announce_delay=announce_delay
                     )
                 except BaseException:
                     store.close()
@@ -99,8 +141,12 @@ class Seeder:
                     info_hash=meta.info_hash.hex(),
                 )
         finally:
-            if not lock.locked() and lock.statistics().tasks_waiting == 0:
-                self._locks.pop(digest, None)
+            self._drop_lock(digest)
+
+    def _drop_lock(self, digest: str) -> None:
+        lock = self._locks.get(digest)
+        if lock is not None and not lock.locked() and lock.statistics().tasks_waiting == 0:
+            del self._locks[digest]
 
     def on_evict(self, digest: str) -> None:
         """The cache's eviction callback; it may run in a worker thread."""
@@ -128,13 +174,12 @@ class Seeder:
         self._closing.remove(seed)
 
     async def reseed_all(self) -> int:
-        """Seed every cached blob with stored, usable metainfo; returns how many."""
+        """Seed every cached blob with stored, usable chunks; returns how many."""
         count = 0
         for digest in self.cache.digests():
             meta = await trio.to_thread.run_sync(self.cache.load_metainfo, digest)
-            if not usable_metainfo(meta, digest, self.cache.size(digest)):
+            if meta is None:
                 continue
-            assert meta is not None
             try:
                 # Spread the first announces: a restarted proxy reseeds its whole cache.
                 await self.seed(

@@ -24,6 +24,7 @@ import httpx
 import trio
 
 from p2p_common import wire
+from p2p_common.blobinfo import BlobMetainfo
 from p2p_common.engine.announce import Announcer
 from p2p_common.engine.disk import DiskRunner
 from p2p_common.engine.shared import Bans, ConnectionSlots, EngineShared
@@ -32,7 +33,7 @@ from p2p_common.engine.transport import make_transport
 from p2p_common.errors import LocalError, RemoteError
 from p2p_common.logs import event as log_event
 from p2p_common.ratelimit import RateLimiter
-from p2p_common.session import LocalPeer
+from p2p_common.session import LocalPeer, Window
 from p2p_common.storage import PieceStore
 
 log = logging.getLogger("p2p.engine")
@@ -92,6 +93,9 @@ class Engine:
             super_seed=super_seed,
         )
         self.torrents: dict[bytes, Torrent] = {}
+        """By swarm id."""
+        self._windows: dict[bytes, tuple[Torrent, Window]] = {}
+        """Chunks of chunked blobs, by the chunk torrent's own infohash."""
         self._nursery: trio.Nursery | None = None
 
     @property
@@ -158,46 +162,92 @@ class Engine:
         *,
         peers: Iterable[tuple[str, int]] = (),
         announce_delay: float = 0.0,
+        ingest: bool = False,
     ) -> Torrent:
         """Start sharing (and, if incomplete, downloading) a torrent.
+
+        ``metainfo`` is a plain torrent or a chunked blob
+        (:class:`~p2p_common.blobinfo.BlobMetainfo`), whose later chunks are added with
+        :meth:`chunks_added`. ``ingest``: the pieces come from elsewhere (the proxy's
+        origin fetch, reported with :meth:`Torrent.piece_arrived`): download nothing, offer
+        what arrived once its chunk is published.
 
         ``announce_delay`` postpones the first announce: a service that reseeds its whole
         cache at start-up spreads those announces out instead of sending them all at once
         (a DaemonSet rollout restarts many agents together)."""
         if self._nursery is None:
             raise EngineStoppedError("Engine.serve() is not running")
-        existing = self.torrents.get(metainfo.info_hash)
+        info_hash = metainfo.info_hash
+        existing = self.torrents.get(info_hash)
         if existing is not None:
             existing.add_peers(peers)
             return existing
+        known = published = None
+        if isinstance(metainfo, BlobMetainfo):
+            known = published = metainfo.known_pieces
         torrent = Torrent(
             self.shared,
             metainfo,
             store,
+            known=known,
+            published=published,
+            ingest=ingest,
             max_peers=self.max_peers_per_torrent,
             announce_delay=announce_delay,
         )
-        self.torrents[metainfo.info_hash] = torrent
+        self.torrents[info_hash] = torrent
+        self._add_windows(torrent)
         torrent.add_peers(peers)
 
         async def run(task_status: trio.TaskStatus[Torrent] = trio.TASK_STATUS_IGNORED) -> None:
             try:
                 await torrent.run(task_status=task_status)
             finally:
-                if self.torrents.get(metainfo.info_hash) is torrent:
-                    del self.torrents[metainfo.info_hash]
+                self._forget(torrent)
 
         try:
             await self._nursery.start(run)
         except RuntimeError:  # the engine's nursery closed: it is stopping
-            self.torrents.pop(metainfo.info_hash, None)
+            self._forget(torrent)
             raise EngineStoppedError("the peer engine has stopped") from None
         return torrent
 
+    def chunks_added(self, torrent: Torrent) -> None:
+        """A chunked blob's metainfo gained chunks: download (or offer) their pieces, and let
+        standard clients that hold one chunk's torrent connect for it."""
+        self._add_windows(torrent)
+        torrent.chunks_added()
+
+    def _add_windows(self, torrent: Torrent) -> None:
+        info = torrent.info
+        if not isinstance(info, BlobMetainfo) or info.geometry.num_chunks == 1:
+            return
+        geometry = info.geometry
+        for index, chunk in enumerate(info.chunks):
+            window = Window(geometry.chunk_first_piece(index), chunk.num_pieces)
+            self._windows.setdefault(chunk.info_hash, (torrent, window))
+
+    def _forget(self, torrent: Torrent) -> None:
+        if self.torrents.get(torrent.info_hash) is torrent:
+            del self.torrents[torrent.info_hash]
+        info = torrent.info
+        if isinstance(info, BlobMetainfo):
+            for chunk in info.chunks:
+                if self._windows.get(chunk.info_hash, (None,))[0] is torrent:
+                    del self._windows[chunk.info_hash]
+
+    def lookup(self, info_hash: bytes) -> tuple[Torrent, Window] | None:
+        """The torrent a handshake naming ``info_hash`` is for, and what it sees of it."""
+        torrent = self.torrents.get(info_hash)
+        if torrent is not None:
+            return torrent, Window(0, torrent.info.num_pieces)
+        return self._windows.get(info_hash)
+
     def remove_torrent(self, info_hash: bytes) -> None:
         """Stop a torrent (its announce loop sends ``stopped``)."""
-        torrent = self.torrents.pop(info_hash, None)
+        torrent = self.torrents.get(info_hash)
         if torrent is not None:
+            self._forget(torrent)
             torrent.stop()
 
     # -- connections -----------------------------------------------------------------------------
@@ -237,9 +287,10 @@ class Engine:
                         await transport.send_all(self.shared.handshake_for(info_hash))
                     with trio.fail_after(HANDSHAKE_TIMEOUT):
                         handshake = await read_handshake(transport, protocol)
-                    torrent = self.torrents.get(handshake.info_hash)
-                    if torrent is None:
+                    found = self.lookup(handshake.info_hash)
+                    if found is None:
                         return  # unknown infohash: the infohash is a capability
+                    torrent, window = found
                     if handshake.peer_id == self.peer_id:
                         if info_hash is None:  # let our own outgoing side see who answered
                             await transport.send_all(self.shared.handshake_for(handshake.info_hash))
@@ -252,6 +303,7 @@ class Engine:
                         transport,
                         protocol,
                         handshake,
+                        window,
                         address=address,
                         outgoing=info_hash is not None,
                     )

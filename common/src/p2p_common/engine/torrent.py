@@ -109,10 +109,13 @@ class Torrent:
         *,
         known: int | None = None,
         published: int | None = None,
+        ingest: bool = False,
         max_peers: int = 50,
         announce_delay: float = 0.0,
     ) -> None:
         self.engine = engine
+        self.ingest = ingest
+        """Pieces come from elsewhere (:meth:`piece_arrived`); nothing is downloaded."""
         self.info = info
         self.info_hash = info.info_hash
         self.store = store
@@ -125,7 +128,7 @@ class Torrent:
             length=info.length,
             local=engine.local,
             have=store.have,
-            known=known,
+            known=0 if ingest else known,
             published=published,
             super_seed=engine.super_seed,
             now=now,
@@ -285,24 +288,19 @@ class Torrent:
 
     # -- connections -----------------------------------------------------------------------------
 
-    def window_of(self, info_hash: bytes) -> Window | None:
-        """The pieces a connection that names ``info_hash`` sees (None: not ours)."""
-        if info_hash == self.info_hash:
-            return Window(0, self.info.num_pieces)
-        return None
-
     async def run_connection(
         self,
         transport: Transport,
         protocol: wire.PeerProtocol,
         handshake: wire.Handshake,
+        window: Window,
         *,
         address: tuple[str, int],
         outgoing: bool,
     ) -> None:
-        """Run an established connection until it ends; cleans up after it."""
-        window = self.window_of(handshake.info_hash)
-        if self._stopped or window is None or handshake.peer_id in self.connections:
+        """Run an established connection until it ends; cleans up after it. ``window``: the
+        pieces the peer sees (all of them, or one chunk's for a standard client)."""
+        if self._stopped or handshake.peer_id in self.connections:
             return
         if self.engine.bans.is_banned(handshake.peer_id, address[0]):
             return
@@ -393,7 +391,12 @@ class Torrent:
                         raise wire.WireError("peer answered for another torrent")
                     connected = True
                     await self.run_connection(
-                        transport, protocol, handshake, address=address, outgoing=True
+                        transport,
+                        protocol,
+                        handshake,
+                        Window(0, self.info.num_pieces),
+                        address=address,
+                        outgoing=True,
                     )
             except (OSError, RemoteError, trio.TooSlowError):
                 pass
@@ -481,6 +484,19 @@ class Torrent:
         else:
             self.core.piece_failed(index, ())
         return ok
+
+    def chunks_added(self) -> None:
+        """More of a chunked blob's hashes are known (see :meth:`Engine.chunks_added`)."""
+        known = getattr(self.info, "known_pieces", self.info.num_pieces)
+        if not self.ingest:
+            self.core.set_known(known)
+        self.core.set_published(known)
+
+    def piece_arrived(self, index: int) -> None:
+        """An ingesting torrent's store holds piece ``index`` now (fetched elsewhere, checked
+        there): offer it once its chunk is published."""
+        if index not in self.core.picker.have:
+            self._stored(index, b"")
 
     # -- tracker ---------------------------------------------------------------------------------
 
