@@ -227,3 +227,18 @@ def test_a_late_bitfield_replaces_what_was_known() -> None:
     assert list(session.peer_bits) == [3]
     assert leech.core.picker.availability(3) == 1
     assert leech.core.picker.availability(4) == 0
+
+
+def test_a_piece_the_peer_reports_is_never_revealed_to_it_again() -> None:
+    """A super-seed's offer ends when the peer says it has the piece (it may have got it from
+    another peer); revealing that same piece again would hold the offer slot for ever."""
+    seed, leech, _ = seed_and_leech(pieces=SUPER_SEED_OFFERS)
+    seed.core.super_seed = True
+    pair = Pair(seed, leech)
+    pair._move(pair.to_b, uploads=0)  # the opening: every piece revealed once
+    session = pair.a
+    assert session.offers == set(range(SUPER_SEED_OFFERS))
+    for index in (3, 5):
+        session.receive(wire.Have(index), 0.0)
+    assert not session.offers & set(session.peer_bits)
+    assert session.offers == set(range(SUPER_SEED_OFFERS)) - {3, 5}

@@ -399,9 +399,10 @@ class PeerSession:
                 return
 
     def _on_have(self, index: int) -> None:
+        news = self._peer_has(index)  # first: what it has is never revealed to it again
         if index in self.offers:
             self.swarm.offer_done(self, index)  # it has what we revealed: reveal more
-        if self._peer_has(index) and not self.am_interested and self.missing:
+        if news and not self.am_interested and self.missing:
             self._set_interest(True)
             self.fill_requests()
 
@@ -473,14 +474,19 @@ class PeerSession:
         self._set_interest(self.has_wanted)
 
     def we_have(self, index: int) -> None:
-        """We completed ``index``: tell the peer unless it has it, and update our interest."""
+        """We completed ``index``: tell the peer unless it has it, and update our interest.
+
+        A proxy hears it even when it has the piece: a super-seed reveals its next piece
+        when the last one reached us, and this is how it learns that one did by way of
+        another peer (libtorrent's ``send_redundant_have`` does the same for everyone)."""
+        first = self.window.first
         if index in self.peer_bits:
             if not self.peer_seed and index < self.swarm.picker.known:
                 self.missing -= 1
             if self.am_interested and not self.outstanding and not self.has_wanted:
                 self._set_interest(False)
-            return
-        first = self.window.first
+            if self.role != "proxy":
+                return
         if first <= index < first + self.window.count:
             self.send(wire.encode_have(index - first))
 
