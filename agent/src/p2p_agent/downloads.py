@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import logging
 import os
 import random
@@ -47,7 +46,7 @@ from p2p_common.blobinfo import BlobMetainfo
 from p2p_common.engine import Engine, Torrent
 from p2p_common.engine.torrent import RESEED_ANNOUNCE_SPREAD
 from p2p_common.errors import LocalError
-from p2p_common.ingest import OrderedHasher
+from p2p_common.ingest import Ingest, IngestError, OrderedHasher
 from p2p_common.logs import event
 from p2p_common.oci import ErrorCode, OCIError
 from p2p_common.storage import PieceFile
@@ -57,8 +56,6 @@ log = logging.getLogger("p2p.agent.downloads")
 READ_CHUNK = 4 * 1024 * 1024
 CHUNK_STREAM_RETRIES = 5
 """Times a broken chunk stream is reopened before the download fails."""
-WRITE_BATCH = 4 * 1024 * 1024
-"""Streamed bytes written (and hashed) per worker-thread call."""
 PUBLISH_SECONDS = 120.0
 """Bound on checking and moving a complete blob into the cache, also during shutdown."""
 
@@ -165,27 +162,11 @@ class SwarmDownload(Download):
 
 @dataclass(eq=False)
 class StreamDownload(Download):
-    fd: int
-    """The writer's descriptor (readers open the file themselves: see :meth:`stream`)."""
+    ingest: Ingest
+    """The blob arriving (readers follow it; see :meth:`stream`)."""
     path: Path
     cached: Path
     """Where the file goes once verified (readers that open it late look there)."""
-    available: int = field(default=0, init=False)
-    """Bytes at the start of the file already written."""
-    changed: trio.Event = field(default_factory=trio.Event, init=False)
-
-    def advance(self, count: int) -> None:
-        self.available += count
-        self._wake()
-
-    def finish(self, error: BaseException | None) -> None:
-        self.error = error
-        self.done.set()
-        self._wake()
-
-    def _wake(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
 
     def _open(self) -> int:
         try:
@@ -199,23 +180,11 @@ class StreamDownload(Download):
         except FileNotFoundError:
             raise self.failure() from None
         try:
-            position = start
-            while position <= end:
-                changed = self.changed
-                # The last byte waits for the digest check (see the proxy's streams).
-                verified = self.done.is_set() and self.error is None
-                readable = min(self.available, self.size - (0 if verified else 1))
-                if readable > position:
-                    size = min(READ_CHUNK, readable - position, end + 1 - position)
-                    data = await trio.to_thread.run_sync(os.pread, fd, size, position)
-                    if len(data) != size:
-                        raise LocalError(f"short read of {self.digest} at {position}")
-                    position += size
-                    yield data
-                elif self.done.is_set() and self.error is not None:
-                    raise self.failure()
-                else:
-                    await changed.wait()
+            # The last byte waits for the digest check (as on the proxy's streams).
+            async for data in self.ingest.follow(fd, start, end):
+                yield data
+        except IngestError:
+            raise self.failure() from None
         finally:
             os.close(fd)
 
@@ -332,7 +301,7 @@ class Downloads:
         digest = request.digest
         self.cache.pin(digest)
         try:
-            with self.cache.reservation(request.size):
+            async with self.cache.reserved(request.size):
                 if not self.swarms(request.size):
                     async with self.proxies.blob(
                         request.ns,
@@ -469,7 +438,18 @@ class Downloads:
     async def _fallback(self, download: SwarmDownload, request: BlobRequest) -> None:
         torrent, meta = download.torrent, download.meta
         self.metrics.fallbacks.inc()
-        event(log, "download.fallback", logging.WARNING, digest=download.digest)
+        stats = torrent.statistics()
+        event(
+            log,
+            "download.fallback",
+            logging.WARNING,
+            digest=download.digest,
+            have=stats.have,
+            known=stats.known,
+            pieces=stats.pieces,
+            peers=stats.peers_by_role,
+            sessions=torrent.describe_sessions(),
+        )
         for index in range(meta.num_pieces):
             if torrent.has_piece(index):
                 continue
@@ -505,17 +485,24 @@ class Downloads:
         fd = await trio.to_thread.run_sync(
             os.open, path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640
         )
+        ingest = Ingest(fd, size, disk=self.engine.shared.disk)
         download = StreamDownload(
-            digest, size, trio.current_time(), fd, path, self.cache.blob_path(digest)
+            digest, size, trio.current_time(), ingest, path, self.cache.blob_path(digest)
         )
         self.active[digest] = download
         event(log, "download.streaming", digest=digest, size=size)
         task_status.started(download)
-        hasher = hashlib.sha256()
         adopted = False
         try:
-            await self._receive_stream(response, download, hasher)
-            found = "sha256:" + hasher.hexdigest()
+            try:
+                # downloadRate covers every way bytes arrive
+                found = await ingest.run(
+                    response.aiter_bytes(), limiter=self.engine.download_limiter
+                )
+            except (httpx.HTTPError, IngestError) as exc:
+                raise OCIError(
+                    ErrorCode.UNKNOWN, f"proxy stream broke: {exc}", status=502
+                ) from None
             if found != digest:
                 raise OCIError(ErrorCode.UNKNOWN, f"streamed blob hashes to {found}", status=502)
             with trio.CancelScope(shield=True), trio.fail_after(PUBLISH_SECONDS):
@@ -523,14 +510,15 @@ class Downloads:
                 await trio.to_thread.run_sync(os.fsync, fd)
                 await trio.to_thread.run_sync(self.cache.adopt, path, digest)
             adopted = True
-            download.finish(None)
         except BaseException as exc:
-            download.finish(exc)
+            download.error = exc
             if not isinstance(exc, Exception):
                 raise
             event(log, "download.failed", logging.ERROR, digest=digest, error=str(exc))
             return
         finally:
+            ingest.end(verified=adopted)
+            download.done.set()
             self.active.pop(digest, None)
             if not adopted:
                 with contextlib.suppress(OSError):
@@ -548,46 +536,6 @@ class Downloads:
         if seed:
             # The proxy has the whole blob now: seed it for the nodes that come next.
             self.ensure_seeded(request)
-
-    async def _receive_stream(
-        self, response: httpx.Response, download: StreamDownload, hasher: hashlib._Hash
-    ) -> None:
-        """Write the proxy's body to the file (hashing it) and let readers follow."""
-        batch: list[bytes] = []
-        pending = 0
-
-        def write(chunks: list[bytes], offset: int) -> int:
-            total = 0
-            for chunk in chunks:
-                hasher.update(chunk)
-                total += len(chunk)
-            if len(chunks) > 512:  # stay well below IOV_MAX
-                chunks = [b"".join(chunks)]
-            written = os.pwritev(download.fd, chunks, offset)
-            while written < total:  # short write: finish the rest piece by piece
-                rest = b"".join(chunks)[written:]
-                written += os.pwrite(download.fd, rest, offset + written)
-            return total
-
-        limiter = self.engine.download_limiter  # downloadRate covers every way bytes arrive
-        try:
-            async for chunk in response.aiter_bytes():
-                await limiter.acquire(len(chunk))
-                batch.append(chunk)
-                pending += len(chunk)
-                if download.available + pending > download.size:
-                    raise OCIError(ErrorCode.UNKNOWN, "proxy streamed too much", status=502)
-                if pending >= WRITE_BATCH:
-                    download.advance(
-                        await trio.to_thread.run_sync(write, batch, download.available)
-                    )
-                    batch, pending = [], 0
-            if batch:
-                download.advance(await trio.to_thread.run_sync(write, batch, download.available))
-        except httpx.HTTPError as exc:
-            raise OCIError(ErrorCode.UNKNOWN, f"proxy stream broke: {exc}", status=502) from None
-        if download.available != download.size:
-            raise OCIError(ErrorCode.UNKNOWN, "proxy stream ended early", status=502)
 
 
 def open_cached(cache: BlobCache, digest: str) -> tuple[int, int] | None:

@@ -14,7 +14,8 @@ least-recently-used eviction bounds the disk; blobs pinned by a reader, a seeder
 or a download are never evicted. Last use survives restarts as the file's mtime.
 
 The methods block on the file system; callers on a trio loop run the slow ones
-(:meth:`BlobCache.scan`, :meth:`BlobCache.evict_for`) in a thread.
+(:meth:`BlobCache.scan`, :meth:`BlobCache.evict_for`) in a thread, and reserve quota with
+:meth:`BlobCache.reserved`.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+
+import trio
 
 from p2p_common import metainfo as mi
 from p2p_common.blobinfo import BlobMetainfo, FrameParser
@@ -193,9 +196,31 @@ class BlobCache:
             with self._lock:
                 self._reserved -= nbytes
 
-    def evict_for(self, nbytes: int) -> list[str]:
+    @contextlib.asynccontextmanager
+    async def reserved(self, nbytes: int) -> AsyncIterator[None]:
+        """:meth:`reservation` for a trio caller: the eviction (file deletions) runs in a
+        worker thread, never on the event loop; ``on_evict`` is called back in the caller's
+        thread once it is done."""
+        evicted = await trio.to_thread.run_sync(self._reserve, nbytes)
+        try:
+            if self.on_evict is not None:
+                for digest in evicted:
+                    self.on_evict(digest)
+            yield
+        finally:
+            with self._lock:
+                self._reserved -= nbytes
+
+    def _reserve(self, nbytes: int) -> list[str]:
+        evicted = self.evict_for(nbytes, notify=False)
+        with self._lock:
+            self._reserved += nbytes
+        return evicted
+
+    def evict_for(self, nbytes: int, *, notify: bool = True) -> list[str]:
         """Evict least recently used, unpinned blobs until ``nbytes`` more fit: within the
         quota (if any) and on the disk, which must keep :data:`MIN_FREE_BYTES` free beyond them.
+        Returns the evicted digests (``on_evict`` is called for each, unless not ``notify``).
 
         Raises :class:`CacheFullError` when that is impossible.
         """
@@ -223,7 +248,7 @@ class BlobCache:
                 del self._lru[victim]
             self._remove_files(victim)
             evicted.append(victim)
-            if self.on_evict is not None:
+            if notify and self.on_evict is not None:
                 self.on_evict(victim)
 
     def free_bytes(self) -> int:

@@ -336,15 +336,11 @@ class BlobFetcher:
         """Hold ``length`` bytes of the quota (evicting least recently used blobs)."""
         if length > mi.MAX_LENGTH:
             raise _origin_error("origin blob is larger than the proxy accepts")
-        reservation = self.cache.reservation(length)
         try:
-            await trio.to_thread.run_sync(reservation.__enter__)  # may evict: blocking I/O
+            async with self.cache.reserved(length):
+                yield
         except (CacheFullError, OSError) as exc:
             raise storage_error(exc, "making room in the cache") from None
-        try:
-            yield
-        finally:
-            reservation.__exit__(None, None, None)
 
     async def _store(self, digest: str, length: int, chunks: AsyncIterator[bytes]) -> BlobMetainfo:
         """Write and hash ``chunks`` into a scratch file, publishing each chunk as it is

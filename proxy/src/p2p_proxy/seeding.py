@@ -59,7 +59,6 @@ class Seeder:
         self._closing: list[_Seed] = []
         self._locks: dict[str, trio.Lock] = {}
         self._starting: set[str] = set()
-        self._trio_token = trio.lowlevel.current_trio_token()
 
     def _alive(self, seed: _Seed) -> bool:
         return self.engine.torrents.get(seed.torrent.info_hash) is seed.torrent
@@ -149,13 +148,8 @@ class Seeder:
             del self._locks[digest]
 
     def on_evict(self, digest: str) -> None:
-        """The cache's eviction callback; it may run in a worker thread."""
-        try:
-            trio.lowlevel.current_task()
-        except RuntimeError:
-            trio.from_thread.run_sync(self._stop, digest, trio_token=self._trio_token)
-        else:
-            self._stop(digest)
+        """The cache's eviction callback (in the event loop: see BlobCache.reserved)."""
+        self._stop(digest)
 
     def _stop(self, digest: str) -> None:
         seed = self._seeds.pop(digest, None)

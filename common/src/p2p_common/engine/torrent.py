@@ -194,6 +194,16 @@ class Torrent:
             seconds_since_progress=trio.current_time() - self.core.last_progress,
         )
 
+    def describe_sessions(self) -> list[str]:
+        """One line per connection, for a log line when something is stuck."""
+        return [
+            f"{s!r} choked:{int(s.peer_choking)}/{int(s.am_choking)} "
+            f"interested:{int(s.am_interested)}/{int(s.peer_interested)} "
+            f"requests:{len(s.outstanding)}/{len(s.uploads)} has:{s.peer_bits.count} "
+            f"missing:{s.missing} offers:{len(s.offers)} snubbed:{int(s.snubbed)}"
+            for s in self.core.sessions.values()
+        ]
+
     def add_peers(self, addresses: Iterable[tuple[str, int]]) -> None:
         """Candidate peers (from a tracker, or given directly)."""
         added = False
