@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import errno
 import hashlib
+import random
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import cast
@@ -19,18 +20,25 @@ import trio.testing
 
 from p2p_common import metainfo as mi
 from p2p_common.blobcache import BlobCache
+from p2p_common.blobinfo import CHUNK_PIECES
 from p2p_common.ingest import BATCH_BYTES, Ingest
 from p2p_common.oci import ErrorCode, OCIError
 from p2p_common.origin import ManifestResponse, OriginClient
 from p2p_common.registry_auth import Credentials
 from p2p_proxy.authz import Authorizer, Decision, DecisionCache
-from p2p_proxy.fetch import BlobFetcher
+from p2p_proxy.fetch import BlobFetcher, Fetch
 from p2p_proxy.flight import SingleFlight
 from p2p_proxy.manifests import CachedManifest, ManifestCache, ManifestQuery, Manifests
 from p2p_proxy.metrics import ProxyMetrics
 
 MiB = 1024 * 1024
+PIECE = 256 * 1024
+CHUNK = CHUNK_PIECES * PIECE
 REPO = "team/app"
+
+
+def make_random(size: int) -> bytes:
+    return random.Random(size).randbytes(size)
 
 
 def digest_of(data: bytes) -> str:
@@ -49,6 +57,9 @@ class FakeOrigin:
         self.length_override: dict[str, int] = {}
         self.chunk = 256 * 1024
         self.allowed_users: set[str] | None = None
+        self.hold_after: int | None = None
+        """Stop sending a body after this many bytes until :attr:`release` is set."""
+        self.release = trio.Event()
 
     def _refuse(self, request: httpx.Request) -> httpx.Response | None:
         if self.allowed_users is None:
@@ -80,6 +91,8 @@ class FakeOrigin:
 
         async def stream() -> AsyncIterator[bytes]:
             for offset in range(0, len(body), chunk):
+                if self.hold_after is not None and offset >= self.hold_after:
+                    await self.release.wait()
                 await trio.lowlevel.checkpoint()
                 yield body[offset : offset + chunk]
 
@@ -257,6 +270,77 @@ async def test_fetch_streams_hashes_and_adopts(nursery: trio.Nursery, tmp_path: 
     assert meta.trackers == ("http://t/announce",)
     assert cache_is_clean(cache)
     assert metrics.origin_bytes._value.get() == len(data)
+
+
+class Listener:
+    """Records what a fetch tells its listener (as the proxy's seeder hears it)."""
+
+    def __init__(self) -> None:
+        self.chunks: list[int] = []
+        self.pieces: list[int] = []
+        self.ended: list[bool] = []
+
+    def fetch_chunk(self, fetch: Fetch) -> None:
+        self.chunks.append(len(fetch.blob.chunks) - 1)
+
+    def fetch_piece(self, fetch: Fetch, index: int) -> None:
+        self.pieces.append(index)
+
+    def fetch_ended(self, fetch: Fetch) -> None:
+        self.ended.append(fetch.failed)
+
+
+async def test_chunks_are_published_while_the_origin_still_sends(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    data = make_random(3 * CHUNK + 1000)
+    digest = digest_of(data)
+    origin = FakeOrigin({digest: data})
+    origin.hold_after = CHUNK + 3 * PIECE  # the origin stalls inside the second chunk
+    fetcher, cache, _ = make_fetcher(nursery, tmp_path)
+    listener = Listener()
+    fetcher.listener = listener
+    async with origin.client() as client:
+        fetch = await fetcher.follow(client, REPO, digest, None, len(data))
+        assert fetch is not None
+        with trio.fail_after(10):
+            while not fetch.blob.chunks:
+                await fetch.changed.wait()
+        assert len(fetch.blob.chunks) == 1
+        assert not fetch.ended
+        assert listener.chunks == [0]
+        assert listener.pieces == list(range(fetch.pieces))
+        assert CHUNK_PIECES <= fetch.pieces <= CHUNK_PIECES + 3
+        first = fetch.blob.chunks[0]
+        assert first.piece_hash(0) == hashlib.sha1(data[:PIECE]).digest()
+        assert digest not in cache
+        origin.release.set()
+        meta = await fetcher.ensure(client, REPO, digest, None, len(data))
+    assert meta is fetch.blob
+    assert meta.complete
+    assert len(meta.chunks) == 4
+    assert listener.chunks == [0, 1, 2, 3]
+    assert listener.ended == [False]
+    assert origin.gets == [digest]  # followers and the ensure shared one fetch
+
+
+async def test_the_last_chunk_of_a_wrong_blob_is_never_published(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    data = make_random(2 * CHUNK + 10)
+    digest = digest_of(data)
+    origin = FakeOrigin({digest: data})
+    origin.served[digest] = data[:-1] + b"!"  # wrong in the last chunk's bytes
+    fetcher, cache, _ = make_fetcher(nursery, tmp_path)
+    listener = Listener()
+    fetcher.listener = listener
+    async with origin.client() as client:
+        with pytest.raises(OCIError, match="digest"):
+            await fetcher.ensure(client, REPO, digest, None, len(data))
+    assert listener.chunks == [0, 1]  # the third (last) chunk waited for the digest check
+    assert listener.ended == [True]
+    assert digest not in cache
+    assert cache_is_clean(cache)
 
 
 @pytest.mark.parametrize(
