@@ -60,7 +60,7 @@ async def test_concurrent_requests_for_one_blob_share_one_download(
     layer = image.layers[0]
     async with (
         run_tracker() as announce,
-        run_proxy(tmp_path / "proxy", [registry.url], [announce]) as proxy,
+        run_proxy(tmp_path / "proxy", [registry.url], [announce], progressive_streams=1) as proxy,
         run_agent(tmp_path / "agent", [registry.url], [proxy.url]) as agent,
     ):
         bodies = await pull_concurrently(agent, blob_path(image, 0), 5)

@@ -4,6 +4,7 @@ end up cached anywhere."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ from tests.realparts.registry import Registry, run_registry
 pytestmark = pytest.mark.realparts
 
 MiB = 1024 * 1024
+STREAMS = {"progressive_streams": 1}
+"""Progressive streams are off by default (docs/rollout.md); these tests are about them."""
 
 
 @dataclass
@@ -92,7 +95,7 @@ async def test_a_stream_of_a_corrupt_origin_blob_breaks_and_is_cached_nowhere(
     blob = origin.corrupt
     async with (
         run_tracker() as announce,
-        run_proxy(tmp_path / "proxy", [origin.registry.url], [announce]) as proxy,
+        run_proxy(tmp_path / "proxy", [origin.registry.url], [announce], **STREAMS) as proxy,
         run_agent(tmp_path / "agent", [origin.registry.url], [proxy.url]) as agent,
     ):
         received = bytearray()
@@ -119,12 +122,43 @@ async def test_a_stream_of_a_corrupt_origin_blob_breaks_and_is_cached_nowhere(
         assert origin.registry.blob_gets()[blob.digest] == 2
 
 
+async def test_a_corrupt_origin_blob_through_the_swarm_never_arrives_whole(
+    origin: Origin, tmp_path: Path
+) -> None:
+    """Without a stream, the blob comes as chunks: its last chunk is published only after the
+    proxy checked the whole blob's digest, so the agent's client gets an error, never the
+    wrong blob, and nothing is cached anywhere."""
+    blob = origin.corrupt
+    gets = origin.registry.blob_gets()[blob.digest]
+    async with (
+        run_tracker() as announce,
+        run_proxy(tmp_path / "proxy", [origin.registry.url], [announce]) as proxy,
+        run_agent(tmp_path / "agent", [origin.registry.url], [proxy.url]) as agent,
+    ):
+        received = bytearray()
+        status = 0
+        with contextlib.suppress(httpx.HTTPError):
+            async with agent.http.stream("GET", f"/v2/team/bad/blobs/{blob.digest}") as response:
+                status = response.status_code
+                async for chunk in response.aiter_bytes():
+                    received.extend(chunk)
+        assert len(received) < blob.size
+        if status == 200:  # the client saw a broken transfer rather than an error status
+            assert received != blob.data
+        else:
+            assert status == 502
+        assert not (agent.settings.data_dir / "blobs" / "sha256" / blob.digest[7:]).exists()
+        assert not (proxy.settings.data_dir / "blobs" / "sha256" / blob.digest[7:]).exists()
+        assert await metric(proxy.http, "p2p_proxy_progressive_streams_total") == 0
+    assert origin.registry.blob_gets()[blob.digest] == gets + 1
+
+
 async def test_download_rate_limits_proxy_streams_too(origin: Origin, tmp_path: Path) -> None:
     blob = origin.good
     rate = 4 * MiB
     async with (
         run_tracker() as announce,
-        run_proxy(tmp_path / "proxy", [origin.registry.url], [announce]) as proxy,
+        run_proxy(tmp_path / "proxy", [origin.registry.url], [announce], **STREAMS) as proxy,
         run_agent(
             tmp_path / "agent", [origin.registry.url], [proxy.url], download_rate=rate
         ) as agent,
@@ -146,7 +180,7 @@ async def test_a_client_that_hangs_up_does_not_hold_the_agent(
     blob = origin.good
     async with (
         run_tracker() as announce,
-        run_proxy(tmp_path / "proxy", [origin.registry.url], [announce]) as proxy,
+        run_proxy(tmp_path / "proxy", [origin.registry.url], [announce], **STREAMS) as proxy,
     ):
         stopped_at = None
         async with run_agent(

@@ -190,6 +190,8 @@ class PeerSession:
         self.closed = False
         self.error: str | None = None
         """Why the connection must end, when the session found out outside :meth:`receive`."""
+        self.urgent = False
+        """Something queued should leave at once (anything but HAVE and keep-alive)."""
         self._out: list[bytes] = []
         self._out_bytes = 0
 
@@ -211,14 +213,18 @@ class PeerSession:
 
     # -- output --------------------------------------------------------------------------------
 
-    def send(self, message: bytes) -> None:
+    def send(self, message: bytes, *, urgent: bool = True) -> None:
         """Queue a control message. Bounded: past :data:`MAX_OUTBOX_BYTES` the session is
         marked broken (:attr:`error`) and the shell ends the connection; this never raises,
-        so a broadcast to every session cannot be cut short by one of them."""
+        so a broadcast to every session cannot be cut short by one of them.
+
+        Not ``urgent`` (HAVE, keep-alive): the shell may hold it back a moment so that several
+        leave in one write, or with the next block (:attr:`urgent`)."""
         if self.error is not None:
             return
-        if not self._out:
+        if not self._out or (urgent and not self.urgent):
             self.notify()
+        self.urgent = self.urgent or urgent
         self._out.append(message)
         self._out_bytes += len(message)
         if self._out_bytes > MAX_OUTBOX_BYTES:
@@ -241,8 +247,14 @@ class PeerSession:
         data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
         self._out.clear()
         self._out_bytes = 0
+        self.urgent = False
         self.last_sent = now
         return data
+
+    @property
+    def next_upload_ready(self) -> bool:
+        """Is there a block to send now?"""
+        return bool(self.uploads) and not self.am_choking
 
     def next_upload(self) -> Upload | None:
         """The next block to send, if we are not choking the peer."""
@@ -488,7 +500,7 @@ class PeerSession:
             if self.role != "proxy":
                 return
         if first <= index < first + self.window.count:
-            self.send(wire.encode_have(index - first))
+            self.send(wire.encode_have(index - first), urgent=False)
 
     def known_grew(self, old: int, new: int) -> None:
         """The hashes of pieces ``[old, new)`` became known."""
@@ -586,7 +598,7 @@ class PeerSession:
                     )
                 self.last_piece = now
         if now - self.last_sent > KEEPALIVE_INTERVAL and not self._out:
-            self.send(wire.ENCODED_KEEP_ALIVE)
+            self.send(wire.ENCODED_KEEP_ALIVE, urgent=False)
         return self.error
 
     def forget_availability(self) -> None:

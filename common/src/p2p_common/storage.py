@@ -2,11 +2,11 @@
 
 A :class:`PieceFile` is a file written piece by piece with ``pwrite`` (growing, with
 holes, up to the blob's size) and read with ``pread`` (or ``sendfile`` from its
-:meth:`~PieceFile.fileno`), plus a persisted bitfield beside it: one byte updated
-with ``pwrite`` after each verified piece, so a restarted process resumes where it
-stopped. Bits written before a crash are re-verified on open (the data might not
-have reached the disk). :meth:`PieceFile.publish` checks the whole file's SHA-256
-and moves it into place with an atomic rename.
+:meth:`~PieceFile.fileno`), plus a persisted bitfield beside it, rewritten by
+:meth:`~PieceFile.flush` (once a second while pieces arrive, and on close), so a restarted
+process resumes about where it stopped. Bits written before a crash are re-verified on open
+(the data might not have reached the disk). :meth:`PieceFile.publish` checks the whole file's
+SHA-256 and moves it into place with an atomic rename.
 
 These calls block: shells run them in a worker thread when the disk may be slow.
 """
@@ -47,7 +47,11 @@ class PieceStore(Protocol):
     def read(self, offset: int, length: int) -> bytes: ...
 
     def write_piece(self, index: int, data: bytes | bytearray | memoryview) -> None:
-        """Store a verified piece and record it (durably enough to resume)."""
+        """Store a verified piece and record it (:meth:`flush` makes the record durable
+        enough to resume)."""
+
+    def flush(self) -> None:
+        """Persist what :meth:`write_piece` recorded since the last call (cheap if nothing)."""
 
     def close(self) -> None: ...
 
@@ -83,6 +87,7 @@ class PieceFile:
         self.path = data_path
         self.bitfield_path = bitfield_path
         self._bits_fd: int | None = None
+        self._bits_dirty = False
         try:
             if complete:
                 self._fd = os.open(data_path, os.O_RDONLY | os.O_CLOEXEC)
@@ -149,11 +154,22 @@ class PieceFile:
                 offset += written
                 view = view[written:]
             self.have.set(index)
-            if self._bits_fd is not None:
-                byte = index >> 3
-                os.pwrite(self._bits_fd, self.have.to_bytes()[byte : byte + 1], byte)
         except OSError as exc:
             raise StorageError(f"{self.path}: write failed: {exc.strerror or exc}") from exc
+        self._bits_dirty = True
+
+    def flush(self) -> None:
+        """Write the bitfield file (the engine calls this once a second and at the end: a
+        crash loses at most that second's record, and those pieces are fetched again)."""
+        if not self._bits_dirty or self._bits_fd is None:
+            return
+        self._bits_dirty = False
+        try:
+            os.pwrite(self._bits_fd, self.have.to_bytes(), 0)
+        except OSError as exc:
+            raise StorageError(
+                f"{self.path}: bitfield write failed: {exc.strerror or exc}"
+            ) from exc
 
     def sha256(self) -> str:
         """``sha256:<hex>`` of the whole file (blocking; ~1.7 GB/s)."""
@@ -217,6 +233,8 @@ class PieceFile:
             self.bitfield_path.unlink(missing_ok=True)
 
     def close(self) -> None:
+        with contextlib.suppress(StorageError):
+            self.flush()
         for fd in (self._fd, self._bits_fd):
             if fd is not None and fd >= 0:
                 with contextlib.suppress(OSError):
@@ -247,6 +265,9 @@ class MemoryPieceStore:
         offset = index * self.metainfo.piece_length
         self.data[offset : offset + len(data)] = data
         self.have.set(index)
+
+    def flush(self) -> None:
+        pass
 
     def close(self) -> None:
         pass

@@ -62,6 +62,9 @@ class SwarmCore:
         self.choker = Choker(rng=rng)
         self.super_seed = super_seed
         """Seed BEP 16 style whenever we download nothing (complete, or fed from elsewhere)."""
+        self.second_copies = True
+        """May a super-seed reveal pieces peers already hold? The shell turns this off while
+        any torrent of the process is still being fed from elsewhere (an origin fetch)."""
         self.published = num_pieces if published is None else published
         """Pieces ``[0, published)`` may be offered while super-seeding (their hashes are out)."""
         self.sessions: dict[bytes, PeerSession] = {}
@@ -257,10 +260,11 @@ class SwarmCore:
 
         First every piece once, in index order across peers (which spreads first copies and
         keeps streaming readers supplied roughly in reading order). After that, pieces the
-        peer lacks that no other peer is known to have and nobody is being sent, then any
-        piece it lacks that nobody is being sent. A piece revealed to one peer is not revealed
-        to a second while the first still has it in flight, so the seed's upload adds new
-        pieces to the swarm instead of copies; the peers trade the rest.
+        peer lacks that no other peer is known to have and nobody is being sent, then (once
+        the seed holds the whole blob) any piece it lacks that nobody is being sent. A piece
+        revealed to one peer is not revealed to a second while the first still has it in
+        flight, so the seed's upload adds new pieces to the swarm instead of copies; the
+        peers trade the rest.
         """
         if not session.full_window:
             return
@@ -291,6 +295,11 @@ class SwarmCore:
                 self._offer_cursor = index + 1
                 return
         self._offer_cursor = cursor + min(passed, OFFER_SCAN)
+        if not self.picker.complete or not self.second_copies:
+            # Still fed from elsewhere (the origin), or another torrent of this seed is: the
+            # uplink is for pieces nobody has yet. A second copy now would queue in front of
+            # new pieces, and the peers that hold the first copy trade it anyway.
+            return
         for index in fallback[:count]:
             self._reveal(session, index)
 

@@ -39,10 +39,11 @@ class ProxySettings(ServiceSettings):
     """Memory for manifest bodies cached by digest (tags are still resolved at the origin on
     every request); least recently used dropped beyond it. 0 = every manifest request goes to
     the origin."""
-    progressive_streams: int = Field(1, ge=0)
+    progressive_streams: int = Field(0, ge=0)
     """Agents that may stream a blob from the proxy while the proxy is still fetching it from
-    the origin (they get the first bytes at once, then seed); the others wait for the fetch and
-    use the swarm. 0 turns progressive streams off."""
+    the origin (they get every byte from the proxy, then seed); the others follow the blob's
+    chunks in the swarm. 0 (the default) turns progressive streams off: since the swarm starts
+    with the first chunk, a stream only takes uplink from the swarm (docs/rollout.md)."""
     super_seed: bool = True
     """Reveal each blob's pieces to the agents a few at a time (BEP 16 super-seeding), so the
     proxy's upload brings every piece into the swarm once before it sends any piece twice."""

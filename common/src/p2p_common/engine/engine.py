@@ -147,7 +147,12 @@ class Engine:
             await trio.sleep(CHOKE_ROUND)
             now = trio.current_time()
             interval, last = max(now - last, 1e-3), now
-            for torrent in list(self.torrents.values()):
+            torrents = list(self.torrents.values())
+            # A seed's uplink serves first copies first: while any blob is still coming in
+            # from the origin, no torrent hands out second copies (SwarmCore.offer).
+            ingesting = any(t.ingest and not t.core.complete for t in torrents)
+            for torrent in torrents:
+                torrent.core.second_copies = not ingesting
                 if torrent.connections or torrent.candidates:
                     torrent.tick(now, interval)
 

@@ -287,7 +287,13 @@ class Torrent:
         self.stop()
 
     def tick(self, now: float, interval: float) -> None:
-        """The choking round: the core decides; connections it gives up on are closed."""
+        """The choking round: the core decides; connections it gives up on are closed. The
+        store records the pieces stored since the last round."""
+        try:
+            self.store.flush()
+        except LocalError as exc:
+            self.fail(exc)
+            return
         for session, reason in self.core.tick(now, interval):
             conn = self.connections.get(session.peer_id)
             if conn is not None:
