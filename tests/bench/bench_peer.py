@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from p2p_common import metainfo as mi
-from tests.bench.common import default_workdir
+from tests.bench.common import default_workdir, warm_memory
 from tests.realparts.libtorrent_peer import libtorrent_leech, libtorrent_seed
 from tests.realparts.procs import ManagedProcess
 
@@ -46,18 +46,6 @@ def _write_random(path: Path, size: int) -> None:
             chunk = os.urandom(min(remaining, 64 << 20))
             handle.write(chunk)
             remaining -= len(chunk)
-
-
-def _warm_memory(work: Path, size: int) -> None:
-    """Write and delete ``size`` bytes in the workdir first. On this machine kind the first
-    write to memory the VM never touched costs several times a recycled page (1 GiB into tmpfs:
-    3.3 s cold, 0.45 s warm); without this the first rounds measure the hypervisor."""
-    scratch = work / "warm"
-    block = bytes(64 << 20)
-    with scratch.open("wb") as handle:
-        for _ in range(size // len(block)):
-            handle.write(block)
-    scratch.unlink()
 
 
 def _meta_for(path: Path) -> mi.Metainfo:
@@ -143,7 +131,7 @@ def main() -> None:
         work = Path(tmp)
         seed_dir = work / "seed"
         seed_dir.mkdir()
-        _warm_memory(work, 3 * size)
+        warm_memory(work, 3 * size)
         staging = work / "blob"
         _write_random(staging, size)
         meta = _meta_for(staging)

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.bench.common import default_workdir, random_image_layout
+from tests.bench.common import default_workdir, random_image_layout, warm_memory
 from tests.realparts import images
 from tests.realparts.procs import ManagedProcess, free_port, require
 from tests.realparts.registry import run_registry
@@ -118,6 +118,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="p2p-bench-pull-") as tmp:
         work = Path(tmp)
+        warm_memory(work, 5 * (args.size_mib << 20))  # registry, layout, proxy, agent, spare
         with run_registry(work / "registry", auth="none") as registry:
             digest, size = big_image_layout(work / "layout", args.size_mib << 20)
             images.skopeo(

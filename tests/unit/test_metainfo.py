@@ -473,3 +473,15 @@ def test_hash_file_equals_piece_hasher(tmp_path: Path, size: int, chunk: int) ->
     pieces, digest = hasher.finish()
     assert hash_file(path, UNIT, chunk=chunk) == (pieces, digest, size)
     assert pieces == sha1_pieces(content, UNIT)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.sampled_from(["http://a/announce", "udp://b:1/x", "http://c/"]), max_size=3))
+def test_the_document_is_the_canonical_encoding_around_the_info_bytes(trackers: list[str]) -> None:
+    meta = build(CONTENT, tuple(trackers))
+    doc: dict[bytes, BValue] = {b"info": bencoding.decode(meta.info_bytes)}
+    if meta.trackers:
+        doc[b"announce"] = meta.trackers[0].encode()
+        doc[b"announce-list"] = [[t.encode()] for t in meta.trackers]
+    assert meta.to_bytes() == bencoding.encode(doc)
+    assert metainfo.parse(meta.to_bytes()).info_hash == meta.info_hash

@@ -390,14 +390,16 @@ class Downloads:
         proxy, if need be) when it breaks before the last chunk."""
         blob, feed = source.blob, source.feed
         failures = 0
+        saved = len(blob.chunks)  # open_partial stored those
         async with contextlib.AsyncExitStack() as reopened:
             while not blob.complete:
                 try:
                     if await feed.next_chunks():
                         self.engine.chunks_added(torrent)
-                        await trio.to_thread.run_sync(
-                            self.cache.save_partial_chunks, blob, blob.digest
+                        await self.engine.shared.disk.run(
+                            self.cache.save_partial_chunks, blob, blob.digest, saved
                         )
+                        saved = len(blob.chunks)
                         continue
                 except OCIError as exc:
                     event(log, "chunks.broken", logging.WARNING, digest=blob.digest, error=str(exc))

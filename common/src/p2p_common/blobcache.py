@@ -336,9 +336,11 @@ class BlobCache:
         chunks.write_bytes(meta.frames())
         return PieceFile(meta, data, bits)
 
-    def save_partial_chunks(self, meta: BlobMetainfo, digest: str) -> None:
-        """Remember the chunks of an in-progress download known so far (for resuming)."""
-        self.partial_paths(digest)[2].write_bytes(meta.frames())
+    def save_partial_chunks(self, meta: BlobMetainfo, digest: str, start: int) -> None:
+        """Remember the chunks ``start..`` of an in-progress download (for resuming), appended
+        to those saved before (a frame cut short by a crash is ignored when read back)."""
+        with self.partial_paths(digest)[2].open("ab") as handle:
+            handle.write(meta.frames(start))
 
     def scratch_file(self, prefix: str) -> Path:
         """A fresh path under ``tmp/`` (removed at the next :meth:`scan`)."""

@@ -127,6 +127,7 @@ class BlobMetainfo:
     geometry: Geometry
     trackers: tuple[str, ...] = ()
     chunks: list[Metainfo] = field(default_factory=list)
+    _frames: list[bytes] = field(default_factory=list, repr=False)
 
     @classmethod
     def for_blob(cls, digest: str, length: int, trackers: Sequence[str] = ()) -> BlobMetainfo:
@@ -196,7 +197,9 @@ class BlobMetainfo:
             raise MetainfoError(f"chunk {index} does not have this blob's geometry")
         if not chunk.private:
             raise MetainfoError("chunks are private torrents")
-        self.chunks.append(chunk.with_trackers(self.trackers))
+        chunk = chunk.with_trackers(self.trackers)
+        self.chunks.append(chunk)
+        self._frames.append(frame(chunk))
         return index
 
     def window_of(self, info_hash: bytes) -> tuple[int, int] | None:
@@ -216,7 +219,7 @@ class BlobMetainfo:
 
     def frames(self, start: int = 0) -> bytes:
         """Chunks ``start..`` as frames (see the module docstring)."""
-        return b"".join(frame(chunk) for chunk in self.chunks[start:])
+        return b"".join(self._frames[start:])
 
     @classmethod
     def from_frames(

@@ -94,12 +94,19 @@ class Metainfo:
         return self.pieces[index * 20 : index * 20 + 20]
 
     def to_bytes(self) -> bytes:
-        """The full metainfo document (``.torrent`` file)."""
-        doc: dict[bytes, BValue] = {b"info": bencoding.decode(self.info_bytes)}
+        """The full metainfo document (``.torrent`` file).
+
+        Written around the stored ``info`` bytes rather than re-encoded: the keys
+        ``announce`` < ``announce-list`` < ``info`` are already in canonical order."""
+        head = b""
         if self.trackers:
-            doc[b"announce"] = self.trackers[0].encode()
-            doc[b"announce-list"] = [[t.encode()] for t in self.trackers]
-        return bencoding.encode(doc)
+            head = bencoding.encode(
+                {
+                    b"announce": self.trackers[0].encode(),
+                    b"announce-list": [[t.encode()] for t in self.trackers],
+                }
+            )[1:-1]
+        return b"d" + head + b"4:info" + self.info_bytes + b"e"
 
     def with_trackers(self, trackers: Sequence[str]) -> Metainfo:
         """The same torrent announced to other trackers (same infohash)."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from p2p_common.bitfield import Bitfield
@@ -30,6 +31,13 @@ from p2p_common.bitfield import Bitfield
 UNIT = 16 * 1024
 SEED_LOOKAHEAD = 64
 """How far past the rarest-first cursor a pick from a seed looks for a piece nobody has."""
+SCAN_LIMIT = 256
+"""How far past the cursor a pick looks for a piece the peer has before it looks at the peer's
+pieces instead (bounded work per pick whatever the peer has)."""
+SMALL_WANTED = 64
+"""A peer with at most this many pieces we want: pick among those directly."""
+REBUILD_PICKS = 64
+"""Picks between rebuilds of the rarest-first order while availability keeps changing."""
 ENDGAME_REQUESTS = 2
 """In endgame a unit is asked from at most this many peers at once (one duplicate)."""
 
@@ -85,6 +93,8 @@ class PiecePicker:
         self._seeds = 0
         self._partials: dict[int, _Partial] = {}
         self._verifying: set[int] = set()
+        self._free: set[int] = {i for i in range(self.known) if i not in self.have}
+        """Pieces to start: known, not had, not being received or checked."""
         self._priority: list[int] = []
         self._order: list[int] = []
         self._cursor = 0
@@ -110,6 +120,8 @@ class PiecePicker:
         """More piece hashes became known (pieces ``[0, known)``)."""
         known = min(known, self.num_pieces)
         if known > self.known:
+            have = self.have
+            self._free.update(i for i in range(self.known, known) if i not in have)
             self.known = known
             self._dirty = True
             self._cursor = len(self._order)  # rebuild: the new pieces are candidates now
@@ -166,12 +178,15 @@ class PiecePicker:
         block_size: int,
         count: int,
         outstanding: Mapping[tuple[int, int], Block] | None = None,
+        wanted: AbstractSet[int] | None = None,
     ) -> list[Block]:
         """Up to ``count`` blocks to request from ``peer`` (None = a seed).
 
         Blocks are at most ``max(block_size, 16 KiB)`` bytes. ``outstanding`` holds the
         requests this peer already has in flight (keyed by (index, begin)), so endgame
-        never asks one peer twice for any byte."""
+        never asks one peer twice for any byte. ``wanted``, if the caller keeps it, is the
+        set of known pieces the peer has and we do not (it makes picks from a peer with few
+        such pieces cheap)."""
         blocks: list[Block] = []
         if count <= 0 or self.have.complete:
             return blocks
@@ -196,7 +211,7 @@ class PiecePicker:
             if has(index):
                 self._take(index, units_per_block, count, blocks)
         while len(blocks) < count:
-            fresh = self._new_piece(peer)
+            fresh = self._new_piece(peer, wanted)
             if fresh is None:
                 break
             self._take(fresh, units_per_block, count, blocks)
@@ -211,6 +226,7 @@ class PiecePicker:
         partial = self._partials.get(index)
         if partial is None:
             partial = self._partials[index] = _Partial(self.piece_size(index))
+            self._free.discard(index)
         if not partial.free:
             return
         requests, received = partial.requests, partial.received
@@ -234,59 +250,67 @@ class PiecePicker:
             out.append(Block(index, first * UNIT, length))
 
     def _eligible(self, index: int) -> bool:
-        return index not in self._partials and self.wanted(index)
+        return index in self._free
 
-    def _new_piece(self, peer: Bitfield | None) -> int | None:
+    def _rarest(self, indices: Iterable[int]) -> int | None:
+        """The eligible piece of ``indices`` with the lowest availability (ties at random)."""
+        best: int | None = None
+        best_avail = 0
+        ties = 0
+        free, avail = self._free, self._avail
+        for index in indices:
+            if index in free:
+                count = avail[index]
+                if best is None or count < best_avail:
+                    best, best_avail, ties = index, count, 1
+                elif count == best_avail:
+                    ties += 1
+                    if self._rng.randrange(ties) == 0:
+                        best = index
+        return best
+
+    def _new_piece(self, peer: Bitfield | None, wanted: AbstractSet[int] | None) -> int | None:
+        free = self._free
+        if not free:
+            return None
         if self.have.count < self._random_first:
-            candidates = [
-                i for i in (range(self.known) if peer is None else peer) if self._eligible(i)
-            ]
-            if peer is None:  # from a seed, pieces no other peer has come first
+            if peer is None:
+                candidates = list(free)
                 unseen = [i for i in candidates if not self._avail[i]]
-                candidates = unseen or candidates
+                candidates = unseen or candidates  # from a seed, pieces no other peer has first
+            else:
+                source = wanted if wanted is not None else peer
+                candidates = [i for i in source if i in free]
             return self._rng.choice(candidates) if candidates else None
-        if self._dirty and (self._picks_since_rebuild >= 16 or self._cursor >= len(self._order)):
+        if peer is not None and wanted is not None and len(wanted) <= SMALL_WANTED:
+            return self._rarest(wanted)
+        if self._cursor >= len(self._order) or (
+            self._dirty and self._picks_since_rebuild >= REBUILD_PICKS
+        ):
             self._rebuild()
         self._picks_since_rebuild += 1
         order = self._order
-        while self._cursor < len(order) and not self._eligible(order[self._cursor]):
+        while self._cursor < len(order) and order[self._cursor] not in free:
             self._cursor += 1
         if peer is None:
             # The order may be a few picks stale: look a little ahead for a piece that no peer
             # has (live availability), so that a seed's upload adds a new piece to the swarm.
             for position in range(self._cursor, min(len(order), self._cursor + SEED_LOOKAHEAD)):
                 index = order[position]
-                if not self._avail[index] and self._eligible(index):
+                if not self._avail[index] and index in free:
                     return index
             return order[self._cursor] if self._cursor < len(order) else None
-        if peer.count * 8 < len(order) - self._cursor:
-            # Few pieces: scan the peer's, rarest wins, ties broken at random (reservoir).
-            best: int | None = None
-            best_avail = 0
-            ties = 0
-            for index in peer:
-                if self._eligible(index):
-                    avail = self._avail[index]
-                    if best is None or avail < best_avail:
-                        best, best_avail, ties = index, avail, 1
-                    elif avail == best_avail:
-                        ties += 1
-                        if self._rng.randrange(ties) == 0:
-                            best = index
-            return best
-        for position in range(self._cursor, len(order)):
+        for position in range(self._cursor, min(len(order), self._cursor + SCAN_LIMIT)):
             index = order[position]
-            if index in peer and self._eligible(index):
+            if index in peer and index in free:
                 return index
-        return None
+        return self._rarest(wanted if wanted is not None else peer)
 
     def _rebuild(self) -> None:
         avail = self._avail
         rnd = self._rng.random
-        candidates = [i for i in range(self.known) if self._eligible(i)]
-        keys = {i: (avail[i], rnd()) for i in candidates}
-        candidates.sort(key=keys.__getitem__)
-        self._order = candidates
+        keys = {i: (avail[i], rnd()) for i in self._free}
+        self._order = sorted(keys, key=keys.__getitem__)
         self._cursor = 0
         self._dirty = False
         self._picks_since_rebuild = 0
@@ -373,21 +397,27 @@ class PiecePicker:
                     partial.free += 1
         if not partial.received_count and partial.free == partial.units:
             del self._partials[block.index]
+            if self.wanted(block.index):
+                self._free.add(block.index)
             self._dirty = True
 
     def piece_verifying(self, index: int) -> None:
         """The whole piece arrived by other means and is being checked."""
         self._partials.pop(index, None)
+        self._free.discard(index)
         self._verifying.add(index)
 
     def piece_verified(self, index: int) -> None:
         self._verifying.discard(index)
         self._partials.pop(index, None)
+        self._free.discard(index)
         self.have.set(index)
 
     def piece_failed(self, index: int) -> None:
         """The piece's hash did not match: every unit is wanted again."""
         self._verifying.discard(index)
         self._partials.pop(index, None)
+        if self.wanted(index):
+            self._free.add(index)
         self._dirty = True
         self._cursor = len(self._order)  # force a rebuild so the piece is picked again

@@ -162,8 +162,9 @@ class PeerSession:
         # what the peer has (global indices), or everything after have-all
         self.peer_bits = Bitfield(swarm.picker.num_pieces)
         self.peer_seed = False
-        self.missing = 0
-        """Pieces the peer has, we know the hash of, and we do not have (peer_seed: unused)."""
+        self.wanted: set[int] = set()
+        """Pieces the peer has, whose hash we know, and that we do not have (kept for every
+        peer but a seed: the picker looks among them first)."""
         self.extension: wire.ExtensionHandshake | None = None
         self.block_size = wire.BLOCK_SIZE
         self.max_queue = FOREIGN_IN_FLIGHT_BYTES // wire.BLOCK_SIZE
@@ -414,7 +415,7 @@ class PeerSession:
         news = self._peer_has(index)  # first: what it has is never revealed to it again
         if index in self.offers:
             self.swarm.offer_done(self, index)  # it has what we revealed: reveal more
-        if news and not self.am_interested and self.missing:
+        if news and not self.am_interested and self.wanted:
             self._set_interest(True)
             self.fill_requests()
 
@@ -425,7 +426,7 @@ class PeerSession:
         picker = self.swarm.picker
         picker.peer_have(index)
         if index < picker.known and index not in picker.have:
-            self.missing += 1
+            self.wanted.add(index)
         return True
 
     def _on_availability(self, event: wire.Event) -> None:
@@ -434,7 +435,7 @@ class PeerSession:
         self.forget_availability()
         self.peer_seed = False
         self.peer_bits = Bitfield(picker.num_pieces)
-        self.missing = 0
+        self.wanted = set()
         if isinstance(event, wire.HaveNone):
             pass
         elif self.full_window and (
@@ -447,7 +448,8 @@ class PeerSession:
         elif self.full_window and isinstance(event, wire.BitfieldMessage):
             self.peer_bits = event.bits
             picker.peer_bitfield(event.bits)
-            self.missing = sum(1 for i in event.bits if i < picker.known and i not in picker.have)
+            known, have = picker.known, picker.have
+            self.wanted = {i for i in event.bits if i < known and i not in have}
         else:  # a window of the torrent (one chunk): translate to global indices
             first, count = self.window.first, self.window.count
             local = range(count) if isinstance(event, wire.HaveAll) else event.bits  # type: ignore[union-attr]
@@ -474,7 +476,7 @@ class PeerSession:
         if self.peer_seed:
             picker = self.swarm.picker
             return picker.have.count < picker.known
-        return self.missing > 0
+        return bool(self.wanted)
 
     def _set_interest(self, interested: bool) -> None:
         if interested != self.am_interested:
@@ -493,8 +495,7 @@ class PeerSession:
         another peer (libtorrent's ``send_redundant_have`` does the same for everyone)."""
         first = self.window.first
         if index in self.peer_bits:
-            if not self.peer_seed and index < self.swarm.picker.known:
-                self.missing -= 1
+            self.wanted.discard(index)
             if self.am_interested and not self.outstanding and not self.has_wanted:
                 self._set_interest(False)
             if self.role != "proxy":
@@ -508,7 +509,7 @@ class PeerSession:
             have = self.swarm.picker.have
             for index in range(old, new):
                 if index in self.peer_bits and index not in have:
-                    self.missing += 1
+                    self.wanted.add(index)
         self.update_interest()
         self.fill_requests()
 
@@ -522,7 +523,13 @@ class PeerSession:
             return
         picker = self.swarm.picker
         bits = None if self.peer_seed else self.peer_bits
-        blocks = picker.pick(bits, self.block_size, target - in_flight, self.outstanding)
+        blocks = picker.pick(
+            bits,
+            self.block_size,
+            target - in_flight,
+            self.outstanding,
+            None if self.peer_seed else self.wanted,
+        )
         if blocks:
             first = self.window.first
             for block in blocks:

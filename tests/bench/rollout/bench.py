@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from p2p_common import metainfo as mi
-from tests.bench.common import RandomImage
+from tests.bench.common import RandomImage, warm_memory
 from tests.bench.rollout.cgroups import PERIOD_US, CpuQuotas, remove_stale_cgroups
 from tests.bench.rollout.client import MANIFEST_ACCEPT, PullWorker
 from tests.bench.rollout.image import REPOSITORY, TAG, build_layout
@@ -941,6 +941,8 @@ def run(options: Options) -> Report:
     run_id = f"{os.getpid()}-{secrets.token_hex(3)}"
     _drop_stale_data(Path(options.workdir or tempfile.gettempdir()))
     work = Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{run_id}-", dir=options.workdir))
+    # Every node's copy, the proxy's, the origin's and the image layout, twice over.
+    warm_memory(work, int(2 * (options.nodes + 3) * options.size_mb * MB))
     bench = Bench(options, work, run_id)
     ok = False
     try:

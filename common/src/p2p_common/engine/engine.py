@@ -228,9 +228,11 @@ class Engine:
         if not isinstance(info, BlobMetainfo) or info.geometry.num_chunks == 1:
             return
         geometry = info.geometry
-        for index, chunk in enumerate(info.chunks):
+        for index in range(torrent.windows_added, len(info.chunks)):
+            chunk = info.chunks[index]
             window = Window(geometry.chunk_first_piece(index), chunk.num_pieces)
             self._windows.setdefault(chunk.info_hash, (torrent, window))
+        torrent.windows_added = len(info.chunks)
 
     def _forget(self, torrent: Torrent) -> None:
         if self.torrents.get(torrent.info_hash) is torrent:

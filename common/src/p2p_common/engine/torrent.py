@@ -134,6 +134,8 @@ class Torrent:
             now=now,
         )
         self.connections: dict[bytes, Connection] = {}
+        self.windows_added = 0
+        """Chunks of a chunked blob the engine routes handshakes for (Engine.chunks_added)."""
         self.candidates: dict[tuple[str, int], _Candidate] = {}
         self._connecting: set[tuple[str, int]] = set()
         self._piece_events: dict[int, trio.Event] = {}
@@ -200,7 +202,7 @@ class Torrent:
             f"{s!r} choked:{int(s.peer_choking)}/{int(s.am_choking)} "
             f"interested:{int(s.am_interested)}/{int(s.peer_interested)} "
             f"requests:{len(s.outstanding)}/{len(s.uploads)} has:{s.peer_bits.count} "
-            f"missing:{s.missing} offers:{len(s.offers)} snubbed:{int(s.snubbed)}"
+            f"wanted:{len(s.wanted)} offers:{len(s.offers)} snubbed:{int(s.snubbed)}"
             for s in self.core.sessions.values()
         ]
 
