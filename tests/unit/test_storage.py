@@ -15,6 +15,7 @@ import pytest
 from p2p_common import metainfo
 from p2p_common.bitfield import Bitfield
 from p2p_common.blobcache import PARTIAL_MAX_AGE, BlobCache
+from p2p_common.blobinfo import ChunkBuilder
 from p2p_common.errors import LocalError, RemoteError
 from p2p_common.metainfo import Metainfo
 from p2p_common.storage import (
@@ -368,3 +369,23 @@ def test_the_cache_scan_drops_what_cannot_be_resumed(tmp_path: Path) -> None:
     os.utime(old[0], (ancient, ancient))
     cache.scan()
     assert sorted(partial.iterdir()) == sorted(keep)
+
+
+def test_stored_chunks_keep_their_trackers(tmp_path: Path) -> None:
+    """An agent reseeds its cache from the stored chunks: they must still say where to
+    announce (the proxy's trackers when the blob came), or nobody finds the agent's copy."""
+    content = bytes(range(256)) * 5000
+    digest = "sha256:" + hashlib.sha256(content).hexdigest()
+    builder = ChunkBuilder(digest, len(content), ["http://t1/announce", "http://t2/announce"])
+    piece = builder.blob.piece_length
+    for start in range(0, len(content), piece):
+        builder.piece(hashlib.sha1(content[start : start + piece]).digest())
+    builder.finish()
+    cache = BlobCache(tmp_path / "data")
+    source = tmp_path / "blob"
+    source.write_bytes(content)
+    cache.adopt(source, digest, builder.blob)
+    loaded = cache.load_metainfo(digest)
+    assert loaded is not None
+    assert loaded.trackers == ("http://t1/announce", "http://t2/announce")
+    assert loaded.info_hash == builder.blob.info_hash

@@ -315,7 +315,7 @@ class BlobCache:
             return None
         try:
             frames = self.metainfo_path(digest).read_bytes()
-            return BlobMetainfo.from_frames(digest, size, frames, trackers=())
+            return BlobMetainfo.from_frames(digest, size, frames)
         except (OSError, mi.MetainfoError):
             return None
 
