@@ -8,6 +8,7 @@ tracker  p2p-tracker versus opentracker under wrk (bench_tracker)
 pull     one 1 GiB blob with curl: direct, cold and warm through the agent (bench_pull)
 rollout  8 emulated nodes (network namespaces, 100 Mbit/s links) pull one image at once, from
          the origin and through their agents (bench_rollout; needs root)
+idle     the CPU an agent spends seeding 5,000 cached blobs while nobody pulls (bench_idle)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ BENCHMARKS = {
     "tracker": "tests.bench.bench_tracker",
     "pull": "tests.bench.bench_pull",
     "rollout": "tests.bench.bench_rollout",
+    "idle": "tests.bench.bench_idle",
 }
 
 
