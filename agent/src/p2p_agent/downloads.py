@@ -43,7 +43,7 @@ from p2p_agent.metrics import AgentMetrics
 from p2p_agent.proxies import ProxyClient, SwarmSource
 from p2p_common.blobcache import BlobCache
 from p2p_common.blobinfo import BlobMetainfo
-from p2p_common.engine import Engine, Torrent
+from p2p_common.engine import Engine, Torrent, TorrentFailedError
 from p2p_common.engine.torrent import RESEED_ANNOUNCE_SPREAD
 from p2p_common.errors import LocalError
 from p2p_common.ingest import Ingest, IngestError, OrderedHasher
@@ -98,7 +98,8 @@ class Download:
             return self.error
         if _disk_full(self.error):
             return OCIError(ErrorCode.UNKNOWN, f"agent disk full: {self.error}", status=507)
-        return OCIError(ErrorCode.UNKNOWN, f"download failed: {self.error}", status=502)
+        reason = f": {self.error}" if self.error is not None else ""
+        return OCIError(ErrorCode.UNKNOWN, f"download failed{reason}", status=502)
 
     def stream(self, start: int, end: int) -> AsyncIterator[bytes]:
         """Bytes ``[start, end]`` as they become available."""
@@ -145,19 +146,12 @@ class SwarmDownload(Download):
             torrent.set_reader(reader, None)
 
     async def _wait_piece(self, index: int) -> None:
-        """Wait for a piece, or raise if the download failed meanwhile."""
-        async with trio.open_nursery() as nursery:
-
-            async def failed() -> None:
-                await self.done.wait()
-                if self.error is not None:
-                    nursery.cancel_scope.cancel()
-
-            nursery.start_soon(failed)
+        """Wait for a piece, or raise if the download failed meanwhile (a failed download
+        stops its torrent, which wakes every waiter)."""
+        try:
             await self.torrent.wait_for_piece(index)
-            nursery.cancel_scope.cancel()
-        if not self.torrent.has_piece(index):
-            raise self.failure()
+        except TorrentFailedError:
+            raise self.failure() from None
 
 
 @dataclass(eq=False)

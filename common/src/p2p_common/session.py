@@ -143,6 +143,7 @@ class PeerSession:
         extensions: bool,
         now: float,
         notify: Callable[[], None] = _noop,
+        notify_later: Callable[[], None] = _noop,
     ) -> None:
         self.swarm = swarm
         self.peer_id = peer_id
@@ -153,7 +154,9 @@ class PeerSession:
         self.fast = fast
         self.extensions = extensions
         self.notify = notify
-        """Called whenever output becomes available (the shell wakes its writer)."""
+        """Called when something must be sent now (the shell wakes its writer)."""
+        self.notify_later = notify_later
+        """Called when messages that may wait were queued (the shell wakes its writer soon)."""
         # choking and interest, both directions
         self.am_choking = True
         self.am_interested = False
@@ -219,27 +222,33 @@ class PeerSession:
         marked broken (:attr:`error`) and the shell ends the connection; this never raises,
         so a broadcast to every session cannot be cut short by one of them.
 
-        Not ``urgent`` (HAVE, keep-alive): the shell may hold it back a moment so that several
-        leave in one write, or with the next block (:attr:`urgent`)."""
+        An ``urgent`` message (anything but HAVE and keep-alive) calls :attr:`notify`; the first
+        message that is not urgent calls :attr:`notify_later` instead: the shell lets HAVEs
+        wait a moment for company, or for the next urgent message or block."""
         if self.error is not None:
             return
-        if not self._out or (urgent and not self.urgent):
-            self.notify()
-        self.urgent = self.urgent or urgent
+        if urgent:
+            if not self.urgent:
+                self.notify()
+            self.urgent = True
+        elif not self._out:
+            self.notify_later()
         self._out.append(message)
         self._out_bytes += len(message)
         if self._out_bytes > MAX_OUTBOX_BYTES:
             self._out.clear()
             self._out_bytes = 0
             self.error = "the peer does not read what we send"
+            self.notify()
 
     @property
     def wants_write(self) -> bool:
-        return (
-            bool(self._out)
-            or (bool(self.uploads) and not self.am_choking)
-            or self.error is not None
-        )
+        """Is there something to send now (not counting messages that may wait)?"""
+        return self.urgent or (bool(self.uploads) and not self.am_choking) or self.error is not None
+
+    @property
+    def has_output(self) -> bool:
+        return bool(self._out)
 
     def take_output(self, now: float) -> bytes:
         """Every queued control message, joined into one write (b"" if none)."""
@@ -251,11 +260,6 @@ class PeerSession:
         self.urgent = False
         self.last_sent = now
         return data
-
-    @property
-    def next_upload_ready(self) -> bool:
-        """Is there a block to send now?"""
-        return bool(self.uploads) and not self.am_choking
 
     def next_upload(self) -> Upload | None:
         """The next block to send, if we are not choking the peer."""

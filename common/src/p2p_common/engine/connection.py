@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from p2p_common import wire
+from p2p_common.engine.flusher import Flusher
 from p2p_common.engine.transport import PeerGoneError, Transport
 from p2p_common.errors import RemoteError, collapse
 from p2p_common.ratelimit import RateLimiter
@@ -23,8 +24,6 @@ from p2p_common.session import PeerSession, PieceReady
 from p2p_common.storage import PieceStore
 
 RECEIVE_CHUNK = 256 * 1024
-HAVE_DELAY = 0.01
-"""Seconds HAVE messages may wait for company (a block takes about this long at 25 MB/s)."""
 
 
 class Connection:
@@ -41,6 +40,7 @@ class Connection:
         download_limiter: RateLimiter,
         upload_limiter: RateLimiter,
         uploaded: Callable[[int], None],
+        flusher: Flusher,
     ) -> None:
         self.session = session
         self.transport = transport
@@ -51,11 +51,19 @@ class Connection:
         self._upload_limiter = upload_limiter
         self._uploaded = uploaded
         self._wake = trio.Event()
+        self._due = False
         self._cancel_scope: trio.CancelScope | None = None
         session.notify = self.wake
+        session.notify_later = lambda: flusher.later(self.flush)
 
     def wake(self) -> None:
         self._wake.set()
+
+    def flush(self) -> None:
+        """Send what is queued, HAVEs included (the flusher's call)."""
+        if self.session.has_output:
+            self._due = True
+            self._wake.set()
 
     def close(self) -> None:
         if self._cancel_scope is not None:
@@ -77,17 +85,12 @@ class Connection:
         transport = self.transport
         limiter = self._upload_limiter
         while True:
-            if not session.wants_write:
+            if not (session.wants_write or self._due):
                 self._wake = trio.Event()
                 await self._wake.wait()
             if session.error is not None:
                 raise RemoteError(session.error)
-            if not session.urgent and not session.next_upload_ready:
-                # Only HAVEs and keep-alives: let the pieces completing meanwhile join them in
-                # one write (each write is a syscall and a wake-up at the other end).
-                self._wake = trio.Event()
-                with trio.move_on_after(HAVE_DELAY):
-                    await self._wake.wait()
+            self._due = False
             upload = session.next_upload()
             data = session.take_output(trio.current_time())
             if upload is None or (data and limiter.rate):

@@ -135,6 +135,7 @@ class Engine:
                 self._nursery = nursery
                 nursery.start_soon(trio.serve_listeners, self._handle_incoming, listeners)
                 nursery.start_soon(self._choke_rounds)
+                nursery.start_soon(self.shared.flusher.run)
                 log_event(log, "engine.listening", port=self.port, role=self.role)
                 task_status.started(self)
         finally:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from p2p_common import wire
 from p2p_common.engine.announce import Announcer
 from p2p_common.engine.disk import DiskRunner
+from p2p_common.engine.flusher import Flusher
 from p2p_common.ratelimit import RateLimiter
 from p2p_common.session import LocalPeer
 
@@ -65,6 +66,8 @@ class EngineShared:
     bans: Bans
     slots: ConnectionSlots
     super_seed: bool
+    flusher: Flusher = field(default_factory=Flusher)
+    """Wakes writers that hold back HAVEs (Engine.serve runs it)."""
     self_addresses: set[tuple[str, int]] = field(default_factory=set)
     """Our own listening addresses as others see them (never dialled)."""
 

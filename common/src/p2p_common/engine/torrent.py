@@ -144,10 +144,12 @@ class Torrent:
         self.completed = trio.Event()
         self.closed = trio.Event()
         """Set when the torrent has stopped, its connections ended and its store is closed."""
+        self.failure: BaseException | None = None
+        self._settled = trio.Event()
+        """Set once the torrent is complete, failed or stopped."""
         if self.core.complete:
             self.completed.set()
-        self.failure: BaseException | None = None
-        self._failed = trio.Event()
+            self._settled.set()
         self._nursery: trio.Nursery | None = None
         self._stopped = False
 
@@ -221,33 +223,34 @@ class Torrent:
         self.core.set_reader(reader, next_piece)
 
     async def wait_for_piece(self, index: int) -> None:
-        """Return once piece ``index`` is verified and stored (raises if the torrent failed)."""
+        """Return once piece ``index`` is verified and stored; raises
+        :class:`TorrentFailedError` if the torrent fails or stops first. (No task, no timer:
+        a reader waits for every piece.)"""
         while index not in self.core.picker.have:
-            if self.failure is not None:
-                raise TorrentFailedError(str(self.failure)) from self.failure
+            self._raise_if_ended()
             event = self._piece_events.get(index)
             if event is None:
                 event = self._piece_events[index] = trio.Event()
-            await self._until(event)
+            await event.wait()
 
     async def wait_complete(self) -> None:
-        await self._until(self.completed)
-        if self.failure is not None and not self.completed.is_set():
-            raise TorrentFailedError(str(self.failure)) from self.failure
+        """Return once every piece is stored; raises if the torrent fails or stops first."""
+        await self._settled.wait()
+        if not self.completed.is_set():
+            self._raise_if_ended()
 
-    async def _until(self, event: trio.Event) -> None:
-        """Wait for ``event`` or for the torrent to fail, whichever comes first."""
+    def _raise_if_ended(self) -> None:
         if self.failure is not None:
-            return
-        async with trio.open_nursery() as nursery:
+            raise TorrentFailedError(str(self.failure)) from self.failure
+        if self._stopped:
+            raise TorrentFailedError("the torrent was stopped")
 
-            async def failed() -> None:
-                await self._failed.wait()
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(failed)
-            await event.wait()
-            nursery.cancel_scope.cancel()
+    def _wake_waiters(self) -> None:
+        """The torrent completed, failed or stopped: every waiter looks again."""
+        self._settled.set()
+        events, self._piece_events = self._piece_events, {}
+        for event in events.values():
+            event.set()
 
     # -- running ---------------------------------------------------------------------------------
 
@@ -276,6 +279,7 @@ class Torrent:
 
     def stop(self) -> None:
         self._stopped = True
+        self._wake_waiters()
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
         for conn in list(self.connections.values()):
@@ -285,7 +289,6 @@ class Torrent:
         if self.failure is None:
             self.failure = exc
             log_event(log, "torrent.failed", logging.ERROR, torrent=self.info.name, error=str(exc))
-            self._failed.set()
         self.stop()
 
     def tick(self, now: float, interval: float) -> None:
@@ -346,6 +349,7 @@ class Torrent:
             download_limiter=self.engine.download_limiter,
             upload_limiter=self.engine.upload_limiter,
             uploaded=self._count_upload,
+            flusher=self.engine.flusher,
         )
         self.connections[session.peer_id] = conn
         self.core.add_session(session)
@@ -477,6 +481,7 @@ class Torrent:
             event.set()
         if self.core.complete and not self.completed.is_set():
             self.completed.set()
+            self._settled.set()
             log_event(
                 log,
                 "torrent.complete",
