@@ -76,6 +76,8 @@ class SwarmCore:
         self._offer_cursor = 0
         self._offered_now = [0] * num_pieces
         """Per piece: to how many peers it is revealed and not yet delivered."""
+        self._in_flight: set[int] = set()
+        """Pieces revealed to some peer and not yet delivered (offered_now > 0)."""
         self.downloaded_by_role: collections.Counter[str] = collections.Counter()
         self.uploaded = 0
         self.started_at = now
@@ -128,6 +130,8 @@ class SwarmCore:
         session.release_requests()
         for index in session.offers:
             self._offered_now[index] -= 1
+            if not self._offered_now[index]:
+                self._in_flight.discard(index)
         session.offers.clear()
         session.forget_availability()
         self.choker.forget(session.peer_id)
@@ -295,23 +299,32 @@ class SwarmCore:
                 self._offer_cursor = index + 1
                 return
         self._offer_cursor = cursor + min(passed, OFFER_SCAN)
-        if not self.picker.complete or not self.second_copies:
-            # Still fed from elsewhere (the origin), or another torrent of this seed is: the
-            # uplink is for pieces nobody has yet. A second copy now would queue in front of
-            # new pieces, and the peers that hold the first copy trade it anyway.
+        if not self.picker.complete or not self.second_copies or self._first_copies_pending():
+            # Still fed from elsewhere (the origin), another torrent of this seed is, or first
+            # copies are still on their way: the uplink is for pieces nobody has yet. A second
+            # copy now would queue in front of them, and the peers that hold the first copy
+            # trade it anyway.
             return
         for index in fallback[:count]:
             self._reveal(session, index)
 
     def _reveal(self, session: PeerSession, index: int) -> None:
         self._offered_now[index] += 1
+        self._in_flight.add(index)
         session.reveal(index)
+
+    def _first_copies_pending(self) -> bool:
+        """Is a revealed piece that no peer holds yet still on its way?"""
+        holders = self.picker.holders
+        return any(not holders(index) for index in self._in_flight)
 
     def offer_done(self, session: PeerSession, index: int) -> None:
         """A revealed piece reached ``session``: reveal another one."""
         if index in session.offers:
             session.offers.discard(index)
             self._offered_now[index] -= 1
+            if not self._offered_now[index]:
+                self._in_flight.discard(index)
         if not session.closed:
             self.offer(session, 1)
 

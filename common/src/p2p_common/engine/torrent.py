@@ -299,6 +299,23 @@ class Torrent:
         except LocalError as exc:
             self.fail(exc)
             return
+        if log.isEnabledFor(logging.DEBUG):
+            core = self.core
+            log_event(
+                log,
+                "torrent.round",
+                logging.DEBUG,
+                torrent=self.info.name,
+                have=core.picker.have.count,
+                known=core.picker.known,
+                published=core.published,
+                peers=len(core.sessions),
+                requests=sum(len(s.outstanding) for s in core.sessions.values()),
+                uploads=sum(len(s.uploads) for s in core.sessions.values()),
+                offers=sum(len(s.offers) for s in core.sessions.values()),
+                downloaded=core.downloaded,
+                uploaded=core.uploaded,
+            )
         for session, reason in self.core.tick(now, interval):
             conn = self.connections.get(session.peer_id)
             if conn is not None:
