@@ -44,7 +44,6 @@ def write_file(path: Path, content: bytes) -> Path:
 async def running_engines(count: int, **kwargs: object) -> AsyncIterator[list[Engine]]:
     """``count`` engines listening on 127.0.0.1, cancelled on exit."""
     kwargs.setdefault("host", "127.0.0.1")
-    kwargs.setdefault("ban_by_address", False)  # every test peer shares 127.0.0.1
     async with trio.open_nursery() as nursery:
         engines = []
         for _ in range(count):

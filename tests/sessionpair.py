@@ -58,15 +58,14 @@ class Node:
         peer_id = (b"-T%s-" % name.encode()[:5]).ljust(20, b"x")
         return cls(name, meta, store, core, peer_id)
 
-    def verify(self, ready: PieceReady, now: float) -> list[PeerSession]:
-        """What the engine's verifier does: check, store, report. Returns sessions to ban."""
+    def verify(self, ready: PieceReady, now: float) -> list[bytes]:
+        """What the engine's verifier does: check, store, report. Returns peer ids to ban."""
         good = hashlib.sha1(ready.data).digest() == self.meta.piece_hash(ready.index)
         if good:
             self.store.write_piece(ready.index, ready.data)
-            self.core.piece_stored(ready.index, now)
-            return []
+            return self.core.piece_stored(ready.index, now, ready.data)
         self.failed_pieces.append(ready.index)
-        return self.core.piece_failed(ready.index, ready.contributors)
+        return self.core.piece_failed(ready.index, ready.contributors, ready.data)
 
 
 @dataclass
@@ -130,7 +129,7 @@ class Pair:
         self.to_a = Link(self.b, b, self.a, a, protocols[0])
         a.core.add_session(self.a)
         b.core.add_session(self.b)
-        self.banned: list[PeerSession] = []
+        self.banned: list[bytes] = []
 
     def pump(self, *, max_rounds: int = 100_000, uploads_per_round: int = 1) -> int:
         """Move bytes both ways until neither side has anything to send; returns the rounds."""
@@ -172,9 +171,18 @@ class Pair:
                     banned = link.receiver_node.verify(ready, self.now)
                     if banned:
                         self.banned += banned
-                        self.close()
-                        return True
+                        if link.sender_node.peer_id in banned:
+                            self.close()
+                            return True
         return moved
+
+    def step(self) -> bool:
+        """One upload each way; False once neither side had anything to send."""
+        return self._move(self.to_b, 1) | self._move(self.to_a, 1)
+
+    @property
+    def closed(self) -> bool:
+        return self.a.closed or self.b.closed
 
     def tick(self, seconds: float = 1.0) -> list[tuple[PeerSession, str]]:
         """Advance time and run both choking rounds; returns what they want closed."""
@@ -182,3 +190,24 @@ class Pair:
         closing = self.to_b.sender_node.core.tick(self.now, seconds)
         closing += self.to_a.sender_node.core.tick(self.now, seconds)
         return closing
+
+
+def pump_all(pairs: list[Pair], *, max_rounds: int = 100_000) -> list[bytes]:
+    """Move bytes on several connections in turn, as one node with several peers sees it.
+
+    A peer banned by a verdict on any connection has its own connection closed (the engine's
+    ban is per peer, not per connection). Returns the banned peer ids."""
+    banned: list[bytes] = []
+    for _ in range(max_rounds):
+        moved = False
+        for pair in pairs:
+            if not pair.closed:
+                moved |= pair.step()
+            banned += [peer for peer in pair.banned if peer not in banned]
+        for pair in pairs:
+            nodes = (pair.to_b.sender_node, pair.to_a.sender_node)
+            if not pair.closed and any(node.peer_id in banned for node in nodes):
+                pair.close()
+        if not moved:
+            return banned
+    raise AssertionError("the sessions kept talking")

@@ -41,7 +41,6 @@ async def run(args: argparse.Namespace) -> None:
         host=args.host,
         port=args.port,
         role="proxy" if args.mode == "seed" else "agent",
-        ban_by_address=False,
         download_rate=args.download_rate,
         upload_rate=args.upload_rate,
     )

@@ -10,6 +10,7 @@ import httpx
 import pytest
 import trio
 
+from p2p_agent import downloads
 from p2p_common.blobcache import BlobCache
 from p2p_common.storage import PieceFile, StorageError
 from tests.cluster import AgentHandle, basic, metric, run_agent, run_proxy, run_tracker
@@ -377,3 +378,39 @@ async def test_blobs_below_swarm_min_size_come_over_http_and_are_not_seeded(
         asked = await metric(proxy.http, "p2p_proxy_metainfo_requests_total")
         assert (asked >= 1) if swarms else (asked == 0)
     assert registry.blob_gets()[config.digest] == gets_before + 1
+
+
+async def test_a_cached_blob_that_cannot_be_opened_now_is_kept(
+    origin: tuple[Registry, images.Image], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EMFILE, EIO or EACCES while reseeding is a passing local trouble, not a lost blob: the
+    blob stays cached (and is served); only a missing or truncated one leaves the cache."""
+    registry, image = origin
+    layer = image.layers[2]
+    async with (
+        run_tracker() as announce,
+        run_proxy(tmp_path / "proxy", [registry.url], [announce]) as proxy,
+    ):
+        async with run_agent(tmp_path / "agent", [registry.url], [proxy.url]) as agent:
+            assert (await agent.http.get(blob_path(image, 2))).content == layer.data
+            cached = agent.settings.data_dir / "blobs" / "sha256" / layer.digest[7:]
+            with trio.fail_after(10):
+                await wait_until(cached.exists)
+
+        real = downloads.PieceFile
+
+        def cannot_open(*args: object, **kwargs: object) -> object:
+            if kwargs.get("complete"):
+                raise StorageError(f"{cached}: Too many open files")
+            return real(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(downloads, "PieceFile", cannot_open)
+        async with run_agent(tmp_path / "agent", [registry.url], [proxy.url]) as again:
+            assert cached.exists()
+            assert await again.metric("p2p_agent_active_torrents") == 0
+            assert (await again.http.get(blob_path(image, 2))).content == layer.data
+            assert await again.metric("p2p_agent_cache_hits_total") == 1
+        monkeypatch.setattr(downloads, "PieceFile", real)
+        cached.write_bytes(layer.data[:100])  # truncated: that one goes
+        async with run_agent(tmp_path / "agent", [registry.url], [proxy.url]):
+            assert not cached.exists()

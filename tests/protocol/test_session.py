@@ -15,7 +15,7 @@ from p2p_common.session import (
     Window,
 )
 from tests.engine_helpers import make_content, metainfo_for
-from tests.sessionpair import Node, Pair
+from tests.sessionpair import Node, Pair, pump_all
 
 KiB = 1024
 PIECE = 256 * KiB
@@ -155,8 +155,28 @@ def test_a_piece_that_fails_its_hash_blames_its_only_contributor() -> None:
     pair.to_b.corrupt = True
     pair.pump()
     assert leech.failed_pieces
-    assert pair.banned == [pair.b]  # the leech's session with the liar
+    assert pair.banned == [seed.peer_id]  # the liar, convicted by the leech
     assert not leech.core.picker.have.count
+
+
+def test_a_liar_mixing_blocks_with_an_honest_seed_cannot_frame_it() -> None:
+    """Smart ban: a piece built from two peers' blocks that fails its hash convicts nobody;
+    it is fetched again from one peer alone, and the copy that passes shows whose blocks
+    differed. Only the liar is banned, and the download completes from the honest seed."""
+    content = make_content(8 * PIECE - 1000)
+    meta = metainfo_for(content, piece_length=PIECE)
+    small = 16 * KiB  # many blocks per piece, so pieces mix both seeds' blocks
+    honest = Node.make("honest", meta, content, role="agent", max_block=small)
+    liar = Node.make("liar", meta, content, role="agent", max_block=small)
+    leech = Node.make("leech", meta, max_block=small)
+    to_honest = Pair(honest, leech)
+    to_liar = Pair(liar, leech)
+    to_liar.to_b.corrupt = True
+    banned = pump_all([to_honest, to_liar])
+    assert leech.failed_pieces  # some pieces really were mixed and failed
+    assert banned == [liar.peer_id]
+    assert to_liar.closed and not to_honest.closed
+    assert bytes(leech.store.data) == content
 
 
 def test_a_peer_that_stops_answering_is_snubbed_and_keeps_one_request() -> None:

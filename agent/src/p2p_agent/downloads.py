@@ -49,7 +49,7 @@ from p2p_common.errors import LocalError
 from p2p_common.ingest import Ingest, IngestError, OrderedHasher
 from p2p_common.logs import event
 from p2p_common.oci import ErrorCode, OCIError
-from p2p_common.storage import PieceFile
+from p2p_common.storage import BlobDamagedError, PieceFile
 
 log = logging.getLogger("p2p.agent.downloads")
 
@@ -214,6 +214,12 @@ class Downloads:
                 meta = self.cache.load_metainfo(digest)
                 if meta is not None and self.swarms(meta.length):
                     await self._seed(digest, meta, spread=True)
+                elif meta is None and self.cache.described_length(digest) not in (
+                    None,
+                    self.cache.size(digest),
+                ):  # its own chunks say it should be longer: cut short (a crash, a bad disk)
+                    event(log, "seed.damaged", logging.WARNING, digest=digest)
+                    self.cache.remove(digest)
             self.metrics.active_torrents.set(len(self.engine.torrents))
             task_status.started()
             await trio.sleep_forever()  # downloads run here until the agent stops
@@ -222,8 +228,12 @@ class Downloads:
         """Seed a cached blob (``spread``: at start-up, first announce at a random moment)."""
         try:
             store = PieceFile(meta, self.cache.blob_path(digest), complete=True)
-        except LocalError:
+        except BlobDamagedError as exc:  # gone or truncated: drop it from the cache
+            event(log, "seed.damaged", logging.WARNING, digest=digest, error=str(exc))
             self.cache.remove(digest)
+            return
+        except LocalError as exc:  # cannot open it now (EMFILE, EIO, EACCES): keep it
+            event(log, "seed.failed", logging.WARNING, digest=digest, error=str(exc))
             return
         delay = random.uniform(0, RESEED_ANNOUNCE_SPREAD) if spread else 0.0
         await self.engine.add_torrent(meta, store, announce_delay=delay)

@@ -319,6 +319,14 @@ class BlobCache:
         except (OSError, mi.MetainfoError):
             return None
 
+    def described_length(self, digest: str) -> int | None:
+        """The length the stored chunks of ``digest`` describe (None without readable chunks):
+        a cached file of another length is damaged."""
+        try:
+            return sum(chunk.length for chunk in mi_frames(self.metainfo_path(digest).read_bytes()))
+        except (OSError, mi.MetainfoError):
+            return None
+
     def open_partial(self, meta: BlobMetainfo, digest: str) -> PieceFile:
         """The in-progress download of ``digest`` (resumed if a previous run left one for the
         same chunks; only pieces of chunks known now are kept)."""

@@ -22,7 +22,7 @@ counted once for all pieces, not piece by piece.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
@@ -93,6 +93,8 @@ class PiecePicker:
         self._seeds = 0
         self._partials: dict[int, _Partial] = {}
         self._verifying: set[int] = set()
+        self._single_source: dict[int, Hashable] = {}
+        """Pieces to be sent whole by one peer, and by whom once taken (None: not yet)."""
         self._free: set[int] = {i for i in range(self.known) if i not in self.have}
         """Pieces to start: known, not had, not being received or checked."""
         self._priority: list[int] = []
@@ -179,6 +181,8 @@ class PiecePicker:
         count: int,
         outstanding: Mapping[tuple[int, int], Block] | None = None,
         wanted: AbstractSet[int] | None = None,
+        *,
+        who: Hashable = None,
     ) -> list[Block]:
         """Up to ``count`` blocks to request from ``peer`` (None = a seed).
 
@@ -186,7 +190,8 @@ class PiecePicker:
         requests this peer already has in flight (keyed by (index, begin)), so endgame
         never asks one peer twice for any byte. ``wanted``, if the caller keeps it, is the
         set of known pieces the peer has and we do not (it makes picks from a peer with few
-        such pieces cheap)."""
+        such pieces cheap). ``who`` names the peer: a piece that failed its hash with blocks from
+        several peers is asked next of one peer alone (:meth:`piece_failed`)."""
         blocks: list[Block] = []
         if count <= 0 or self.have.complete:
             return blocks
@@ -204,17 +209,17 @@ class PiecePicker:
                 # seed's uplink would otherwise send every one of those pieces to every node.
                 continue
             if self.wanted(index) and has(index):
-                self._take(index, units_per_block, count, blocks)
+                self._take(index, units_per_block, count, blocks, who)
         for index in list(self._partials):
             if len(blocks) >= count:
                 return blocks
             if has(index):
-                self._take(index, units_per_block, count, blocks)
+                self._take(index, units_per_block, count, blocks, who)
         while len(blocks) < count:
             fresh = self._new_piece(peer, wanted)
             if fresh is None:
                 break
-            self._take(fresh, units_per_block, count, blocks)
+            self._take(fresh, units_per_block, count, blocks, who)
         if not blocks and not outstanding and self._in_endgame():
             # Duplicates only for a peer with nothing else to do: with deep queues of
             # whole-piece requests the endgame starts early, and duplicating everything then
@@ -222,7 +227,16 @@ class PiecePicker:
             self._endgame(peer, units_per_block, count, {}, blocks)
         return blocks
 
-    def _take(self, index: int, units_per_block: int, count: int, out: list[Block]) -> None:
+    def _take(
+        self, index: int, units_per_block: int, count: int, out: list[Block], who: Hashable
+    ) -> None:
+        single = index in self._single_source
+        if single:
+            owner = self._single_source[index]
+            if owner is not None and owner != who:
+                return  # another peer is sending this piece, whole
+            self._single_source[index] = who
+            count = len(out) + self._units_of(index)  # the whole piece, from this peer
         partial = self._partials.get(index)
         if partial is None:
             partial = self._partials[index] = _Partial(self.piece_size(index))
@@ -248,6 +262,9 @@ class PiecePicker:
                 unit += 1
             partial.free -= unit - first
             out.append(Block(index, first * UNIT, length))
+
+    def _units_of(self, index: int) -> int:
+        return (self.piece_size(index) + UNIT - 1) // UNIT
 
     def _eligible(self, index: int) -> bool:
         return index in self._free
@@ -397,6 +414,8 @@ class PiecePicker:
                     partial.free += 1
         if not partial.received_count and partial.free == partial.units:
             del self._partials[block.index]
+            if block.index in self._single_source:
+                self._single_source[block.index] = None  # another peer may take it now
             if self.wanted(block.index):
                 self._free.add(block.index)
             self._dirty = True
@@ -408,13 +427,17 @@ class PiecePicker:
         self._verifying.add(index)
 
     def piece_verified(self, index: int) -> None:
+        self._single_source.pop(index, None)
         self._verifying.discard(index)
         self._partials.pop(index, None)
         self._free.discard(index)
         self.have.set(index)
 
-    def piece_failed(self, index: int) -> None:
-        """The piece's hash did not match: every unit is wanted again."""
+    def piece_failed(self, index: int, *, single_source: bool = False) -> None:
+        """The piece's hash did not match: every unit is wanted again; ``single_source``: from
+        one peer alone next time (the copy mixed blocks of several peers)."""
+        if single_source:
+            self._single_source[index] = None
         self._verifying.discard(index)
         self._partials.pop(index, None)
         if self.wanted(index):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import resource
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -31,6 +32,17 @@ block, event and cancel scope is a short-lived object; with the default threshol
 collector ran thousands of times a second in a busy agent and took a fifth of its CPU
 (py-spy, 16-node rollout, docs/benchmarks.md). Objects freed by reference counting never
 reach it; the few cycles wait a little longer."""
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise the soft limit on open files to the hard one (every seeded blob holds a file
+    and every peer a socket; the default 1,024 is a few hundred cached blobs). Returns the
+    (before, after) soft limits."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft >= hard:
+        return soft, soft
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return soft, hard
 
 
 def tune_gc() -> None:
@@ -97,6 +109,9 @@ def run_service(
     log = logging.getLogger(f"p2p.{name}")
     logs.event(log, f"{name}.starting", version=version, **settings.dump())
     config_file = Path(args.config) if args.config else None
+    before, after = raise_open_files_limit()
+    if after != before:
+        logs.event(log, f"{name}.open_files", limit=after, was=before)
     tune_gc()
     config_error: BaseException | None = None
     start_error: BaseException | None = None

@@ -21,8 +21,10 @@ swarm every index is global; translation happens only where messages are encoded
 
 Every per-connection queue is bounded: messages waiting to be sent (:data:`MAX_OUTBOX_BYTES`),
 requests to serve (:data:`MAX_UPLOAD_QUEUE`), requests refused while the peer is choked
-(:data:`MAX_REFUSED`), unrequested block data (:data:`MAX_UNREQUESTED_BYTES`). A peer that
-exceeds one is dropped (:class:`~p2p_common.errors.RemoteError`).
+(:data:`MAX_REFUSED`), unrequested block data (:data:`MAX_UNREQUESTED_BYTES`); so is the work a
+peer can make us do: bitfields (:data:`MAX_AVAILABILITY_MESSAGES`) and HAVEs
+(:data:`HAVE_ALLOWANCE` beyond two per piece). A peer that exceeds one is dropped
+(:class:`~p2p_common.errors.RemoteError`).
 """
 
 from __future__ import annotations
@@ -43,8 +45,14 @@ MAX_REFUSED = 4 * MAX_UPLOAD_QUEUE
 """Requests refused since the last unchoke before the peer counts as flooding us."""
 MAX_OUTBOX_BYTES = 1024 * 1024
 """Control messages waiting for a peer that does not read them."""
-MAX_UNREQUESTED_BYTES = 64 * 1024 * 1024
-"""Unrequested block data we tolerate from one peer before dropping it."""
+MAX_UNREQUESTED_BYTES = 16 * 1024 * 1024
+"""Unrequested block data we tolerate from one peer before dropping it (requests cancelled in
+the endgame may still arrive: at most one queue of :data:`IN_FLIGHT_BYTES`)."""
+MAX_AVAILABILITY_MESSAGES = 3
+"""BITFIELD / HAVE ALL / HAVE NONE per connection (one, or aria2's have-none then bitfield);
+each costs work in proportion to the torrent, so a peer that keeps sending them is dropped."""
+HAVE_ALLOWANCE = 1024
+"""HAVEs a peer may send beyond two per piece of its window (redundant HAVEs included)."""
 IN_FLIGHT_BYTES = 8 * 1024 * 1024
 """Request bytes we keep outstanding per p2p peer (bandwidth-delay product headroom)."""
 FOREIGN_IN_FLIGHT_BYTES = 2 * 1024 * 1024
@@ -84,14 +92,18 @@ class Window:
     count: int
 
 
+Contribution = tuple[int, int, bytes]
+"""(begin, length, peer id): who sent which block of a piece."""
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class PieceReady:
     """Every block of a piece arrived: check it against its hash and store it."""
 
     index: int
     data: bytes | bytearray
-    contributors: tuple[bytes, ...]
-    """Peer ids of the sessions that sent its blocks (to blame if it fails the check)."""
+    contributors: tuple[Contribution, ...]
+    """Who sent which block (to find the liar if it fails the check)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +191,8 @@ class PeerSession:
         self.uploads: collections.deque[wire.Request] = collections.deque()
         """Requests the peer sent that we will serve (window-relative)."""
         self.refused = 0
+        self._availability_messages = 0
+        self._haves = 0
         # accounting
         self.downloaded = 0
         self.uploaded = 0
@@ -205,6 +219,12 @@ class PeerSession:
     def cooperative(self) -> bool:
         """A p2p agent or proxy (negotiated in the extension handshake)."""
         return self.extension is not None and self.extension.p2p_block is not None
+
+    @property
+    def block_limit(self) -> int:
+        """The largest block the peer may send us or ask of us: what we negotiated with a p2p
+        peer, :data:`~p2p_common.wire.MAX_FOREIGN_REQUEST` for anyone else."""
+        return self.block_size if self.cooperative else wire.MAX_FOREIGN_REQUEST
 
     @property
     def role(self) -> str:
@@ -416,6 +436,9 @@ class PeerSession:
                 return
 
     def _on_have(self, index: int) -> None:
+        self._haves += 1
+        if self._haves > 2 * self.window.count + HAVE_ALLOWANCE:
+            raise RemoteError("floods us with HAVE messages")
         news = self._peer_has(index)  # first: what it has is never revealed to it again
         if index in self.offers:
             self.swarm.offer_done(self, index)  # it has what we revealed: reveal more
@@ -435,6 +458,9 @@ class PeerSession:
 
     def _on_availability(self, event: wire.Event) -> None:
         # Normally the first message; a late one replaces what we knew (aria2 does this).
+        self._availability_messages += 1
+        if self._availability_messages > MAX_AVAILABILITY_MESSAGES:
+            raise RemoteError("keeps sending its bitfield")
         picker = self.swarm.picker
         self.forget_availability()
         self.peer_seed = False
@@ -533,6 +559,7 @@ class PeerSession:
             target - in_flight,
             self.outstanding,
             None if self.peer_seed else self.wanted,
+            who=self.peer_id,
         )
         if blocks:
             first = self.window.first

@@ -32,6 +32,10 @@ class StorageError(LocalError):
     """The local disk failed us (full, gone, permissions)."""
 
 
+class BlobDamagedError(StorageError):
+    """A complete blob is missing or has the wrong size: it is gone, not just unreadable now."""
+
+
 class DigestMismatchError(RemoteError):
     """A complete blob's SHA-256 is not its digest: the metainfo it was built from lied."""
 
@@ -90,11 +94,14 @@ class PieceFile:
         self._bits_dirty = False
         try:
             if complete:
-                self._fd = os.open(data_path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    self._fd = os.open(data_path, os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    raise BlobDamagedError(f"{data_path}: missing") from None
                 size = os.fstat(self._fd).st_size
                 if size != metainfo.length:
                     os.close(self._fd)
-                    raise StorageError(f"{data_path}: {size} bytes, expected {metainfo.length}")
+                    raise BlobDamagedError(f"{data_path}: {size} bytes, expected {metainfo.length}")
                 self.have = Bitfield(metainfo.num_pieces, full=True)
                 return
             self._fd = os.open(data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)

@@ -26,14 +26,20 @@ from collections.abc import Iterable
 from p2p_common.bitfield import Bitfield
 from p2p_common.choker import Choker, PeerStats
 from p2p_common.picker import Block, PiecePicker
-from p2p_common.session import SUPER_SEED_OFFERS, LocalPeer, PeerSession, PieceReady
+from p2p_common.session import (
+    SUPER_SEED_OFFERS,
+    Contribution,
+    LocalPeer,
+    PeerSession,
+    PieceReady,
+)
 
 READER_WINDOW = 4
 """Pieces ahead of each streaming reader that the picker fetches first. Small on purpose: a
 whole rollout reads in the same order, and everyone wanting the same pieces first is the
 opposite of what a swarm needs (tests/bench/bench_rollout.py)."""
-BAN_STRIKES = 2
-"""Failed pieces a peer may have contributed to before it is banned."""
+MAX_SUSPECT_PIECES = 32
+"""Failed pieces of several contributors kept for finding the liar (a piece each)."""
 ENDGAME_PIECES = 8
 """With fewer missing pieces than this, a verified piece cancels its duplicate requests."""
 OFFER_SCAN = 256
@@ -68,9 +74,13 @@ class SwarmCore:
         self.published = num_pieces if published is None else published
         """Pieces ``[0, published)`` may be offered while super-seeding (their hashes are out)."""
         self.sessions: dict[bytes, PeerSession] = {}
-        self.strikes: collections.Counter[bytes] = collections.Counter()
         self._buffers: dict[int, bytearray] = {}
-        self._contributors: dict[int, set[bytes]] = {}
+        self._contributors: dict[int, list[Contribution]] = {}
+        self._suspects: collections.OrderedDict[int, tuple[bytes, list[Contribution]]] = (
+            collections.OrderedDict()
+        )
+        """Failed pieces of several contributors: the bad copy and who sent which part, kept
+        until a good copy shows who lied (at most :data:`MAX_SUSPECT_PIECES`)."""
         self._readers: dict[object, int] = {}
         self._first_pass = 0
         self._offer_cursor = 0
@@ -152,19 +162,21 @@ class SwarmCore:
             if not picker.block_received(block):
                 return None
             self.downloaded_by_role[session.role] += block.length
-            return PieceReady(index, bytes(data), (session.peer_id,))
+            return PieceReady(index, bytes(data), ((0, block.length, session.peer_id),))
         if not picker.wanted(index):
             return None  # a late duplicate (endgame)
         buffer = self._buffers.get(index)
         if buffer is None:
             buffer = self._buffers[index] = bytearray(picker.piece_size(index))
         buffer[block.begin : block.begin + block.length] = data
-        self._contributors.setdefault(index, set()).add(session.peer_id)
+        self._contributors.setdefault(index, []).append(
+            (block.begin, block.length, session.peer_id)
+        )
         self.downloaded_by_role[session.role] += block.length
         if not picker.block_received(block):
             return None
         del self._buffers[index]
-        contributors = self._contributors.pop(index, {session.peer_id})
+        contributors = self._contributors.pop(index, [])
         return PieceReady(index, buffer, tuple(contributors))
 
     def piece_verifying(self, index: int) -> bool:
@@ -175,9 +187,12 @@ class SwarmCore:
         self.picker.piece_verifying(index)
         return True
 
-    def piece_stored(self, index: int, now: float) -> None:
+    def piece_stored(
+        self, index: int, now: float, data: bytes | bytearray | None = None
+    ) -> list[bytes]:
         """Piece ``index`` is verified and stored: tell every peer, cancel duplicates, and (when
-        super-seeding from a growing store) offer it."""
+        super-seeding from a growing store) offer it. Returns the peers to ban: those whose
+        blocks of an earlier, failed copy of this piece differ from ``data`` (smart ban)."""
         picker = self.picker
         picker.piece_verified(index)
         self.last_progress = now
@@ -196,23 +211,45 @@ class SwarmCore:
                     if key[0] == index:
                         session.cancel(block)
                         picker.block_failed(block)
+        suspect = self._suspects.pop(index, None)
+        if suspect is None or data is None:
+            return []
+        bad, contributions = suspect
+        return sorted(
+            {
+                peer_id
+                for begin, length, peer_id in contributions
+                if bad[begin : begin + length] != data[begin : begin + length]
+            }
+        )
 
-    def piece_failed(self, index: int, contributors: Iterable[bytes]) -> list[PeerSession]:
-        """Piece ``index`` did not match its hash: it is wanted again, and its contributors
-        take a strike. Returns the sessions to close and ban (a sole contributor, or one
-        with :data:`BAN_STRIKES` strikes)."""
-        self.picker.piece_failed(index)
-        blamed = list(contributors)
-        banned = []
-        for peer_id in blamed:
-            self.strikes[peer_id] += 1
-            if len(blamed) == 1 or self.strikes[peer_id] >= BAN_STRIKES:
-                session = self.sessions.get(peer_id)
-                if session is not None:
-                    banned.append(session)
+    def piece_failed(
+        self,
+        index: int,
+        contributions: Iterable[Contribution],
+        data: bytes | bytearray | None = None,
+    ) -> list[bytes]:
+        """Piece ``index`` did not match its hash: it is wanted again. Returns the peers to ban.
+
+        A piece from one peer convicts that peer. A piece from several is not held against any
+        of them yet (one liar must not get an honest seed banned): its copy and who sent which
+        block are kept, the next copy is asked of one peer alone, and the good copy, once it
+        comes, shows whose blocks were wrong (:meth:`piece_stored`); a bad copy from one peer
+        convicts that peer."""
+        contributions = list(contributions)
+        senders = {peer_id for _, _, peer_id in contributions}
+        self.picker.piece_failed(index, single_source=len(senders) > 1)
+        guilty: list[bytes] = []
+        if len(senders) == 1:
+            guilty = list(senders)
+        elif senders and data is not None:
+            self._suspects[index] = (bytes(data), contributions)
+            self._suspects.move_to_end(index)
+            while len(self._suspects) > MAX_SUSPECT_PIECES:
+                self._suspects.popitem(last=False)
         for session in self.sessions.values():
             session.fill_requests()
-        return banned
+        return guilty
 
     def set_known(self, known: int) -> None:
         """The hashes of pieces ``[0, known)`` are known now (a chunk was published)."""

@@ -36,8 +36,8 @@ MAX_P2P_BLOCK: Final = 4 * 1024 * 1024
 """Largest block two p2p peers may agree on."""
 MAX_FOREIGN_REQUEST: Final = 128 * 1024
 """Largest request we serve to a peer that did not negotiate larger blocks."""
-MAX_EXTENDED_MESSAGE: Final = 256 * 1024
-"""Largest BEP 10 message body we accept."""
+MAX_EXTENDED_MESSAGE: Final = 64 * 1024
+"""Largest BEP 10 message body we accept (we use only the extension handshake)."""
 MAX_EXTENSION_HANDSHAKE: Final = 64 * 1024
 
 _HEADER = struct.Struct(">IB")
@@ -415,6 +415,13 @@ class PeerProtocol:
         self._max_message = max(
             9 + self.max_block, 1 + byte_length(num_pieces), 2 + MAX_EXTENDED_MESSAGE, 13
         )
+
+    def set_max_block(self, max_block: int) -> None:
+        """The largest block this peer may send or ask for: a connection's receive buffer grows
+        only as far as that (16 KiB until a p2p peer negotiates larger blocks)."""
+        self.max_block = max_block
+        if self._num_pieces is not None:
+            self.set_geometry(self._num_pieces, self._piece_length, self._total_length)
 
     def _piece_size(self, index: int) -> int:
         if index == (self._num_pieces or 0) - 1:

@@ -113,6 +113,7 @@ class Connection:
         session = self.session
         limiter = self._download_limiter
         verify = self._verify
+        counted = session.downloaded
         while True:
             event = protocol.next_event()
             if event is not None:
@@ -122,9 +123,15 @@ class Connection:
                     if ready is not None:
                         await verify(ready)
                     event = protocol.next_event()
+                if session.block_limit != protocol.max_block:
+                    protocol.set_max_block(session.block_limit)
+                # downloadRate pays for the blocks we asked for, not for what a peer sends
+                # unasked (that is bounded by the session and ends the connection).
+                if session.downloaded != counted:
+                    await limiter.acquire(session.downloaded - counted)
+                    counted = session.downloaded
             buffer = protocol.receive_buffer(RECEIVE_CHUNK)
             received = await transport.recv_into(buffer[:RECEIVE_CHUNK], protocol.needed())
             if not received:
                 raise PeerGoneError("connection closed by peer")
             protocol.commit(received)
-            await limiter.acquire(received)

@@ -27,7 +27,7 @@ from p2p_common import wire
 from p2p_common.blobinfo import BlobMetainfo
 from p2p_common.engine.announce import Announcer
 from p2p_common.engine.disk import DiskRunner
-from p2p_common.engine.shared import Bans, ConnectionSlots, EngineShared
+from p2p_common.engine.shared import Bans, ConnectionSlots, EngineShared, PendingHandshakes
 from p2p_common.engine.torrent import HANDSHAKE_TIMEOUT, Torrent, TorrentInfo, read_handshake
 from p2p_common.engine.transport import make_transport
 from p2p_common.errors import LocalError, RemoteError
@@ -40,6 +40,8 @@ log = logging.getLogger("p2p.engine")
 
 DEFAULT_MAX_BLOCK = 1024 * 1024
 CLIENT_NAME = "p2p/0.1.0"
+INCOMING_HANDSHAKE_TIMEOUT = 5.0
+"""Seconds an incoming connection has to send its handshake."""
 CHOKE_ROUND = 1.0
 """Seconds between choking rounds (cooperative peers are re-evaluated about once a second)."""
 
@@ -67,7 +69,6 @@ class Engine:
         max_connections: int = 200,
         max_peers_per_torrent: int = 50,
         max_block: int = DEFAULT_MAX_BLOCK,
-        ban_by_address: bool = True,
         super_seed: bool = False,
         http_client: httpx.AsyncClient | None = None,
     ) -> None:
@@ -88,13 +89,14 @@ class Engine:
             upload_limiter=RateLimiter(upload_rate),
             disk=DiskRunner(),
             announcer=Announcer(http_client or httpx.AsyncClient(), peer_id=self.peer_id),
-            bans=Bans(by_address=ban_by_address),
+            bans=Bans(),
             slots=ConnectionSlots(max_connections),
             super_seed=super_seed,
         )
         self.torrents: dict[bytes, Torrent] = {}
         """By swarm id."""
         self._windows: dict[bytes, tuple[Torrent, Window]] = {}
+        self._pending = PendingHandshakes()
         """Chunks of chunked blobs, by the chunk torrent's own infohash."""
         self._nursery: trio.Nursery | None = None
 
@@ -117,8 +119,8 @@ class Engine:
     def is_banned(self, peer_id: bytes | None, host: str, port: int | None = None) -> bool:
         return self.shared.bans.is_banned(peer_id, host, port)
 
-    def ban(self, peer_id: bytes, address: tuple[str, int]) -> None:
-        """Refuse this peer from now on: its id, its endpoint, and (by default) its address."""
+    def ban(self, peer_id: bytes, address: tuple[str, int] | None) -> None:
+        """Refuse this peer for a while (its id, and its endpoint if given)."""
         self.shared.bans.ban(peer_id, address)
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -152,6 +154,7 @@ class Engine:
             # A seed's uplink serves first copies first: while any blob is still coming in
             # from the origin, no torrent hands out second copies (SwarmCore.offer).
             ingesting = any(t.ingest and not t.core.complete for t in torrents)
+            self.shared.bans.expire()
             for torrent in torrents:
                 torrent.core.second_copies = not ingesting
                 if torrent.connections or torrent.candidates:
@@ -280,42 +283,57 @@ class Engine:
         With ``info_hash`` we initiate (send our handshake first); without, we wait for
         the peer's handshake and answer only for a torrent we have. Used for incoming
         TCP connections and, in tests, for in-memory streams.
+
+        A connection that has not handshaken yet holds no connection slot: it waits in a small
+        pre-handshake budget (per address and in all) for at most
+        :data:`INCOMING_HANDSHAKE_TIMEOUT` seconds. Only a handshake for a torrent we have
+        takes a slot, and incoming connections never take the slots kept for our own dials.
         """
-        if not self.shared.slots.reserve():
-            await stream.aclose()
-            return
-        try:
-            async with stream:
-                if self.shared.bans.is_banned(None, address[0]):
-                    return
-                transport = make_transport(stream)
-                protocol = wire.PeerProtocol(max_block=self.max_block)
-                try:
-                    if info_hash is not None:
+        outgoing = info_hash is not None
+        slots = self.shared.slots
+        async with stream:
+            transport = make_transport(stream)
+            protocol = wire.PeerProtocol(max_block=wire.MAX_FOREIGN_REQUEST)
+            try:
+                if info_hash is not None:
+                    if not slots.reserve(outgoing=True):
+                        return
+                    try:
                         await transport.send_all(self.shared.handshake_for(info_hash))
-                    with trio.fail_after(HANDSHAKE_TIMEOUT):
-                        handshake = await read_handshake(transport, protocol)
-                    found = self.lookup(handshake.info_hash)
-                    if found is None:
-                        return  # unknown infohash: the infohash is a capability
-                    torrent, window = found
-                    if handshake.peer_id == self.peer_id:
-                        if info_hash is None:  # let our own outgoing side see who answered
-                            await transport.send_all(self.shared.handshake_for(handshake.info_hash))
+                        with trio.fail_after(HANDSHAKE_TIMEOUT):
+                            handshake = await read_handshake(transport, protocol)
+                    except BaseException:
+                        slots.release()
+                        raise
+                else:
+                    if not self._pending.admit(address[0]):
                         return
-                    if info_hash is None:
+                    try:
+                        with trio.fail_after(INCOMING_HANDSHAKE_TIMEOUT):
+                            handshake = await read_handshake(transport, protocol)
+                    finally:
+                        self._pending.leave(address[0])
+                    if not slots.reserve(outgoing=False):
+                        return
+            except (RemoteError, trio.TooSlowError):
+                return
+            try:
+                found = self.lookup(handshake.info_hash)
+                if found is None:
+                    return  # unknown infohash: the infohash is a capability
+                torrent, window = found
+                if handshake.peer_id == self.peer_id:
+                    if not outgoing:  # let our own outgoing side see who answered
                         await transport.send_all(self.shared.handshake_for(handshake.info_hash))
-                    elif handshake.info_hash != info_hash:
-                        return
-                    await torrent.run_connection(
-                        transport,
-                        protocol,
-                        handshake,
-                        window,
-                        address=address,
-                        outgoing=info_hash is not None,
-                    )
-                except (RemoteError, trio.TooSlowError):
                     return
-        finally:
-            self.shared.slots.release()
+                if not outgoing:
+                    await transport.send_all(self.shared.handshake_for(handshake.info_hash))
+                elif handshake.info_hash != info_hash:
+                    return
+                await torrent.run_connection(
+                    transport, protocol, handshake, window, address=address, outgoing=outgoing
+                )
+            except (RemoteError, trio.TooSlowError):
+                return
+            finally:
+                slots.release()

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import trio
+
 from p2p_common import wire
 from p2p_common.engine.announce import Announcer
 from p2p_common.engine.disk import DiskRunner
@@ -13,45 +15,91 @@ from p2p_common.engine.flusher import Flusher
 from p2p_common.ratelimit import RateLimiter
 from p2p_common.session import LocalPeer
 
+BAN_SECONDS = 1800.0
+"""How long a peer caught sending bad data is refused."""
+
 
 class Bans:
-    """Peers we refuse: by id, by endpoint, and (optionally) by address."""
+    """Peers we refuse for a while (:data:`BAN_SECONDS`): by peer id and by endpoint. Never a
+    whole address: a node's agent must not pay for a liar that shares its address, and one
+    contributor's fault never reaches the others (see SwarmCore.piece_failed)."""
 
-    def __init__(self, *, by_address: bool) -> None:
-        self.by_address = by_address
-        self._ids: set[bytes] = set()
-        self._addresses: set[str] = set()
-        self._endpoints: set[tuple[str, int]] = set()
+    def __init__(self, seconds: float = BAN_SECONDS) -> None:
+        self.seconds = seconds
+        self._ids: dict[bytes, float] = {}
+        self._endpoints: dict[tuple[str, int], float] = {}
 
-    def ban(self, peer_id: bytes, address: tuple[str, int]) -> None:
-        self._ids.add(peer_id)
-        self._endpoints.add(address)
-        if self.by_address:
-            self._addresses.add(address[0])
+    def ban(self, peer_id: bytes, address: tuple[str, int] | None) -> None:
+        until = trio.current_time() + self.seconds
+        self._ids[peer_id] = until
+        if address is not None:
+            self._endpoints[address] = until
 
     def is_banned(self, peer_id: bytes | None, host: str, port: int | None = None) -> bool:
-        return (
-            (peer_id is not None and peer_id in self._ids)
-            or host in self._addresses
-            or (port is not None and (host, port) in self._endpoints)
-        )
+        now = trio.current_time()
+        if peer_id is not None and self._ids.get(peer_id, -1.0) > now:
+            return True
+        return port is not None and self._endpoints.get((host, port), -1.0) > now
+
+    def expire(self) -> None:
+        now = trio.current_time()
+        for table in (self._ids, self._endpoints):
+            for key in [k for k, until in table.items() if until <= now]:
+                del table[key]  # type: ignore[arg-type]
 
 
 class ConnectionSlots:
-    """The process-wide bound on peer connections."""
+    """The process-wide bound on peer connections. A fifth of them (at least 4) is kept for
+    the connections we dial, so peers dialling us cannot crowd out our own downloads."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
+        self.kept_for_dialling = min(limit // 2, max(4, limit // 5))
         self.used = 0
 
-    def reserve(self) -> bool:
-        if self.used >= self.limit:
+    def reserve(self, *, outgoing: bool = True) -> bool:
+        limit = self.limit if outgoing else self.limit - self.kept_for_dialling
+        if self.used >= limit:
             return False
         self.used += 1
         return True
 
     def release(self) -> None:
         self.used -= 1
+
+
+MAX_PENDING_HANDSHAKES = 64
+"""Incoming connections waiting for their handshake, in all."""
+MAX_PENDING_PER_ADDRESS = 8
+"""... and from one address."""
+
+
+class PendingHandshakes:
+    """The small budget of incoming connections that have not handshaken yet."""
+
+    def __init__(
+        self, limit: int = MAX_PENDING_HANDSHAKES, per_address: int = MAX_PENDING_PER_ADDRESS
+    ) -> None:
+        self.limit = limit
+        self.per_address = per_address
+        self.total = 0
+        self._by_address: dict[str, int] = {}
+
+    def admit(self, host: str) -> bool:
+        count = self._by_address.get(host, 0)
+        if self.total >= self.limit or count >= self.per_address:
+            return False
+        self._by_address[host] = count + 1
+        self.total += 1
+        return True
+
+    def leave(self, host: str) -> None:
+        self.total -= 1
+        count = self._by_address[host] - 1
+        if count:
+            self._by_address[host] = count
+        else:
+            del self._by_address[host]
 
 
 @dataclass(eq=False)

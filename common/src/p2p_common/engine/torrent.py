@@ -418,7 +418,7 @@ class Torrent:
                 async with stream:
                     transport = make_transport(stream)
                     await transport.send_all(engine.handshake_for(self.info_hash))
-                    protocol = wire.PeerProtocol(max_block=engine.max_block)
+                    protocol = wire.PeerProtocol(max_block=wire.MAX_FOREIGN_REQUEST)
                     with trio.fail_after(HANDSHAKE_TIMEOUT):
                         handshake = await read_handshake(transport, protocol)
                     if handshake.peer_id == engine.peer_id:
@@ -473,25 +473,30 @@ class Torrent:
             return
         if ok:
             self._stored(ready.index, ready.data)
-            return
-        for session in self.core.piece_failed(ready.index, ready.contributors):
-            self.engine.bans.ban(session.peer_id, session.address)
+        else:
+            self._ban(self.core.piece_failed(ready.index, ready.contributors, ready.data), ready)
+
+    def _ban(self, peer_ids: list[bytes], ready: PieceReady | None) -> None:
+        for peer_id in peer_ids:
+            conn = self.connections.get(peer_id)
+            address = conn.session.address if conn is not None else None
+            self.engine.bans.ban(peer_id, address)
             log_event(
                 log,
                 "peer.banned",
                 logging.WARNING,
-                peer=repr(session),
-                piece=ready.index,
+                peer=repr(conn.session) if conn is not None else peer_id.hex(),
+                piece=ready.index if ready is not None else None,
                 reason="bad data",
             )
-            conn = self.connections.get(session.peer_id)
             if conn is not None:
                 conn.close()
 
-    def _stored(self, index: int, data: bytes | bytearray) -> None:
+    def _stored(self, index: int, data: bytes | bytearray | None) -> None:
+        """``data``: the verified piece (None when it arrived in the store another way)."""
         now = trio.current_time()
-        self.core.piece_stored(index, now)
-        if self.on_stored is not None:
+        self._ban(self.core.piece_stored(index, now, data), None)
+        if self.on_stored is not None and data is not None:
             self.on_stored(index, data)
         event = self._piece_events.pop(index, None)
         if event is not None:
@@ -536,7 +541,7 @@ class Torrent:
         """An ingesting torrent's store holds piece ``index`` now (fetched elsewhere, checked
         there): offer it once its chunk is published."""
         if index not in self.core.picker.have:
-            self._stored(index, b"")
+            self._stored(index, None)
 
     # -- tracker ---------------------------------------------------------------------------------
 
