@@ -54,7 +54,7 @@ from tests.demo.origin import (
 )
 from tests.demo.progress import MB, Board, mb
 from tests.demo.pull import PullError, PullResult, pull, verify_files
-from tests.demo.report import AgentReport, Summary, Traffic, read_traffic
+from tests.demo.report import AgentReport, Summary, Traffic, metric, parse_metrics, read_traffic
 
 __all__ = ["DemoError", "Options", "main", "parse_args"]
 
@@ -319,10 +319,34 @@ async def _watch(cluster: Cluster) -> NoReturn:
         await trio.sleep(0.25)
 
 
+ORIGIN_BYTES = "p2p_proxy_origin_bytes_total"
+"""The proxies' counter of blob bytes received from the origin."""
+
+
+async def _watch_origin_fetch(cluster: Cluster, image: DemoImage, done: list[float]) -> None:
+    """Append the ``time.monotonic()`` at which the proxies together have received every blob
+    byte of the image from the origin (their ``p2p_proxy_origin_bytes`` counters), polled every
+    0.1 s; the pulls' first bytes before that moment are the pipelining."""
+    proxies = [service for service in cluster.services if service.kind == "proxy"]
+    async with httpx.AsyncClient(trust_env=False, timeout=5.0) as client:
+        while True:
+            received = 0.0
+            for proxy in proxies:
+                with contextlib.suppress(httpx.HTTPError):
+                    response = await client.get(proxy.metrics_url)
+                    received += metric(parse_metrics(response.text), ORIGIN_BYTES)
+            if received >= image.blob_bytes:
+                done.append(time.monotonic())
+                return
+            await trio.sleep(0.1)
+
+
 async def _pull_all(
-    cluster: Cluster, image: DemoImage, workdir: Path, board: Board
+    cluster: Cluster, image: DemoImage, workdir: Path, board: Board, origin_done: list[float]
 ) -> dict[str, PullResult]:
-    """Pull through every agent at once; fail on the first error or a dead service."""
+    """Pull through every agent at once; fail on the first error or a dead service. The
+    moment the proxies hold the whole image is appended to ``origin_done`` if it comes
+    before the pulls end."""
     results: dict[str, PullResult] = {}
     http_timeout = httpx.Timeout(connect=5.0, read=60.0, write=30.0, pool=30.0)
 
@@ -358,6 +382,7 @@ async def _pull_all(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(board.run)
             nursery.start_soon(_watch, cluster)
+            nursery.start_soon(_watch_origin_fetch, cluster, image, origin_done)
             async with trio.open_nursery() as pulls:
                 for agent in cluster.agents:
                     pulls.start_soon(one, agent)
@@ -403,10 +428,10 @@ async def _read_traffic(cluster: Cluster, image: DemoImage) -> dict[str, Traffic
 
 
 async def _report(
-    cluster: Cluster, image: DemoImage, results: dict[str, PullResult]
+    cluster: Cluster, image: DemoImage, results: dict[str, PullResult], t0: float
 ) -> list[AgentReport]:
     """Verify every pull against the image (two hashing threads) while reading the agents'
-    metrics."""
+    metrics. Times are seconds after ``t0`` (when the pulls began)."""
     expected = {digest: blob.size for digest, blob in image.blobs().items()}
     limiter = trio.CapacityLimiter(2)
     problems: dict[str, list[str]] = {}
@@ -433,9 +458,16 @@ async def _report(
             verified=not problems[agent.name],
             problems=problems[agent.name],
             traffic=traffic[agent.name],
+            first_byte=_first_layer_byte(results[agent.name]) - t0,
         )
         for agent in cluster.agents
     ]
+
+
+def _first_layer_byte(result: PullResult) -> float:
+    """When the pull's first layer byte arrived (``time.monotonic()``); ``blobs[0]`` is the
+    config."""
+    return min((blob.first_byte for blob in result.blobs[1:]), default=result.finished)
 
 
 async def run(options: Options, workdir: Path, processes: ProcessSet, console: Console) -> Summary:
@@ -491,9 +523,10 @@ async def run(options: Options, workdir: Path, processes: ProcessSet, console: C
         console.step(4, f"pulling {image.reference} through {len(agents)} agents at once")
         board = Board([a.name for a in agents], console.out, interactive=console.interactive)
         t0 = time.monotonic()
+        origin_done: list[float] = []
         try:
             with trio.fail_after(options.timeout):
-                results = await _pull_all(cluster, image, workdir, board)
+                results = await _pull_all(cluster, image, workdir, board, origin_done)
         except trio.TooSlowError:
             states = ", ".join(f"{x.name} {x.fraction():.0%}" for x in board.lanes.values())
             raise DemoError(
@@ -502,7 +535,7 @@ async def run(options: Options, workdir: Path, processes: ProcessSet, console: C
         pull_seconds = time.monotonic() - t0
 
         sent = (await origin.stats()).since(before)
-        reports = await _report(cluster, image, results)
+        reports = await _report(cluster, image, results, t0)
         summary = Summary(
             origin_kind=origin.kind,
             origin_description=origin.description,
@@ -517,6 +550,7 @@ async def run(options: Options, workdir: Path, processes: ProcessSet, console: C
             pull_seconds=pull_seconds,
             agents=reports,
             setup_seconds=t0 - started,
+            origin_done=origin_done[0] - t0 if origin_done else None,
         )
         console.step(5, "verified every pulled blob against the pushed image; summary:")
         for text in [*summary.table(), "", *summary.overall()]:

@@ -53,6 +53,8 @@ class PulledBlob:
     digest: str
     size: int
     path: Path
+    first_byte: float = 0.0
+    """``time.monotonic()`` when the first body byte arrived (the end, for an empty blob)."""
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,7 @@ async def _fetch_blob_or_raise(
 ) -> PulledBlob:
     hasher = hashlib.sha256()
     received = 0
+    first_byte = 0.0
     async with client.stream("GET", url) as response:
         if response.status_code != 200:
             body = b""
@@ -155,6 +158,8 @@ async def _fetch_blob_or_raise(
         try:
             buffer = bytearray()
             async for chunk in response.aiter_raw():
+                if not received and chunk:
+                    first_byte = time.monotonic()
                 received += len(chunk)
                 if received > size:
                     raise PullError(f"GET {url}: more than the {size} bytes of the descriptor")
@@ -172,7 +177,7 @@ async def _fetch_blob_or_raise(
     got = "sha256:" + hasher.hexdigest()
     if got != digest:
         raise PullError(f"GET {url}: the bytes hash to {got}")
-    return PulledBlob(digest, size, path)
+    return PulledBlob(digest, size, path, first_byte or time.monotonic())
 
 
 async def pull(

@@ -151,6 +151,8 @@ class AgentReport:
     verified: bool
     problems: list[str] = field(default_factory=list)
     traffic: Traffic = field(default_factory=Traffic)
+    first_byte: float = 0.0
+    """Seconds from the start of the pulls to the first layer byte this agent served."""
 
     @property
     def rate(self) -> float:
@@ -175,6 +177,9 @@ class Summary:
     agents: list[AgentReport]
     setup_seconds: float = 0.0
     origin_manifest_gets: int = 0
+    origin_done: float | None = None
+    """Seconds from the start of the pulls until the proxies had received every blob byte from
+    the origin (None: not seen before the pulls ended)."""
 
     @property
     def verified(self) -> bool:
@@ -196,7 +201,7 @@ class Summary:
     def table(self) -> list[str]:
         """The per-agent table."""
         header = (
-            f"  {'agent':<9} {'pull time':>9} {'MB/s':>7} {'from agents':>12} "
+            f"  {'agent':<9} {'first byte':>10} {'pull time':>9} {'MB/s':>7} {'from agents':>12} "
             f"{'from proxies':>13} {'HTTP fallback':>14} {'uploaded':>9}  verified"
         )
         lines = [header, "  " + "-" * (len(header) - 2)]
@@ -204,14 +209,15 @@ class Summary:
             t = agent.traffic
             verdict = f"yes, {agent.blobs} blobs" if agent.verified else "NO"
             lines.append(
-                f"  {agent.name:<9} {agent.seconds:7.2f} s {agent.rate / MB:7.1f} "
+                f"  {agent.name:<9} {agent.first_byte:8.2f} s {agent.seconds:7.2f} s "
+                f"{agent.rate / MB:7.1f} "
                 f"{mb(t.from_agents):>9} MB {mb(t.from_proxies):>10} MB "
                 f"{mb(t.from_http_fallback):>11} MB {mb(t.uploaded):>6} MB  {verdict}"
             )
         total = self.total_traffic()
         slowest = max((a.seconds for a in self.agents), default=0.0)
         lines.append(
-            f"  {'all':<9} {slowest:7.2f} s {'':>7} {mb(total.from_agents):>9} MB "
+            f"  {'all':<9} {'':>10} {slowest:7.2f} s {'':>7} {mb(total.from_agents):>9} MB "
             f"{mb(total.from_proxies):>10} MB {mb(total.from_http_fallback):>11} MB "
             f"{mb(total.uploaded):>6} MB"
         )
@@ -273,7 +279,23 @@ class Summary:
                 else "VERIFICATION FAILED"
             ),
             f"  peers        {peers}",
+            f"  pipelining   {self.pipelining()}",
         ]
+
+    def pipelining(self) -> str:
+        """Did the agents get bytes while the proxies were still fetching from the origin?"""
+        if not self.agents:
+            return "no agents"
+        latest = max(agent.first_byte for agent in self.agents)
+        firsts = f"every agent was serving layer bytes by {latest:.2f} s"
+        if self.origin_done is None:
+            return f"{firsts}; the proxies' origin counters did not reach the image's size"
+        early = sum(1 for agent in self.agents if agent.first_byte < self.origin_done)
+        return (
+            f"the proxies had the whole image from the origin at {self.origin_done:.2f} s; "
+            f"{firsts} ({early} of {len(self.agents)} agents before the proxies had it all: "
+            f"the swarm does not wait for whole blobs)"
+        )
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)

@@ -77,6 +77,10 @@ def _check_success(
         assert agent["blobs"] == 6
         # The agent's own metrics account for the image.
         assert sum(agent["traffic"]["sources"].values()) >= image, agent
+        assert 0 < agent["first_byte"] <= agent["seconds"], agent
+    # The proxies' counters saw the whole image arrive from the origin during the pulls.
+    assert summary["origin_done"] is not None
+    assert 0 < summary["origin_done"] <= summary["pull_seconds"]
     # The point of p2p: the origin sent about one image, not one per agent.
     assert 0 < summary["origin_bytes"] <= 1.1 * image
     assert summary["origin_ratio"] <= 1.1
@@ -90,6 +94,7 @@ def _check_success(
     assert "every blob byte-identical to the pushed image (sha256)" in out
     assert f"pulled byte-identical through {agents} agents" in out.splitlines()[-1]
     assert "yes, 6 blobs" in out
+    assert "pipelining   the proxies had the whole image from the origin at" in out
     assert not Path(doc["workdir"]).exists()  # the temporary work directory is removed
     return dict(summary)
 
@@ -113,6 +118,20 @@ def test_demo_with_the_distribution_registry(tmp_path: Path) -> None:
         "agent-2",
         "agent-3",
     }
+
+
+def test_agents_serve_layer_bytes_while_the_proxies_still_fetch(tmp_path: Path) -> None:
+    """Pipelining: with an origin held to 12 MB/s, the proxies need about 5 s for the 60 MB
+    image, and every agent serves its first layer bytes long before that."""
+    done, doc = _run(
+        tmp_path, "--agents", "3", "--size-mb", "60", "--builtin-origin", "--origin-rate", "12"
+    )
+    summary = _check_success(done, doc, 3)
+    origin_done = summary["origin_done"]
+    assert origin_done >= 60 / 12 * 0.9  # the pace held: the origin took about 5 s
+    for agent in summary["agents"]:
+        assert agent["first_byte"] < origin_done, agent
+    assert "(3 of 3 agents before the proxies had it all" in done.stdout
 
 
 def test_demo_with_the_builtin_origin(tmp_path: Path) -> None:

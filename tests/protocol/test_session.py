@@ -175,7 +175,8 @@ def test_a_liar_mixing_blocks_with_an_honest_seed_cannot_frame_it() -> None:
     banned = pump_all([to_honest, to_liar])
     assert leech.failed_pieces  # some pieces really were mixed and failed
     assert banned == [liar.peer_id]
-    assert to_liar.closed and not to_honest.closed
+    assert to_liar.closed
+    assert not to_honest.closed
     assert bytes(leech.store.data) == content
 
 

@@ -166,6 +166,15 @@ def test_summary_table_and_claims() -> None:
     assert doc["agents"][0]["traffic"]["from_agents"] == 600
     assert doc["agents"][0]["traffic"]["from_proxies"] == 400
     assert doc["agents"][0]["traffic"]["sources"]["proxy_stream"] == 100
+    assert "pipelining" in overall
+    assert "did not reach" in overall
+    summary.origin_done = 1.5
+    summary.agents[0].first_byte = 0.4
+    summary.agents[1].first_byte = 1.7
+    line = summary.pipelining()
+    assert "whole image from the origin at 1.50 s" in line
+    assert "by 1.70 s (1 of 2 agents before the proxies had it all" in line
+    assert "0.40 s" in "\n".join(summary.table())
     failed = _summary(1000, verified=False)
     assert not failed.verified
     assert "VERIFICATION FAILED" in "\n".join(failed.overall())

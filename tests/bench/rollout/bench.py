@@ -212,11 +212,17 @@ class Bench:
         """Wait until the access log holds every request answered so far (a marker request)."""
         assert self.registry is not None
         marker = uuid.uuid4().hex
-        self.network.http(
-            self.network.nodes[0], f"http://{ORIGIN_IP}:{REGISTRY_PORT}/v2/?p2p-log-marker={marker}"
-        )
+        url = f"http://{ORIGIN_IP}:{REGISTRY_PORT}/v2/?p2p-log-marker={marker}"
+        # A loaded machine (dozens of nodes on two cores) can lose the first SYN or answer
+        # late: ask again until the registry answers, then wait for its log line.
+        for _ in range(5):
+            status, _body = self.network.http(self.network.nodes[0], url, timeout=10.0)
+            if status == 200:
+                break
+        else:
+            raise RolloutError(f"the registry never answered the log marker request ({url})")
         self.registry.wait_until(
-            lambda: marker in self._registry_log(), 10.0, "the marker in the access log"
+            lambda: marker in self._registry_log(), 30.0, "the marker in the access log"
         )
 
     def _processes(self) -> dict[str, ManagedProcess]:
