@@ -441,3 +441,39 @@ def test_a_seed_is_asked_for_priority_pieces_only_when_no_other_peer_has_them() 
     assert from_seed == [(2, 0)]  # not 0 or 1: the other agent has those
     from_agent = keys(picker.pick(bits(10, [0, 1]), PIECE, 2))
     assert from_agent == [(0, 0), (1, 0)]
+
+
+# --- smart ban: a piece mixed from several peers is asked of one peer alone ----------------------
+
+
+def test_a_mixed_failed_piece_goes_whole_to_one_peer_and_is_anyones_again_after() -> None:
+    picker = PiecePicker(1, PIECE, PIECE, rng=random.Random(1), random_first=0)
+    a_blocks = picker.pick(full(1), 16 * KIB, 2, who="a")
+    b_blocks = picker.pick(full(1), 16 * KIB, 100, who="b")
+    assert a_blocks
+    assert b_blocks  # without the rule, two peers share the piece's blocks
+    for block in a_blocks + b_blocks:
+        picker.block_received(block)
+    picker.piece_verifying(0)
+    picker.piece_failed(0, single_source=True)
+    whole = picker.pick(full(1), 16 * KIB, 2, who="a")
+    assert sum(b.length for b in whole) == PIECE  # the whole piece, past the count asked for
+    assert picker.pick(full(1), 16 * KIB, 100, who="b") == []  # b may not add blocks to it
+    for block in whole:
+        picker.block_received(block)
+    picker.piece_verifying(0)
+    picker.piece_failed(0)  # a's copy alone was bad too: a is banned; the piece is anyone's
+    assert sum(b.length for b in picker.pick(full(1), 16 * KIB, 100, who="b")) == PIECE
+
+
+def test_a_gone_peer_releases_the_piece_it_was_to_send_whole() -> None:
+    picker = PiecePicker(1, PIECE, PIECE, rng=random.Random(1), random_first=0)
+    picker.piece_failed(0, single_source=True)
+    taken = picker.pick(full(1), 16 * KIB, 2, who="a")
+    picker.block_received(taken[0])  # a sent one block, then went away
+    assert picker.pick(full(1), 16 * KIB, 100, who="b") == []
+    for block in taken[1:]:
+        picker.block_failed(block)
+    picker.release("a")
+    rest = picker.pick(full(1), 16 * KIB, 100, who="b")
+    assert sum(b.length for b in rest) == PIECE - taken[0].length

@@ -224,7 +224,7 @@ class PiecePicker:
             # Duplicates only for a peer with nothing else to do: with deep queues of
             # whole-piece requests the endgame starts early, and duplicating everything then
             # costs a fifth of the swarm's upload (measured in the demo).
-            self._endgame(peer, units_per_block, count, {}, blocks)
+            self._endgame(peer, units_per_block, count, {}, blocks, who=who)
         return blocks
 
     def _take(
@@ -262,6 +262,12 @@ class PiecePicker:
                 unit += 1
             partial.free -= unit - first
             out.append(Block(index, first * UNIT, length))
+
+    def release(self, who: Hashable) -> None:
+        """Peer ``who`` is gone: the pieces it was to send whole may go to another peer."""
+        for index, owner in self._single_source.items():
+            if owner == who:
+                self._single_source[index] = None
 
     def _units_of(self, index: int) -> int:
         return (self.piece_size(index) + UNIT - 1) // UNIT
@@ -345,12 +351,16 @@ class PiecePicker:
         count: int,
         outstanding: Mapping[tuple[int, int], Block],
         out: list[Block],
+        *,
+        who: Hashable = None,
     ) -> None:
         # Units this peer is already asked for, by this call or by earlier requests.
         busy = {(b.index, unit) for b in (*outstanding.values(), *out) for unit in self._units(b)}
         for index, partial in self._partials.items():
             if peer is not None and index not in peer:
                 continue
+            if self._single_source.get(index, who) != who:
+                continue  # one peer sends this piece whole: no duplicates to mix in
             unit = 0
             while unit < partial.units and len(out) < count:
                 if (
@@ -436,8 +446,8 @@ class PiecePicker:
     def piece_failed(self, index: int, *, single_source: bool = False) -> None:
         """The piece's hash did not match: every unit is wanted again; ``single_source``: from
         one peer alone next time (the copy mixed blocks of several peers)."""
-        if single_source:
-            self._single_source[index] = None
+        if single_source or index in self._single_source:
+            self._single_source[index] = None  # whoever sent this copy, the next is anyone's
         self._verifying.discard(index)
         self._partials.pop(index, None)
         if self.wanted(index):

@@ -138,6 +138,7 @@ class SwarmCore:
         if self.sessions.get(session.peer_id) is session:
             del self.sessions[session.peer_id]
         session.release_requests()
+        self.picker.release(session.peer_id)
         for index in session.offers:
             self._offered_now[index] -= 1
             if not self._offered_now[index]:
