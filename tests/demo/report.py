@@ -292,7 +292,7 @@ class Summary:
             return f"{firsts}; the proxies' origin counters did not reach the image's size"
         early = sum(1 for agent in self.agents if agent.first_byte < self.origin_done)
         return (
-            f"the proxies had the whole image from the origin at {self.origin_done:.2f} s; "
+            f"the proxies had the whole image from the origin by {self.origin_done:.2f} s; "
             f"{firsts} ({early} of {len(self.agents)} agents before the proxies had it all: "
             f"the swarm does not wait for whole blobs)"
         )

@@ -94,7 +94,7 @@ def _check_success(
     assert "every blob byte-identical to the pushed image (sha256)" in out
     assert f"pulled byte-identical through {agents} agents" in out.splitlines()[-1]
     assert "yes, 6 blobs" in out
-    assert "pipelining   the proxies had the whole image from the origin at" in out
+    assert "pipelining   the proxies had the whole image from the origin by" in out
     assert not Path(doc["workdir"]).exists()  # the temporary work directory is removed
     return dict(summary)
 

@@ -7,6 +7,7 @@ import pytest
 from p2p_common import wire
 from p2p_common.bitfield import Bitfield
 from p2p_common.session import (
+    MAX_AVAILABILITY_MESSAGES,
     MAX_OUTBOX_BYTES,
     MAX_REFUSED,
     SNUB_AFTER,
@@ -248,6 +249,26 @@ def test_a_late_bitfield_replaces_what_was_known() -> None:
     assert list(session.peer_bits) == [3]
     assert leech.core.picker.availability(3) == 1
     assert leech.core.picker.availability(4) == 0
+
+
+def test_bitfields_that_grow_are_batched_haves_and_repeats_without_news_end_the_session() -> None:
+    """aria2 sends a whole bitfield instead of 20 or more HAVEs, many times per torrent; only
+    a bitfield that tells nothing new is a strike."""
+    seed, leech, _ = seed_and_leech(pieces=64)
+    pair = Pair(seed, leech, extensions=False)
+    pair.pump()
+    session: PeerSession = pair.a  # the seed's view of the leech
+    bits = Bitfield(64)
+    for index in range(64):
+        bits.set(index)
+        session.receive(wire.BitfieldMessage(bits.copy()), 0.0)  # one new piece each time
+    assert session.error is None
+    assert session.peer_bits.count == 64
+    # the leech's opening (empty) bitfield told nothing either: that was the first
+    for _ in range(MAX_AVAILABILITY_MESSAGES - 1):
+        session.receive(wire.BitfieldMessage(bits.copy()), 0.0)
+    with pytest.raises(Exception, match="bitfield"):
+        session.receive(wire.BitfieldMessage(bits.copy()), 0.0)
 
 
 def test_a_piece_the_peer_reports_is_never_revealed_to_it_again() -> None:

@@ -172,7 +172,7 @@ def test_summary_table_and_claims() -> None:
     summary.agents[0].first_byte = 0.4
     summary.agents[1].first_byte = 1.7
     line = summary.pipelining()
-    assert "whole image from the origin at 1.50 s" in line
+    assert "whole image from the origin by 1.50 s" in line
     assert "by 1.70 s (1 of 2 agents before the proxies had it all" in line
     assert "0.40 s" in "\n".join(summary.table())
     failed = _summary(1000, verified=False)

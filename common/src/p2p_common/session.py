@@ -22,7 +22,7 @@ swarm every index is global; translation happens only where messages are encoded
 Every per-connection queue is bounded: messages waiting to be sent (:data:`MAX_OUTBOX_BYTES`),
 requests to serve (:data:`MAX_UPLOAD_QUEUE`), requests refused while the peer is choked
 (:data:`MAX_REFUSED`), unrequested block data (:data:`MAX_UNREQUESTED_BYTES`); so is the work a
-peer can make us do: bitfields (:data:`MAX_AVAILABILITY_MESSAGES`) and HAVEs
+peer can make us do: bitfields without news (:data:`MAX_AVAILABILITY_MESSAGES`) and HAVEs
 (:data:`HAVE_ALLOWANCE` beyond two per piece). A peer that exceeds one is dropped
 (:class:`~p2p_common.errors.RemoteError`).
 """
@@ -49,8 +49,11 @@ MAX_UNREQUESTED_BYTES = 16 * 1024 * 1024
 """Unrequested block data we tolerate from one peer before dropping it (requests cancelled in
 the endgame may still arrive: at most one queue of :data:`IN_FLIGHT_BYTES`)."""
 MAX_AVAILABILITY_MESSAGES = 3
-"""BITFIELD / HAVE ALL / HAVE NONE per connection (one, or aria2's have-none then bitfield);
-each costs work in proportion to the torrent, so a peer that keeps sending them is dropped."""
+"""BITFIELD / HAVE ALL / HAVE NONE messages per connection that reveal no new piece (the first
+one, aria2's have-none then bitfield). Each costs work in proportion to the torrent, so a peer
+that keeps sending them without news is dropped. A later bitfield that does reveal pieces is
+a batch of HAVEs (aria2 sends one instead of 20 or more HAVEs) and is charged to
+:data:`HAVE_ALLOWANCE` by the pieces it adds."""
 HAVE_ALLOWANCE = 1024
 """HAVEs a peer may send beyond two per piece of its window (redundant HAVEs included)."""
 IN_FLIGHT_BYTES = 8 * 1024 * 1024
@@ -458,9 +461,7 @@ class PeerSession:
 
     def _on_availability(self, event: wire.Event) -> None:
         # Normally the first message; a late one replaces what we knew (aria2 does this).
-        self._availability_messages += 1
-        if self._availability_messages > MAX_AVAILABILITY_MESSAGES:
-            raise RemoteError("keeps sending its bitfield")
+        before = self.peer_bits.count
         picker = self.swarm.picker
         self.forget_availability()
         self.peer_seed = False
@@ -485,6 +486,16 @@ class PeerSession:
             local = range(count) if isinstance(event, wire.HaveAll) else event.bits  # type: ignore[union-attr]
             for index in local:
                 self._peer_has(first + index)
+        news = self.peer_bits.count - before
+        if news > 0:
+            self._haves += news
+        else:
+            self._availability_messages += 1
+        if (
+            self._availability_messages > MAX_AVAILABILITY_MESSAGES
+            or self._haves > 2 * self.window.count + HAVE_ALLOWANCE
+        ):
+            raise RemoteError("keeps sending its bitfield")
         self.update_interest()
         self.fill_requests()
 
