@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -296,3 +297,59 @@ def test_peer_port_in_use_exits_1(
     done = run_to_exit(tmp_path, config_text(registry, tmp_path / "two", peerPort=taken))
     assert done.returncode == 1
     assert "cannot listen" in done.stderr.strip().splitlines()[-1]
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def _fallback_bytes(port: int) -> float:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    for line in text.splitlines():
+        if line.startswith("p2p_proxy_http_fallback_bytes_total "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def test_clients_that_never_read_pin_little_memory_and_do_not_hold_up_a_stop(
+    origin: tuple[Registry, images.Image], tmp_path: Path, launch: Callable[..., ProxyProcess]
+) -> None:
+    """40 clients ask for a cached 32 MiB blob and never read: the proxy's memory grows by
+    little (not a body chunk per client), a normal client is still served, and SIGTERM
+    ends the process within ``shutdownTimeout`` plus a little whatever they do."""
+    registry, image = origin
+    blob = image.layers[1]
+    proxy = launch(config_text(registry, tmp_path / "data", shutdownTimeout=3, sendTimeout=2))
+    port = proxy.wait_event("proxy.listening")["port"]
+    path = f"/v2/library/app/blobs/{blob.digest}"
+    url = f"http://127.0.0.1:{port}{path}"
+    assert httpx.get(url, timeout=60).content == blob.data  # cached now
+    before = _rss(proxy.proc.pid)
+    stalled = []
+    for _ in range(40):
+        client = socket.create_connection(("127.0.0.1", port))
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.sendall(f"GET {path} HTTP/1.1\r\nHost: proxy\r\n\r\n".encode())
+        stalled.append(client)
+    try:
+        # Every stalled response has started: the proxy counted its first body chunk.
+        deadline = time.monotonic() + 30
+        while _fallback_bytes(port) < blob.size + 40 * 64 * 1024:
+            assert time.monotonic() < deadline, "the stalled responses never started"
+            time.sleep(0.05)
+        grown = _rss(proxy.proc.pid) - before
+        # Unbounded, each held a 4 MiB chunk (130 MiB measured). Now the send budget (16 MiB)
+        # and a small chunk each beyond it: 27-35 MiB measured.
+        assert grown < 64 * MiB, f"RSS grew by {grown / MiB:.0f} MiB"
+        assert httpx.get(url, timeout=60).content == blob.data
+        started = time.monotonic()
+        proxy.proc.send_signal(signal.SIGTERM)
+        # Hypercorn cannot cancel a blocked write; the send timeout (2 s) cuts them.
+        assert proxy.proc.wait(3 + 10) == 0
+        assert time.monotonic() - started < 3 + 5
+    finally:
+        for client in stalled:
+            client.close()

@@ -49,6 +49,7 @@ from p2p_common.errors import LocalError
 from p2p_common.ingest import Ingest, IngestError, OrderedHasher
 from p2p_common.logs import event
 from p2p_common.oci import ErrorCode, OCIError
+from p2p_common.sendmem import SEND_MEMORY
 from p2p_common.storage import BlobDamagedError, PieceFile
 
 log = logging.getLogger("p2p.agent.downloads")
@@ -73,13 +74,23 @@ def _disk_full(error: BaseException | None) -> bool:
 
 @dataclass(frozen=True)
 class BlobRequest:
-    """The blob a download is for, and whose credentials it is fetched with."""
+    """The blob a download is for, and whose credentials it is fetched with.
+
+    Its repr (in tracebacks, debuggers, test output) never shows the credentials.
+    """
 
     ns: str
     name: str
     digest: str
     size: int
-    authorization: str | None
+    authorization: str | None = field(repr=False)
+
+    def __repr__(self) -> str:
+        credentials = "None" if self.authorization is None else "<redacted>"
+        return (
+            f"BlobRequest(ns={self.ns!r}, name={self.name!r}, digest={self.digest!r}, "
+            f"size={self.size!r}, authorization={credentials})"
+        )
 
 
 @dataclass(eq=False)
@@ -138,7 +149,7 @@ class SwarmDownload(Download):
                 reach = (index + 1) * meta.piece_length
                 while reach < limit and torrent.has_piece(reach // meta.piece_length):
                     reach += meta.piece_length
-                size = min(reach, limit) - position
+                size = SEND_MEMORY.chunk(min(reach, limit) - position)
                 data = await trio.to_thread.run_sync(self._read, fd, size, position)
                 position += size
                 yield data

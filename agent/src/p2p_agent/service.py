@@ -165,6 +165,7 @@ async def serve(
                     settings.listen,
                     shutdown_trigger=shutdown_trigger,
                     graceful_timeout=GRACEFUL_SECONDS,
+                    send_timeout=settings.send_timeout,
                     task_status=task_status,
                 )
             finally:

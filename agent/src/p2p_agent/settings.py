@@ -71,3 +71,6 @@ class AgentSettings(ServiceSettings):
     """Seconds an origin authorization decision is reused (same credentials, repository, blob)."""
     max_connections: int = Field(200, ge=1)
     """Most BitTorrent peer connections at once."""
+    send_timeout: float = Field(30.0, ge=1)
+    """Seconds a response waits for a client that takes none of its bytes before its
+    connection is cut (TCP_USER_TIMEOUT)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
 from p2p_common.oci import ErrorCode, OCIError
+from p2p_common.sendmem import SEND_MEMORY
 from p2p_common.settings import split_host_port
 from p2p_common.storage import StorageError
 
@@ -135,7 +137,7 @@ async def send_file_range(
     ``sent`` is told the size of every chunk that went out (for metrics)."""
     end = offset + length
     while offset < end:
-        size = min(FILE_CHUNK, end - offset)
+        size = SEND_MEMORY.chunk(min(FILE_CHUNK, end - offset))
         data = await trio.to_thread.run_sync(os.pread, fd, size, offset)
         if len(data) != size:
             raise StorageError(f"short read at {offset}")
@@ -158,6 +160,16 @@ class TrackedSend:
     async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.started = True
+        elif message["type"] == "http.response.body":
+            # Counted while the server holds it (p2p_common.sendmem): a client that does not
+            # read keeps this send waiting.
+            size = len(message.get("body", b""))
+            SEND_MEMORY.hold(size)
+            try:
+                await self._send(message)
+            finally:
+                SEND_MEMORY.release(size)
+            return
         await self._send(message)
 
 
@@ -187,8 +199,40 @@ async def lifespan(receive: Receive, send: Send) -> None:
             return
 
 
-def hypercorn_config(listen: str, *, graceful_timeout: float = 30.0) -> Config:
-    config = Config()
+SEND_TIMEOUT = 30.0
+"""Default seconds a response may wait for a client that takes none of its bytes."""
+
+
+class _Config(Config):
+    """Hypercorn's configuration, with a send timeout on its listening sockets.
+
+    Hypercorn shields its socket writes from cancellation, so a client that stops reading
+    holds its response (and a graceful stop) for ever; no timeout in the ASGI app can end it.
+    TCP_USER_TIMEOUT can: set on the listening socket it is inherited by every accepted
+    connection, and the kernel aborts a connection whose sent data stays unacknowledged, or
+    unsent behind a zero window, that long. The blocked write then fails and hypercorn closes
+    the connection. Idle keep-alive connections are not affected (``keep_alive_timeout``);
+    hypercorn's ``read_timeout`` is left unset because it would also cut long responses
+    whose clients have nothing to send.
+    """
+
+    send_timeout: float = SEND_TIMEOUT
+
+    def create_sockets(self) -> Any:
+        sockets = super().create_sockets()
+        for sock in sockets.insecure_sockets + sockets.secure_sockets:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(
+                    socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(self.send_timeout * 1000)
+                )
+        return sockets
+
+
+def hypercorn_config(
+    listen: str, *, graceful_timeout: float = 30.0, send_timeout: float = SEND_TIMEOUT
+) -> Config:
+    config = _Config()
+    config.send_timeout = send_timeout
     config.bind = [listen]
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
@@ -205,14 +249,16 @@ async def serve_app(
     *,
     shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
     graceful_timeout: float = 30.0,
+    send_timeout: float = SEND_TIMEOUT,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on ``listen`` (``host:port``; port 0 picks one) and report the port.
 
-    Returns after ``shutdown_trigger`` returns and in-flight requests finished (bounded
-    by ``graceful_timeout``); cancellation stops at once.
+    Returns after ``shutdown_trigger`` returns and in-flight requests finished (bounded by
+    ``graceful_timeout``, and for a client that stopped reading by ``send_timeout``);
+    cancellation stops at once (but for such clients, again within ``send_timeout``).
     """
-    config = hypercorn_config(listen, graceful_timeout=graceful_timeout)
+    config = hypercorn_config(listen, graceful_timeout=graceful_timeout, send_timeout=send_timeout)
 
     async def trigger() -> None:
         if shutdown_trigger is None:

@@ -25,6 +25,7 @@ import trio
 from p2p_common.engine.disk import DiskRunner
 from p2p_common.errors import LocalError, RemoteError
 from p2p_common.ratelimit import RateLimiter
+from p2p_common.sendmem import SEND_MEMORY
 
 BATCH_BYTES = 1024 * 1024
 """Most bytes received before they are written and hashed (one piece, when pieces are hashed)."""
@@ -170,7 +171,7 @@ class Ingest:
             changed = self._changed
             readable = min(self.written, self.length - (0 if self.verified else 1))
             if readable > position:
-                size = min(READ_CHUNK, readable - position, last + 1 - position)
+                size = SEND_MEMORY.chunk(min(READ_CHUNK, readable - position, last + 1 - position))
                 data = await self.disk.run(os.pread, fd, size, position)
                 if len(data) != size:
                     raise LocalError(f"short read of a blob being received at {position}")

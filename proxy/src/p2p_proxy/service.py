@@ -127,6 +127,7 @@ async def serve(
                         settings.listen,
                         shutdown_trigger=trigger,
                         graceful_timeout=settings.shutdown_timeout,
+                        send_timeout=settings.send_timeout,
                     )
                 )
                 app.ready = True

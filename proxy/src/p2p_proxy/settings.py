@@ -52,6 +52,9 @@ class ProxySettings(ServiceSettings):
     shutdown_timeout: float = Field(90.0, ge=0)
     """Seconds in-flight requests get to finish after SIGTERM before the proxy stops anyway
     (keep it below the pod's ``terminationGracePeriodSeconds``)."""
+    send_timeout: float = Field(30.0, ge=1)
+    """Seconds a response waits for a client that takes none of its bytes before its
+    connection is cut (TCP_USER_TIMEOUT); a stop waits at most this long for such clients."""
 
     @property
     def default_registry(self) -> str:
