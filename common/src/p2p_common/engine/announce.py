@@ -6,6 +6,10 @@ Each torrent ranks the resulting trackers by rendezvous hashing of its infohash,
 announces to the first that answers, and falls back to the next on failure; so all
 peers of one swarm meet at the same tracker without coordinating, and a restarted
 or lost tracker moves only its own swarms.
+
+Announces go straight to the trackers inside the cluster: the engine's default client
+(:func:`tracker_client`) ignores ``HTTP_PROXY``/``HTTPS_PROXY``/``ALL_PROXY`` and ``.netrc``
+in the environment, which would otherwise send every infohash through a corporate proxy.
 """
 
 from __future__ import annotations
@@ -31,6 +35,12 @@ log = logging.getLogger("p2p.announce")
 ANNOUNCE_TIMEOUT = 5.0
 MAX_RESPONSE_BYTES = 256 * 1024
 NUMWANT = 80
+
+
+def tracker_client() -> httpx.AsyncClient:
+    """An HTTP client for announces that takes nothing from the environment (no proxy
+    variables, no ``.netrc``)."""
+    return httpx.AsyncClient(trust_env=False)
 
 
 class Announcer:

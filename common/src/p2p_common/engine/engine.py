@@ -25,7 +25,7 @@ import trio
 
 from p2p_common import wire
 from p2p_common.blobinfo import BlobMetainfo
-from p2p_common.engine.announce import Announcer
+from p2p_common.engine.announce import Announcer, tracker_client
 from p2p_common.engine.disk import DiskRunner
 from p2p_common.engine.shared import Bans, ConnectionSlots, EngineShared, PendingHandshakes
 from p2p_common.engine.torrent import HANDSHAKE_TIMEOUT, Torrent, TorrentInfo, read_handshake
@@ -88,7 +88,7 @@ class Engine:
             download_limiter=RateLimiter(download_rate),
             upload_limiter=RateLimiter(upload_rate),
             disk=DiskRunner(),
-            announcer=Announcer(http_client or httpx.AsyncClient(), peer_id=self.peer_id),
+            announcer=Announcer(http_client or tracker_client(), peer_id=self.peer_id),
             bans=Bans(),
             slots=ConnectionSlots(max_connections),
             super_seed=super_seed,
