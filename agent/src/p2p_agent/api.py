@@ -57,6 +57,9 @@ CHALLENGE = 'Basic realm="p2p-agent"'
 ANONYMOUS_BASIC = frozenset({"Basic", "Basic Og==", "Basic Og"})
 """Basic credentials that say nothing: an empty user and password."""
 MAX_AUTH_ENTRIES = 10_000
+SHA256_ONLY = "only sha256 blobs are cached and verified here; fetch this one from the origin"
+"""The answer (404 UNSUPPORTED) for a valid blob digest of another algorithm (sha512): 404 so
+that containerd, in mirror mode, falls back to the origin."""
 
 
 class AuthCache:
@@ -201,6 +204,8 @@ class RegistryApp:
         elif route.kind == "blob":
             assert route.name is not None
             assert route.reference is not None
+            if not route.reference.startswith("sha256:"):
+                raise OCIError(ErrorCode.UNSUPPORTED, SHA256_ONLY, status=404)
             await self._blob(
                 request,
                 receive,

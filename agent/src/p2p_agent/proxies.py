@@ -32,17 +32,25 @@ _PASS_HEADERS = ("content-type", "docker-content-digest", "content-length", "eta
 
 
 def _error_from(response: httpx.Response, what: str) -> OCIError:
+    """The registry error for a proxy's 4xx/5xx answer (a ``HEAD`` answer has no body).
+
+    A refusal the agent cannot explain to its caller (a 4xx without a known code, or with
+    ``UNKNOWN``) is the proxy's disagreement with the agent, not the caller's mistake: 502.
+    """
+    status = response.status_code
     entries = parse_error_body(response.content)
     code = known_code(entries)
-    message = entries[0].message if entries else f"{what}: proxy answered {response.status_code}"
+    message = entries[0].message if entries else f"{what}: proxy answered {status}"
     if code is None:
         code = {
             401: ErrorCode.UNAUTHORIZED,
             403: ErrorCode.DENIED,
             404: ErrorCode.BLOB_UNKNOWN if "blob" in what else ErrorCode.MANIFEST_UNKNOWN,
             429: ErrorCode.TOOMANYREQUESTS,
-        }.get(response.status_code, ErrorCode.UNKNOWN)
-    return OCIError(code, message, status=response.status_code)
+        }.get(status, ErrorCode.UNKNOWN)
+    if (code is ErrorCode.UNKNOWN and status < 500) or status > 599:
+        return OCIError(ErrorCode.UNKNOWN, f"{what}: proxy answered {status}", status=502)
+    return OCIError(code, message, status=status)
 
 
 class ChunkFeed:
