@@ -408,7 +408,7 @@ class ProxyApp:
             registry=registry,
             repository=name,
             digest=digest,
-            info_hash=blob.info_hash.hex(),
+            chunks=len(blob.chunks),
         )
         await send_bytes(
             send,

@@ -132,13 +132,8 @@ class Seeder:
                     store.close()
                     raise
                 self._seeds[digest] = _Seed(torrent, store)
-                event(
-                    log,
-                    "proxy.seeding",
-                    logging.DEBUG,
-                    digest=digest,
-                    info_hash=meta.info_hash.hex(),
-                )
+                # By digest: the infohash is a capability for the swarm, never logged.
+                event(log, "proxy.seeding", logging.DEBUG, digest=digest, chunks=len(meta.chunks))
         finally:
             self._drop_lock(digest)
 
