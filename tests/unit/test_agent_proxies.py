@@ -8,7 +8,8 @@ import httpx
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from p2p_agent.proxies import _error_from
+from p2p_agent.api import AuthCache
+from p2p_agent.proxies import _error_from, _max_age
 from p2p_common.oci import ErrorCode
 
 CODES = [code.value for code in ErrorCode]
@@ -49,3 +50,31 @@ def test_known_refusals_keep_their_code_and_status() -> None:
     )
     unexplained = _error_from(httpx.Response(400, content=b""), "blob")
     assert (unexplained.code, unexplained.status) == (ErrorCode.UNKNOWN, 502)
+
+
+@given(st.text(max_size=40))
+@example("12.5")
+@example("nan")
+@example("-1")
+@example("inf")
+def test_a_proxy_max_age_is_a_finite_non_negative_number_or_nothing(value: str) -> None:
+    seconds = _max_age(value)
+    if seconds is not None:
+        assert 0 <= seconds < float("inf")
+        assert seconds == float(value)
+    assert _max_age("12.5") == 12.5
+    assert _max_age(None) is None
+
+
+def test_the_agent_keeps_a_grant_no_longer_than_the_proxy_may() -> None:
+    cache = AuthCache(ttl=60.0)
+    key = ("fp", "reg", "repo", "sha256:" + "1" * 64)
+    cache.put(key, 5, now=0.0, max_age=10.0)  # the proxy's grant had 10 s left
+    assert cache.get(key, 9.9) == 5
+    assert cache.get(key, 10.0) is None
+    cache.put(key, 5, now=0.0, max_age=None)  # an older proxy that does not say: our own TTL
+    assert cache.get(key, 59.9) == 5
+    cache.put(key, 6, now=100.0, max_age=1000.0)  # never longer than our own TTL
+    assert cache.get(key, 160.0) is None
+    cache.put(key, 7, now=200.0, max_age=0.0)  # a proxy that does not cache: neither do we
+    assert cache.get(key, 200.0) is None

@@ -227,6 +227,10 @@ async def test_authorizer_asks_once_per_key(nursery: trio.Nursery) -> None:
         now[0] = 61.0
         assert await authorizer.authorize(client, REPO, digest, alice) == 1000
         assert len(origin.heads) == heads + 1
+        # What is left of a grant is what an agent may keep it for: never more.
+        assert await authorizer.grant(client, REPO, digest, alice) == (1000, 60.0)
+        now[0] = 101.0
+        assert await authorizer.grant(client, REPO, digest, alice) == (1000, 20.0)
 
 
 # --- fetching ---------------------------------------------------------------------------------

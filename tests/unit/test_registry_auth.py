@@ -378,6 +378,22 @@ def test_token_cache_expires_shortly_before_the_token() -> None:
     assert cache.get(key, 0.0) is None
 
 
+def test_a_token_is_reused_no_longer_than_the_credential_decisions() -> None:
+    """A token stands for the password shown to get it: with ``max_age`` (authCacheTtl) a
+    changed password stops working then, however long the token server lets it live."""
+    cache = ra.TokenCache(max_age=60.0)
+    key = ("fp", "repository:a:pull")
+    cache.put(key, ra.TokenResponse("t", 86400), now=0.0)
+    assert cache.get(key, 59.9) == "t"
+    assert cache.get(key, 60.0) is None
+    cache.put(key, ra.TokenResponse("short", 20), now=0.0)
+    assert cache.get(key, 17.9) == "short"  # the token's own life is shorter: it rules
+    assert cache.get(key, 18.0) is None
+    off = ra.TokenCache(max_age=0.0)
+    off.put(key, ra.TokenResponse("t", 300), now=0.0)
+    assert off.get(key, 0.0) is None
+
+
 def test_token_cache_is_bounded_and_keys_are_separate() -> None:
     cache = ra.TokenCache(max_entries=2)
     cache.put(("a", "s"), ra.TokenResponse("ta", 300), 0.0)

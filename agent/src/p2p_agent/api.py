@@ -86,10 +86,20 @@ class AuthCache:
             return None
         return entry[1]
 
-    def put(self, key: tuple[str, str, str, str], size: int, now: float) -> None:
-        if self.ttl <= 0:
+    def put(
+        self,
+        key: tuple[str, str, str, str],
+        size: int,
+        now: float,
+        *,
+        max_age: float | None = None,
+    ) -> None:
+        """Remember a grant for ``ttl`` seconds, or ``max_age`` if that is shorter (what is
+        left of the proxy's own grant)."""
+        ttl = self.ttl if max_age is None else min(self.ttl, max_age)
+        if ttl <= 0:
             return
-        self._entries[key] = (now + self.ttl, size)
+        self._entries[key] = (now + ttl, size)
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
@@ -224,8 +234,10 @@ class RegistryApp:
         now = trio.current_time()
         size = self.auth.get(key, now)
         if size is None:
-            size = await self.proxies.authorize_blob(ns, name, digest, authorization=authorization)
-            self.auth.put(key, size, now)
+            size, max_age = await self.proxies.authorize_blob(
+                ns, name, digest, authorization=authorization
+            )
+            self.auth.put(key, size, now, max_age=max_age)
         return size
 
     async def _blob(

@@ -11,6 +11,7 @@ through unchanged and never stored.
 from __future__ import annotations
 
 import logging
+import math
 import urllib.parse
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -24,6 +25,7 @@ from p2p_common.blobinfo import BlobMetainfo, FrameParser
 from p2p_common.discovery import Resolver
 from p2p_common.logs import event
 from p2p_common.oci import ErrorCode, OCIError, known_code, parse_error_body
+from p2p_common.registry_auth import AUTH_MAX_AGE_HEADER
 
 log = logging.getLogger("p2p.agent.proxies")
 
@@ -204,8 +206,9 @@ class ProxyClient:
 
     async def authorize_blob(
         self, ns: str, name: str, digest: str, *, authorization: str | None
-    ) -> int:
-        """Ask the origin (through a proxy) whether the caller may read this blob; its size."""
+    ) -> tuple[int, float | None]:
+        """Ask the origin (through a proxy) whether the caller may read this blob: its size,
+        and how long the proxy's grant may still be reused (None if it did not say)."""
         response = await self._send(
             "HEAD",
             f"/v2/{name}/blobs/{digest}",
@@ -216,9 +219,10 @@ class ProxyClient:
         if response.status_code >= 400:
             raise _error_from(response, "blob")
         try:
-            return int(response.headers["content-length"])
+            size = int(response.headers["content-length"])
         except (KeyError, ValueError):
             raise OCIError(ErrorCode.UNKNOWN, "proxy gave no blob size", status=502) from None
+        return size, _max_age(response.headers.get(AUTH_MAX_AGE_HEADER))
 
     async def metainfo(
         self, ns: str, name: str, digest: str, size: int, *, authorization: str | None
@@ -354,3 +358,15 @@ class ProxyClient:
         if response.status_code != 206 or len(data) != length:
             raise OCIError(ErrorCode.UNKNOWN, "proxy sent a short range", status=502)
         return data
+
+
+def _max_age(value: str | None) -> float | None:
+    """The proxy's ``X-P2P-Auth-Max-Age``: seconds, or None when absent or unreadable (then
+    the agent's own ``authCacheTtl`` applies)."""
+    if value is None or len(value) > 32:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None

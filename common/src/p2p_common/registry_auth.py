@@ -415,6 +415,10 @@ def parse_token_response(body: bytes) -> TokenResponse:
 
 # --- the token cache ----------------------------------------------------------------------------
 
+AUTH_MAX_AGE_HEADER = "X-P2P-Auth-Max-Age"
+"""The proxy's answer to an authorization check carries the seconds its grant may still be
+reused; the agent keeps the grant no longer (its cache never adds to the proxy's)."""
+
 MAX_EXPIRY_MARGIN = 30.0
 """A cached token is dropped this many seconds (at most) before it expires."""
 
@@ -427,11 +431,15 @@ def usable_lifetime(expires_in: float) -> float:
 class TokenCache:
     """Bearer tokens by key (usually ``(credentials fingerprint, scope)``); LRU-bounded.
 
-    ``now`` is a monotonic clock value supplied by the caller.
+    ``now`` is a monotonic clock value supplied by the caller. A token stands for the
+    password shown when it was fetched: it is used for at most ``max_age`` seconds (the
+    credential decisions' lifetime, ``authCacheTtl``) however long the token server lets it
+    live, so a changed password stops working within that time.
     """
 
-    def __init__(self, max_entries: int = 1024) -> None:
+    def __init__(self, max_entries: int = 1024, *, max_age: float = math.inf) -> None:
         self.max_entries = max_entries
+        self.max_age = max_age
         self._entries: OrderedDict[tuple[str, ...], tuple[str, float]] = OrderedDict()
 
     def get(self, key: tuple[str, ...], now: float) -> str | None:
@@ -446,7 +454,7 @@ class TokenCache:
         return token
 
     def put(self, key: tuple[str, ...], token: TokenResponse, now: float) -> None:
-        lifetime = usable_lifetime(token.expires_in)
+        lifetime = min(usable_lifetime(token.expires_in), self.max_age)
         if lifetime <= 0:
             self._entries.pop(key, None)
             return

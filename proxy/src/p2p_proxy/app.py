@@ -36,7 +36,7 @@ from p2p_common.errors import collapse
 from p2p_common.logs import event
 from p2p_common.oci import ApiRoute, ErrorCode, OCIError, merge_accept, parse_api_path
 from p2p_common.origin import OriginClient
-from p2p_common.registry_auth import Credentials
+from p2p_common.registry_auth import AUTH_MAX_AGE_HEADER, Credentials
 from p2p_common.storage import StorageError
 from p2p_proxy.api import (
     METAINFO_PATH,
@@ -195,12 +195,15 @@ class ProxyApp:
     async def _blob_head(
         self, request: Request, send: Send, origin: OriginClient, route: ApiRoute
     ) -> None:
-        _, size = await self._authorize(request, origin, route.name, route.reference)
+        size, max_age = await self.authorizer.grant(
+            origin, route.name, route.reference, credentials_from(request.headers)
+        )
         if size is None and route.reference.startswith("sha256:"):
             size = self.cache.size(route.reference)
         headers = [
             ("Docker-Content-Digest", route.reference),
             ("Accept-Ranges", "bytes"),
+            (AUTH_MAX_AGE_HEADER, f"{max_age:.3f}"),
         ]
         if size is not None:
             await send_bytes(

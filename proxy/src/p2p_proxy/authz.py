@@ -62,15 +62,19 @@ class DecisionCache:
         return len(self._entries)
 
     def get(self, key: AuthKey, now: float) -> Decision | None:
+        entry = self.entry(key, now)
+        return None if entry is None else entry[1]
+
+    def entry(self, key: AuthKey, now: float) -> tuple[float, Decision] | None:
+        """(when it expires, the decision), if one is remembered for ``key``."""
         entry = self._entries.get(key)
         if entry is None:
             return None
-        expires, decision = entry
-        if now >= expires:
+        if now >= entry[0]:
             del self._entries[key]
             return None
         self._entries.move_to_end(key)
-        return decision
+        return entry
 
     def put(self, key: AuthKey, decision: Decision, now: float) -> None:
         """Remember ``decision`` (a no-op with ``ttl`` 0 or for a refusal not worth keeping)."""
@@ -129,11 +133,27 @@ class Authorizer:
         credentials: Credentials | None,
     ) -> int | None:
         """The size if the origin lets ``credentials`` read ``digest``; raises its refusal."""
+        return (await self.grant(origin, repository, digest, credentials))[0]
+
+    async def grant(
+        self,
+        origin: OriginClient,
+        repository: str,
+        digest: str,
+        credentials: Credentials | None,
+    ) -> tuple[int | None, float]:
+        """(the size, seconds the grant may still be reused) if the origin lets
+        ``credentials`` read ``digest``; raises its refusal. An agent that asked keeps the
+        grant no longer than that, so the agent's cache never adds to the proxy's."""
         key: AuthKey = (fingerprint(credentials), origin.name, repository, digest)
-        decision = self.cache.get(key, self._clock())
-        if decision is not None:
+        now = self._clock()
+        entry = self.cache.entry(key, now)
+        if entry is not None:
             self.metrics.auth_checks.labels(source="cache").inc()
+            expires, decision = entry
+            max_age = expires - now
         else:
+            max_age = self.cache.ttl
 
             async def ask() -> Decision:
                 self.metrics.auth_checks.labels(source="origin").inc()
@@ -153,4 +173,4 @@ class Authorizer:
             if decision.error.code in REMEMBERED_REFUSALS:
                 self.metrics.auth_denials.labels(code=str(decision.error.code)).inc()
             raise copy_error(decision.error)
-        return decision.size
+        return decision.size, max(0.0, max_age)

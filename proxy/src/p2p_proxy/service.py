@@ -70,7 +70,12 @@ async def serve(
         origins: dict[str, OriginClient] = {}
         for url in settings.registry:
             origins[registry_name(url)] = await stack.enter_async_context(
-                OriginClient(url, ca_file=settings.registry_ca_file, user_agent="p2p-proxy/0.1")
+                OriginClient(
+                    url,
+                    ca_file=settings.registry_ca_file,
+                    user_agent="p2p-proxy/0.1",
+                    token_max_age=settings.auth_cache_ttl,
+                )
             )
         async with trio.open_nursery() as nursery:
             await nursery.start(engine.serve)

@@ -5,12 +5,15 @@ registry's challenge with HTTP Basic or the Docker token flow (scope
 ``repository:<name>:pull``) and retries. It then remembers which scheme the registry wants
 and, for later requests, authenticates up front (Basic) or reuses a cached bearer token.
 Tokens are cached in memory per (credentials fingerprint, scope) until shortly before they
-expire; concurrent callers share one token fetch. Credentials and tokens are never logged.
+expire, and never longer than ``token_max_age`` (the service's ``authCacheTtl``: a token
+stands for a password the token server saw, and a revoked password must stop working within
+that time); concurrent callers share one token fetch. Credentials and tokens are never logged.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -58,11 +61,18 @@ class Sender(Protocol):
 class OriginAuth:
     """Challenge answering and token caching for one registry (see the module docstring)."""
 
-    def __init__(self, registry_url: str, send: Sender, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        registry_url: str,
+        send: Sender,
+        clock: Callable[[], float],
+        *,
+        token_max_age: float = math.inf,
+    ) -> None:
         self.registry_url = registry_url
         self._send = send
         self._clock = clock
-        self._tokens = TokenCache()
+        self._tokens = TokenCache(max_age=token_max_age)
         self._token_locks: dict[tuple[str, ...], trio.Lock] = {}
         self._challenge: Challenge | None = None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import ssl
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
@@ -70,6 +71,7 @@ class OriginClient:
         user_agent: str = "p2p-origin-client/0.1",
         clock: Callable[[], float] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        token_max_age: float = math.inf,
     ) -> None:
         tune_reads()
         self.registry_url = normalise_registry(registry_url)
@@ -99,7 +101,9 @@ class OriginClient:
             headers={"User-Agent": user_agent, "Accept-Encoding": "identity"},
             transport=transport,
         )
-        self._auth = OriginAuth(self.registry_url, self._send, self._clock)
+        self._auth = OriginAuth(
+            self.registry_url, self._send, self._clock, token_max_age=token_max_age
+        )
 
     async def __aenter__(self) -> Self:
         return self
