@@ -40,7 +40,7 @@ import httpx
 import trio
 
 from p2p_agent.metrics import AgentMetrics
-from p2p_agent.proxies import ProxyClient, SwarmSource
+from p2p_agent.proxies import ProxiesUnreachableError, ProxyClient, SwarmSource
 from p2p_common.blobcache import BlobCache
 from p2p_common.blobinfo import BlobMetainfo
 from p2p_common.engine import Engine, Torrent, TorrentFailedError
@@ -57,6 +57,9 @@ log = logging.getLogger("p2p.agent.downloads")
 READ_CHUNK = 4 * 1024 * 1024
 CHUNK_STREAM_RETRIES = 5
 """Times a broken chunk stream is reopened before the download fails."""
+STREAM_RESUMES = 5
+"""Times a broken stream of a blob is resumed (from the byte reached) before the download
+fails."""
 PUBLISH_SECONDS = 120.0
 """Bound on checking and moving a complete blob into the cache, also during shutdown."""
 
@@ -439,6 +442,8 @@ class Downloads:
                     event(log, "chunks.broken", logging.WARNING, digest=blob.digest, error=str(exc))
                     continue
                 feed = again.feed
+                if again.seed is not None:  # the proxy that took over seeds the blob too
+                    torrent.add_peers([again.seed])
                 self.engine.chunks_added(torrent)
 
     async def _complete(self, download: SwarmDownload, request: BlobRequest) -> None:
@@ -487,6 +492,53 @@ class Downloads:
 
     # --- streamed by the proxy --------------------------------------------------------------
 
+    async def _receive(self, ingest: Ingest, response: httpx.Response, request: BlobRequest) -> str:
+        """Every byte of a streamed blob into ``ingest``; its SHA-256. When the stream breaks
+        (the proxy died or restarted), the rest is asked for from the byte reached, at the
+        next proxy in rendezvous order if that one is gone: the client never notices. The
+        agent cannot tell a proxy's death from a proxy that cut a stream on purpose (its fetch
+        from the origin failed the digest check): the resumption then costs that proxy one
+        more origin fetch, whose failure it answers with an error, which ends the download."""
+        chunks: AsyncIterator[bytes] | None = response.aiter_bytes()
+        failures = 0
+        async with contextlib.AsyncExitStack() as resumed:
+            while True:
+                try:
+                    if chunks is None:
+                        again = await resumed.enter_async_context(
+                            self.proxies.blob(
+                                request.ns,
+                                request.name,
+                                request.digest,
+                                request.size,
+                                authorization=request.authorization,
+                                start=ingest.written,
+                            )
+                        )
+                        chunks = again.aiter_bytes()
+                    # downloadRate covers every way bytes arrive
+                    return await ingest.run(chunks, limiter=self.engine.download_limiter)
+                except (httpx.HTTPError, IngestError, ProxiesUnreachableError) as exc:
+                    # The stream broke, or no proxy answers (restarting?): go on from the
+                    # byte reached. A proxy that answers the resumption with an error (it
+                    # could not fetch the blob again, the origin refused) ends the download.
+                    failures += 1
+                    if failures > STREAM_RESUMES:
+                        raise OCIError(
+                            ErrorCode.UNKNOWN, f"proxy stream broke: {exc}", status=502
+                        ) from None
+                    event(
+                        log,
+                        "download.resuming",
+                        logging.WARNING,
+                        digest=request.digest,
+                        at=ingest.written,
+                        error=str(exc) or type(exc).__name__,
+                    )
+                await trio.sleep(min(5.0, 0.25 * 2**failures))
+                await resumed.aclose()
+                chunks = None
+
     async def _stream(
         self,
         response: httpx.Response,
@@ -511,15 +563,7 @@ class Downloads:
         task_status.started(download)
         adopted = False
         try:
-            try:
-                # downloadRate covers every way bytes arrive
-                found = await ingest.run(
-                    response.aiter_bytes(), limiter=self.engine.download_limiter
-                )
-            except (httpx.HTTPError, IngestError) as exc:
-                raise OCIError(
-                    ErrorCode.UNKNOWN, f"proxy stream broke: {exc}", status=502
-                ) from None
+            found = await self._receive(ingest, response, request)
             if found != digest:
                 raise OCIError(ErrorCode.UNKNOWN, f"streamed blob hashes to {found}", status=502)
             with trio.CancelScope(shield=True), trio.fail_after(PUBLISH_SECONDS):

@@ -99,6 +99,14 @@ class ChunkFeed:
             raise OCIError(ErrorCode.UNKNOWN, f"chunk stream broke: {exc}", status=502) from None
 
 
+class ProxiesUnreachableError(OCIError):
+    """No proxy answered at all (every one refused the connection or broke it): they may be
+    restarting, unlike a proxy that answers with an error."""
+
+    def __init__(self, last: str) -> None:
+        super().__init__(ErrorCode.UNKNOWN, f"no proxy could answer ({last})", status=502)
+
+
 def _bad(message: str) -> OCIError:
     return OCIError(ErrorCode.UNKNOWN, message, status=502)
 
@@ -297,27 +305,56 @@ class ProxyClient:
 
     @asynccontextmanager
     async def blob(
-        self, ns: str, name: str, digest: str, size: int, *, authorization: str | None
+        self,
+        ns: str,
+        name: str,
+        digest: str,
+        size: int,
+        *,
+        authorization: str | None,
+        start: int = 0,
     ) -> AsyncIterator[httpx.Response]:
-        """An open response streaming the whole blob from the proxy ranked first for it (the
-        next one when a proxy cannot answer)."""
+        """An open response streaming the blob from byte ``start`` on, from the proxy ranked
+        first for it (the next one when a proxy cannot answer)."""
         path = f"/v2/{name}/blobs/{digest}"
-        async with self._open_ranked(digest, path, {"ns": ns}, authorization) as (_, response):
-            if response.status_code != 200:
-                raise OCIError(ErrorCode.UNKNOWN, "proxy sent part of a blob", status=502)
-            _check_length(response, size)
+        extra = [("range", f"bytes={start}-")] if start else []
+        async with self._open_ranked(
+            digest, path, {"ns": ns}, authorization, extra_headers=extra
+        ) as (_, response):
+            if start:
+                if (
+                    response.status_code != 206
+                    or response.headers.get("content-range") != f"bytes {start}-{size - 1}/{size}"
+                ):
+                    raise OCIError(ErrorCode.UNKNOWN, "proxy sent another range", status=502)
+                _check_length(response, size - start)
+            else:
+                if response.status_code != 200:
+                    raise OCIError(ErrorCode.UNKNOWN, "proxy sent part of a blob", status=502)
+                _check_length(response, size)
             yield response
 
     @asynccontextmanager
     async def _open_ranked(
-        self, digest: str, path: str, params: dict[str, str], authorization: str | None
+        self,
+        digest: str,
+        path: str,
+        params: dict[str, str],
+        authorization: str | None,
+        *,
+        extra_headers: Sequence[tuple[str, str]] = (),
     ) -> AsyncIterator[tuple[str, httpx.Response]]:
         """(proxy, open streaming response) of the first proxy, in rendezvous order for
-        ``digest``, that answers without a 5xx; its 4xx is raised as the registry error."""
+        ``digest``, that answers without a 5xx; its 4xx is raised as the registry error, and
+        :class:`ProxiesUnreachableError` when none answered at all."""
         last = "no proxy instances"
+        answered = False
         for base in await self.resolver.ranked(digest.encode(), self.urls):
             request = self.client.build_request(
-                "GET", base + path, params=params, headers=self._auth(authorization)
+                "GET",
+                base + path,
+                params=params,
+                headers=[*self._auth(authorization), *extra_headers],
             )
             try:
                 response = await self.client.send(request, stream=True)
@@ -325,6 +362,7 @@ class ProxyClient:
                 last = f"{base}: {exc or type(exc).__name__}"
                 event(log, "proxy.unreachable", logging.WARNING, proxy=base, error=last)
                 continue
+            answered = True
             try:
                 if response.status_code >= 500:
                     last = f"{base}: {response.status_code}"
@@ -336,6 +374,8 @@ class ProxyClient:
                 return
             finally:
                 await response.aclose()
+        if not answered:
+            raise ProxiesUnreachableError(last)
         raise OCIError(ErrorCode.UNKNOWN, f"no proxy could answer ({last})", status=502)
 
     async def blob_range(

@@ -102,10 +102,13 @@ class Ingest:
         """Receive everything; returns the SHA-256 (``sha256:<hex>``) of what was received.
 
         Raises :class:`IngestError` when the sender sends more or less than ``length``; local
-        file errors propagate as they are (``OSError``)."""
+        file errors propagate as they are (``OSError``). When the sender breaks off (an error
+        from ``chunks``, or too few bytes), call it again with the bytes from :attr:`written`
+        on (a range request, perhaps to another sender): what was not yet written was not
+        hashed either, so the blob goes on exactly where the disk stops."""
         batch: list[bytes] = []
         pending = 0
-        received = 0
+        received = self.written
         async for chunk in chunks:
             if limiter is not None:
                 await limiter.acquire(len(chunk))
