@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import random
 import socket
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
 
 import httpx
@@ -197,18 +199,125 @@ async def test_ip_parameter_can_be_trusted(
 async def test_caps_answer_with_failure_or_warning(
     nursery: trio.Nursery, client: httpx.AsyncClient
 ) -> None:
-    base = await start(nursery, max_torrents=1, max_peers_per_torrent=1)
+    base = await start(nursery, max_torrents=1, max_peers_per_torrent=2)
     assert (await announce(client, base, AnnounceRequest(H1, pid(1), 6881, left=1)))[0] == 200
+    async with from_address("127.0.0.2") as other:  # H1 on two addresses: never evicted
+        assert (await announce(other, base, AnnounceRequest(H1, pid(2), 6882, left=1)))[0] == 200
     status, body = await announce(client, base, AnnounceRequest(H2, pid(1), 6881, left=1))
     assert status == 503
     with pytest.raises(TrackerRefusedError, match="tracker is full"):
         parse_announce_response(body)
-    status, body = await announce(client, base, AnnounceRequest(H1, pid(2), 6882, left=1))
+    status, body = await announce(client, base, AnnounceRequest(H1, pid(3), 6883, left=1))
     assert status == 200
     answer = parse_announce_response(body)
     assert answer.warning is not None
     assert "not listed" in answer.warning
-    assert answer.peers == (Peer("127.0.0.1", 6881),)
+    assert set(answer.peers) == {Peer("127.0.0.1", 6881), Peer("127.0.0.2", 6882)}
+
+
+def _second_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.3", 0))
+    except OSError:
+        return False
+    return True
+
+
+@asynccontextmanager
+async def from_address(address: str) -> AsyncIterator[httpx.AsyncClient]:
+    """A client whose announces come from ``address`` (another node, on loopback)."""
+    transport = httpx.AsyncHTTPTransport(local_address=address)
+    async with httpx.AsyncClient(transport=transport, timeout=10) as http:
+        yield http
+
+
+async def flood(http: httpx.AsyncClient, base: str, requests: list[AnnounceRequest]) -> list[bytes]:
+    """Announce ``requests`` four at a time; every one must be answered 200. The bodies."""
+    bodies: list[bytes] = []
+
+    async def worker(part: list[AnnounceRequest]) -> None:
+        for request in part:
+            status, body = await announce(http, base, request)
+            assert status == 200, body
+            bodies.append(body)
+
+    async with trio.open_nursery() as workers:
+        for k in range(4):
+            workers.start_soon(worker, requests[k::4])
+    return bodies
+
+
+@pytest.mark.skipif(not _second_loopback(), reason="127.0.0.2 and 127.0.0.3 are not usable here")
+async def test_one_address_flooding_infohashes_does_not_stop_a_new_blob(
+    nursery: trio.Nursery, client: httpx.AsyncClient
+) -> None:
+    """Issue 8, item 8: 127.0.0.1 floods made-up infohashes; 127.0.0.2 and 127.0.0.3 are two
+    legitimate nodes. A table of 200 torrents keeps the flood of 600 quick."""
+    base = await start(nursery, max_torrents=200, uncapped_addresses=[])
+    rng = random.Random(8)
+    async with from_address("127.0.0.2") as node2, from_address("127.0.0.3") as node3:
+        # a swarm that existed before the flood, on two nodes
+        await announce(node2, base, AnnounceRequest(H1, pid(2), 6882, left=0))
+        await announce(node3, base, AnnounceRequest(H1, pid(3), 6883, left=1))
+        bodies = await flood(
+            client,
+            base,
+            [AnnounceRequest(rng.randbytes(20), pid(66), 6666, left=1) for _ in range(600)],
+        )
+        assert all(parse_announce_response(b).warning is None for b in bodies)  # all taken
+        # a new blob: node 2 seeds it, node 3 joins and finds it
+        status, body = await announce(node2, base, AnnounceRequest(H2, pid(2), 6882, left=0))
+        assert (status, parse_announce_response(body).warning) == (200, None)
+        status, body = await announce(node3, base, AnnounceRequest(H2, pid(3), 6883, left=1))
+        assert status == 200
+        assert parse_announce_response(body).peers == (Peer("127.0.0.2", 6882),)
+        # the swarm on two addresses survived the flood
+        _, body = await announce(node3, base, AnnounceRequest(H1, pid(3), 6883, left=1))
+        assert parse_announce_response(body).peers == (Peer("127.0.0.2", 6882),)
+    text = (await client.get(f"{base}/metrics")).text
+    assert "p2p_tracker_torrents 200.0" in text
+    # 600 flood torrents in the 199 places H1 left, then one more for H2
+    assert "p2p_tracker_evicted_torrents_total 402.0" in text
+    assert 'p2p_tracker_failures_total{reason="tracker_full"} 0.0' in text
+
+
+@pytest.mark.skipif(not _second_loopback(), reason="127.0.0.2 and 127.0.0.3 are not usable here")
+async def test_one_address_gets_only_its_share_of_a_swarm_and_of_the_tracker(
+    nursery: trio.Nursery, client: httpx.AsyncClient
+) -> None:
+    base = await start(
+        nursery, max_torrents_per_address=50, max_peers_per_address=8, uncapped_addresses=[]
+    )
+    async with from_address("127.0.0.2") as node2, from_address("127.0.0.3") as node3:
+        await announce(node2, base, AnnounceRequest(H1, pid(2), 6882, left=0))
+        # 40 made-up peers from one address in a known swarm: 8 are listed
+        bodies = await flood(
+            client, base, [AnnounceRequest(H1, pid(100 + n), 7000 + n, left=1) for n in range(40)]
+        )
+        warnings = [parse_announce_response(b).warning for b in bodies]
+        assert warnings.count(None) == 8
+        assert all(w is None or "too many peers from your address" in w for w in warnings)
+        status, body = await announce(
+            node3, base, AnnounceRequest(H1, pid(3), 6883, left=1, numwant=100)
+        )
+        answer = parse_announce_response(body)
+        assert (status, answer.warning) == (200, None)
+        assert Peer("127.0.0.2", 6882) in answer.peers
+        assert (answer.complete, answer.incomplete) == (1, 8 + 1)
+        # 60 made-up infohashes: 50 are taken (H1 is one), the rest answered without a listing
+        bodies = await flood(
+            client,
+            base,
+            [AnnounceRequest(bytes([n]) * 20, pid(66), 6666, left=1) for n in range(1, 61)],
+        )
+        warnings = [parse_announce_response(b).warning for b in bodies]
+        assert warnings.count(None) == 49
+        assert all(w is None or "too many torrents" in w for w in warnings)
+    text = (await client.get(f"{base}/metrics")).text
+    assert "p2p_tracker_torrents 50.0" in text
+    assert 'p2p_tracker_unlisted_total{reason="address_peers"} 32.0' in text
+    assert 'p2p_tracker_unlisted_total{reason="address_torrents"} 11.0' in text
 
 
 async def test_silent_peers_are_swept(nursery: trio.Nursery, client: httpx.AsyncClient) -> None:

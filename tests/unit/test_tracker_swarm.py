@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import random
 
 import pytest
@@ -14,14 +15,17 @@ from p2p_tracker.swarm import (
     LEFT,
     PACKED,
     PEER_ID,
+    Network,
     PeerConflictError,
     Swarm,
     SwarmFullError,
     SwarmPeer,
+    Unlisted,
 )
 
 H1 = b"\x01" * 20
 H2 = b"\x02" * 20
+H3 = b"\x03" * 20
 
 
 def pid(n: int) -> bytes:
@@ -42,16 +46,20 @@ def req(
     )
 
 
-def make(**overrides: int) -> Swarm:
+def make(*, uncapped: list[Network] | None = None, **overrides: int) -> Swarm:
     options = {
         "peer_expiry": 100,
         "max_torrents": 10,
         "max_peers_per_torrent": 50,
         "default_numwant": 5,
         "max_numwant": 20,
+        # generous per-address caps: most tests put many peers behind one address
+        "max_peers": 10_000,
+        "max_torrents_per_address": 1_000,
+        "max_peers_per_address": 1_000,
     }
     options.update(overrides)
-    return Swarm(**options, rng=random.Random(7))
+    return Swarm(**options, uncapped=uncapped or (), rng=random.Random(7))
 
 
 def ids(peers: list[SwarmPeer]) -> set[bytes]:
@@ -160,15 +168,23 @@ def test_expiry_in_bounded_steps() -> None:
     assert swarm.peer_count == 0
 
 
-def test_max_torrents() -> None:
+def test_max_torrents_refuses_only_when_nothing_can_be_evicted() -> None:
     swarm = make(max_torrents=2)
-    swarm.announce(req(1, info_hash=H1), "10.0.0.1", now=0)
-    swarm.announce(req(1, info_hash=H2), "10.0.0.1", now=0)
-    with pytest.raises(SwarmFullError):
-        swarm.announce(req(1, info_hash=b"\x03" * 20), "10.0.0.1", now=0)
-    swarm.announce(req(2, info_hash=H1), "10.0.0.2", now=0)  # known torrents still work
+    for info_hash in (H1, H2):  # two swarms with two addresses each: no eviction candidate
+        swarm.announce(req(1, info_hash=info_hash), "10.0.0.1", now=0)
+        swarm.announce(req(2, info_hash=info_hash), "10.0.0.2", now=0)
+    assert swarm.single_address_count == 0
+    with pytest.raises(SwarmFullError, match=r"tracker is full \(2 torrents\)"):
+        swarm.announce(req(1, info_hash=H3), "10.0.0.1", now=0)
+    assert swarm.torrent_count == 2
+    swarm.announce(req(3, info_hash=H1), "10.0.0.3", now=0)  # known torrents still work
     swarm.announce(req(1, info_hash=H2, event=Event.STOPPED), "10.0.0.1", now=0)
-    swarm.announce(req(1, info_hash=b"\x03" * 20), "10.0.0.1", now=0)  # room again
+    # H2 is down to one address (10.0.0.2): now it can give way to a new torrent
+    assert swarm.eviction_order() == [H2]
+    outcome = swarm.announce(req(1, info_hash=H3), "10.0.0.1", now=1)
+    assert (outcome.evicted, outcome.unlisted) == (1, None)
+    assert swarm.scrape(H2) == ScrapeStats()
+    assert swarm.scrape(H1).incomplete == 3  # the swarm with several addresses stays
 
 
 def test_max_peers_per_torrent_answers_but_does_not_list() -> None:
@@ -266,3 +282,307 @@ def test_invariants_hold_under_any_sequence(
     assert seeds == swarm.seeder_count
     swarm.expire(now + 41)
     assert (swarm.peer_count, swarm.torrent_count, swarm.seeder_count) == (0, 0, 0)
+
+
+# --- exhaustion: per-address caps, global peer cap, eviction (issue 8, item 8) ---------------
+
+
+def ih(n: int) -> bytes:
+    """An infohash per number (random-looking enough: the core does not care)."""
+    return b"IH" + n.to_bytes(18, "big")
+
+
+def recount(swarm: Swarm, hashes: list[bytes], addresses: list[str]) -> None:
+    """Every per-address counter equals a count from scratch over the peers themselves."""
+    torrents_of: dict[str, int] = {}
+    single: set[bytes] = set()
+    total = seeds = 0
+    for info_hash in hashes:
+        peers = swarm.peers_of(info_hash)
+        per_address: dict[str, int] = {}
+        for peer in peers:
+            per_address[peer[IP]] = per_address.get(peer[IP], 0) + 1
+        for ip in addresses:
+            assert swarm.peers_from(info_hash, ip) == per_address.get(ip, 0)
+        for ip in per_address:
+            torrents_of[ip] = torrents_of.get(ip, 0) + 1
+        if len(per_address) == 1:
+            single.add(info_hash)
+        stats = swarm.scrape(info_hash)
+        assert stats.complete + stats.incomplete == len(peers)
+        assert stats.complete == sum(1 for p in peers if not p[LEFT])
+        total += len(peers)
+        seeds += stats.complete
+    for ip in addresses:
+        assert swarm.torrents_of(ip) == torrents_of.get(ip, 0)
+    assert swarm.address_count == len(torrents_of)
+    assert set(swarm.eviction_order()) == single
+    assert swarm.single_address_count == len(single)
+    assert swarm.torrent_count == sum(1 for h in hashes if swarm.peers_of(h))
+    assert (swarm.peer_count, swarm.seeder_count) == (total, seeds)
+
+
+def test_per_address_peer_cap_answers_but_does_not_list() -> None:
+    swarm = make(max_peers_per_address=2)
+    swarm.announce(req(1), "10.0.0.1", now=0)
+    swarm.announce(req(2), "10.0.0.1", now=0)
+    swarm.announce(req(9), "10.0.0.9", now=0)
+    outcome = swarm.announce(req(3, numwant=10), "10.0.0.1", now=1)
+    assert outcome.unlisted is Unlisted.ADDRESS_PEERS
+    assert outcome.full
+    assert ids(outcome.peers) == {pid(1), pid(2), pid(9)}  # it still gets peers
+    assert swarm.peers_from(H1, "10.0.0.1") == 2
+    assert pid(3) not in ids(swarm.peers_of(H1))
+    assert swarm.announce(req(1), "10.0.0.1", now=1).unlisted is None  # known peers are fine
+    # the same address may have two peers in another torrent too
+    assert swarm.announce(req(3, info_hash=H2), "10.0.0.1", now=1).unlisted is None
+    # a stop frees a slot at once
+    swarm.announce(req(2, event=Event.STOPPED), "10.0.0.1", now=2)
+    assert swarm.announce(req(3), "10.0.0.1", now=2).unlisted is None
+    recount(swarm, [H1, H2], ["10.0.0.1", "10.0.0.9"])
+
+
+def test_per_address_torrent_cap() -> None:
+    swarm = make(max_torrents_per_address=2, max_torrents=10)
+    swarm.announce(req(1, info_hash=H1), "10.0.0.1", now=0)
+    swarm.announce(req(2, info_hash=H1), "10.0.0.1", now=0)  # same torrent: still one
+    swarm.announce(req(1, info_hash=H2), "10.0.0.1", now=0)
+    swarm.announce(req(5, info_hash=H3), "10.0.0.5", now=0)
+    assert swarm.torrents_of("10.0.0.1") == 2
+    new = swarm.announce(req(1, info_hash=ih(1)), "10.0.0.1", now=1)
+    assert (new.unlisted, new.peers, new.complete, new.incomplete) == (
+        Unlisted.ADDRESS_TORRENTS,
+        [],
+        0,
+        0,
+    )
+    assert swarm.torrent_count == 3  # the new infohash was not created
+    joined = swarm.announce(req(1, info_hash=H3), "10.0.0.1", now=1)
+    assert joined.unlisted is Unlisted.ADDRESS_TORRENTS
+    assert ids(joined.peers) == {pid(5)}  # peers of a known torrent, without being listed
+    assert swarm.peers_from(H3, "10.0.0.1") == 0
+    # more peers in a torrent the address is already in do not count against the cap
+    assert swarm.announce(req(3, info_hash=H2), "10.0.0.1", now=1).unlisted is None
+    # expiry frees the address's torrents
+    assert swarm.expire(now=101.5) == 5
+    assert swarm.torrents_of("10.0.0.1") == 0
+    assert swarm.announce(req(1, info_hash=ih(1)), "10.0.0.1", now=102).unlisted is None
+
+
+def test_uncapped_networks_are_exempt_from_the_per_address_caps() -> None:
+    swarm = make(
+        max_peers_per_address=2,
+        max_torrents_per_address=1,
+        uncapped=[ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("fd00::/8")],
+    )
+    for n in range(5):
+        assert swarm.announce(req(n, info_hash=ih(n)), "127.0.0.1", now=0).unlisted is None
+        assert swarm.announce(req(n), "::ffff:127.0.0.2", now=0).unlisted is None  # mapped
+        assert swarm.announce(req(10 + n), "fd00::7", now=0).unlisted is None
+    assert swarm.torrents_of("127.0.0.1") == 5
+    assert swarm.peers_from(H1, "fd00::7") == 5
+    swarm.announce(req(20), "10.0.0.1", now=0)
+    swarm.announce(req(21), "10.0.0.1", now=0)
+    assert swarm.announce(req(22), "10.0.0.1", now=0).unlisted is Unlisted.ADDRESS_PEERS
+    assert swarm.announce(req(23, info_hash=H2), "10.0.0.1", now=0).unlisted is (
+        Unlisted.ADDRESS_TORRENTS
+    )
+
+
+def test_eviction_takes_the_least_recently_announced_single_address_torrent() -> None:
+    swarm = make(max_torrents=4)
+    swarm.announce(req(1, info_hash=ih(1)), "10.0.0.1", now=0)
+    swarm.announce(req(2, info_hash=ih(2)), "10.0.0.2", now=1)
+    swarm.announce(req(3, info_hash=ih(3)), "10.0.0.1", now=2)
+    swarm.announce(req(4, info_hash=ih(4)), "10.0.0.4", now=3)
+    swarm.announce(req(5, info_hash=ih(4)), "10.0.0.5", now=3)  # ih(4): two addresses
+    assert swarm.eviction_order() == [ih(1), ih(2), ih(3)]
+    swarm.announce(req(1, info_hash=ih(1)), "10.0.0.1", now=4)  # refreshed: to the back
+    swarm.announce(req(6, info_hash=ih(3)), "10.0.0.1", now=4)  # a new peer, same address
+    assert swarm.eviction_order() == [ih(2), ih(1), ih(3)]
+    outcome = swarm.announce(req(7, info_hash=ih(7)), "10.0.0.7", now=5)
+    assert (outcome.evicted, outcome.unlisted) == (1, None)
+    assert swarm.peers_of(ih(2)) == []
+    assert swarm.torrents_of("10.0.0.2") == 0
+    assert swarm.eviction_order() == [ih(1), ih(3), ih(7)]
+    # an eviction takes every peer of its torrent (ih(3) has two, both from 10.0.0.1)
+    swarm.announce(req(8, info_hash=ih(8)), "10.0.0.8", now=6)  # evicts ih(1)
+    swarm.announce(req(9, info_hash=ih(9)), "10.0.0.9", now=6)  # evicts ih(3)
+    assert swarm.torrents_of("10.0.0.1") == 0
+    assert swarm.peer_count == 5
+    assert swarm.evicted_torrents == 3
+    recount(swarm, [ih(n) for n in range(10)], [f"10.0.0.{n}" for n in range(10)])
+
+
+def test_global_peer_cap_evicts_then_leaves_new_peers_unlisted() -> None:
+    swarm = make(max_peers=5)
+    for n in range(3):
+        swarm.announce(req(n, info_hash=H1), f"10.0.0.{n}", now=0)
+    swarm.announce(req(10, info_hash=H2), "10.0.0.10", now=1)
+    swarm.announce(req(11, info_hash=H2), "10.0.0.10", now=1)  # H2: one address, 2 peers
+    assert swarm.peer_count == 5
+    outcome = swarm.announce(req(3, info_hash=H1), "10.0.0.3", now=2)
+    assert (outcome.evicted, outcome.unlisted) == (1, None)  # H2 made room
+    assert swarm.peer_count == 4
+    swarm.announce(req(4, info_hash=H1), "10.0.0.4", now=2)
+    full = swarm.announce(req(5, info_hash=H1, numwant=10), "10.0.0.5", now=3)
+    assert full.unlisted is Unlisted.TRACKER_FULL
+    assert len(full.peers) == 5  # it still gets peers
+    with pytest.raises(SwarmFullError, match=r"5 peers"):
+        swarm.announce(req(5, info_hash=H3), "10.0.0.5", now=3)
+    assert swarm.peer_count == 5
+
+
+def test_global_peer_cap_never_evicts_the_torrent_being_joined() -> None:
+    swarm = make(max_peers=3)
+    swarm.announce(req(1, info_hash=H1), "10.0.0.1", now=0)
+    swarm.announce(req(2, info_hash=H1), "10.0.0.1", now=0)  # H1: one address
+    swarm.announce(req(3, info_hash=H2), "10.0.0.3", now=1)  # H2: one address, newer
+    outcome = swarm.announce(req(4, info_hash=H1), "10.0.0.4", now=2)
+    # H1 is the least recently announced, but it is the one being joined: H2 goes
+    assert (outcome.evicted, outcome.unlisted) == (1, None)
+    assert ids(swarm.peers_of(H1)) == {pid(1), pid(2), pid(4)}
+    assert swarm.peers_of(H2) == []
+    assert swarm.announce(req(5, info_hash=H1), "10.0.0.5", now=3).unlisted is (
+        Unlisted.TRACKER_FULL
+    )
+
+
+def test_a_peer_moving_with_its_key_moves_its_counts() -> None:
+    swarm = make(max_peers_per_address=1)
+    swarm.announce(req(1, key=b"k1"), "10.0.0.1", now=0)
+    swarm.announce(req(2), "10.0.0.2", now=0)
+    swarm.announce(req(3, info_hash=H2), "10.0.0.3", now=0)
+    assert swarm.eviction_order() == [H2]
+    swarm.announce(req(1, key=b"k1"), "10.0.0.11", now=1)
+    assert (swarm.peers_from(H1, "10.0.0.1"), swarm.peers_from(H1, "10.0.0.11")) == (0, 1)
+    assert (swarm.torrents_of("10.0.0.1"), swarm.torrents_of("10.0.0.11")) == (0, 1)
+    # moving onto an address that is at its cap in this torrent: the stale entry goes
+    outcome = swarm.announce(req(1, key=b"k1", numwant=10), "10.0.0.2", now=2)
+    assert outcome.unlisted is Unlisted.ADDRESS_PEERS
+    assert ids(swarm.peers_of(H1)) == {pid(2)}
+    assert swarm.eviction_order() == [H2, H1]  # H1 is down to one address
+    recount(swarm, [H1, H2], ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.11"])
+
+
+def test_one_address_announcing_20000_infohashes_does_not_stop_a_new_blob() -> None:
+    """The issue's goal, at the default caps and with a table smaller than the flood."""
+    legit = [f"10.1.0.{n}" for n in range(1, 4)]
+    for max_torrents in (100_000, 5_000):  # default table; a table the flood overfills
+        swarm = make(
+            max_torrents=max_torrents,
+            max_peers=2_000_000,
+            max_torrents_per_address=20_000,
+            max_peers_per_address=8,
+        )
+        # a swarm that existed before the flood: peers on two nodes
+        swarm.announce(req(1, info_hash=H1, left=0), legit[0], now=0)
+        swarm.announce(req(2, info_hash=H1), legit[1], now=0)
+        flood_rng = random.Random(max_torrents)
+        unlisted = 0
+        for n in range(20_000):
+            outcome = swarm.announce(
+                req(100, info_hash=flood_rng.randbytes(20)), "203.0.113.66", now=1 + n / 1000
+            )
+            unlisted += outcome.unlisted is not None
+        assert unlisted == 0  # below its per-address cap, each was taken (or made room)
+        assert swarm.torrents_of("203.0.113.66") == min(20_000, max_torrents - 1)
+        # a new blob: the proxy seeds it, an agent on another node joins and finds it
+        seeded = swarm.announce(req(1, info_hash=H2, left=0), legit[0], now=30)
+        assert seeded.unlisted is None
+        joined = swarm.announce(req(3, info_hash=H2), legit[2], now=31)
+        assert joined.unlisted is None
+        assert [(p[PEER_ID], p[IP]) for p in joined.peers] == [(pid(1), legit[0])]
+        assert ids(swarm.announce(req(2, info_hash=H1), legit[1], now=31).peers) == {pid(1)}
+        assert swarm.torrent_count <= max_torrents
+        # the 20,001st torrent of the flooding address is not taken
+        over = swarm.announce(req(100, info_hash=ih(1)), "203.0.113.66", now=32)
+        expected = Unlisted.ADDRESS_TORRENTS if max_torrents > 20_000 else None
+        assert over.unlisted is expected
+
+
+def test_a_swarm_flooded_with_5000_fake_peers_still_lists_the_legitimate_ones() -> None:
+    swarm = make(max_peers_per_torrent=5_000, max_peers_per_address=8, max_numwant=200)
+    legit = {pid(n): f"10.1.0.{n}" for n in range(10)}
+    for n, ip in enumerate(legit.values()):
+        swarm.announce(req(n, left=0 if n < 2 else 50), ip, now=0)
+    listed = 0
+    for n in range(5_000):
+        outcome = swarm.announce(req(1_000 + n), "203.0.113.66", now=1)
+        listed += outcome.unlisted is None
+        if outcome.unlisted is not None:
+            assert outcome.unlisted is Unlisted.ADDRESS_PEERS
+    assert listed == 8
+    assert swarm.peers_from(H1, "203.0.113.66") == 8
+    assert swarm.scrape(H1).incomplete == 8 + 8
+    # a legitimate newcomer is listed and sees every legitimate peer
+    newcomer = swarm.announce(req(50, numwant=200), "10.1.0.50", now=2)
+    assert newcomer.unlisted is None
+    assert set(legit) <= ids(newcomer.peers)
+    assert pid(50) in ids(swarm.peers_of(H1))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 14),  # peer: three per address
+            st.sampled_from([False, False, False, True]),  # from the next address instead
+            st.integers(0, 4),  # infohash
+            st.sampled_from([Event.NONE, Event.STARTED, Event.COMPLETED, Event.STOPPED]),
+            st.integers(0, 1),  # left
+            st.booleans(),  # with its key
+            st.sampled_from([0] * 6 + [1, 1, 2, 5, 20, 45]),  # time step (peer expiry: 40)
+        ),
+        min_size=10,
+        max_size=200,
+    )
+)
+def test_per_address_counters_always_equal_a_recount(
+    steps: list[tuple[int, bool, int, Event, int, bool, int]],
+) -> None:
+    """Announces, stops, moves, expiries and evictions in any order: every per-address
+    counter equals a recount from scratch after every step, and every cap holds."""
+    addresses = ["10.0.0.1", "10.0.0.2", "10.0.0.3", "2001:db8::4", "127.0.0.1"]
+    hashes = [ih(n) for n in range(5)]
+    caps = {
+        "max_torrents": 3,
+        "max_peers": 7,
+        "max_peers_per_torrent": 5,
+        "max_torrents_per_address": 2,
+        "max_peers_per_address": 2,
+    }
+    swarm = make(peer_expiry=40, uncapped=[ipaddress.ip_network("127.0.0.0/8")], **caps)
+    now = 0
+    for n, moved, h, event, left, keyed, step in steps:
+        now += step
+        swarm.expire(now)
+        ip, info_hash = addresses[(n + moved) % 5], hashes[h]
+        single_before = swarm.eviction_order()
+        request = req(n, info_hash=info_hash, left=left, event=event, key=b"k" if keyed else None)
+        try:
+            outcome = swarm.announce(request, ip, now)
+        except SwarmFullError:
+            # refused only when no torrent could make room
+            assert not single_before
+            assert swarm.eviction_order() == []
+        except PeerConflictError:
+            pass
+        else:
+            mine = [p for p in swarm.peers_of(info_hash) if p[PEER_ID] == pid(n)]
+            if event is Event.STOPPED or outcome.unlisted is not None:
+                assert mine == []
+            else:
+                assert [p[IP] for p in mine] == [ip]
+            if outcome.unlisted is Unlisted.TRACKER_FULL:
+                assert set(single_before) <= {info_hash}
+        recount(swarm, hashes, addresses)
+        assert swarm.torrent_count <= caps["max_torrents"]
+        assert swarm.peer_count <= caps["max_peers"]
+        for capped in addresses[:4]:
+            assert swarm.torrents_of(capped) <= caps["max_torrents_per_address"]
+            for h2 in hashes:
+                assert swarm.peers_from(h2, capped) <= caps["max_peers_per_address"]
+    swarm.expire(now + 41)
+    recount(swarm, hashes, addresses)
+    assert (swarm.peer_count, swarm.torrent_count, swarm.address_count) == (0, 0, 0)

@@ -29,14 +29,33 @@ from p2p_common.tracker_proto import (
     parse_scrape_query,
 )
 from p2p_tracker.settings import TrackerSettings
-from p2p_tracker.swarm import IP, PACKED, PEER_ID, PORT, PeerConflictError, Swarm, SwarmFullError
+from p2p_tracker.swarm import (
+    IP,
+    PACKED,
+    PEER_ID,
+    PORT,
+    PeerConflictError,
+    Swarm,
+    SwarmFullError,
+    Unlisted,
+)
 
 __all__ = ["Reply", "Tracker"]
 
 log = logging.getLogger("p2p.tracker")
 
 _TEXT = b"text/plain"
-_FULL_WARNING = "swarm is full: you get peers but are not listed"
+_WARNINGS = {
+    Unlisted.SWARM_FULL: "swarm is full: you get peers but are not listed",
+    Unlisted.ADDRESS_PEERS: (
+        "too many peers from your address in this swarm: you get peers but are not listed"
+    ),
+    Unlisted.ADDRESS_TORRENTS: (
+        "your address is a peer of too many torrents: you get peers but are not listed"
+    ),
+    Unlisted.TRACKER_FULL: "tracker is full: you get peers but are not listed",
+}
+"""The ``warning message`` of an answer whose requester was not remembered, by cause."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +83,10 @@ class Tracker:
             peer_expiry=settings.peer_expiry,
             max_torrents=settings.max_torrents,
             max_peers_per_torrent=settings.max_peers_per_torrent,
+            max_peers=settings.max_peers,
+            max_torrents_per_address=settings.max_torrents_per_address,
+            max_peers_per_address=settings.max_peers_per_address,
+            uncapped=settings.uncapped_addresses,
             default_numwant=settings.default_numwant,
             max_numwant=settings.max_numwant,
             rng=rng,
@@ -92,6 +115,18 @@ class Tracker:
             reason: failures.labels(reason)
             for reason in ("bad_request", "tracker_full", "conflict", "not_found")
         }
+        unlisted = Counter(
+            "p2p_tracker_unlisted",
+            "Announces answered with peers but not remembered, by the cap that stopped them",
+            ["reason"],
+            registry=self.registry,
+        )
+        self._unlisted = {reason: unlisted.labels(reason.value) for reason in Unlisted}
+        self._evicted = Counter(
+            "p2p_tracker_evicted_torrents",
+            "Single-address torrents forgotten to make room for new ones",
+            registry=self.registry,
+        )
         self._scrapes = Counter(
             "p2p_tracker_scrapes", "Scrape requests answered", registry=self.registry
         )
@@ -110,6 +145,14 @@ class Tracker:
         Gauge(
             "p2p_tracker_seeders", "Peers with nothing left", registry=self.registry
         ).set_function(lambda: swarm.seeder_count)
+        Gauge(
+            "p2p_tracker_addresses", "Addresses with at least one peer", registry=self.registry
+        ).set_function(lambda: swarm.address_count)
+        Gauge(
+            "p2p_tracker_single_address_torrents",
+            "Torrents whose peers all share one address (the eviction candidates)",
+            registry=self.registry,
+        ).set_function(lambda: swarm.single_address_count)
 
     # --- dispatch ----------------------------------------------------------------------------
 
@@ -161,7 +204,12 @@ class Tracker:
         except ValueError:
             return self._fail(400, "bad_request", "the peer's address is not an IP address")
         self._announces[request.event].inc()
-        warning = _FULL_WARNING if outcome.full else None
+        if outcome.evicted:
+            self._evicted.inc(outcome.evicted)
+        warning = None
+        if outcome.unlisted is not None:
+            self._unlisted[outcome.unlisted].inc()
+            warning = _WARNINGS[outcome.unlisted]
         peers = outcome.peers
         if request.compact:
             peers4 = b"".join([p[PACKED] for p in peers if len(p[PACKED]) == 6])

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from ipaddress import ip_network
+from typing import Annotated, ClassVar
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field, IPvAnyNetwork
 
 from p2p_common.settings import HostPort, ServiceSettings
+
+
+def _as_list(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
 
 
 class TrackerSettings(ServiceSettings):
@@ -21,9 +28,27 @@ class TrackerSettings(ServiceSettings):
     peer_expiry: int = Field(900, ge=1, le=86400)
     """Seconds after its last announce that a silent peer is forgotten."""
     max_torrents: int = Field(100_000, ge=1)
-    """Most infohashes tracked at once; announces for new ones are refused beyond it."""
+    """Most infohashes tracked at once. Beyond it a torrent whose peers all share one address
+    is evicted (least recently announced first); a new infohash is refused only when there is
+    none."""
     max_peers_per_torrent: int = Field(5_000, ge=1)
-    """Most peers kept per infohash; new peers are refused beyond it."""
+    """Most peers kept per infohash; new peers beyond it get peers but are not listed."""
+    max_peers: int = Field(2_000_000, ge=1)
+    """Most peers kept in all torrents together (about 0.5 KB each); beyond it, like
+    ``max_torrents``."""
+    max_torrents_per_address: int = Field(20_000, ge=1)
+    """Most torrents one address may be a peer of. A node's agent and proxy (both on the host
+    network, so one address) announce every blob they cache; beyond it the address is not
+    listed in further torrents (it still gets their peers; a new infohash is not tracked)."""
+    max_peers_per_address: int = Field(8, ge=1)
+    """Most peers (peer ids) one address may have in one torrent: an agent, a proxy and the
+    leftovers of a few restarts. Beyond it a new peer gets peers but is not listed."""
+    uncapped_addresses: Annotated[list[IPvAnyNetwork], BeforeValidator(_as_list)] = Field(
+        default_factory=lambda: [ip_network("127.0.0.0/8"), ip_network("::1/128")]
+    )
+    """Networks (``10.0.0.0/8``, ``::1/128``, a bare address) exempt from the two per-address
+    caps. Loopback by default: only the tracker's own pod can announce from it, while a local
+    demo or test runs every peer on 127.0.0.1."""
     default_numwant: int = Field(50, ge=0)
     """Peers returned when the announce does not say ``numwant``."""
     max_numwant: int = Field(200, ge=0)

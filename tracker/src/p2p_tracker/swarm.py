@@ -6,9 +6,28 @@ has an address, a port, ``left`` and the time it was last seen. ``event=stopped`
 peer, a silent peer is forgotten ``peer_expiry`` seconds after its last announce
 (:meth:`Swarm.expire`), and a torrent without peers is forgotten with its last peer.
 
-Bounded: at most ``max_torrents`` infohashes (a new one beyond it raises
-:class:`SwarmFullError`) and ``max_peers_per_torrent`` peers each (a new peer beyond it still
-gets peers back but is not remembered: :attr:`AnnounceOutcome.full` is true).
+Bounded, so that no client can exhaust the tracker:
+
+- at most ``max_peers_per_torrent`` peers in one torrent and ``max_peers`` in all;
+- at most ``max_peers_per_address`` peers from one address in one torrent and at most
+  ``max_torrents_per_address`` torrents that one address is a peer of (addresses in the
+  ``uncapped`` networks are exempt from these two; the service passes loopback);
+- at most ``max_torrents`` infohashes.
+
+A new peer beyond a cap on its torrent or its address still gets peers back but is not
+remembered (:attr:`AnnounceOutcome.unlisted` says which cap); for a new infohash there is
+no peer to give, so the answer is empty. When the torrent table or the global peer cap is
+full, room is made by evicting a torrent whose peers all come from one address (the cheap
+way to fill the table: one address announcing made-up infohashes), the least recently
+announced first; only when no such torrent exists is a new infohash refused with
+:class:`SwarmFullError` (a new peer of a known torrent then gets
+:attr:`Unlisted.TRACKER_FULL`). The per-address counters are exact at every step: they
+change only where a peer is added, removed (stopped, expired, evicted) or changes address.
+
+Cost per announce: O(1) dictionary operations whatever the caps, plus the peers it returns;
+finding an eviction victim is O(1) and evicting it removes at most
+``max_peers_per_address`` peers (or a whole swarm of an uncapped address); expiry costs only
+what it removes.
 
 Peer selection: a leecher gets a uniformly random subset of all other peers (seeds and
 leechers alike: inside a cluster leechers trade pieces with each other from the first
@@ -19,13 +38,19 @@ Memory layout: each peer is one plain tuple of atomic values (:data:`SwarmPeer`,
 with the index constants :data:`PEER_ID`, :data:`IP`, :data:`PORT`, :data:`PACKED`,
 :data:`LEFT`). CPython's cycle collector stops tracking such tuples, so a million peers add
 about 10 ms to a full collection instead of about 300 ms with one object per peer: the
-collector's pauses would otherwise dominate the announce latency of a large tracker.
+collector's pauses would otherwise dominate the announce latency of a large tracker. The
+per-address counters are ``str -> int`` dictionaries (one per torrent, one for the whole
+tracker), which the collector never tracks either; the eviction order is one ordered
+dictionary of infohashes.
 """
 
 from __future__ import annotations
 
+import enum
+import ipaddress
 import random
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -40,20 +65,37 @@ __all__ = [
     "PEER_ID",
     "PORT",
     "AnnounceOutcome",
+    "Network",
     "PeerConflictError",
     "Swarm",
     "SwarmFullError",
     "SwarmPeer",
+    "Unlisted",
 ]
 
 
 class SwarmFullError(LocalError):
-    """The tracker already holds ``max_torrents`` infohashes and cannot take a new one."""
+    """The tracker is full (``max_torrents`` or ``max_peers``) and nothing can be evicted."""
 
 
 class PeerConflictError(RemoteError):
     """A peer id already registered from another address was announced without its key."""
 
+
+class Unlisted(enum.Enum):
+    """Why an announcing peer got peers back but was not remembered (value: metric label)."""
+
+    SWARM_FULL = "swarm_full"
+    """Its torrent already has ``max_peers_per_torrent`` peers."""
+    ADDRESS_PEERS = "address_peers"
+    """Its address already has ``max_peers_per_address`` peers in this torrent."""
+    ADDRESS_TORRENTS = "address_torrents"
+    """Its address is already a peer of ``max_torrents_per_address`` torrents."""
+    TRACKER_FULL = "tracker_full"
+    """The tracker holds ``max_peers`` peers and no torrent could be evicted."""
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 SwarmPeer = tuple[bytes, str, int, bytes, int, bytes | None, int]
 """One peer of one torrent: (peer_id, ip, port, packed, left, key, slot)."""
@@ -70,12 +112,14 @@ _SLOT: Final = 6
 
 
 class _Torrent:
-    __slots__ = ("downloaded", "leechers", "peers", "seeds")
+    __slots__ = ("addresses", "downloaded", "leechers", "peers", "seeds")
 
     def __init__(self) -> None:
         self.peers: dict[bytes, SwarmPeer] = {}
         self.seeds: list[SwarmPeer] = []
         self.leechers: list[SwarmPeer] = []
+        self.addresses: dict[str, int] = {}
+        """Peers of this torrent per address (only addresses with at least one)."""
         self.downloaded = 0
 
 
@@ -88,12 +132,19 @@ class AnnounceOutcome:
     """Seeders in the swarm (the requester included)."""
     incomplete: int
     """Leechers in the swarm (the requester included)."""
-    full: bool = False
-    """True when the swarm was full and the requester was not remembered."""
+    unlisted: Unlisted | None = None
+    """Set when the requester was not remembered, to the cap that stopped it."""
+    evicted: int = 0
+    """Torrents evicted to make room for this announce."""
+
+    @property
+    def full(self) -> bool:
+        """True when the requester got an answer but was not remembered."""
+        return self.unlisted is not None
 
 
 class Swarm:
-    """Peers per infohash with expiry, caps and random peer selection."""
+    """Peers per infohash with expiry, caps, eviction and random peer selection."""
 
     def __init__(
         self,
@@ -103,11 +154,19 @@ class Swarm:
         max_peers_per_torrent: int,
         default_numwant: int,
         max_numwant: int,
+        max_peers: int,
+        max_torrents_per_address: int,
+        max_peers_per_address: int,
+        uncapped: Iterable[Network] = (),
         rng: random.Random | None = None,
     ) -> None:
         self.peer_expiry = peer_expiry
         self.max_torrents = max_torrents
         self.max_peers_per_torrent = max_peers_per_torrent
+        self.max_peers = max_peers
+        self.max_torrents_per_address = max_torrents_per_address
+        self.max_peers_per_address = max_peers_per_address
+        self.uncapped = tuple(uncapped)
         self.default_numwant = min(default_numwant, max_numwant)
         self.max_numwant = max_numwant
         self._rng = rng or random.Random()
@@ -115,7 +174,15 @@ class Swarm:
         # Last-seen time of every peer of every torrent, least recent first (key:
         # info_hash + peer_id), so that expiry costs only what it removes.
         self._by_age: OrderedDict[bytes, float] = OrderedDict()
+        # Torrents a peer of, per address (only addresses with at least one).
+        self._address_torrents: dict[str, int] = {}
+        # The eviction candidates: torrents whose peers all share one address, least recently
+        # announced first (a torrent enters at the back when it gets down to one address and
+        # moves to the back whenever one of its peers announces).
+        self._single: OrderedDict[bytes, None] = OrderedDict()
         self._seeders = 0
+        self.evicted_torrents = 0
+        """Torrents evicted so far to make room."""
 
     # --- counters ----------------------------------------------------------------------------
 
@@ -130,6 +197,34 @@ class Swarm:
     @property
     def seeder_count(self) -> int:
         return self._seeders
+
+    @property
+    def address_count(self) -> int:
+        """Addresses with at least one peer."""
+        return len(self._address_torrents)
+
+    @property
+    def single_address_count(self) -> int:
+        """Torrents whose peers all share one address (the eviction candidates)."""
+        return len(self._single)
+
+    def torrents_of(self, ip: str) -> int:
+        """How many torrents address ``ip`` is a peer of."""
+        return self._address_torrents.get(ip, 0)
+
+    def peers_from(self, info_hash: bytes, ip: str) -> int:
+        """How many peers of ``info_hash`` are at address ``ip``."""
+        torrent = self._torrents.get(info_hash)
+        return 0 if torrent is None else torrent.addresses.get(ip, 0)
+
+    def peers_of(self, info_hash: bytes) -> list[SwarmPeer]:
+        """Every peer of ``info_hash`` (a copy; for tests and tools, O(peers))."""
+        torrent = self._torrents.get(info_hash)
+        return [] if torrent is None else list(torrent.peers.values())
+
+    def eviction_order(self) -> list[bytes]:
+        """The single-address torrents, next victim first (a copy; for tests and tools)."""
+        return list(self._single)
 
     def scrape(self, info_hash: bytes) -> ScrapeStats:
         """Counters of one infohash; zeros for one the tracker does not know."""
@@ -147,9 +242,10 @@ class Swarm:
     def announce(self, request: AnnounceRequest, ip: str, now: float) -> AnnounceOutcome:
         """Record ``request`` from address ``ip`` at time ``now`` and pick peers for it.
 
-        Raises :class:`SwarmFullError` for a new infohash beyond ``max_torrents``,
-        :class:`PeerConflictError` when the peer id is registered from another address with
-        a different (or no) key, and ``ValueError`` when ``ip`` is not an IP address.
+        Raises :class:`SwarmFullError` for a new infohash when the tracker is full and no
+        torrent can be evicted, :class:`PeerConflictError` when the peer id is registered
+        from another address with a different (or no) key, and ``ValueError`` when ``ip`` is
+        not an IP address.
         """
         info_hash = request.info_hash
         peer_id = request.peer_id
@@ -164,55 +260,79 @@ class Swarm:
             return AnnounceOutcome([], len(torrent.seeds), len(torrent.leechers))
 
         packed = pack_peer(ip, request.port)
+        evicted_before = self.evicted_torrents
+        unlisted: Unlisted | None = None
         if torrent is None:
-            if len(self._torrents) >= self.max_torrents:
-                raise SwarmFullError(f"tracker is full ({self.max_torrents} torrents)")
+            at_cap = self._address_torrents.get(ip, 0) >= self.max_torrents_per_address
+            if at_cap and not self._is_uncapped(ip):
+                return AnnounceOutcome([], 0, 0, Unlisted.ADDRESS_TORRENTS)
+            # One eviction frees one torrent and at least one peer: the loop runs once.
+            while len(self._torrents) >= self.max_torrents or len(self._by_age) >= self.max_peers:
+                if not self._evict(None):
+                    what = (
+                        f"{self.max_torrents} torrents"
+                        if len(self._torrents) >= self.max_torrents
+                        else f"{self.max_peers} peers"
+                    )
+                    raise SwarmFullError(f"tracker is full ({what})")
             torrent = self._torrents[info_hash] = _Torrent()
-
-        left = request.left
-        full = False
-        old = torrent.peers.get(peer_id)
-        if old is None:
-            if len(torrent.peers) >= self.max_peers_per_torrent:
-                full = True
-            else:
-                group = torrent.leechers if left else torrent.seeds
-                peer = (peer_id, ip, request.port, packed, left, request.key, len(group))
-                group.append(peer)
-                torrent.peers[peer_id] = peer
-                self._by_age[info_hash + peer_id] = now
-                if not left:
-                    self._seeders += 1
-                if request.event is Event.COMPLETED:
-                    torrent.downloaded += 1
+            self._add(torrent, request, ip=ip, packed=packed, now=now)
         else:
-            _check_owner(old, ip, request.key)
-            if request.event is Event.COMPLETED and old[LEFT]:
-                torrent.downloaded += 1
-            key = old[KEY] if request.key is None else request.key
-            if bool(old[LEFT]) == bool(left):
-                group = torrent.leechers if left else torrent.seeds
-                peer = (peer_id, ip, request.port, packed, left, key, old[_SLOT])
-                group[old[_SLOT]] = peer
-            else:  # became a seed, or a leecher again
-                if left:
-                    self._unslot(torrent, torrent.seeds, old)
-                    group = torrent.leechers
-                    self._seeders -= 1
-                else:
-                    self._unslot(torrent, torrent.leechers, old)
-                    group = torrent.seeds
-                    self._seeders += 1
-                peer = (peer_id, ip, request.port, packed, left, key, len(group))
-                group.append(peer)
-            torrent.peers[peer_id] = peer
-            age_key = info_hash + peer_id
-            self._by_age[age_key] = now
-            self._by_age.move_to_end(age_key)
+            old = torrent.peers.get(peer_id)
+            if old is None:
+                unlisted = self._address_cap(torrent, ip)
+                if unlisted is None and len(torrent.peers) >= self.max_peers_per_torrent:
+                    unlisted = Unlisted.SWARM_FULL
+                full = unlisted is None and len(self._by_age) >= self.max_peers
+                if full and not self._evict(info_hash):
+                    unlisted = Unlisted.TRACKER_FULL
+                if unlisted is None:
+                    self._add(torrent, request, ip=ip, packed=packed, now=now)
+            else:
+                _check_owner(old, ip, request.key)
+                if old[IP] != ip:  # moved, with its key
+                    unlisted = self._address_cap(torrent, ip)
+                    if unlisted is not None:  # its old entry is stale: forget it
+                        self._remove(info_hash, torrent, old)
+                        if not torrent.peers:
+                            return AnnounceOutcome([], 0, 0, unlisted)
+                    else:
+                        self._join(info_hash, torrent, ip)
+                        self._leave(info_hash, torrent, old[IP])
+                if unlisted is None:
+                    self._refresh(torrent, request, old, ip=ip, packed=packed, now=now)
 
         numwant = self.default_numwant if request.numwant is None else request.numwant
-        picked = self._pick(torrent, peer_id, seed=not left, want=min(numwant, self.max_numwant))
-        return AnnounceOutcome(picked, len(torrent.seeds), len(torrent.leechers), full)
+        picked = self._pick(
+            torrent, peer_id, seed=not request.left, want=min(numwant, self.max_numwant)
+        )
+        return AnnounceOutcome(
+            picked,
+            len(torrent.seeds),
+            len(torrent.leechers),
+            unlisted,
+            self.evicted_torrents - evicted_before,
+        )
+
+    def _address_cap(self, torrent: _Torrent, ip: str) -> Unlisted | None:
+        """The per-address cap a new peer at ``ip`` in ``torrent`` would exceed, if any."""
+        here = torrent.addresses.get(ip, 0)
+        if here >= self.max_peers_per_address:
+            reason = Unlisted.ADDRESS_PEERS
+        elif not here and self._address_torrents.get(ip, 0) >= self.max_torrents_per_address:
+            reason = Unlisted.ADDRESS_TORRENTS
+        else:
+            return None
+        return None if self._is_uncapped(ip) else reason
+
+    def _is_uncapped(self, ip: str) -> bool:
+        """Whether ``ip`` is in an ``uncapped`` network (checked only when a cap bites)."""
+        if not self.uncapped:
+            return False
+        address = ipaddress.ip_address(ip)
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.uncapped)
 
     def _pick(self, torrent: _Torrent, me: bytes, *, seed: bool, want: int) -> list[SwarmPeer]:
         if want <= 0:
@@ -238,6 +358,116 @@ class Swarm:
 
     # --- bookkeeping -------------------------------------------------------------------------
 
+    def _add(
+        self, torrent: _Torrent, request: AnnounceRequest, *, ip: str, packed: bytes, now: float
+    ) -> None:
+        info_hash, peer_id, left = request.info_hash, request.peer_id, request.left
+        group = torrent.leechers if left else torrent.seeds
+        peer = (peer_id, ip, request.port, packed, left, request.key, len(group))
+        group.append(peer)
+        torrent.peers[peer_id] = peer
+        self._by_age[info_hash + peer_id] = now
+        if not left:
+            self._seeders += 1
+        if request.event is Event.COMPLETED:
+            torrent.downloaded += 1
+        self._join(info_hash, torrent, ip)
+        if len(torrent.addresses) == 1:
+            self._single.move_to_end(info_hash)
+
+    def _refresh(
+        self,
+        torrent: _Torrent,
+        request: AnnounceRequest,
+        old: SwarmPeer,
+        *,
+        ip: str,
+        packed: bytes,
+        now: float,
+    ) -> None:
+        info_hash, peer_id, left = request.info_hash, request.peer_id, request.left
+        if request.event is Event.COMPLETED and old[LEFT]:
+            torrent.downloaded += 1
+        key = old[KEY] if request.key is None else request.key
+        if bool(old[LEFT]) == bool(left):
+            group = torrent.leechers if left else torrent.seeds
+            peer = (peer_id, ip, request.port, packed, left, key, old[_SLOT])
+            group[old[_SLOT]] = peer
+        else:  # became a seed, or a leecher again
+            if left:
+                self._unslot(torrent, torrent.seeds, old)
+                group = torrent.leechers
+                self._seeders -= 1
+            else:
+                self._unslot(torrent, torrent.leechers, old)
+                group = torrent.seeds
+                self._seeders += 1
+            peer = (peer_id, ip, request.port, packed, left, key, len(group))
+            group.append(peer)
+        torrent.peers[peer_id] = peer
+        age_key = info_hash + peer_id
+        self._by_age[age_key] = now
+        self._by_age.move_to_end(age_key)
+        if len(torrent.addresses) == 1:
+            self._single.move_to_end(info_hash)
+
+    def _join(self, info_hash: bytes, torrent: _Torrent, ip: str) -> None:
+        """Count one more peer of ``torrent`` at ``ip``."""
+        addresses = torrent.addresses
+        here = addresses.get(ip, 0)
+        addresses[ip] = here + 1
+        if not here:
+            self._address_torrents[ip] = self._address_torrents.get(ip, 0) + 1
+            if len(addresses) == 1:
+                self._single[info_hash] = None
+            elif len(addresses) == 2:
+                del self._single[info_hash]
+
+    def _leave(self, info_hash: bytes, torrent: _Torrent, ip: str) -> None:
+        """Count one peer fewer of ``torrent`` at ``ip``."""
+        addresses = torrent.addresses
+        here = addresses[ip] - 1
+        if here:
+            addresses[ip] = here
+            return
+        del addresses[ip]
+        count = self._address_torrents[ip] - 1
+        if count:
+            self._address_torrents[ip] = count
+        else:
+            del self._address_torrents[ip]
+        if len(addresses) == 1:
+            self._single[info_hash] = None
+        elif not addresses:
+            del self._single[info_hash]
+
+    def _evict(self, keep: bytes | None) -> bool:
+        """Forget the least recently announced single-address torrent other than ``keep``.
+
+        False when there is none. Looks at two candidates at most: O(1) plus the peers it
+        removes.
+        """
+        victim = None
+        for info_hash in self._single:
+            if info_hash != keep:
+                victim = info_hash
+                break
+        if victim is None:
+            return False
+        torrent = self._torrents.pop(victim)
+        del self._single[victim]
+        for peer_id in torrent.peers:
+            del self._by_age[victim + peer_id]
+        self._seeders -= len(torrent.seeds)
+        for ip in torrent.addresses:  # just one
+            count = self._address_torrents[ip] - 1
+            if count:
+                self._address_torrents[ip] = count
+            else:
+                del self._address_torrents[ip]
+        self.evicted_torrents += 1
+        return True
+
     @staticmethod
     def _unslot(torrent: _Torrent, group: list[SwarmPeer], peer: SwarmPeer) -> None:
         """Remove ``peer`` from ``group`` in O(1) by moving the last entry into its slot."""
@@ -256,6 +486,7 @@ class Swarm:
         else:
             self._unslot(torrent, torrent.seeds, peer)
             self._seeders -= 1
+        self._leave(info_hash, torrent, peer[IP])
         if not torrent.peers:
             del self._torrents[info_hash]
 
