@@ -92,14 +92,22 @@ component's `config` values add further settings (the schema refuses the compute
   "peerPort" (int $a.ports.peer)
   "dataDir" $a.dataDir
   "registry" (include "p2p.registries" . | fromJsonArray)
-  "proxies" (list (printf "http://%s:%d" (include "p2p.proxyHeadlessHost" .) (int .Values.proxy.ports.http)))
+  "proxies" (list (printf "%s://%s:%d" (include "p2p.proxyScheme" .) (include "p2p.proxyHeadlessHost" .) (int .Values.proxy.ports.http)))
   "downloadRate" .Values.downloadRate
   "uploadRate" .Values.uploadRate
   "cacheSize" $a.cacheSize
   "logLevel" .Values.logLevel
   "logFormat" .Values.logFormat
 -}}
+{{- if .Values.proxy.tls.secretName -}}
+{{- $_ := set $config "proxyCaFile" "/etc/p2p/proxy-ca/ca.crt" -}}
+{{- end -}}
 {{- toYaml (merge $config (deepCopy $a.config)) -}}
+{{- end -}}
+
+{{/* https when the proxies serve their agent API with a certificate (proxy.tls.secretName). */}}
+{{- define "p2p.proxyScheme" -}}
+{{- if .Values.proxy.tls.secretName -}}https{{- else -}}http{{- end -}}
 {{- end -}}
 
 {{- define "p2p.proxyConfig" -}}
@@ -115,6 +123,10 @@ component's `config` values add further settings (the schema refuses the compute
   "logLevel" .Values.logLevel
   "logFormat" .Values.logFormat
 -}}
+{{- if $p.tls.secretName -}}
+{{- $_ := set $config "tlsCertFile" "/etc/p2p/tls/tls.crt" -}}
+{{- $_ := set $config "tlsKeyFile" "/etc/p2p/tls/tls.key" -}}
+{{- end -}}
 {{- toYaml (merge $config (deepCopy $p.config)) -}}
 {{- end -}}
 
@@ -208,6 +220,9 @@ may come from private repositories). Call with (dict "root" $ "image" ... "pullP
 prometheus.io/scrape: "true"
 prometheus.io/port: {{ int .port | quote }}
 prometheus.io/path: /metrics
+{{- with .scheme }}
+prometheus.io/scheme: {{ . }}
+{{- end }}
 {{- end -}}
 {{- end -}}
 

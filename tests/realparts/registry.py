@@ -33,7 +33,7 @@ import ssl
 import subprocess
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,8 +107,11 @@ def _connection(port: int, tls_context: ssl.SSLContext | None) -> http.client.HT
 # --- TLS material -------------------------------------------------------------------------------
 
 
-def make_tls_files(workdir: Path) -> tuple[Path, Path, Path]:
-    """(ca/ca.crt, server-cert.pem, server-key.pem): a CA and a 127.0.0.1 certificate it signed."""
+def make_tls_files(
+    workdir: Path, *, dns_names: Sequence[str] = ("localhost",), ip: str | None = "127.0.0.1"
+) -> tuple[Path, Path, Path]:
+    """(ca/ca.crt, server-cert.pem, server-key.pem): a CA and a certificate it signed for
+    ``ip`` (127.0.0.1) and ``dns_names`` (localhost)."""
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "p2p test CA")])
@@ -141,7 +144,7 @@ def make_tls_files(workdir: Path) -> tuple[Path, Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ip or dns_names[0])]))
         .issuer_name(ca_name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -149,7 +152,10 @@ def make_tls_files(workdir: Path) -> tuple[Path, Path, Path]:
         .not_valid_after(now + dt.timedelta(days=2))
         .add_extension(
             x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+                [
+                    *([x509.IPAddress(ipaddress.ip_address(ip))] if ip else []),
+                    *(x509.DNSName(name) for name in dns_names),
+                ]
             ),
             critical=False,
         )

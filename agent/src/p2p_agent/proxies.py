@@ -167,7 +167,11 @@ class ProxyClient:
         for base in await self.resolver.ranked(key, self.urls):
             try:
                 response = await self.client.request(
-                    method, base + path, params=params, headers=list(headers)
+                    method,
+                    base + path,
+                    params=params,
+                    headers=list(headers),
+                    extensions=self._tls_name(base),
                 )
             except httpx.HTTPError as exc:
                 last = f"{base}: {exc or type(exc).__name__}"
@@ -179,6 +183,14 @@ class ProxyClient:
                 continue
             return response
         raise OCIError(ErrorCode.UNKNOWN, f"no proxy could answer ({last})", status=502)
+
+    def _tls_name(self, base: str) -> dict[str, str]:
+        """For an https proxy reached at one of its addresses: the host name its certificate
+        must carry (SNI and verification), not the address."""
+        name = self.resolver.host_name(base)
+        if name is None or not base.startswith("https://"):
+            return {}
+        return {"sni_hostname": name}
 
     @staticmethod
     def _auth(authorization: str | None) -> list[tuple[str, str]]:
@@ -355,6 +367,7 @@ class ProxyClient:
                 base + path,
                 params=params,
                 headers=[*self._auth(authorization), *extra_headers],
+                extensions=self._tls_name(base),
             )
             try:
                 response = await self.client.send(request, stream=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,7 +138,10 @@ async def serve(
     status = StatusApp(metrics)
     tune_reads()
     timeout = httpx.Timeout(connect=5.0, read=300.0, write=60.0, pool=30.0)
-    async with httpx.AsyncClient(timeout=timeout, trust_env=False) as http:
+    verify: ssl.SSLContext | bool = True
+    if settings.proxy_ca_file is not None:
+        verify = ssl.create_default_context(cafile=os.fspath(settings.proxy_ca_file))
+    async with httpx.AsyncClient(timeout=timeout, trust_env=False, verify=verify) as http:
         proxies = ProxyClient(settings.proxies, http)
         downloads = Downloads(
             cache=cache,

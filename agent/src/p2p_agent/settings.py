@@ -54,7 +54,11 @@ class AgentSettings(ServiceSettings):
     (``localhost:5004/<repo>``); all of them are served in mirror mode (``?ns=``)."""
     proxies: StrList = Field(default_factory=list)
     """Proxy API URLs. A host name resolving to several addresses (a headless Service)
-    counts as one proxy per address."""
+    counts as one proxy per address. ``https://`` URLs are verified against ``proxyCaFile``
+    (the certificate must name the URL's host name, even when the agent connects to one of its
+    addresses)."""
+    proxy_ca_file: Path | None = None
+    """CA bundle (PEM) that verifies the proxies' certificates instead of the system store."""
     download_rate: ByteSize = 0
     """Process-wide download limit in bytes per second (0 = unlimited); ``100MB`` style units."""
     upload_rate: ByteSize = 0

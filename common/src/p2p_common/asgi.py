@@ -229,10 +229,19 @@ class _Config(Config):
 
 
 def hypercorn_config(
-    listen: str, *, graceful_timeout: float = 30.0, send_timeout: float = SEND_TIMEOUT
+    listen: str,
+    *,
+    graceful_timeout: float = 30.0,
+    send_timeout: float = SEND_TIMEOUT,
+    tls: tuple[os.PathLike[str], os.PathLike[str]] | None = None,
 ) -> Config:
+    """Hypercorn's settings for one service port; ``tls`` (certificate chain, key: PEM files)
+    makes it serve HTTPS only (HTTP/1.1 and HTTP/2 by ALPN, TLS 1.2 or later)."""
     config = _Config()
     config.send_timeout = send_timeout
+    if tls is not None:
+        config.certfile = os.fspath(tls[0])
+        config.keyfile = os.fspath(tls[1])
     config.bind = [listen]
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
@@ -250,6 +259,7 @@ async def serve_app(
     shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
     graceful_timeout: float = 30.0,
     send_timeout: float = SEND_TIMEOUT,
+    tls: tuple[os.PathLike[str], os.PathLike[str]] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on ``listen`` (``host:port``; port 0 picks one) and report the port.
@@ -258,7 +268,9 @@ async def serve_app(
     ``graceful_timeout``, and for a client that stopped reading by ``send_timeout``);
     cancellation stops at once (but for such clients, again within ``send_timeout``).
     """
-    config = hypercorn_config(listen, graceful_timeout=graceful_timeout, send_timeout=send_timeout)
+    config = hypercorn_config(
+        listen, graceful_timeout=graceful_timeout, send_timeout=send_timeout, tls=tls
+    )
 
     async def trigger() -> None:
         if shutdown_trigger is None:

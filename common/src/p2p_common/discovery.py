@@ -25,6 +25,12 @@ class Resolver:
     def __init__(self, *, ttl: float = DNS_TTL) -> None:
         self.ttl = ttl
         self._cache: dict[str, tuple[float, list[str]]] = {}
+        self._names: dict[str, str] = {}
+
+    def host_name(self, url: str) -> str | None:
+        """The host name an expanded ``url`` (an address) stands for: what TLS must verify
+        and send as SNI when connecting to the address. None for URLs given as they are."""
+        return self._names.get(url)
 
     async def expand(self, url: str) -> list[str]:
         """``url`` once per address its host resolves to (IP literals stay as they are)."""
@@ -55,6 +61,9 @@ class Resolver:
             netloc = f"{literal}:{parts.port}" if parts.port else literal
             urls.append(urllib.parse.urlunsplit(parts._replace(netloc=netloc)))
         urls = list(dict.fromkeys(urls)) or [url]
+        for expanded in urls:
+            if expanded != url:
+                self._names[expanded] = host
         self._cache[url] = (now + self.ttl, urls)
         return urls
 

@@ -20,6 +20,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import ipaddress
 import json
 import math
 import os
@@ -341,6 +342,40 @@ def validate_realm(realm: str) -> str:
     if parts.fragment:
         raise AuthSyntaxError("token realm has a fragment")
     return realm
+
+
+def realm_allowed(realm: str, registry_host: str, allowed: Iterable[str] = ()) -> bool:
+    """May credentials for the registry at ``registry_host`` go to the token ``realm``?
+
+    A registry names its token server in its challenge, and the caller's password goes
+    there: a registry (or whoever answers in its name) could name any host. Allowed are the
+    registry's own host, a host of its parent domain when that has at least two labels
+    (``auth.docker.io`` for ``registry-1.docker.io``, never a whole ``.io``), and the hosts
+    in ``allowed``. Ports do not matter; names compare without case and trailing dot.
+    """
+    try:
+        host = urlsplit(realm).hostname
+    except ValueError:
+        return False
+    if not host:
+        return False
+    host = host.rstrip(".").lower()
+    registry = registry_host.rstrip(".").lower()
+    if host == registry or host in {name.rstrip(".").lower() for name in allowed}:
+        return True
+    labels = registry.split(".")
+    if len(labels) < 3 or _is_ip(registry):
+        return False
+    parent = ".".join(labels[1:])
+    return host == parent or host.endswith("." + parent)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 def token_request_url(

@@ -10,9 +10,11 @@ seconds, then the engine stops (announcing ``stopped`` to the trackers).
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from functools import partial
+from pathlib import Path
 
 import trio
 
@@ -75,6 +77,7 @@ async def serve(
                     ca_file=settings.registry_ca_file,
                     user_agent="p2p-proxy/0.1",
                     token_max_age=settings.auth_cache_ttl,
+                    token_realm_hosts=settings.token_realm_hosts,
                 )
             )
         async with trio.open_nursery() as nursery:
@@ -133,6 +136,7 @@ async def serve(
                         shutdown_trigger=trigger,
                         graceful_timeout=settings.shutdown_timeout,
                         send_timeout=settings.send_timeout,
+                        tls=_tls_files(settings),
                     )
                 )
                 app.ready = True
@@ -140,6 +144,7 @@ async def serve(
                     log,
                     "proxy.listening",
                     port=port,
+                    tls=settings.tls_cert_file is not None,
                     peer_port=engine.port,
                     registries=list(origins),
                     cached=len(cache.digests()),
@@ -154,3 +159,17 @@ async def serve(
 def _evicted(seeder: Seeder, metrics: ProxyMetrics, digest: str) -> None:
     metrics.evictions.inc()
     seeder.on_evict(digest)
+
+
+def _tls_files(settings: ProxySettings) -> tuple[Path, Path] | None:
+    """(certificate, key) when the agent API serves HTTPS; a pair that cannot be loaded is a
+    configuration error naming the keys (exit 2), not a failure to listen."""
+    cert, key = settings.tls_cert_file, settings.tls_key_file
+    if cert is None or key is None:
+        return None
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        detail = getattr(exc, "strerror", None) or exc
+        raise ConfigError(f"tlsCertFile/tlsKeyFile: {cert}, {key}: {detail}") from None
+    return cert, key

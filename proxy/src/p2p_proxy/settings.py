@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from p2p_common.settings import ByteSize, HostPort, RegistryList, ServiceSettings, StrList
 
@@ -25,6 +25,14 @@ class ProxySettings(ServiceSettings):
     ``?ns=<host[:port]>``. No other registry is ever contacted."""
     registry_ca_file: Path | None = None
     """CA bundle (PEM) that verifies the origins' TLS certificates instead of the system store."""
+    tls_cert_file: Path | None = None
+    """Certificate chain (PEM) of the agent API: given with ``tlsKeyFile``, ``listen`` serves
+    HTTPS, so that the pull secrets agents pass on never cross the network in clear."""
+    tls_key_file: Path | None = None
+    """Private key (PEM) of ``tlsCertFile``."""
+    token_realm_hosts: StrList = Field(default_factory=list)
+    """Hosts besides the registry's own (and its parent domain's, e.g. auth.docker.io for
+    registry-1.docker.io) whose token realm the proxy may send credentials to."""
     trackers: StrList = Field(default_factory=list)
     """Tracker announce URLs written into every metainfo (``http://p2p-tracker:6969/announce``)."""
     cache_size: ByteSize = 50 * 10**9
@@ -55,6 +63,13 @@ class ProxySettings(ServiceSettings):
     send_timeout: float = Field(30.0, ge=1)
     """Seconds a response waits for a client that takes none of its bytes before its
     connection is cut (TCP_USER_TIMEOUT); a stop waits at most this long for such clients."""
+
+    @field_validator("tls_key_file")
+    @classmethod
+    def _tls_pair(cls, key: Path | None, info: ValidationInfo) -> Path | None:
+        if (key is None) != (info.data.get("tls_cert_file") is None):
+            raise ValueError("tlsCertFile and tlsKeyFile go together: give both or neither")
+        return key
 
     @property
     def default_registry(self) -> str:

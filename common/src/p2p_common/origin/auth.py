@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -37,6 +37,7 @@ from p2p_common.registry_auth import (
     parse_www_authenticate,
     pick_challenge,
     pull_scope,
+    realm_allowed,
     token_request_url,
 )
 
@@ -68,8 +69,11 @@ class OriginAuth:
         clock: Callable[[], float],
         *,
         token_max_age: float = math.inf,
+        realm_hosts: Iterable[str] = (),
     ) -> None:
         self.registry_url = registry_url
+        self._registry_host = urlsplit(registry_url).hostname or ""
+        self._realm_hosts = tuple(realm_hosts)
         self._send = send
         self._clock = clock
         self._tokens = TokenCache(max_age=token_max_age)
@@ -89,6 +93,7 @@ class OriginAuth:
         """Send, answering the origin's challenge; returns any response but a 401."""
         scope = pull_scope(repository)
         key = (fingerprint(credentials), scope)
+        used = self._challenge  # what the pre-emptive authorization (if any) answered
         authorization, token, fetched = await self._preemptive(credentials, scope, key)
         sent_basic = authorization is not None and token is None
         while True:
@@ -110,6 +115,10 @@ class OriginAuth:
                 authorization = self._basic(credentials)
                 sent_basic = True
                 continue
+            if fetched and used is not None and _issuer(used) != _issuer(challenge):
+                # The challenge we remembered is not the registry's any more (another token
+                # server, another service): forget it and answer the real one.
+                fetched = False
             if fetched:
                 # A token fetched just now for exactly this scope, and still 401.
                 if challenge.error == "invalid_token":
@@ -117,6 +126,7 @@ class OriginAuth:
                 # The token server knows these credentials but did not grant the pull.
                 raise self._refused(credentials, "origin refused access", authenticated=True)
             token, fetched = await self._token(challenge, credentials, scope, key, rejected=token)
+            used = challenge
             authorization = f"Bearer {token}"
 
     async def _preemptive(
@@ -199,6 +209,13 @@ class OriginAuth:
             and not url.startswith("https://")
         ):
             raise failure("origin names a plain-http token realm for an https registry")
+        if credentials is not None and not realm_allowed(
+            realm, self._registry_host, self._realm_hosts
+        ):
+            raise failure(
+                f"origin names a token realm on another host ({urlsplit(realm).hostname}); "
+                "credentials go there only if tokenRealmHosts lists it"
+            )
         authorization = None if credentials is None else self._basic(credentials)
         response = await self._send(
             "GET", url, {}, authorization, stream=True, what="origin token server"
@@ -231,3 +248,8 @@ class OriginAuth:
             raise failure(f"origin token server answered {status}")
         finally:
             await response.aclose()
+
+
+def _issuer(challenge: Challenge) -> tuple[str | None, str | None]:
+    """What identifies a token server: its realm and service."""
+    return challenge.realm, challenge.service

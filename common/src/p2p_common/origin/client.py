@@ -72,6 +72,7 @@ class OriginClient:
         clock: Callable[[], float] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         token_max_age: float = math.inf,
+        token_realm_hosts: Iterable[str] = (),
     ) -> None:
         tune_reads()
         self.registry_url = normalise_registry(registry_url)
@@ -102,7 +103,11 @@ class OriginClient:
             transport=transport,
         )
         self._auth = OriginAuth(
-            self.registry_url, self._send, self._clock, token_max_age=token_max_age
+            self.registry_url,
+            self._send,
+            self._clock,
+            token_max_age=token_max_age,
+            realm_hosts=token_realm_hosts,
         )
 
     async def __aenter__(self) -> Self:
