@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from ipaddress import ip_network
 from pathlib import Path
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import BeforeValidator, Field, IPvAnyNetwork, ValidationInfo, field_validator
 
 from p2p_common.settings import ByteSize, HostPort, RegistryList, ServiceSettings, StrList
 
@@ -75,3 +76,28 @@ class ProxySettings(ServiceSettings):
     def default_registry(self) -> str:
         """The first registry: the one served when a request names none."""
         return self.registry[0]
+
+    # --- limits on the origin work clients start (docs/proxy-api.md, "Limits") -------------
+    origin_requests_per_address: int = Field(16, ge=0)
+    """Origin requests (blob fetches, manifest requests) that one client address started and
+    that are still in progress; one more is refused with 429. Joining a fetch in progress and
+    cache hits are free. 0 = no limit."""
+    origin_rate_per_address: float = Field(5.0, ge=0, allow_inf_nan=False)
+    """Requests a second that one client address may start origin work with (a token bucket
+    of ``originBurstPerAddress``); beyond it 429. 0 = no limit."""
+    origin_burst_per_address: int = Field(100, ge=1)
+    """Requests starting origin work that one client address may send at once before
+    ``originRatePerAddress`` applies."""
+    max_origin_fetches: int = Field(32, ge=1)
+    """Distinct blob fetches from the origins running at once (half of an origin's 64 HTTP
+    connections: manifest requests and authorization checks keep the rest); a new one waits
+    for a slot."""
+    origin_queue_timeout: float = Field(30.0, ge=0, allow_inf_nan=False)
+    """Seconds a new blob fetch waits for one of the ``maxOriginFetches`` slots before its
+    callers get 503 (the agent then asks the next proxy)."""
+    uncapped_addresses: Annotated[
+        list[IPvAnyNetwork],
+        BeforeValidator(lambda v: v.replace(",", " ").split() if isinstance(v, str) else v),
+    ] = Field(default_factory=lambda: [ip_network("127.0.0.0/8"), ip_network("::1/128")])
+    """Networks (``10.0.0.0/8``, ``::1/128``, a bare address) without per-address limits.
+    Loopback by default: in a cluster only the proxy's own node connects from it."""
