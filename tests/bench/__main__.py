@@ -9,6 +9,7 @@ pull     one 1 GiB blob with curl: direct, cold and warm through the agent (benc
 rollout  8 emulated nodes (network namespaces, 100 Mbit/s links) pull one image at once, from
          the origin and through their agents (bench_rollout; needs root)
 idle     the CPU an agent spends seeding 5,000 cached blobs while nobody pulls (bench_idle)
+hostile  what request, bitfield and HAVE floods and silent sockets cost a seed (bench_hostile)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ BENCHMARKS = {
     "pull": "tests.bench.bench_pull",
     "rollout": "tests.bench.bench_rollout",
     "idle": "tests.bench.bench_idle",
+    "hostile": "tests.bench.bench_hostile",
 }
 
 

@@ -11,7 +11,7 @@ import trio
 
 from p2p_common import wire
 from p2p_common.bitfield import Bitfield
-from p2p_common.engine.shared import MAX_PENDING_PER_ADDRESS
+from p2p_common.engine.shared import MAX_PENDING_PER_ADDRESS, STRIKE_BURST
 from p2p_common.session import HAVE_ALLOWANCE, MAX_AVAILABILITY_MESSAGES, MAX_REFUSED
 from p2p_common.storage import MemoryPieceStore, PieceFile
 from tests.engine_helpers import make_content, metainfo_for, running_engines
@@ -100,6 +100,31 @@ async def test_a_peer_that_keeps_sending_bitfields_is_dropped(blob: tuple[bytes,
         bitfield = wire.encode_bitfield(bits)
         sent = await dropped(stream, bitfield, most=16 * MiB)
         assert sent <= (MAX_AVAILABILITY_MESSAGES + 1) * len(bitfield) + 4 * MiB
+        await still_serves(seed.port, meta, content)
+
+
+async def test_a_peer_that_reconnects_after_every_drop_is_held_back(
+    blob: tuple[bytes, object],
+) -> None:
+    """Each connection starts with a fresh budget: the address's strikes stop the cycle."""
+    content, meta = blob
+    async with running_engines(1, role="proxy") as (seed,):
+        await seed.add_torrent(meta, MemoryPieceStore(meta, content))  # type: ignore[arg-type]
+        bitfield = wire.encode_bitfield(Bitfield(meta.num_pieces))  # type: ignore[attr-defined]
+        answered = 0
+        refused = False
+        for _ in range(int(STRIKE_BURST) + 5):
+            try:
+                stream = await handshaken(seed.port, meta.info_hash, source="127.0.0.3")  # type: ignore[attr-defined]
+            except (AssertionError, trio.BrokenResourceError):
+                refused = True  # closed unanswered
+                break
+            answered += 1
+            await dropped(stream, bitfield, most=4 * MiB)
+            await stream.aclose()
+        assert refused
+        assert answered == int(STRIKE_BURST) + 1  # the drop that went over the allowance
+        # Another address is served as before.
         await still_serves(seed.port, meta, content)
 
 

@@ -53,7 +53,7 @@ MAX_AVAILABILITY_MESSAGES = 3
 one, aria2's have-none then bitfield). Each costs work in proportion to the torrent, so a peer
 that keeps sending them without news is dropped. A later bitfield that does reveal pieces is
 a batch of HAVEs (aria2 sends one instead of 20 or more HAVEs) and is charged to
-:data:`HAVE_ALLOWANCE` by the pieces it adds."""
+:data:`HAVE_ALLOWANCE` by the pieces it adds, at least an eighth of the window."""
 HAVE_ALLOWANCE = 1024
 """HAVEs a peer may send beyond two per piece of its window (redundant HAVEs included)."""
 IN_FLIGHT_BYTES = 8 * 1024 * 1024
@@ -488,7 +488,13 @@ class PeerSession:
                 self._peer_has(first + index)
         news = self.peer_bits.count - before
         if news > 0:
-            self._haves += news
+            # A batch of HAVEs, but each costs work in proportion to the window: charged as
+            # at least an eighth of it, so a peer revealing one piece per bitfield runs out
+            # after a few dozen bitfields, not thousands.
+            if self._availability_messages or before:
+                self._haves += max(news, self.window.count // 8)
+            else:
+                self._haves += news  # the opening bitfield
         else:
             self._availability_messages += 1
         if (

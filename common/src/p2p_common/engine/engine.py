@@ -155,6 +155,7 @@ class Engine:
             # from the origin, no torrent hands out second copies (SwarmCore.offer).
             ingesting = any(t.ingest and not t.core.complete for t in torrents)
             self.shared.bans.expire()
+            self.shared.strikes.expire(now)
             for torrent in torrents:
                 torrent.core.second_copies = not ingesting
                 if torrent.connections or torrent.candidates:
@@ -306,6 +307,8 @@ class Engine:
                         slots.release()
                         raise
                 else:
+                    if self.shared.strikes.refused(address[0], trio.current_time()):
+                        return
                     if not self._pending.admit(address[0]):
                         return
                     try:
@@ -315,7 +318,10 @@ class Engine:
                         self._pending.leave(address[0])
                     if not slots.reserve(outgoing=False):
                         return
-            except (RemoteError, trio.TooSlowError):
+            except RemoteError:
+                self.shared.strikes.strike(address[0], trio.current_time())  # bad handshake
+                return
+            except trio.TooSlowError:
                 return
             try:
                 found = self.lookup(handshake.info_hash)

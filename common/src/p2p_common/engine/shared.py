@@ -48,6 +48,57 @@ class Bans:
                 del table[key]  # type: ignore[arg-type]
 
 
+STRIKE_BURST = 5.0
+"""Connections from one address that may be dropped for breaking the protocol in a row ..."""
+STRIKE_RATE = 1 / 12
+"""... and how fast that allowance comes back (one per 12 s)."""
+MAX_STRIKE_ADDRESSES = 10_000
+
+
+class Strikes:
+    """Addresses whose peers keep breaking the protocol (floods of refused requests, bitfields,
+    HAVEs, bad handshakes): each drop is a strike, and an address over its allowance gets its
+    incoming connections closed unanswered until the allowance comes back. Each connection
+    starts with a fresh per-connection budget (PeerSession), so without this a peer that
+    reconnects after every drop would make the engine redo the work: 72% of a core with
+    growing bitfields (tests/bench/bench_hostile.py). Only connections of peers that break the
+    protocol count: a node whose processes behave is never held back. Pure but for the clock
+    (``now`` is passed in)."""
+
+    def __init__(
+        self,
+        burst: float = STRIKE_BURST,
+        rate: float = STRIKE_RATE,
+        max_addresses: int = MAX_STRIKE_ADDRESSES,
+    ) -> None:
+        self.burst = burst
+        self.rate = rate
+        self.max_addresses = max_addresses
+        self._level: dict[str, tuple[float, float]] = {}
+        """address -> (strike level, when it was last updated)."""
+
+    def _current(self, host: str, now: float) -> float:
+        level, when = self._level.get(host, (0.0, now))
+        return max(0.0, level - (now - when) * self.rate)
+
+    def strike(self, host: str, now: float) -> None:
+        level = self._current(host, now)
+        self._level.pop(host, None)  # re-inserted last: the dict stays in order of activity
+        self._level[host] = (level + 1.0, now)
+        while len(self._level) > self.max_addresses:
+            del self._level[next(iter(self._level))]
+
+    def refused(self, host: str, now: float) -> bool:
+        return host in self._level and self._current(host, now) > self.burst
+
+    def expire(self, now: float) -> None:
+        for host in [h for h in self._level if self._current(h, now) <= 0.0]:
+            del self._level[host]
+
+    def __len__(self) -> int:
+        return len(self._level)
+
+
 class ConnectionSlots:
     """The process-wide bound on peer connections. A fifth of them (at least 4) is kept for
     the connections we dial, so peers dialling us cannot crowd out our own downloads."""
@@ -114,6 +165,7 @@ class EngineShared:
     bans: Bans
     slots: ConnectionSlots
     super_seed: bool
+    strikes: Strikes = field(default_factory=Strikes)
     flusher: Flusher = field(default_factory=Flusher)
     """Wakes writers that hold back HAVEs (Engine.serve runs it)."""
     self_addresses: set[tuple[str, int]] = field(default_factory=set)

@@ -376,6 +376,7 @@ class Torrent:
             pass
         except RemoteError as exc:
             log_event(log, "peer.dropped", logging.INFO, peer=repr(session), reason=str(exc))
+            self.engine.strikes.strike(address[0], trio.current_time())
         except LocalError as exc:
             self.fail(exc)
         finally:
