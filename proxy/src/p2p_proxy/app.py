@@ -2,8 +2,9 @@
 
 Handlers stay thin: the origin clients talk to the registries, :class:`Authorizer` decides
 who may read a blob, :class:`Manifests` resolves tags and caches manifests by digest,
-:class:`BlobFetcher` gets blobs into the cache, :class:`Seeder` seeds them. Every failure is
-answered as a registry JSON error with its status.
+:class:`BlobFetcher` gets blobs into the cache, :class:`Seeder` seeds them. Each request
+carries its client's claim on origin work (:class:`OriginLimits`) down to whatever would start
+origin work for it. Every failure is answered as a registry JSON error with its status.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ from p2p_proxy.api import (
 )
 from p2p_proxy.authz import Authorizer
 from p2p_proxy.fetch import BlobFetcher, Fetch, storage_error
-from p2p_proxy.flight import copy_error
+from p2p_proxy.flight import Admission, copy_error
+from p2p_proxy.limits import OriginLimits
 from p2p_proxy.manifests import ManifestQuery, Manifests
 from p2p_proxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from p2p_proxy.metrics import ProxyMetrics
@@ -75,6 +77,8 @@ class ProxyApp:
     metrics: ProxyMetrics
     peer_port: Callable[[], int]
     progressive_streams: int = 1
+    limits: OriginLimits | None = None
+    """Limits on the origin work clients start (None: none)."""
     ready: bool = False
 
     def __post_init__(self) -> None:
@@ -153,6 +157,10 @@ class ProxyApp:
                 ErrorCode.UNSUPPORTED, "tag listing is not served by the proxy", status=404
             )
 
+    def _admission(self, request: Request) -> Admission | None:
+        """The request's claim on origin work: its client's limits."""
+        return None if self.limits is None else self.limits.requester(request.client)
+
     async def _readyz(self, send: Send, *, head: bool) -> None:
         body = {"ready": self.ready, "peerPort": self.peer_port(), "registries": self._served}
         await send_bytes(send, 200 if self.ready else 503, json.dumps(body).encode(), head=head)
@@ -170,6 +178,7 @@ class ProxyApp:
             route.reference,
             credentials_from(request.headers),
             merge_accept(accept) if accept else None,
+            self._admission(request),
         )
         found = await self.manifests.fetch(query, head=head)
         headers = [] if found.digest is None else [("Docker-Content-Digest", found.digest)]
@@ -240,7 +249,9 @@ class ProxyApp:
         digest = blob_digest(route.reference)
         credentials, size = await self._authorize(request, origin, route.name, digest)
         with self.cache.pinned(digest):
-            meta = await self.fetcher.ensure(origin, route.name, digest, credentials, size)
+            meta = await self.fetcher.ensure(
+                origin, route.name, digest, credentials, size, admission=self._admission(request)
+            )
             await self.seeder.seed(digest, meta)
             total = meta.length
             wanted = requested_range(request.header("range"), total)
@@ -377,6 +388,7 @@ class ProxyApp:
         registry = select_registry(request.query, self._served)
         origin = self.origins[registry]
         credentials, size = await self._authorize(request, origin, name, digest)
+        admission = self._admission(request)
         if (
             request.param("stream") == "1"
             and digest not in self.cache
@@ -384,7 +396,9 @@ class ProxyApp:
         ):
             self._streams[digest] += 1  # hold the slot while the fetch gets going
             try:
-                fetch = await self.fetcher.follow(origin, name, digest, credentials, size)
+                fetch = await self.fetcher.follow(
+                    origin, name, digest, credentials, size, admission=admission
+                )
                 if fetch is not None:
                     await self._stream_progress(receive, send, digest, fetch)
                     return
@@ -396,13 +410,17 @@ class ProxyApp:
         with self.cache.pinned(digest):
             blob = await self.fetcher.cached(digest)
             if blob is None:
-                fetch = await self.fetcher.follow(origin, name, digest, credentials, size)
+                fetch = await self.fetcher.follow(
+                    origin, name, digest, credentials, size, admission=admission
+                )
                 if fetch is not None:
                     self.metrics.cache_misses.inc()
                     event(log, "proxy.chunks", logging.DEBUG, digest=digest, following=True)
                     await self._stream_chunks(receive, send, fetch)
                     return
-                blob = await self.fetcher.ensure(origin, name, digest, credentials, size)
+                blob = await self.fetcher.ensure(
+                    origin, name, digest, credentials, size, admission=admission
+                )
             await self.seeder.seed(digest, blob)
         event(
             log,

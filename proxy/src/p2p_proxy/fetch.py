@@ -5,7 +5,10 @@
 :meth:`BlobFetcher.follow` returns the fetch in flight, whose chunks are published while it
 runs. Concurrent requests for one (registry, digest) share one fetch (a
 :class:`~p2p_proxy.flight.SingleFlight`), which runs in the service's nursery so that it
-outlives a caller that hangs up.
+outlives a caller that hangs up. The caller that starts a fetch is admitted by the
+:class:`~p2p_proxy.flight.Admission` it brings (its client's limits, :mod:`p2p_proxy.limits`);
+callers that join a running fetch are not. A fetch holds one of the proxy's
+``maxOriginFetches`` slots while it talks to the origin, waiting a bounded time for one.
 
 A fetch reserves the blob's size in the cache quota (evicting least recently used blobs) and
 streams the origin's body into a scratch file with :class:`~p2p_common.ingest.Ingest`: every
@@ -26,7 +29,7 @@ import errno
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from pathlib import Path
 from typing import Protocol
 
@@ -41,7 +44,8 @@ from p2p_common.logs import event
 from p2p_common.oci import ErrorCode, OCIError
 from p2p_common.origin import BlobHead, OriginClient
 from p2p_common.registry_auth import Credentials
-from p2p_proxy.flight import SingleFlight
+from p2p_proxy.flight import Admission, SingleFlight, copy_error
+from p2p_proxy.limits import OriginLimits
 from p2p_proxy.metrics import ProxyMetrics
 
 __all__ = ["BlobFetcher", "Fetch", "FetchListener", "storage_error"]
@@ -126,13 +130,18 @@ class BlobFetcher:
         *,
         disk: DiskRunner | None = None,
         listener: FetchListener | None = None,
+        limits: OriginLimits | None = None,
     ) -> None:
         self.cache = cache
+        self.limits = limits
+        """Whose ``fetch_slot`` bounds the fetches running at once (None: no bound)."""
         self.metrics = metrics
         self.trackers = tuple(trackers)
         self.disk = disk or DiskRunner()
         self.listener = listener
-        self._fetches: SingleFlight[tuple[str, str], BlobMetainfo] = SingleFlight(nursery, "fetch")
+        self._fetches: SingleFlight[tuple[str, str], BlobMetainfo] = SingleFlight(
+            nursery, "fetch", on_join=metrics.origin_joins.labels(kind="blob").inc
+        )
         self._rebuilds: SingleFlight[str, BlobMetainfo | None] = SingleFlight(nursery, "rehash")
         # Metainfo is a pure function of the content (and the trackers): what was built or
         # loaded once stays right for as long as the digest is cached, or cached again.
@@ -148,8 +157,11 @@ class BlobFetcher:
         digest: str,
         credentials: Credentials | None,
         size: int | None,
+        *,
+        admission: Admission | None = None,
     ) -> BlobMetainfo:
-        """The chunks of cached blob ``digest``, fetched from ``origin`` first if needed.
+        """The chunks of cached blob ``digest``, fetched from ``origin`` first if needed
+        (``admission`` decides whether this caller may start that fetch).
 
         The caller must already be authorized for it (and should pin the digest while it
         uses the result, so that eviction cannot remove it underneath).
@@ -162,7 +174,9 @@ class BlobFetcher:
                 return meta
         self.metrics.cache_misses.inc()
         return await self._fetches.run(
-            (origin.name, digest), self._work(origin, repository, digest, credentials, size)
+            (origin.name, digest),
+            self._work(origin, repository, digest, credentials, size),
+            admission=admission,
         )
 
     async def cached(self, digest: str) -> BlobMetainfo | None:
@@ -187,17 +201,27 @@ class BlobFetcher:
 
         async def fetch() -> BlobMetainfo:
             try:
-                if digest in self.cache:  # fetched meanwhile (another registry's flight)
-                    meta = await self._cached_metainfo(digest)
-                    if meta is not None:
-                        return meta
-                meta = await self._fetch(origin, repository, digest, credentials, size)
-                self._remember(digest, meta)
+                meta = await self._present(digest)  # fetched meanwhile (another registry's)
+                if meta is not None:
+                    return meta
+                async with self._slot():
+                    meta = await self._present(digest)  # fetched while this one waited
+                    if meta is None:
+                        meta = await self._fetch(origin, repository, digest, credentials, size)
+                        self._remember(digest, meta)
                 return meta
             finally:
                 self._wake_in_flight_waiters()
 
         return fetch
+
+    def _slot(self) -> AbstractAsyncContextManager[None]:
+        return nullcontext() if self.limits is None else self.limits.fetch_slot()
+
+    async def _present(self, digest: str) -> BlobMetainfo | None:
+        if digest not in self.cache:
+            return None
+        return await self._cached_metainfo(digest)
 
     async def follow(
         self,
@@ -206,16 +230,24 @@ class BlobFetcher:
         digest: str,
         credentials: Credentials | None,
         size: int | None,
+        *,
+        admission: Admission | None = None,
     ) -> Fetch | None:
-        """The fetch of ``digest`` while its bytes arrive, started if needed; None when
-        there is none to follow (the blob is cached already, or the fetch ended)."""
+        """The fetch of ``digest`` while its bytes arrive, started if needed (``admission``
+        decides whether this caller may start it); None when there is none to follow (the
+        blob is cached already, or the fetch ended without error). A fetch that failed
+        before its bytes arrived raises its error."""
         key = (origin.name, digest)
+        flight = None
         if digest not in self.cache:
-            self._fetches.start(key, self._work(origin, repository, digest, credentials, size))
+            work = self._work(origin, repository, digest, credentials, size)
+            flight = self._fetches.start(key, work, admission=admission)
         while True:
             fetch = self.in_flight.get(digest)
             if fetch is not None:
                 return fetch
+            if flight is not None and flight.done.is_set() and flight.error is not None:
+                raise copy_error(flight.error)
             if digest in self.cache or not self._fetches.in_flight(key):
                 return None
             await self._in_flight_changed.wait()

@@ -7,7 +7,9 @@ fetched the bytes of a digest it serves them from memory to every caller the ori
 A rollout of N nodes then costs the origin N ``HEAD`` requests and one ``GET`` per manifest
 instead of N ``GET`` requests (registries that rate-limit pulls, such as Docker Hub, count the
 ``GET`` requests). Concurrent identical requests (same credentials, registry, repository,
-reference and ``Accept``) share one origin request.
+reference and ``Accept``) share one origin request. The query's ``admission`` (its client's
+limits, :mod:`p2p_proxy.limits`) is asked before a request starts an origin request, never
+when it joins one or is answered from memory.
 
 A by-digest request for a cached manifest is authorized like a blob: a ``HEAD`` of the manifest
 with the caller's credentials, remembered for ``authCacheTtl`` seconds (a tag resolution or a
@@ -28,7 +30,7 @@ from p2p_common.oci import OCIError, is_digest_reference
 from p2p_common.origin import ManifestResponse, OriginClient
 from p2p_common.registry_auth import Credentials, fingerprint
 from p2p_proxy.authz import Authorizer
-from p2p_proxy.flight import SingleFlight
+from p2p_proxy.flight import Admission, SingleFlight
 from p2p_proxy.metrics import ProxyMetrics
 
 __all__ = ["CachedManifest", "ManifestCache", "ManifestQuery", "Manifests"]
@@ -105,6 +107,8 @@ class ManifestQuery:
     credentials: Credentials | None
     accept: str | None
     """Every ``Accept`` line of the request, merged (:func:`~p2p_common.oci.merge_accept`)."""
+    admission: Admission | None = None
+    """Whether the caller may start origin requests (its client's limits)."""
 
 
 class Manifests:
@@ -124,7 +128,7 @@ class Manifests:
         self.metrics = metrics
         self.authorizer = authorizer
         self._flights: SingleFlight[FlightKey, ManifestResponse] = SingleFlight(
-            nursery, "manifest request"
+            nursery, "manifest request", on_join=metrics.origin_joins.labels(kind="manifest").inc
         )
 
     async def fetch(self, query: ManifestQuery, *, head: bool) -> ManifestResponse:
@@ -210,4 +214,4 @@ class Manifests:
                 self.cache.put(found.digest, found.content_type, found.body)
             return found
 
-        return await self._flights.run(key, ask)
+        return await self._flights.run(key, ask, admission=query.admission)

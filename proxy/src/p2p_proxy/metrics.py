@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -121,6 +121,33 @@ class ProxyMetrics:
         )
         self.evictions = Counter(
             "p2p_proxy_evictions", "Blobs evicted from the cache by the quota.", registry=r
+        )
+        self.origin_refusals = Counter(
+            "p2p_proxy_origin_refusals",
+            "Requests refused instead of starting origin work, by reason: requests (the "
+            "client's originRequestsPerAddress), rate (its originRatePerAddress), busy "
+            "(maxOriginFetches stayed full for originQueueTimeout).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("requests", "rate", "busy"):
+            self.origin_refusals.labels(reason=reason)  # 0 from the start, for rate() queries
+        self.origin_joins = Counter(
+            "p2p_proxy_origin_joins",
+            "Requests that joined origin work another request had started (one origin request "
+            "for all of them), by kind: blob (fetches), manifest (manifest requests).",
+            ["kind"],
+            registry=r,
+        )
+        self.origin_fetches_running = Gauge(
+            "p2p_proxy_origin_fetches_running",
+            "Blob fetches from an origin running (at most maxOriginFetches).",
+            registry=r,
+        )
+        self.origin_fetches_waiting = Gauge(
+            "p2p_proxy_origin_fetches_waiting",
+            "Blob fetches waiting for one of the maxOriginFetches slots.",
+            registry=r,
         )
 
     def watch(self, read: Callable[[], dict[str, float]]) -> None:

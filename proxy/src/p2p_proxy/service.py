@@ -27,6 +27,7 @@ from p2p_common.settings import ConfigError, registry_name
 from p2p_proxy.app import ProxyApp
 from p2p_proxy.authz import Authorizer
 from p2p_proxy.fetch import BlobFetcher
+from p2p_proxy.limits import OriginLimits
 from p2p_proxy.manifests import Manifests
 from p2p_proxy.metrics import ProxyMetrics
 from p2p_proxy.seeding import Seeder
@@ -86,6 +87,7 @@ async def serve(
             stack.callback(seeder.close)  # after the nursery: the engine has stopped
             cache.on_evict = partial(_evicted, seeder, metrics)
             reseeded = await seeder.reseed_all()
+            limits = OriginLimits.from_settings(settings, metrics)
             app = ProxyApp(
                 origins=origins,
                 cache=cache,
@@ -103,11 +105,13 @@ async def serve(
                     settings.trackers,
                     disk=engine.shared.disk,
                     listener=seeder,
+                    limits=limits,
                 ),
                 seeder=seeder,
                 metrics=metrics,
                 peer_port=lambda: engine.port,
                 progressive_streams=settings.progressive_streams,
+                limits=limits,
             )
             metrics.watch(
                 lambda: {
