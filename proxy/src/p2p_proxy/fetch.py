@@ -324,9 +324,9 @@ class BlobFetcher:
                     f"origin sent {length} bytes for a blob it said has {size} bytes"
                 )
             if size is not None:  # reserved before the request
-                return await self._store(digest, length, chunks)
+                return await self._store(digest, length, chunks, key=(origin.name, digest))
             async with self._reserved(length):
-                return await self._store(digest, length, chunks)
+                return await self._store(digest, length, chunks, key=(origin.name, digest))
 
         async def get() -> BlobMetainfo:
             return await origin.get_blob(repository, digest, credentials, consume)
@@ -374,9 +374,13 @@ class BlobFetcher:
         except (CacheFullError, OSError) as exc:
             raise storage_error(exc, "making room in the cache") from None
 
-    async def _store(self, digest: str, length: int, chunks: AsyncIterator[bytes]) -> BlobMetainfo:
+    async def _store(
+        self, digest: str, length: int, chunks: AsyncIterator[bytes], *, key: tuple[str, str]
+    ) -> BlobMetainfo:
         """Write and hash ``chunks`` into a scratch file, publishing each chunk as it is
-        complete; verify the whole; adopt it into the cache with its chunks."""
+        complete; verify the whole; adopt it into the cache with its chunks. A failed fetch
+        leaves the single flight (``key``) before its followers hear of it, so a request
+        that comes after their error starts a fetch of its own instead of joining this one."""
         scratch = self.cache.scratch_file("fetch")
         try:
             fd = await trio.to_thread.run_sync(
@@ -424,6 +428,8 @@ class BlobFetcher:
             fetch.error = exc
             raise
         finally:
+            if not adopted:
+                self._fetches.forget(key)
             fetch.end(failed=not adopted)
             if self.in_flight.get(digest) is fetch:
                 del self.in_flight[digest]

@@ -78,6 +78,11 @@ class SingleFlight(Generic[K, T]):
     def in_flight(self, key: K) -> bool:
         return key in self._flights
 
+    def forget(self, key: K) -> None:
+        """The run for ``key`` has failed, though it has not returned yet: callers from now on
+        start a new run instead of joining it (those already waiting get its result)."""
+        self._flights.pop(key, None)
+
     def start(
         self, key: K, work: Callable[[], Awaitable[T]], *, admission: Admission | None = None
     ) -> Flight[T]:
