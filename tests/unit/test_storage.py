@@ -3,6 +3,7 @@ then PieceFile's disk behaviour (sparse creation, resume, re-verification, publi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -281,6 +282,37 @@ def test_publish_with_the_right_digest_renames_and_drops_the_bitfield(tmp_path: 
         assert store.read(0, 10) == CONTENT[:10]  # still open for seeding
     finally:
         store.close()
+
+
+def open_descriptors_of(path: Path) -> list[str]:
+    """This process's descriptors that point at ``path`` (deleted or not)."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            target = os.readlink(f"/proc/self/fd/{name}")
+            if target.removesuffix(" (deleted)") == str(path):
+                found.append(target)
+    return found
+
+
+def test_drop_bitfield_after_publish_closes_the_deleted_bitfield_file(tmp_path: Path) -> None:
+    data, bits = tmp_path / "blob.part", tmp_path / "blob.bits"
+    destination = tmp_path / "blobs" / "sha256" / "abc"
+    store = PieceFile(META, data, bits)
+    write_all(store)
+    store.drop_bitfield()  # before publishing: keeps the record
+    assert open_descriptors_of(bits) == [str(bits)]
+    store.publish(destination, DIGEST)
+    assert open_descriptors_of(bits) == [f"{bits} (deleted)"]  # what a seeded blob kept
+    try:
+        store.drop_bitfield()
+        assert open_descriptors_of(bits) == []
+        store.flush()  # the engine's next round: nothing to write, no descriptor to write to
+        store.drop_bitfield()  # idempotent
+        assert store.read(0, 10) == CONTENT[:10]  # still seeding
+    finally:
+        store.close()
+    assert open_descriptors_of(destination) == []
 
 
 def test_publish_trusts_a_known_digest_without_rereading(tmp_path: Path) -> None:

@@ -376,6 +376,7 @@ class Downloads:
                 await trio.to_thread.run_sync(
                     lambda: self.cache.publish(store, digest, known_digest=found)
                 )
+                store.drop_bitfield()  # here, on the thread that flushes it
         except BaseException as exc:
             download.error = exc
             self.engine.remove_torrent(torrent.info_hash)

@@ -232,6 +232,18 @@ class PieceFile:
         finally:
             os.close(fd)
 
+    def drop_bitfield(self) -> None:
+        """Close the bitfield file of a published blob (:meth:`publish` deleted it: a complete
+        blob needs no record, and a seeded blob would otherwise keep one descriptor of a
+        deleted file for as long as it is seeded). Call it on the thread that flushes (the
+        event loop), not in :meth:`publish`'s worker thread, so that no flush can write to
+        the descriptor while it is closed and its number reused."""
+        if self.bitfield_path is not None or self._bits_fd is None:
+            return  # not published, or no bitfield file
+        fd, self._bits_fd = self._bits_fd, None
+        self._bits_dirty = False
+        os.close(fd)
+
     def discard(self) -> None:
         """Close and delete the data and bitfield files."""
         self.close()

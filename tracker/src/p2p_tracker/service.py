@@ -15,7 +15,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
-from p2p_common.asgi import lifespan
+from p2p_common.asgi import lifespan, use_closing_tcp_server
 from p2p_common.logs import event
 from p2p_common.settings import split_host_port
 from p2p_tracker.core import Tracker
@@ -128,6 +128,7 @@ async def serve(
     tracker = Tracker(settings)
     app = TrackerApp(tracker)
     config = hypercorn_config(settings)
+    use_closing_tcp_server()  # a connection its client closed while idle is closed at once
 
     async def trigger() -> None:
         if shutdown_trigger is None:
