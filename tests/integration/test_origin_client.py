@@ -1,4 +1,4 @@
-"""p2p_common.origin.OriginClient against the real distribution registry in its three auth
+"""p2p_proxy.origin.OriginClient against the real distribution registry in its three auth
 modes (and with TLS), plus a few origin misbehaviours no real registry produces on demand
 (an in-process httpx transport plays the origin for those)."""
 
@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from p2p_common.oci import ErrorCode, OCIError
-from p2p_common.origin import BlobHead, Credentials, OriginClient
+from p2p_proxy.origin import BlobHead, Credentials, OriginClient
 from tests.realparts import images
 from tests.realparts.registry import DEFAULT_USERS, Registry, free_port, run_registry
 

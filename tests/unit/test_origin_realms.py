@@ -12,8 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from p2p_common.oci import OCIError
-from p2p_common.origin import OriginClient
 from p2p_common.registry_auth import Credentials, realm_allowed
+from p2p_proxy.origin import OriginClient
 
 DIGEST = "sha256:" + "ab" * 32
 ALICE = Credentials("alice", "secret")

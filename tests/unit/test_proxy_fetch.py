@@ -23,13 +23,13 @@ from p2p_common.blobcache import BlobCache
 from p2p_common.blobinfo import CHUNK_PIECES
 from p2p_common.ingest import BATCH_BYTES, Ingest
 from p2p_common.oci import ErrorCode, OCIError
-from p2p_common.origin import ManifestResponse, OriginClient
 from p2p_common.registry_auth import Credentials
 from p2p_proxy.authz import Authorizer, Decision, DecisionCache
 from p2p_proxy.fetch import BlobFetcher, Fetch
 from p2p_proxy.flight import SingleFlight
 from p2p_proxy.manifests import CachedManifest, ManifestCache, ManifestQuery, Manifests
 from p2p_proxy.metrics import ProxyMetrics
+from p2p_proxy.origin import ManifestResponse, OriginClient
 
 MiB = 1024 * 1024
 PIECE = 256 * 1024

@@ -36,7 +36,6 @@ from p2p_common.blobcache import BlobCache
 from p2p_common.errors import collapse
 from p2p_common.logs import event
 from p2p_common.oci import ApiRoute, ErrorCode, OCIError, merge_accept, parse_api_path
-from p2p_common.origin import OriginClient
 from p2p_common.registry_auth import AUTH_MAX_AGE_HEADER, Credentials
 from p2p_common.storage import StorageError
 from p2p_proxy.api import (
@@ -54,6 +53,7 @@ from p2p_proxy.limits import OriginLimits
 from p2p_proxy.manifests import ManifestQuery, Manifests
 from p2p_proxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from p2p_proxy.metrics import ProxyMetrics
+from p2p_proxy.origin import OriginClient
 from p2p_proxy.seeding import Seeder
 
 __all__ = ["CHUNKS_CONTENT_TYPE", "ProxyApp"]

@@ -22,10 +22,10 @@ from typing import Literal
 import trio
 
 from p2p_common.oci import ErrorCode, OCIError
-from p2p_common.origin import OriginClient
 from p2p_common.registry_auth import Credentials, fingerprint
 from p2p_proxy.flight import SingleFlight, copy_error
 from p2p_proxy.metrics import ProxyMetrics
+from p2p_proxy.origin import OriginClient
 
 __all__ = ["AuthKey", "Authorizer", "Decision", "DecisionCache"]
 

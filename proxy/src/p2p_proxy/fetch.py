@@ -42,11 +42,11 @@ from p2p_common.engine.disk import DiskRunner
 from p2p_common.ingest import Ingest, IngestError
 from p2p_common.logs import event
 from p2p_common.oci import ErrorCode, OCIError
-from p2p_common.origin import BlobHead, OriginClient
 from p2p_common.registry_auth import Credentials
 from p2p_proxy.flight import Admission, SingleFlight, copy_error
 from p2p_proxy.limits import OriginLimits
 from p2p_proxy.metrics import ProxyMetrics
+from p2p_proxy.origin import BlobHead, OriginClient
 
 __all__ = ["BlobFetcher", "Fetch", "FetchListener", "storage_error"]
 

@@ -27,11 +27,11 @@ from dataclasses import dataclass
 import trio
 
 from p2p_common.oci import OCIError, is_digest_reference
-from p2p_common.origin import ManifestResponse, OriginClient
 from p2p_common.registry_auth import Credentials, fingerprint
 from p2p_proxy.authz import Authorizer
 from p2p_proxy.flight import Admission, SingleFlight
 from p2p_proxy.metrics import ProxyMetrics
+from p2p_proxy.origin import ManifestResponse, OriginClient
 
 __all__ = ["CachedManifest", "ManifestCache", "ManifestQuery", "Manifests"]
 

@@ -22,7 +22,6 @@ from p2p_common.asgi import serve_app
 from p2p_common.blobcache import BlobCache
 from p2p_common.engine import Engine
 from p2p_common.logs import event
-from p2p_common.origin import OriginClient
 from p2p_common.settings import ConfigError, registry_name
 from p2p_proxy.app import ProxyApp
 from p2p_proxy.authz import Authorizer
@@ -30,6 +29,7 @@ from p2p_proxy.fetch import BlobFetcher
 from p2p_proxy.limits import OriginLimits
 from p2p_proxy.manifests import Manifests
 from p2p_proxy.metrics import ProxyMetrics
+from p2p_proxy.origin import OriginClient
 from p2p_proxy.seeding import Seeder
 from p2p_proxy.settings import ProxySettings
 

@@ -9,7 +9,7 @@ registry names in its ``Bearer`` challenge (http or https only), and, for blob d
 to where the registry redirects them (registries with object storage do; the redirect is
 followed without credentials and never from https down to http).
 
-Auth (:mod:`~p2p_common.origin.auth`): anonymous first, then the registry's own challenge
+Auth (:mod:`~p2p_proxy.origin.auth`): anonymous first, then the registry's own challenge
 (Basic or the Docker token flow) with the caller's :class:`Credentials`; tokens cached in
 memory. Credentials and tokens are never logged and never written anywhere.
 
@@ -21,9 +21,9 @@ timeout). Callers own time: wrap calls in trio cancel scopes; the connect and re
 timeouts here are only safety nets against a silent origin.
 """
 
-from p2p_common.origin.client import OriginClient
-from p2p_common.origin.responses import MAX_MANIFEST_BYTES, BlobConsumer, BlobHead, ManifestResponse
 from p2p_common.registry_auth import Credentials
+from p2p_proxy.origin.client import OriginClient
+from p2p_proxy.origin.responses import MAX_MANIFEST_BYTES, BlobConsumer, BlobHead, ManifestResponse
 
 __all__ = [
     "MAX_MANIFEST_BYTES",

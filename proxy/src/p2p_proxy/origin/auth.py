@@ -23,7 +23,6 @@ import trio
 
 from p2p_common.logs import event
 from p2p_common.oci import ErrorCode, OCIError
-from p2p_common.origin.responses import failure, read_bounded
 from p2p_common.registry_auth import (
     MAX_TOKEN_RESPONSE,
     AuthSyntaxError,
@@ -40,6 +39,7 @@ from p2p_common.registry_auth import (
     realm_allowed,
     token_request_url,
 )
+from p2p_proxy.origin.responses import failure, read_bounded
 
 log = logging.getLogger("p2p.origin")
 

@@ -1,4 +1,4 @@
-"""The origin registry client (see :mod:`p2p_common.origin`)."""
+"""The origin registry client (see :mod:`p2p_proxy.origin`)."""
 
 from __future__ import annotations
 
@@ -27,8 +27,10 @@ from p2p_common.oci import (
     validate_name,
     validate_reference,
 )
-from p2p_common.origin.auth import OriginAuth
-from p2p_common.origin.responses import (
+from p2p_common.registry_auth import Credentials
+from p2p_common.settings import normalise_registry, registry_name
+from p2p_proxy.origin.auth import OriginAuth
+from p2p_proxy.origin.responses import (
     MAX_MANIFEST_BYTES,
     MAX_REDIRECTS,
     BlobConsumer,
@@ -46,8 +48,6 @@ from p2p_common.origin.responses import (
     read_bounded,
     transport_failure,
 )
-from p2p_common.registry_auth import Credentials
-from p2p_common.settings import normalise_registry, registry_name
 
 
 class OriginClient:

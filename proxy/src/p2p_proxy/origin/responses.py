@@ -1,6 +1,6 @@
 """What the origin client hands back, and how origin answers become registry errors.
 
-Pure helpers of :mod:`p2p_common.origin.client` and :mod:`p2p_common.origin.auth`: the
+Pure helpers of :mod:`p2p_proxy.origin.client` and :mod:`p2p_proxy.origin.auth`: the
 response types, header parsing, bounded body reads, and the mapping of origin statuses and
 transport failures to :class:`~p2p_common.oci.OCIError`.
 """
