@@ -25,9 +25,48 @@ app.kubernetes.io/instance: {{ .root.Release.Name }}
 app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
-{{/* Image reference of a component. Call with (dict "root" $ "image" .Values.agent.image). */}}
+{{/*
+Image reference of a component: repository@digest when a digest is given, else
+repository:tag (the tag defaulting to the chart's appVersion).
+Call with (dict "root" $ "image" .Values.agent.image).
+*/}}
 {{- define "p2p.image" -}}
+{{- if .image.digest -}}
+{{- printf "%s@%s" .image.repository .image.digest -}}
+{{- else -}}
 {{- printf "%s:%s" .image.repository (default .root.Chart.AppVersion .image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Labels of a component's pods: the chart's labels plus the component's podLabels (the chart's
+win; the schema refuses them in podLabels anyway). Call with
+(dict "root" $ "component" "agent" "extra" .Values.agent.podLabels).
+*/}}
+{{- define "p2p.podLabels" -}}
+{{- $labels := include "p2p.labels" . | fromYaml -}}
+{{- toYaml (merge $labels (deepCopy (.extra | default dict))) -}}
+{{- end -}}
+
+{{/*
+Affinity of a component's pods: the component's `affinity` value with the chart's own pod
+anti-affinity term (one pod of the component per node) added to the user's terms, as a required
+term (proxies: host ports) or a preferred one (trackers). Call with
+(dict "root" $ "component" "proxy" "affinity" .Values.proxy.affinity "required" true).
+*/}}
+{{- define "p2p.affinity" -}}
+{{- $affinity := deepCopy (.affinity | default dict) -}}
+{{- $anti := get $affinity "podAntiAffinity" | default dict -}}
+{{- $term := dict "topologyKey" "kubernetes.io/hostname" "labelSelector" (dict "matchLabels" (include "p2p.selectorLabels" . | fromYaml)) -}}
+{{- if .required -}}
+{{- $key := "requiredDuringSchedulingIgnoredDuringExecution" -}}
+{{- $_ := set $anti $key (append (get $anti $key | default list) $term) -}}
+{{- else -}}
+{{- $key := "preferredDuringSchedulingIgnoredDuringExecution" -}}
+{{- $_ := set $anti $key (append (get $anti $key | default list) (dict "weight" 100 "podAffinityTerm" $term)) -}}
+{{- end -}}
+{{- $_ := set $affinity "podAntiAffinity" $anti -}}
+{{- toYaml $affinity -}}
 {{- end -}}
 
 {{/*
@@ -363,11 +402,16 @@ case "${1:-}" in
 esac
 {{- end -}}
 
-{{/* A node selector as kubectl label arguments: "a=b c=d". */}}
+{{/*
+A node selector as kubectl label arguments: "a=b c=d", without the labels the kubelet sets
+itself (kubernetes.io/os, kubernetes.io/arch), which nobody labels by hand.
+*/}}
 {{- define "p2p.labelList" -}}
 {{- $pairs := list -}}
 {{- range $k, $v := . -}}
+{{- if not (has $k (list "kubernetes.io/os" "kubernetes.io/arch")) -}}
 {{- $pairs = append $pairs (printf "%s=%s" $k $v) -}}
+{{- end -}}
 {{- end -}}
 {{- join " " $pairs -}}
 {{- end -}}

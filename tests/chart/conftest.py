@@ -49,7 +49,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "downloadRate": 30_000_000,
         "uploadRate": "0",
         "logLevel": "debug",
-        "logFormat": "json",
+        "logFormat": "text",
         "imagePullSecrets": [{"name": "p2p-images"}],
         "securityContext": {"runAsUser": 20000, "runAsGroup": 20001, "fixDataDirOwnership": False},
         "metrics": {"podAnnotations": False},
@@ -62,16 +62,35 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "ports": {"registry": 15004, "peer": 16881, "metrics": 15014},
             "dataDir": "/var/lib/p2p-agent",
             "cacheSize": "80GiB",
-            "nodeSelector": {"kubernetes.io/os": "linux"},
+            "nodeSelector": {"node-pool": "general"},  # merged with kubernetes.io/os: linux
+            "affinity": {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [
+                            {
+                                "matchExpressions": [
+                                    {"key": "example.com/no-p2p", "operator": "DoesNotExist"}
+                                ]
+                            }
+                        ]
+                    }
+                }
+            },
             "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
             "priorityClassName": "",
             "maxUnavailable": 3,
             "terminationGracePeriodSeconds": 300,
             "podAnnotations": {"example.com/team": "platform"},
+            "podLabels": {"example.com/team": "platform", "tier": "node"},
+            "extraEnv": [
+                {"name": "P2P_AGENT_FALLBACK_AFTER", "value": "7"},
+                {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+            ],
             "config": {"fallbackAfter": 5, "maxConnections": 50},
         },
         "proxy": {
             "replicas": 4,
+            "image": {"digest": "sha256:" + "ab" * 32},
             "ports": {"http": 15005, "peer": 16882},
             "dataDir": "/var/lib/p2p-proxy",
             "cacheSize": "200GB",
@@ -80,12 +99,63 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "tolerations": [{"key": "dedicated", "value": "p2p", "effect": "NoSchedule"}],
             "priorityClassName": "system-cluster-critical",
             "pdbMaxUnavailable": "50%",
+            "affinity": {
+                "nodeAffinity": {
+                    "preferredDuringSchedulingIgnoredDuringExecution": [
+                        {
+                            "weight": 50,
+                            "preference": {
+                                "matchExpressions": [
+                                    {
+                                        "key": "example.com/egress",
+                                        "operator": "In",
+                                        "values": ["fast"],
+                                    }
+                                ]
+                            },
+                        }
+                    ]
+                },
+                "podAntiAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": [
+                        {
+                            "topologyKey": "kubernetes.io/hostname",
+                            "labelSelector": {"matchLabels": {"app": "registry-cache"}},
+                        }
+                    ]
+                },
+            },
+            "podAnnotations": {"example.com/owner": "sre"},
+            "podLabels": {"tier": "seed"},
+            "extraEnv": [{"name": "P2P_PROXY_SHUTDOWN_TIMEOUT", "value": "60"}],
             "config": {"authCacheTtl": 30},
         },
         "tracker": {
             "replicas": 2,
             "ports": {"http": 16969},
-            "nodeSelector": {"role": "p2p-tracker", "tracker": None},
+            "image": {"tag": "1.2.3", "digest": "sha256:" + "cd" * 32},  # the digest wins
+            # Both default labels dropped, the Linux one included.
+            "nodeSelector": {"role": "p2p-tracker", "tracker": None, "kubernetes.io/os": None},
+            "tolerations": [
+                {"key": "dedicated", "operator": "Equal", "value": "p2p", "effect": "NoSchedule"}
+            ],
+            "priorityClassName": "p2p-tracker",
+            "affinity": {
+                "podAffinity": {
+                    "preferredDuringSchedulingIgnoredDuringExecution": [
+                        {
+                            "weight": 10,
+                            "podAffinityTerm": {
+                                "topologyKey": "topology.kubernetes.io/zone",
+                                "labelSelector": {"matchLabels": {"app": "monitoring"}},
+                            },
+                        }
+                    ]
+                }
+            },
+            "podAnnotations": {"example.com/owner": "sre"},
+            "podLabels": {"tier": "control"},
+            "extraEnv": [{"name": "TZ", "value": "UTC"}],
             "pdbMaxUnavailable": 0,
             "config": {"announceInterval": 30, "peerExpiry": 90},
         },

@@ -58,7 +58,7 @@ def test_agent_config_carries_the_values(render: Render, value_set: tuple, tmp_p
     assert settings.cache_size == parse_size(agent.get("cacheSize", "20GB"))
     assert settings.proxies == [f"http://p2p-proxy-headless.{namespace}.svc.{domain}:{proxy_port}"]
     assert settings.log_level == values.get("logLevel", "info")
-    assert settings.log_format == values.get("logFormat", "text")
+    assert settings.log_format == values.get("logFormat", "json")
 
 
 def test_proxy_config_carries_the_values(render: Render, value_set: tuple, tmp_path: Path) -> None:
@@ -81,6 +81,7 @@ def test_proxy_config_carries_the_values(render: Render, value_set: tuple, tmp_p
     assert settings.cache_size == parse_size(proxy.get("cacheSize", "50GB"))
     assert settings.upload_rate == parse_size(proxy.get("uploadRate", 0))
     assert settings.log_level == values.get("logLevel", "info")
+    assert settings.log_format == values.get("logFormat", "json")
 
 
 def test_tracker_config_carries_the_values(
@@ -90,7 +91,7 @@ def test_tracker_config_carries_the_values(
     port = values.get("tracker", {}).get("ports", {}).get("http", 6969)
     settings = load(render(values), "tracker", tmp_path)
     assert settings.listen == f"0.0.0.0:{port}"
-    assert settings.log_format == values.get("logFormat", "text")
+    assert settings.log_format == values.get("logFormat", "json")
 
 
 def test_the_namespace_reaches_the_headless_names(render: Render, tmp_path: Path) -> None:

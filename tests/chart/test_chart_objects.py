@@ -156,8 +156,8 @@ def test_proxies_and_trackers_run_only_on_labelled_nodes(render: Render) -> None
     rendered = render(REQUIRED)
     proxy = rendered.pod_spec("Deployment", "p2p-proxy")
     tracker = rendered.pod_spec("Deployment", "p2p-tracker")
-    assert proxy["nodeSelector"] == {"proxy": "p2p-proxy"}
-    assert tracker["nodeSelector"] == {"tracker": "p2p-tracker"}
+    assert proxy["nodeSelector"] == {"proxy": "p2p-proxy", "kubernetes.io/os": "linux"}
+    assert tracker["nodeSelector"] == {"tracker": "p2p-tracker", "kubernetes.io/os": "linux"}
     assert "tolerations" not in proxy
     assert "tolerations" not in tracker
 
@@ -180,7 +180,7 @@ def test_proxies_never_share_a_node_and_trackers_prefer_not_to(render: Render) -
 def test_agent_tolerates_every_taint_by_default(render: Render) -> None:
     spec = render(REQUIRED).pod_spec("DaemonSet", "p2p-agent")
     assert spec["tolerations"] == [{"operator": "Exists"}]
-    assert "nodeSelector" not in spec
+    assert spec["nodeSelector"] == {"kubernetes.io/os": "linux"}
     assert "affinity" not in spec
     assert spec["priorityClassName"] == "system-node-critical"
 
@@ -192,12 +192,14 @@ def test_node_selection_is_configurable(render: Render) -> None:
     proxy = rendered.pod_spec("Deployment", "p2p-proxy")
     tracker = rendered.pod_spec("Deployment", "p2p-tracker")
     assert agent["tolerations"] == values["agent"]["tolerations"]
-    assert agent["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert agent["nodeSelector"] == {"kubernetes.io/os": "linux", "node-pool": "general"}
     assert "priorityClassName" not in agent
-    assert proxy["nodeSelector"] == {"role": "p2p-proxy"}
+    assert proxy["nodeSelector"] == {"role": "p2p-proxy", "kubernetes.io/os": "linux"}
     assert proxy["tolerations"] == values["proxy"]["tolerations"]
     assert proxy["priorityClassName"] == "system-cluster-critical"
     assert tracker["nodeSelector"] == {"role": "p2p-tracker"}
+    assert tracker["tolerations"] == values["tracker"]["tolerations"]
+    assert tracker["priorityClassName"] == "p2p-tracker"
 
 
 @pytest.mark.parametrize(("proxies", "trackers"), [(1, 1), (5, 3), (12, 2)])

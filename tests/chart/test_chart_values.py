@@ -11,6 +11,9 @@ import pytest
 
 from tests.chart.conftest import CHART, KUBE_VERSION, REQUIRED, merged
 
+HOSTNAME = "kubernetes.io/hostname"
+SECRET_REF = {"secretKeyRef": {"name": "s", "key": "k"}}
+
 
 def bad(change: dict[str, Any], key: str, name: str, *, base: dict[str, Any] = REQUIRED) -> Any:
     """A value set (``change`` over ``base``) that must be refused naming ``key``."""
@@ -59,6 +62,79 @@ BAD_VALUES = [
     bad({"mirror": {"configPath": "certs.d"}}, "/mirror/configPath", "mirror-path"),
     bad({"securityContext": {"runAsUser": 0}}, "/securityContext/runAsUser", "root-user"),
     bad({"namespaceOverride": "Kube_System"}, "/namespaceOverride", "namespace"),
+    # Per-component pod settings (issue 10, section 5).
+    bad({"agent": {"image": {"digest": "sha256:abc"}}}, "/agent/image/digest", "digest-short"),
+    bad({"proxy": {"image": {"digest": "latest"}}}, "/proxy/image/digest", "digest-tag"),
+    bad(
+        {"tracker": {"image": {"repository": "p2p/tracker@sha256:" + "a" * 64}}},
+        "/tracker/image/repository",
+        "digest-in-repository",
+    ),
+    bad({"agent": {"affinity": {"nodeAfinity": {}}}}, "nodeAfinity", "affinity-typo"),
+    bad(
+        {"proxy": {"affinity": {"podAntiAffinity": [{"topologyKey": HOSTNAME}]}}},
+        "/proxy/affinity/podAntiAffinity",
+        "affinity-list",
+    ),
+    bad(
+        {
+            "tracker": {
+                "affinity": {
+                    "podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{}]}
+                }
+            }
+        },
+        "/tracker/affinity/podAffinity/requiredDuringSchedulingIgnoredDuringExecution/0",
+        "affinity-term-without-topology",
+    ),
+    bad(
+        {
+            "agent": {
+                "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": []}}
+            }
+        },
+        "/agent/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution",
+        "node-affinity-list",
+    ),
+    bad({"agent": {"podLabels": {"tier": 5}}}, "/agent/podLabels/tier", "label-number"),
+    bad({"proxy": {"podLabels": {"tier": "a b"}}}, "/proxy/podLabels/tier", "label-value"),
+    bad({"proxy": {"podLabels": {"bad key!": "x"}}}, "bad key!", "label-key"),
+    bad(
+        {"tracker": {"podLabels": {"app.kubernetes.io/component": "x"}}},
+        "/tracker/podLabels/app.kubernetes.io~1component",
+        "label-chart-owned",
+    ),
+    bad({"agent": {"extraEnv": {"TZ": "UTC"}}}, "/agent/extraEnv", "env-map"),
+    bad({"agent": {"extraEnv": [{"value": "UTC"}]}}, "/agent/extraEnv/0", "env-no-name"),
+    bad(
+        {"proxy": {"extraEnv": [{"name": "TZ", "value": 1}]}}, "/proxy/extraEnv/0/value", "env-int"
+    ),
+    bad({"proxy": {"extraEnv": [{"name": "A=B"}]}}, "/proxy/extraEnv/0/name", "env-name"),
+    bad(
+        {"tracker": {"extraEnv": [{"name": "TZ", "value": "UTC", "valueFrom": SECRET_REF}]}},
+        "/tracker/extraEnv/0",
+        "env-value-and-value-from",
+    ),
+    bad(
+        {"agent": {"extraEnv": [{"name": "P2P_AGENT_DOWNLOAD_RATE", "value": "1MB"}]}},
+        "/agent/extraEnv/0/name",
+        "env-chart-owned",
+    ),
+    bad(
+        {"tracker": {"extraEnv": [{"name": "P2P_TRACKER_LOG_FORMAT", "value": "text"}]}},
+        "/tracker/extraEnv/0/name",
+        "env-chart-owned-log-format",
+    ),
+    bad(
+        {"agent": {"tolerations": [{"operator": "Exist"}]}},
+        "/agent/tolerations/0/operator",
+        "toleration-operator",
+    ),
+    bad(
+        {"proxy": {"tolerations": [{"key": "a", "efect": "NoSchedule"}]}},
+        "efect",
+        "toleration-typo",
+    ),
 ]
 
 
@@ -101,6 +177,43 @@ def test_lint_reports_bad_values_naming_the_key(values: dict[str, Any], key: str
         merged(REQUIRED, {"agent": {"maxUnavailable": "100%"}}),
         merged(REQUIRED, {"agent": {"resources": {"limits": {"cpu": 2, "memory": "3Gi"}}}}),
         merged(REQUIRED, {"global": {"imageRegistry": "x"}}),
+        merged(REQUIRED, {"agent": {"image": {"digest": "sha256:" + "0" * 64}}}),
+        merged(REQUIRED, {"proxy": {"image": {"digest": "sha512:" + "f" * 128}}}),
+        merged(REQUIRED, {"agent": {"nodeSelector": {"kubernetes.io/os": None}}}),
+        merged(REQUIRED, {"agent": {"podLabels": {"example.com/team": "a.b-c_d", "x": ""}}}),
+        merged(
+            REQUIRED,
+            {
+                "proxy": {
+                    "extraEnv": [
+                        {"name": "TZ", "value": "UTC"},
+                        {"name": "P2P_PROXY_AUTH_CACHE_TTL", "value": "30"},
+                        {"name": "TOKEN", "valueFrom": SECRET_REF},
+                        {
+                            "name": "POD_IP",
+                            "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}},
+                        },
+                    ]
+                }
+            },
+        ),
+        merged(
+            REQUIRED,
+            {
+                "tracker": {
+                    "affinity": {
+                        "podAntiAffinity": {
+                            "requiredDuringSchedulingIgnoredDuringExecution": [
+                                {"topologyKey": HOSTNAME}
+                            ]
+                        }
+                    },
+                    "tolerations": [
+                        {"operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 60}
+                    ],
+                }
+            },
+        ),
     ],
 )
 def test_good_values_are_accepted(chart: helm_python.Chart, values: dict[str, Any]) -> None:

@@ -1,0 +1,1 @@
+"""Repository maintenance scripts (run from the repository root as ``python -m tools.NAME``)."""
