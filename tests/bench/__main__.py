@@ -5,6 +5,9 @@
 
 peer     p2p engine versus libtorrent, 1 GiB between two processes (bench_peer)
 tracker  p2p-tracker versus opentracker under wrk (bench_tracker)
+tracker-load   5,000 peers on 16 source addresses: p2p-tracker (per-address caps on) versus
+               opentracker, announces/s, p50/p99 and peak RSS (bench_tracker_load)
+tracker-flood  the tracker's pure core under floods, and its memory per peer (bench_tracker_flood)
 pull     one 1 GiB blob with curl: direct, cold and warm through the agent (bench_pull)
 rollout  8 emulated nodes (network namespaces, 100 Mbit/s links) pull one image at once, from
          the origin and through their agents (bench_rollout; needs root)
@@ -20,6 +23,8 @@ import sys
 BENCHMARKS = {
     "peer": "tests.bench.bench_peer",
     "tracker": "tests.bench.bench_tracker",
+    "tracker-load": "tests.bench.bench_tracker_load",
+    "tracker-flood": "tests.bench.bench_tracker_flood",
     "pull": "tests.bench.bench_pull",
     "rollout": "tests.bench.bench_rollout",
     "idle": "tests.bench.bench_idle",
