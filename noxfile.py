@@ -17,9 +17,10 @@ TEST_DEPS = [
     "helm-python-sdk>=0.2",
     "kubernetes-validate>=1.30",
     "cryptography>=42",
+    "selenium>=4.20",  # drives Debian's chromium for the agent's status page
 ]
 LINT_DEPS = ["ruff>=0.6", "import-linter>=2.0"]
-TYPE_DEPS = ["mypy>=1.10", "types-PyYAML", "pytest>=8", "hypothesis>=6.100"]
+TYPE_DEPS = ["mypy>=1.10", "types-PyYAML", "pytest>=8", "hypothesis>=6.100", "selenium>=4.20"]
 
 
 def _real_parts(session: nox.Session) -> None:

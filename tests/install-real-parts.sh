@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the real third-party programs the tests drive (see ../shared/REAL-PARTS.md):
 # the CNCF distribution registry, skopeo, containerd, aria2, opentracker, iproute2, curl, and
-# wrk (the load generator of tests/bench/bench_tracker.py).
+# wrk (the load generator of tests/bench/bench_tracker.py), chromium and chromium-driver (the
+# agent's status page in a real browser).
 # Does nothing when they are all present. Needs root (or passwordless sudo) to install.
 # With --demo, a missing package that cannot be installed is not fatal: the demo falls
 # back to its built-in origin.
@@ -27,6 +28,8 @@ else
   check ip iproute2
   check curl curl
   check wrk wrk
+  check chromium chromium
+  check chromedriver chromium-driver
 fi
 [ "${#need_pkgs[@]}" -eq 0 ] && exit 0
 

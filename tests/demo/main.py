@@ -31,7 +31,9 @@ from typing import Any, Literal, NoReturn, TextIO
 import httpx
 import trio
 import yaml
+from rich.console import Console as RichConsole
 
+from p2p_agent.status_cli import render as render_status
 from tests.demo.cluster import (
     KINDS,
     Cluster,
@@ -577,8 +579,24 @@ async def run(options: Options, workdir: Path, processes: ProcessSet, console: C
         for report in reports:
             for problem in report.problems:
                 console.error(f"  {report.name}: {problem}")
+        await _show_status(cluster.agents[0], console)
         nursery.cancel_scope.cancel()
     return summary
+
+
+async def _show_status(agent: Service, console: Console) -> None:
+    """What ``p2p-agent status`` shows on one agent (its page is at the same address)."""
+    base = agent.metrics_url.removesuffix("/metrics")
+    try:
+        async with httpx.AsyncClient(trust_env=False, timeout=5.0) as client:
+            status = (await client.get(f"{base}/status")).json()
+    except (httpx.HTTPError, ValueError) as exc:
+        console.error(f"  {agent.name}: cannot read {base}/status: {exc}")
+        return
+    console.line("")
+    console.line(f"{agent.name} as `p2p-agent status` shows it (a browser: {base}/):")
+    view = RichConsole(file=console.out, width=110, force_terminal=False, color_system=None)
+    view.print(render_status(status))
 
 
 async def _run_with_signals(

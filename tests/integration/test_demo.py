@@ -95,6 +95,10 @@ def _check_success(
     assert f"pulled byte-identical through {agents} agents" in out.splitlines()[-1]
     assert "yes, 6 blobs" in out
     assert "pipelining   the proxies had the whole image from the origin by" in out
+    # It ends with an agent's status view: its pulls, all done.
+    assert "agent-1 as `p2p-agent status` shows it" in out
+    assert "recent pulls" in out
+    assert " done " in out.split("agent-1 as `p2p-agent status` shows it")[1]
     assert not Path(doc["workdir"]).exists()  # the temporary work directory is removed
     return dict(summary)
 

@@ -1,4 +1,5 @@
-"""Entry point: ``p2p-agent --config FILE`` (see :mod:`p2p_common.service_main`).
+"""Entry point: ``p2p-agent --config FILE`` (see :mod:`p2p_common.service_main`), and
+``p2p-agent status`` (see :mod:`p2p_agent.status_cli`).
 
 A graceful stop closes the registry API to new requests, lets pulls in progress finish
 (bounded) and announces ``stopped`` for every torrent. The config file is watched for new
@@ -24,6 +25,11 @@ async def _serve(
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["status"]:
+        from p2p_agent.status_cli import main as status_main  # noqa: PLC0415 - only here: rich
+
+        return status_main(args[1:])
     return run_service(
         "agent",
         description="p2p node agent",

@@ -24,6 +24,7 @@ import trio
 from p2p_agent.downloads import BlobRequest, Downloads, open_cached
 from p2p_agent.metrics import AgentMetrics
 from p2p_agent.proxies import ProxyClient
+from p2p_agent.status import PullLog
 from p2p_common.asgi import (
     Receive,
     Request,
@@ -115,6 +116,7 @@ class RegistryApp:
         cache: BlobCache,
         metrics: AgentMetrics,
         auth_ttl: float,
+        pulls: PullLog | None = None,
     ) -> None:
         self.namespaces = [registry_name(url) for url in registries]
         self.proxies = proxies
@@ -122,6 +124,8 @@ class RegistryApp:
         self.cache = cache
         self.metrics = metrics
         self.auth = AuthCache(auth_ttl)
+        self.pulls = pulls or PullLog()
+        """Every blob response, for the status view."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -284,6 +288,7 @@ class RegistryApp:
             )
             return
         started = time.monotonic()
+        repository = f"{ns}/{name}"
         with self.cache.pinned(digest):
             opened = open_cached(self.cache, digest)
             if opened is None:
@@ -292,6 +297,7 @@ class RegistryApp:
                 )
                 if download is not None:
                     self.metrics.cache_misses.inc()
+                    record = self.pulls.begin(repository, digest, length, "download")
 
                     async def stream_download() -> None:
                         assert download is not None
@@ -299,10 +305,21 @@ class RegistryApp:
                         async for chunk in download.stream(start, end):
                             await send_chunk(send, chunk)
                             self.metrics.pull_bytes.inc(len(chunk))
+                            self.pulls.add(record, len(chunk))
                         await send_chunk(send, b"", more=False)
 
-                    if await self._unless_gone(receive, stream_download):
-                        self._pulled(length, started, byte_range is None)
+                    outcome = "failed"
+                    try:
+                        finished = await self._unless_gone(receive, stream_download)
+                        # A client that has every byte may hang up before the body's end
+                        # is sent: that pull is done, not cancelled.
+                        if finished or record.sent >= length:
+                            outcome = "done"
+                            self._pulled(length, started, byte_range is None)
+                        else:
+                            outcome = "cancelled"
+                    finally:
+                        self.pulls.end(record, outcome)
                     return
                 opened = open_cached(self.cache, digest)
                 if opened is None:
@@ -311,18 +328,25 @@ class RegistryApp:
                     )
             fd, _ = opened
             self.downloads.ensure_seeded(BlobRequest(ns, name, digest, size, authorization))
+            record = self.pulls.begin(repository, digest, length, "cache")
+            finished = False
+            outcome = "failed"
             try:
                 self.metrics.cache_hits.inc()
                 self.cache.touch(digest)
 
                 async def send_cached() -> None:
                     await start_stream(send, status, headers=headers, content_length=length)
-                    await send_file_range(send, fd, start, length)
+                    await send_file_range(
+                        send, fd, start, length, sent=lambda n: self.pulls.add(record, n)
+                    )
                     self.metrics.pull_bytes.inc(length)
 
-                finished = await self._unless_gone(receive, send_cached)
+                finished = await self._unless_gone(receive, send_cached) or record.sent >= length
+                outcome = "done" if finished else "cancelled"
             finally:
                 os.close(fd)
+                self.pulls.end(record, outcome)
         if finished:
             self._pulled(length, started, byte_range is None)
 

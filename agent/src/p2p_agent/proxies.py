@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import urllib.parse
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -153,6 +154,12 @@ class ProxyClient:
         self.urls = [u.rstrip("/") for u in urls]
         self.client = client
         self.resolver = resolver or Resolver()
+        self.health: dict[str, tuple[bool, str, float]] = {}
+        """Per proxy instance (address): (answered, what happened, Unix time) of the last
+        request, for the status view."""
+
+    def _note(self, base: str, ok: bool, detail: str) -> None:
+        self.health[base] = (ok, detail, time.time())
 
     async def _send(
         self,
@@ -176,11 +183,14 @@ class ProxyClient:
             except httpx.HTTPError as exc:
                 last = f"{base}: {exc or type(exc).__name__}"
                 event(log, "proxy.unreachable", logging.WARNING, proxy=base, error=last)
+                self._note(base, False, f"unreachable: {exc or type(exc).__name__}")
                 continue
             if response.status_code >= 500:
                 last = f"{base}: {response.status_code}"
                 event(log, "proxy.failed", logging.WARNING, proxy=base, status=response.status_code)
+                self._note(base, False, f"answered {response.status_code}")
                 continue
+            self._note(base, True, f"answered {response.status_code}")
             return response
         raise OCIError(ErrorCode.UNKNOWN, f"no proxy could answer ({last})", status=502)
 
@@ -374,8 +384,10 @@ class ProxyClient:
             except httpx.HTTPError as exc:
                 last = f"{base}: {exc or type(exc).__name__}"
                 event(log, "proxy.unreachable", logging.WARNING, proxy=base, error=last)
+                self._note(base, False, f"unreachable: {exc or type(exc).__name__}")
                 continue
             answered = True
+            self._note(base, response.status_code < 500, f"answered {response.status_code}")
             try:
                 if response.status_code >= 500:
                     last = f"{base}: {response.status_code}"

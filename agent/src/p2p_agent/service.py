@@ -9,9 +9,11 @@ ConfigMap by swapping a symlink; the file is polled by path).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +22,13 @@ import httpx
 import trio
 from prometheus_client import generate_latest
 
+from p2p_agent import __version__
 from p2p_agent.api import RegistryApp
 from p2p_agent.downloads import Downloads
 from p2p_agent.metrics import AgentMetrics
 from p2p_agent.proxies import ProxyClient
 from p2p_agent.settings import AgentSettings
+from p2p_agent.status import Rates, StatusView, page
 from p2p_common.asgi import Receive, Request, Scope, Send, lifespan, send_bytes, serve_app
 from p2p_common.blobcache import BlobCache
 from p2p_common.engine import Engine
@@ -48,11 +52,13 @@ class AgentPorts:
 
 
 class StatusApp:
-    """``/metrics``, ``/healthz`` and ``/readyz`` on ``metricsListen``."""
+    """``/metrics``, ``/healthz``, ``/readyz``, ``/status`` (JSON) and ``/`` (the status page)
+    on ``metricsListen``."""
 
     def __init__(self, metrics: AgentMetrics) -> None:
         self.metrics = metrics
         self.ready = False
+        self.view: StatusView | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -69,6 +75,11 @@ class StatusApp:
             status = 200 if self.ready else 503
             body = b"ready\n" if self.ready else b"not ready\n"
             await send_bytes(send, status, body, content_type="text/plain", head=head)
+        elif request.path == "/status" and self.view is not None:
+            body = json.dumps(self.view.snapshot(), separators=(",", ":")).encode()
+            await send_bytes(send, 200, body, content_type="application/json", head=head)
+        elif request.path in ("/", "/index.html"):
+            await send_bytes(send, 200, page(), content_type="text/html; charset=utf-8", head=head)
         else:
             await send_bytes(send, 404, b"not found\n", content_type="text/plain", head=head)
 
@@ -127,7 +138,15 @@ async def serve(
         max_connections=settings.max_connections,
     )
 
+    rates = Rates(
+        settings.download_rate,
+        settings.upload_rate,
+        "config file" if config_file is not None else "settings",
+    )
+
     def apply(fresh: AgentSettings) -> None:
+        rates.download, rates.upload = fresh.download_rate, fresh.upload_rate
+        rates.source, rates.changed_at = "config file (reloaded)", time.time()
         engine.set_rates(fresh.download_rate, fresh.upload_rate)
         metrics.download_rate.set(fresh.download_rate)
         metrics.upload_rate.set(fresh.upload_rate)
@@ -159,6 +178,15 @@ async def serve(
             cache=cache,
             metrics=metrics,
             auth_ttl=settings.auth_cache_ttl,
+        )
+        status.view = StatusView(
+            version=__version__,
+            pulls=app.pulls,
+            downloads=downloads,
+            cache=cache,
+            proxies=proxies,
+            rates=rates,
+            data_dir=settings.data_dir,
         )
         api_done = trio.Event()
 

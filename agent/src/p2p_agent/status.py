@@ -1,0 +1,226 @@
+"""What an operator sees of an agent: ``/status`` (JSON) and ``/`` (a page) on the metrics port.
+
+:class:`PullLog` records every blob response the registry API sends (in flight, and the last
+:data:`RECENT` finished ones) with its bytes, time to first byte and outcome. :class:`StatusView`
+puts that together with the downloads in progress (pieces, peers and bytes by source), the
+cache, the rates in force and the proxies' last answers into one JSON document, the same one
+``p2p-agent status`` shows in a terminal. Times are seconds; ``*_at`` fields are Unix times.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+__all__ = ["PullLog", "PullRecord", "Rates", "StatusView", "page"]
+
+RECENT = 50
+"""Finished pulls kept for the status view."""
+
+
+@dataclass(eq=False)
+class PullRecord:
+    """One blob response of the registry API."""
+
+    id: int
+    repository: str
+    digest: str
+    size: int
+    """Bytes this response sends (the range, or the whole blob)."""
+    source: str
+    """``cache`` (a cache hit) or ``download`` (the blob was not here yet)."""
+    started: float
+    started_at: float
+    sent: int = 0
+    first_byte: float | None = None
+    ended: float | None = None
+    outcome: str = "running"
+    """``running``, ``done``, ``cancelled`` (the client went away) or ``failed``."""
+
+    def add(self, count: int, now: float) -> None:
+        if self.first_byte is None and count:
+            self.first_byte = now
+        self.sent += count
+
+    def view(self, now: float) -> dict[str, Any]:
+        end = self.ended if self.ended is not None else now
+        seconds = max(end - self.started, 1e-6)
+        return {
+            "id": self.id,
+            "repository": self.repository,
+            "digest": self.digest,
+            "source": self.source,
+            "bytes": self.sent,
+            "size": self.size,
+            "percent": round(100.0 * self.sent / self.size, 1) if self.size else 100.0,
+            "seconds": round(seconds, 3),
+            "bytes_per_second": round(self.sent / seconds),
+            "first_byte_seconds": None
+            if self.first_byte is None
+            else round(self.first_byte - self.started, 3),
+            "started_at": round(self.started_at, 3),
+            "outcome": self.outcome,
+        }
+
+
+class PullLog:
+    """Pulls in flight and the last :data:`RECENT` finished ones."""
+
+    def __init__(
+        self,
+        *,
+        keep: int = RECENT,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.clock = clock
+        self.wall = wall
+        self.in_flight: dict[int, PullRecord] = {}
+        self.recent: collections.deque[PullRecord] = collections.deque(maxlen=keep)
+        self.last_success_at: float | None = None
+        self._ids = itertools.count(1)
+
+    def begin(self, repository: str, digest: str, size: int, source: str) -> PullRecord:
+        record = PullRecord(
+            next(self._ids), repository, digest, size, source, self.clock(), self.wall()
+        )
+        self.in_flight[record.id] = record
+        return record
+
+    def add(self, record: PullRecord, count: int) -> None:
+        record.add(count, self.clock())
+
+    def end(self, record: PullRecord, outcome: str) -> None:
+        if record.ended is not None:
+            return
+        record.ended = self.clock()
+        record.outcome = outcome
+        self.in_flight.pop(record.id, None)
+        self.recent.appendleft(record)
+        if outcome == "done":
+            self.last_success_at = self.wall()
+
+
+@dataclass
+class Rates:
+    """The rates in force and where they came from."""
+
+    download: int
+    upload: int
+    source: str
+    changed_at: float = field(default_factory=time.time)
+
+
+class StatusView:
+    """Builds the status document from the agent's parts (given as callables and objects with
+    the few attributes read here, so that tests can hand in their own)."""
+
+    def __init__(
+        self,
+        *,
+        version: str,
+        pulls: PullLog,
+        downloads: Any,
+        cache: Any,
+        proxies: Any,
+        rates: Rates,
+        data_dir: os.PathLike[str] | str,
+        started_at: float | None = None,
+    ) -> None:
+        self.version = version
+        self.pulls = pulls
+        self.downloads = downloads
+        self.cache = cache
+        self.proxies = proxies
+        self.rates = rates
+        self.data_dir = data_dir
+        self.started_at = time.time() if started_at is None else started_at
+
+    def snapshot(self) -> dict[str, Any]:
+        now = self.pulls.clock()
+        return {
+            "version": self.version,
+            "started_at": round(self.started_at, 3),
+            "now": round(time.time(), 3),
+            "pulls": [r.view(now) for r in self.pulls.in_flight.values()],
+            "recent": [r.view(now) for r in self.pulls.recent],
+            "last_successful_pull_at": self.pulls.last_success_at,
+            "downloads": self._downloads(),
+            "cache": self._cache(),
+            "rates": {
+                "download_bytes_per_second": self.rates.download,
+                "upload_bytes_per_second": self.rates.upload,
+                "source": self.rates.source,
+                "changed_at": round(self.rates.changed_at, 3),
+            },
+            "proxies": self._proxies(),
+        }
+
+    def _downloads(self) -> list[dict[str, Any]]:
+        found = []
+        for digest, download in list(self.downloads.active.items()):
+            entry: dict[str, Any] = {"digest": digest, "size": download.size}
+            torrent = getattr(download, "torrent", None)
+            if torrent is not None:
+                stats = torrent.statistics()
+                entry.update(
+                    way="swarm",
+                    pieces=stats.pieces,
+                    have=stats.have,
+                    known=stats.known,
+                    percent=round(100.0 * stats.have / stats.pieces, 1) if stats.pieces else 0.0,
+                    peers=stats.peers,
+                    peers_by_role=stats.peers_by_role,
+                    bytes_by_source=stats.downloaded_by_role,
+                    seconds_since_progress=round(stats.seconds_since_progress, 1),
+                )
+            else:
+                ingest = getattr(download, "ingest", None)
+                written = 0 if ingest is None else ingest.written
+                entry.update(
+                    way="proxy_stream",
+                    bytes=written,
+                    percent=round(100.0 * written / download.size, 1) if download.size else 0.0,
+                )
+            found.append(entry)
+        return found
+
+    def _cache(self) -> dict[str, Any]:
+        try:
+            disk = os.statvfs(self.data_dir)
+            free: int | None = disk.f_bavail * disk.f_frsize
+            total: int | None = disk.f_blocks * disk.f_frsize
+        except OSError:
+            free = total = None
+        seeded = len(getattr(self.downloads, "info_hashes", {}))
+        return {
+            "used_bytes": self.cache.used,
+            "quota_bytes": self.cache.quota,
+            "blobs": len(self.cache.digests()),
+            "seeded_blobs": seeded,
+            "disk_free_bytes": free,
+            "disk_total_bytes": total,
+        }
+
+    def _proxies(self) -> dict[str, Any]:
+        """The configured proxy URLs, and every instance (address) behind them that was
+        asked, with the outcome of the last request."""
+        health = getattr(self.proxies, "health", {})
+        return {
+            "configured": list(self.proxies.urls),
+            "instances": [
+                {"url": base, "ok": ok, "detail": detail, "at": round(at, 3)}
+                for base, (ok, detail, at) in sorted(health.items())
+            ],
+        }
+
+
+def page() -> bytes:
+    """The self-contained status page (HTML, CSS and a script that polls ``/status``)."""
+    return resources.files("p2p_agent").joinpath("status.html").read_bytes()
