@@ -1,4 +1,5 @@
-"""Entry point: ``p2p-proxy --config FILE`` (see :mod:`p2p_common.service_main`).
+"""Entry point: ``p2p-proxy --config FILE`` (see :mod:`p2p_common.service_main`), and
+``p2p-proxy preheat IMAGE`` (see :mod:`p2p_proxy.preheat_cli`).
 
 A graceful stop lets in-flight requests finish for ``shutdownTimeout`` seconds and announces
 ``stopped`` for every seeded torrent.
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from p2p_common.service_main import run_service
 from p2p_proxy import __version__
+from p2p_proxy.preheat_cli import main as preheat_main
 from p2p_proxy.service import serve
 from p2p_proxy.settings import ProxySettings
 
@@ -23,6 +25,9 @@ async def _serve(
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["preheat"]:
+        return preheat_main(args[1:])
     return run_service(
         "proxy",
         description="p2p raw seed and origin proxy",

@@ -25,6 +25,7 @@ from p2p_common.asgi import (
     Send,
     TrackedSend,
     lifespan,
+    read_body,
     send_bytes,
     send_chunk,
     send_error,
@@ -54,12 +55,16 @@ from p2p_proxy.manifests import ManifestQuery, Manifests
 from p2p_proxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from p2p_proxy.metrics import ProxyMetrics
 from p2p_proxy.origin import OriginClient
+from p2p_proxy.preheat import ACCEPT as PREHEAT_ACCEPT
+from p2p_proxy.preheat import MAX_REQUEST_BYTES as PREHEAT_REQUEST_BYTES
+from p2p_proxy.preheat import Preheater, media_type_of, parse_request
 from p2p_proxy.seeding import Seeder
 
 __all__ = ["CHUNKS_CONTENT_TYPE", "ProxyApp"]
 
 log = logging.getLogger("p2p.proxy")
 
+PREHEAT_PATH = "/p2p/v1/preheat"
 CHUNKS_CONTENT_TYPE = "application/x-p2p-chunks"
 """A blob's chunk torrents as frames (p2p_common.blobinfo)."""
 BLOB_CONTENT_TYPE = "application/octet-stream"
@@ -79,6 +84,8 @@ class ProxyApp:
     progressive_streams: int = 1
     limits: OriginLimits | None = None
     """Limits on the origin work clients start (None: none)."""
+    preheater: Preheater | None = None
+    """Runs ``/p2p/v1/preheat`` jobs (None: preheat is not offered)."""
     ready: bool = False
 
     def __post_init__(self) -> None:
@@ -139,6 +146,9 @@ class ProxyApp:
             else:
                 await self._metainfo(request, receive, send)
             return
+        if path == PREHEAT_PATH or path.startswith(PREHEAT_PATH + "/"):
+            await self._preheat(request, receive, send)
+            return
         if method not in ("GET", "HEAD") and (path == "/v2" or path.startswith("/v2/")):
             raise OCIError(ErrorCode.UNSUPPORTED, "this proxy serves pulls only (GET and HEAD)")
         route = parse_api_path(path)  # 404 UNSUPPORTED for anything outside /v2/
@@ -156,6 +166,67 @@ class ProxyApp:
             raise OCIError(
                 ErrorCode.UNSUPPORTED, "tag listing is not served by the proxy", status=404
             )
+
+    # --- preheat ----------------------------------------------------------------------------
+
+    async def _preheat(self, request: Request, receive: Receive, send: Send) -> None:
+        """``POST /p2p/v1/preheat`` starts a job (202); ``GET`` lists the jobs, or shows one."""
+        if self.preheater is None:
+            raise OCIError(ErrorCode.UNSUPPORTED, "preheat is not offered here", status=404)
+        preheater = self.preheater
+        rest = request.path[len(PREHEAT_PATH) :].strip("/")
+        if request.method == "GET":
+            if not rest:
+                views = [job.view() for job in reversed(preheater.jobs.values())]
+                await send_bytes(send, 200, json.dumps({"jobs": views}).encode())
+                return
+            job = preheater.jobs.get(int(rest)) if rest.isdigit() else None
+            if job is None:
+                raise OCIError(ErrorCode.UNSUPPORTED, "no such preheat job", status=404)
+            await send_bytes(send, 200, json.dumps(job.view()).encode())
+            return
+        if request.method != "POST" or rest:
+            raise OCIError(ErrorCode.UNSUPPORTED, f"{request.method} is not supported here")
+        repository, reference, platforms = parse_request(
+            await read_body(receive, PREHEAT_REQUEST_BYTES)
+        )
+        registry = select_registry(request.query, self._served)
+        origin = self.origins[registry]
+        admission = self._admission(request)
+
+        async def get_manifest(
+            repo: str, ref: str, credentials: Credentials | None
+        ) -> tuple[str, bytes]:
+            found = await origin.get_manifest(repo, ref, credentials, accept=PREHEAT_ACCEPT)
+            return media_type_of(found.content_type, found.body), found.body
+
+        async def ensure_blob(
+            repo: str, digest: str, size: int, credentials: Credentials | None
+        ) -> bool:
+            await self.authorizer.authorize(origin, repo, digest, credentials)
+            fetched = digest not in self.cache
+            with self.cache.pinned(digest):
+                meta = await self.fetcher.ensure(
+                    origin, repo, digest, credentials, size, admission=admission
+                )
+                await self.seeder.seed(digest, meta)
+            return fetched
+
+        job = preheater.start(
+            registry=registry,
+            repository=repository,
+            reference=reference,
+            platforms=platforms,
+            credentials=credentials_from(request.headers),
+            get_manifest=get_manifest,
+            ensure_blob=ensure_blob,
+        )
+        await send_bytes(
+            send,
+            202,
+            json.dumps(job.view()).encode(),
+            headers=[("Location", f"{PREHEAT_PATH}/{job.id}")],
+        )
 
     def _admission(self, request: Request) -> Admission | None:
         """The request's claim on origin work: its client's limits."""

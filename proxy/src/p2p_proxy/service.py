@@ -30,6 +30,7 @@ from p2p_proxy.limits import OriginLimits
 from p2p_proxy.manifests import Manifests
 from p2p_proxy.metrics import ProxyMetrics
 from p2p_proxy.origin import OriginClient
+from p2p_proxy.preheat import Preheater
 from p2p_proxy.seeding import Seeder
 from p2p_proxy.settings import ProxySettings
 
@@ -112,6 +113,7 @@ async def serve(
                 peer_port=lambda: engine.port,
                 progressive_streams=settings.progressive_streams,
                 limits=limits,
+                preheater=Preheater(nursery),
             )
             metrics.watch(
                 lambda: {
