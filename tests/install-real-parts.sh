@@ -2,7 +2,8 @@
 # Installs the real third-party programs the tests drive (see ../shared/REAL-PARTS.md):
 # the CNCF distribution registry, skopeo, containerd, aria2, opentracker, iproute2, curl, and
 # wrk (the load generator of tests/bench/bench_tracker.py), chromium and chromium-driver (the
-# agent's status page in a real browser).
+# agent's status page in a real browser), and promtool (Debian's prometheus package: the chart's
+# alert rules are checked and unit-tested with it).
 # Does nothing when they are all present. Needs root (or passwordless sudo) to install.
 # With --demo, a missing package that cannot be installed is not fatal: the demo falls
 # back to its built-in origin.
@@ -30,6 +31,7 @@ else
   check wrk wrk
   check chromium chromium
   check chromedriver chromium-driver
+  check promtool prometheus
 fi
 [ "${#need_pkgs[@]}" -eq 0 ] && exit 0
 

@@ -84,8 +84,12 @@ def test_rendered_configmaps_run_the_services_and_a_helm_upgrade_changes_rates_l
             images.pull_and_compare(
                 image, f"127.0.0.1:{agent_port}", "team/app", tmp_path / "pulled"
             )
-            assert metric(metrics_port, "p2p_agent_download_rate_limit_bytes") == 20_000_000
-            assert metric(metrics_port, "p2p_agent_upload_rate_limit_bytes") == 30_000_000
+            assert (
+                metric(metrics_port, "p2p_agent_download_rate_limit_bytes_per_second") == 20_000_000
+            )
+            assert (
+                metric(metrics_port, "p2p_agent_upload_rate_limit_bytes_per_second") == 30_000_000
+            )
 
             upgraded = render({**values, "downloadRate": "50MB", "uploadRate": "0"})
             # Only the rates differ, so the DaemonSet (and its pods) stay as they are ...
@@ -93,11 +97,14 @@ def test_rendered_configmaps_run_the_services_and_a_helm_upgrade_changes_rates_l
             # ... and the new ConfigMap reaches the running agent through its volume.
             volumes["agent"].publish(upgraded.config_file("agent"))
             poll_until(
-                lambda: metric(metrics_port, "p2p_agent_download_rate_limit_bytes") == 50_000_000,
+                lambda: (
+                    metric(metrics_port, "p2p_agent_download_rate_limit_bytes_per_second")
+                    == 50_000_000
+                ),
                 15,
                 "the agent to apply the new downloadRate",
             )
-            assert metric(metrics_port, "p2p_agent_upload_rate_limit_bytes") == 0
+            assert metric(metrics_port, "p2p_agent_upload_rate_limit_bytes_per_second") == 0
             agent.check_alive()
             time.sleep(0.1)
             assert "rates.applied" in agent.log_tail()

@@ -191,7 +191,7 @@ async def test_new_rates_in_the_mounted_configmap_apply_without_a_restart(
         async with run_agent(
             tmp_path / "agent", [registry.url], [proxy.url], config_file=volume.file
         ) as agent:
-            assert await agent.metric("p2p_agent_download_rate_limit_bytes") == 1_000_000
+            assert await agent.metric("p2p_agent_download_rate_limit_bytes_per_second") == 1_000_000
             # A pull under the old limit (~6 s for this layer) is in progress while the
             # rates change; it goes on, faster, and completes intact.
             received = bytearray()
@@ -208,16 +208,16 @@ async def test_new_rates_in_the_mounted_configmap_apply_without_a_restart(
             assert bytes(received) == layer.data
             # The remaining ~5 MB would take 5 s at the old 1 MB/s limit.
             assert trio.current_time() - changed_at < 4.5
-            assert await agent.metric("p2p_agent_upload_rate_limit_bytes") == 300_000_000
+            assert await agent.metric("p2p_agent_upload_rate_limit_bytes_per_second") == 300_000_000
             # A broken update is refused; the running rates stay.
             volume.publish(base + "downloadRate: fast\n")
             await trio.sleep(3)
-            assert await agent.metric("p2p_agent_upload_rate_limit_bytes") == 300_000_000
-            assert await agent.metric("p2p_agent_download_rate_limit_bytes") == 0
+            assert await agent.metric("p2p_agent_upload_rate_limit_bytes_per_second") == 300_000_000
+            assert await agent.metric("p2p_agent_download_rate_limit_bytes_per_second") == 0
 
 
 async def wait_until_rate(agent: AgentHandle, rate: float) -> None:
-    while await agent.metric("p2p_agent_download_rate_limit_bytes") != rate:  # noqa: ASYNC110
+    while await agent.metric("p2p_agent_download_rate_limit_bytes_per_second") != rate:  # noqa: ASYNC110
         await trio.sleep(0.1)
 
 

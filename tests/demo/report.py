@@ -79,7 +79,7 @@ class Traffic:
 
     sources: dict[str, int] = field(default_factory=dict)
     uploaded: int = 0
-    """``p2p_agent_upload_bytes``: what the agent uploaded to its peers."""
+    """``p2p_agent_upload_bytes_total``: what the agent uploaded to its peers."""
     pulled: int = 0
     """``p2p_agent_pull_bytes_total``: what the agent sent to its client (us)."""
     fallbacks: int = 0
@@ -127,7 +127,7 @@ def agent_traffic(samples: Samples) -> Traffic:
             sources[source] = sources.get(source, 0) + int(value)
     return Traffic(
         sources=sources,
-        uploaded=int(metric(samples, "p2p_agent_upload_bytes")),
+        uploaded=int(metric(samples, "p2p_agent_upload_bytes_total")),
         pulled=int(metric(samples, "p2p_agent_pull_bytes_total")),
         fallbacks=int(metric(samples, "p2p_agent_http_fallbacks_total")),
     )

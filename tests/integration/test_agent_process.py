@@ -89,7 +89,7 @@ async def test_sigterm_lets_a_pull_in_flight_finish_then_exits_zero(tmp_path: Pa
                     metrics = (
                         await httpx.AsyncClient().get(f"http://127.0.0.1:{status}/metrics")
                     ).text
-                    assert "p2p_agent_download_rate_limit_bytes 3e+06" in metrics
+                    assert "p2p_agent_download_rate_limit_bytes_per_second 3e+06" in metrics
                     received = bytearray()
                     signalled = None
                     async with http.stream("GET", f"/v2/team/app/blobs/{layer.digest}") as response:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from prometheus_client import generate_latest
 
-from p2p_agent.metrics import AgentMetrics
+from p2p_agent.metrics import AgentMetrics, Live
 from p2p_agent.settings import AgentSettings
 from p2p_common.settings import ServiceSettings
 from p2p_proxy.settings import ProxySettings
@@ -95,7 +95,7 @@ def test_agent_metrics_names_are_what_the_demo_reads() -> None:
     metrics.download_bytes.labels("agent").inc(700)
     metrics.download_bytes.labels("proxy").inc(200)
     metrics.download_bytes.labels("http_fallback").inc(100)
-    metrics.upload_bytes.set(650)
+    metrics.watch(lambda: Live(uploaded=650))
     metrics.pull_bytes.inc(1000)
     metrics.fallbacks.inc()
     traffic = agent_traffic(parse_metrics(generate_latest(metrics.registry).decode()))

@@ -133,6 +133,7 @@ class RegistryApp:
             return
         if scope["type"] != "http":
             return
+        self.metrics.requests.inc()
         request = Request.from_scope(scope)
         head = request.method == "HEAD"
         tracked = TrackedSend(send)
@@ -147,7 +148,7 @@ class RegistryApp:
             await self._error(tracked, OCIError(ErrorCode.UNKNOWN, str(exc), status=500), head=head)
 
     async def _error(self, send: TrackedSend, exc: OCIError, *, head: bool) -> None:
-        self.metrics.errors.labels(exc.code.value).inc()
+        self.metrics.errors.labels(exc.code.value, str(exc.status)).inc()
         if send.started:
             # Too late for an error response: leave the body unfinished, so the client sees
             # a broken transfer (and retries) rather than a short blob.
@@ -297,6 +298,7 @@ class RegistryApp:
                 )
                 if download is not None:
                     self.metrics.cache_misses.inc()
+                    send = self.metrics.timed_first_byte(send, started, "download")
                     record = self.pulls.begin(repository, digest, length, "download")
 
                     async def stream_download() -> None:
@@ -333,6 +335,7 @@ class RegistryApp:
             outcome = "failed"
             try:
                 self.metrics.cache_hits.inc()
+                send = self.metrics.timed_first_byte(send, started, "cache")
                 self.cache.touch(digest)
 
                 async def send_cached() -> None:
@@ -358,6 +361,7 @@ class RegistryApp:
             raise collapse(group) from None
 
     def _pulled(self, length: int, started: float, whole: bool) -> None:
+        self.metrics.pulled()
         if whole:
             elapsed = max(time.monotonic() - started, 1e-6)
             self.metrics.pull_seconds.observe(elapsed)

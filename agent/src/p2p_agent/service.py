@@ -20,12 +20,11 @@ from pathlib import Path
 
 import httpx
 import trio
-from prometheus_client import generate_latest
 
 from p2p_agent import __version__
 from p2p_agent.api import RegistryApp
 from p2p_agent.downloads import Downloads
-from p2p_agent.metrics import AgentMetrics
+from p2p_agent.metrics import AgentMetrics, engine_reader
 from p2p_agent.proxies import ProxyClient
 from p2p_agent.settings import AgentSettings
 from p2p_agent.status import Rates, StatusView, page
@@ -67,8 +66,8 @@ class StatusApp:
         request = Request.from_scope(scope)
         head = request.method == "HEAD"
         if request.path == "/metrics":
-            body = generate_latest(self.metrics.registry)
-            await send_bytes(send, 200, body, content_type="text/plain; version=0.0.4", head=head)
+            body, content_type = self.metrics.render(", ".join(request.headers.get("accept", [])))
+            await send_bytes(send, 200, body, content_type=content_type, head=head)
         elif request.path == "/healthz":
             await send_bytes(send, 200, b"ok\n", content_type="text/plain", head=head)
         elif request.path == "/readyz":
@@ -137,6 +136,7 @@ async def serve(
         upload_rate=settings.upload_rate,
         max_connections=settings.max_connections,
     )
+    metrics.watch(engine_reader(engine, cache, settings.data_dir))
 
     rates = Rates(
         settings.download_rate,
@@ -205,7 +205,6 @@ async def serve(
 
         async def gauges() -> None:
             while True:
-                metrics.upload_bytes.set(engine.upload_limiter.total)
                 metrics.cache_bytes.set(cache.used)
                 metrics.active_torrents.set(len(engine.torrents))
                 await trio.sleep(2.0)

@@ -52,7 +52,6 @@ from p2p_proxy.fetch import BlobFetcher, Fetch, storage_error
 from p2p_proxy.flight import Admission, copy_error
 from p2p_proxy.limits import OriginLimits
 from p2p_proxy.manifests import ManifestQuery, Manifests
-from p2p_proxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from p2p_proxy.metrics import ProxyMetrics
 from p2p_proxy.origin import OriginClient
 from p2p_proxy.preheat import ACCEPT as PREHEAT_ACCEPT
@@ -140,9 +139,10 @@ class ProxyApp:
             elif path == "/readyz":
                 await self._readyz(send, head=method == "HEAD")
             elif path == "/metrics":
-                await send_bytes(
-                    send, 200, self.metrics.render(), content_type=METRICS_CONTENT_TYPE
+                body, content_type = self.metrics.render(
+                    ", ".join(request.headers.get("accept", []))
                 )
+                await send_bytes(send, 200, body, content_type=content_type, head=method == "HEAD")
             else:
                 await self._metainfo(request, receive, send)
             return

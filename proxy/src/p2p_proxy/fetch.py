@@ -351,6 +351,7 @@ class BlobFetcher:
             )
             raise
         self.metrics.blobs_fetched.inc()
+        self.metrics.blob_bytes_fetched.inc(meta.length)
         event(
             log,
             "proxy.fetched",

@@ -1,28 +1,36 @@
 """The proxy's Prometheus metrics, in a registry of its own (several proxies may share a
-process in tests)."""
+process in tests). Listed in docs/metrics.md; counters end in ``_total``."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client import Counter, Gauge
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["CONTENT_TYPE", "ProxyMetrics"]
+from p2p_common.metrics import render, service_registry
+from p2p_proxy import __version__
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+__all__ = ["ProxyMetrics"]
 
 
 class _Live(Collector):
     """Values read at scrape time from the engine and the cache."""
 
-    def __init__(self, read: Callable[[], dict[str, float]]) -> None:
+    def __init__(self, read: Callable[[], dict[str, float]], data_dir: str | None) -> None:
         self._read = read
+        self._data_dir = data_dir
+
+    def describe(self) -> Iterator[Metric]:
+        return self._families({}, None)
 
     def collect(self) -> Iterator[Metric]:
-        values = self._read()
+        return self._families(self._read(), self._data_dir)
+
+    @staticmethod
+    def _families(values: dict[str, float], data_dir: str | None) -> Iterator[Metric]:
         yield CounterMetricFamily(
             "p2p_proxy_peer_upload_bytes",
             "Bytes uploaded to BitTorrent peers.",
@@ -46,84 +54,122 @@ class _Live(Collector):
         yield GaugeMetricFamily(
             "p2p_proxy_cache_blobs", "Blobs in the cache.", value=values.get("cache_blobs", 0.0)
         )
+        yield GaugeMetricFamily(
+            "p2p_proxy_cache_quota_bytes",
+            "The cache's size quota (cacheSize); 0 means no quota.",
+            value=values.get("cache_quota", 0.0),
+        )
+        size = free = 0
+        if data_dir is not None:
+            try:
+                disk = os.statvfs(data_dir)
+            except OSError:
+                pass
+            else:
+                size, free = disk.f_blocks * disk.f_frsize, disk.f_bavail * disk.f_frsize
+        yield GaugeMetricFamily(
+            "p2p_proxy_cache_filesystem_size_bytes",
+            "Size of the filesystem that holds dataDir (0 if it cannot be read).",
+            value=size,
+        )
+        yield GaugeMetricFamily(
+            "p2p_proxy_cache_filesystem_free_bytes",
+            "Bytes of the filesystem that holds dataDir that the proxy may still use.",
+            value=free,
+        )
 
 
 class ProxyMetrics:
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = service_registry("proxy", __version__)
         r = self.registry
         self.origin_bytes = Counter(
-            "p2p_proxy_origin_bytes", "Blob bytes received from origin registries.", registry=r
+            "p2p_proxy_origin_bytes_total",
+            "Blob bytes received from origin registries.",
+            registry=r,
         )
         self.blobs_fetched = Counter(
-            "p2p_proxy_blobs_fetched",
+            "p2p_proxy_blobs_fetched_total",
             "Blobs fetched from an origin, verified and cached.",
             registry=r,
         )
+        self.blob_bytes_fetched = Counter(
+            "p2p_proxy_blob_bytes_fetched_total",
+            "Sizes of the blobs fetched from an origin, verified and cached (once per fetch): "
+            "p2p_proxy_origin_bytes_total above it means bytes read from the origin in vain.",
+            registry=r,
+        )
         self.fetch_failures = Counter(
-            "p2p_proxy_fetch_failures",
+            "p2p_proxy_fetch_failures_total",
             "Blob fetches from an origin that failed, by error code.",
             ["code"],
             registry=r,
         )
         self.cache_hits = Counter(
-            "p2p_proxy_cache_hits", "Blob requests answered from the cache.", registry=r
+            "p2p_proxy_cache_hits_total", "Blob requests answered from the cache.", registry=r
         )
         self.cache_misses = Counter(
-            "p2p_proxy_cache_misses",
+            "p2p_proxy_cache_misses_total",
             "Blob requests that needed a fetch (or waited for one in flight).",
             registry=r,
         )
         self.metainfo_requests = Counter(
-            "p2p_proxy_metainfo_requests", "Metainfo requests answered with a torrent.", registry=r
+            "p2p_proxy_metainfo_requests_total",
+            "Metainfo requests answered with a torrent.",
+            registry=r,
         )
         self.auth_checks = Counter(
-            "p2p_proxy_authorization_checks",
+            "p2p_proxy_authorization_checks_total",
             "Authorization checks, by where the decision came from (origin or cache).",
             ["source"],
             registry=r,
         )
         self.auth_denials = Counter(
-            "p2p_proxy_authorization_denials",
+            "p2p_proxy_authorization_denials_total",
             "Authorization checks the origin refused, by error code.",
             ["code"],
             registry=r,
         )
         self.progressive_streams = Counter(
-            "p2p_proxy_progressive_streams",
+            "p2p_proxy_progressive_streams_total",
             "Blobs streamed to an agent while still being fetched from the origin.",
             registry=r,
         )
         self.stream_bytes = Counter(
-            "p2p_proxy_stream_bytes",
+            "p2p_proxy_stream_bytes_total",
             "Blob bytes streamed to agents while the blob was still being fetched.",
             registry=r,
         )
         self.fallback_bytes = Counter(
-            "p2p_proxy_http_fallback_bytes", "Blob bytes served over HTTP (fallback).", registry=r
+            "p2p_proxy_http_fallback_bytes_total",
+            "Blob bytes served over HTTP (fallback).",
+            registry=r,
         )
         self.manifest_requests = Counter(
-            "p2p_proxy_manifest_requests", "Manifest requests from agents.", registry=r
+            "p2p_proxy_manifest_requests_total", "Manifest requests from agents.", registry=r
         )
         self.manifest_origin_requests = Counter(
-            "p2p_proxy_manifest_origin_requests",
+            "p2p_proxy_manifest_origin_requests_total",
             "Manifest requests sent to an origin, by method.",
             ["method"],
             registry=r,
         )
         self.manifest_cache_hits = Counter(
-            "p2p_proxy_manifest_cache_hits",
+            "p2p_proxy_manifest_cache_hits_total",
             "Manifest bodies served from the proxy's by-digest cache.",
             registry=r,
         )
         self.errors = Counter(
-            "p2p_proxy_errors", "Error responses, by registry error code.", ["code"], registry=r
+            "p2p_proxy_errors_total",
+            "Error responses, by registry error code.",
+            ["code"],
+            registry=r,
         )
         self.evictions = Counter(
-            "p2p_proxy_evictions", "Blobs evicted from the cache by the quota.", registry=r
+            "p2p_proxy_evictions_total", "Blobs evicted from the cache by the quota.", registry=r
         )
         self.origin_refusals = Counter(
-            "p2p_proxy_origin_refusals",
+            "p2p_proxy_origin_refusals_total",
             "Requests refused instead of starting origin work, by reason: requests (the "
             "client's originRequestsPerAddress), rate (its originRatePerAddress), busy "
             "(maxOriginFetches stayed full for originQueueTimeout).",
@@ -133,7 +179,7 @@ class ProxyMetrics:
         for reason in ("requests", "rate", "busy"):
             self.origin_refusals.labels(reason=reason)  # 0 from the start, for rate() queries
         self.origin_joins = Counter(
-            "p2p_proxy_origin_joins",
+            "p2p_proxy_origin_joins_total",
             "Requests that joined origin work another request had started (one origin request "
             "for all of them), by kind: blob (fetches), manifest (manifest requests).",
             ["kind"],
@@ -150,9 +196,13 @@ class ProxyMetrics:
             registry=r,
         )
 
-    def watch(self, read: Callable[[], dict[str, float]]) -> None:
-        """Expose the live values ``read()`` returns (keys: see :class:`_Live`)."""
-        self.registry.register(_Live(read))
+    def watch(
+        self, read: Callable[[], dict[str, float]], data_dir: os.PathLike[str] | None = None
+    ) -> None:
+        """Expose the live values ``read()`` returns (keys: see :class:`_Live`) and the free
+        space of ``data_dir``'s filesystem, at every scrape."""
+        self.registry.register(_Live(read, None if data_dir is None else os.fspath(data_dir)))
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, accept: str | None = None) -> tuple[bytes, str]:
+        """The body and content type of a scrape with this ``Accept`` header."""
+        return render(self.registry, accept)

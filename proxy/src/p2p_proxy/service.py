@@ -122,7 +122,9 @@ async def serve(
                     "connections": float(engine.connection_count),
                     "cache_used": float(cache.used),
                     "cache_blobs": float(len(cache.digests())),
-                }
+                    "cache_quota": float(cache.quota),
+                },
+                settings.data_dir,
             )
 
             async def trigger() -> None:

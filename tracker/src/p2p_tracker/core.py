@@ -11,10 +11,10 @@ import logging
 import random
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client import Counter, Gauge
 
 from p2p_common.logs import event
+from p2p_common.metrics import render, service_registry
 from p2p_common.tracker_proto import (
     AnnounceResponse,
     Event,
@@ -28,6 +28,7 @@ from p2p_common.tracker_proto import (
     parse_announce_query,
     parse_scrape_query,
 )
+from p2p_tracker import __version__
 from p2p_tracker.settings import TrackerSettings
 from p2p_tracker.swarm import (
     IP,
@@ -97,7 +98,7 @@ class Tracker:
         self._min_interval = min(settings.min_announce_interval, settings.announce_interval)
         self._trust_ip = settings.trust_ip_param
 
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = service_registry("tracker", __version__)
         announces = Counter(
             "p2p_tracker_announces",
             "Announces answered, by event",
@@ -156,8 +157,18 @@ class Tracker:
 
     # --- dispatch ----------------------------------------------------------------------------
 
-    def handle(self, method: str, path: str, query: bytes, client: str | None, now: float) -> Reply:
-        """Answer one request. ``client`` is the TCP source address (None if unknown)."""
+    def handle(
+        self,
+        method: str,
+        path: str,
+        query: bytes,
+        client: str | None,
+        now: float,
+        *,
+        accept: str | None = None,
+    ) -> Reply:
+        """Answer one request. ``client`` is the TCP source address (None if unknown);
+        ``accept`` is the ``Accept`` header (it chooses the format of ``/metrics``)."""
         if path == "/announce":
             if method != "GET":
                 return _BAD_METHOD
@@ -173,7 +184,8 @@ class Tracker:
         if path == "/readyz":
             return _READY if self.ready else _NOT_READY
         if path == "/metrics":
-            return Reply(200, generate_latest(self.registry), CONTENT_TYPE_LATEST.encode())
+            body, content_type = render(self.registry, accept)
+            return Reply(200, body, content_type.encode())
         self._failures["not_found"].inc()
         return _NOT_FOUND
 

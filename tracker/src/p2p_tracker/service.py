@@ -59,6 +59,7 @@ class TrackerApp:
                 scope["query_string"],
                 client[0] if client else None,
                 trio.current_time(),
+                accept=_accept(scope),
             )
             await send(
                 {
@@ -75,6 +76,11 @@ class TrackerApp:
             )
         elif kind == "lifespan":
             await lifespan(receive, send)
+
+
+def _accept(scope: Scope) -> str:
+    """The request's ``Accept`` header lines, joined."""
+    return ", ".join(v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"accept")
 
 
 def hypercorn_config(settings: TrackerSettings) -> Config:
