@@ -70,3 +70,24 @@ def test_three_nodes_pull_through_agents_with_one_origin_copy(tmp_path: Path) ->
     assert not new_links, f"links left behind here: {new_links}"
     assert report.pids, "the report lists the processes it started"
     assert not [pid for pid in report.pids if _alive(pid)], "processes left behind"
+
+
+def test_a_preheated_rollout_costs_the_origin_nothing(tmp_path: Path) -> None:
+    """p2p-warm preheats with ``POST /p2p/v1/preheat`` before the clock (issue 10, section 2):
+    during the rollout the origin sends no blob byte."""
+    report = run(
+        Options(
+            nodes=3,
+            rate="400mbit",
+            size_mb=10,
+            rounds=1,
+            workdir=str(tmp_path),
+            verbose=False,
+            scenarios=("p2p-warm",),
+        )
+    )
+    [scenario] = report.of("p2p-warm")
+    assert all(node.verified for node in scenario.nodes)
+    assert scenario.origin_blob_bytes == 0
+    assert scenario.proxy["preheat_origin_bytes"] >= report.image_bytes
+    assert any("POST /p2p/v1/preheat" in note for note in scenario.notes)

@@ -29,7 +29,7 @@ import yaml
 from p2p_common import metainfo as mi
 from tests.bench.common import RandomImage, warm_memory
 from tests.bench.rollout.cgroups import PERIOD_US, CpuQuotas, remove_stale_cgroups
-from tests.bench.rollout.client import MANIFEST_ACCEPT, PullWorker
+from tests.bench.rollout.client import PullWorker
 from tests.bench.rollout.image import REPOSITORY, TAG, build_layout
 from tests.bench.rollout.lt_node import LIBTORRENT_VERSION, LtNode, session_settings
 from tests.bench.rollout.netns import (
@@ -456,40 +456,46 @@ class Bench:
         result.tracker = tracker
         return result
 
-    def _http_status(
-        self, host: Host, url: str, timeout: float, headers: tuple[str, ...] = ()
-    ) -> int:
-        """The status of a GET from inside ``host`` (the body is dropped; 0: no answer)."""
-        argv = [require("curl"), "-s", "-o", "/dev/null", "-m", f"{timeout:g}"]
-        for header in headers:
-            argv += ["-H", header]
-        out = run_ip(
-            self.network.exec_argv(host, [*argv, "-w", "%{http_code}", url]),
-            check=False,
-            timeout=timeout + 10,
-        )
-        return int(out) if out.strip().isdigit() else 0
-
     def _preheat(self) -> list[str]:
-        """Make the proxy hold the image before the clock: the manifest by tag, then every
-        blob's metainfo (which fetches the blob from the origin, verifies and seeds it), asked
-        from the infra host itself, so no agent's cache is touched."""
+        """Make the proxy hold the image before the clock, the way an operator would: a
+        preheat job (``POST /p2p/v1/preheat``, what ``p2p-proxy preheat`` sends), asked from
+        the infra host itself, so no agent's cache is touched; then wait for it to finish."""
         assert self.image is not None
         started = time.monotonic()
-        infra, api = self.network.infra, f"http://{INFRA_IP}:{PROXY_PORT}"
-        url = f"{api}/v2/{REPOSITORY}/manifests/{TAG}"
-        status = self._http_status(infra, url, 30.0, (f"Accept: {MANIFEST_ACCEPT}",))
-        if status != 200:
-            raise RolloutError(f"preheat: GET {url} answered {status}")
+        infra, api = self.network.infra, f"http://{INFRA_IP}:{PROXY_PORT}/p2p/v1/preheat"
+        body = json.dumps({"image": f"{REPOSITORY}:{TAG}"})
+        out = run_ip(
+            self.network.exec_argv(
+                infra,
+                [
+                    require("curl"), "-s", "-m", "30", "-X", "POST",
+                    "-H", "Content-Type: application/json", "-d", body,
+                    "-w", "\n%{http_code}", api,
+                ],
+            ),
+            check=False,
+            timeout=40,
+        )  # fmt: skip
+        answer, _, status = out.rpartition("\n")
+        if status.strip() != "202":
+            raise RolloutError(f"preheat: POST {api} answered {status.strip()}: {answer}")
+        job = json.loads(answer)
         slowest = min(self.options.rate_bps, self.options.infra_rate_bps)
-        for digest, size in self.image.blobs.items():
-            url = f"{api}/p2p/v1/metainfo?name={REPOSITORY}&digest={digest}"
-            status = self._http_status(infra, url, 3 * size * 8 / slowest + 30)
-            if status != 200:
-                raise RolloutError(f"preheat: GET {url} answered {status}")
+        deadline = time.monotonic() + 3 * sum(self.image.blobs.values()) * 8 / slowest + 60
+        while job.get("state") not in ("done", "failed"):
+            if time.monotonic() > deadline:
+                raise RolloutError(f"preheat: still {job.get('state')} at the deadline")
+            time.sleep(0.2)
+            code, text = self.network.http(infra, f"{api}/{job['id']}", timeout=10.0)
+            if code == 200:
+                job = json.loads(text)
+        if job["state"] != "done":
+            raise RolloutError(f"preheat failed: {job.get('error')}")
+        if {b["digest"] for b in job["blobs"]} != set(self.image.blobs):
+            raise RolloutError("preheat: the job's blobs are not the image's")
         seconds = time.monotonic() - started
         _say(self.options, f"    preheat: the proxy fetched the image in {seconds:.1f} s")
-        notes = [f"preheat: the proxy fetched the image before the clock in {seconds:.1f} s"]
+        notes = [f"preheat (POST /p2p/v1/preheat): the proxy had the image in {seconds:.1f} s"]
         if not self._wait_tracker_announces(len(self.image.blobs)):
             notes.append("preheat: the tracker had not seen every blob announced at the start")
         time.sleep(1.0)  # let the fetch's CPU settle before the clock
