@@ -5,6 +5,8 @@
 
 peer     p2p engine versus libtorrent, 1 GiB between two processes (bench_peer)
 tracker  p2p-tracker versus opentracker under wrk (bench_tracker)
+tracker-udp    UDP (BEP 15) announces/s: p2p-tracker versus opentracker, one generator and
+               one stream for both (bench_tracker_udp)
 tracker-load   5,000 peers on 16 source addresses: p2p-tracker (per-address caps on) versus
                opentracker, announces/s, p50/p99 and peak RSS (bench_tracker_load)
 tracker-flood  the tracker's pure core under floods, and its memory per peer (bench_tracker_flood)
@@ -23,6 +25,7 @@ import sys
 BENCHMARKS = {
     "peer": "tests.bench.bench_peer",
     "tracker": "tests.bench.bench_tracker",
+    "tracker-udp": "tests.bench.bench_tracker_udp",
     "tracker-load": "tests.bench.bench_tracker_load",
     "tracker-flood": "tests.bench.bench_tracker_flood",
     "pull": "tests.bench.bench_pull",

@@ -160,10 +160,10 @@ async def test_health_ready_metrics_and_unknown_paths(base: str, client: httpx.A
     assert metrics.status_code == 200
     assert metrics.headers["content-type"].startswith("text/plain")
     text = metrics.text
-    assert 'p2p_tracker_announces_total{event="started"} 1.0' in text
-    assert 'p2p_tracker_announces_total{event="none"} 1.0' in text
-    assert 'p2p_tracker_failures_total{reason="bad_request"} 1.0' in text
-    assert "p2p_tracker_scrapes_total 1.0" in text
+    assert 'p2p_tracker_announces_total{event="started",protocol="http"} 1.0' in text
+    assert 'p2p_tracker_announces_total{event="none",protocol="http"} 1.0' in text
+    assert 'p2p_tracker_failures_total{protocol="http",reason="bad_request"} 1.0' in text
+    assert 'p2p_tracker_scrapes_total{protocol="http"} 1.0' in text
     assert "p2p_tracker_torrents 1.0" in text
     assert "p2p_tracker_peers 2.0" in text
     assert "p2p_tracker_seeders 1.0" in text
@@ -279,7 +279,7 @@ async def test_one_address_flooding_infohashes_does_not_stop_a_new_blob(
     assert "p2p_tracker_torrents 200.0" in text
     # 600 flood torrents in the 199 places H1 left, then one more for H2
     assert "p2p_tracker_evicted_torrents_total 402.0" in text
-    assert 'p2p_tracker_failures_total{reason="tracker_full"} 0.0' in text
+    assert 'p2p_tracker_failures_total{protocol="http",reason="tracker_full"} 0.0' in text
 
 
 @pytest.mark.skipif(not _second_loopback(), reason="127.0.0.2 and 127.0.0.3 are not usable here")
@@ -316,8 +316,8 @@ async def test_one_address_gets_only_its_share_of_a_swarm_and_of_the_tracker(
         assert all(w is None or "too many torrents" in w for w in warnings)
     text = (await client.get(f"{base}/metrics")).text
     assert "p2p_tracker_torrents 50.0" in text
-    assert 'p2p_tracker_unlisted_total{reason="address_peers"} 32.0' in text
-    assert 'p2p_tracker_unlisted_total{reason="address_torrents"} 11.0' in text
+    assert 'p2p_tracker_unlisted_total{protocol="http",reason="address_peers"} 32.0' in text
+    assert 'p2p_tracker_unlisted_total{protocol="http",reason="address_torrents"} 11.0' in text
 
 
 async def test_silent_peers_are_swept(nursery: trio.Nursery, client: httpx.AsyncClient) -> None:

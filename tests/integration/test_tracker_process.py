@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from p2p_common import udp_tracker_proto as udp
 from p2p_common.tracker_proto import AnnounceRequest, announce_url, parse_announce_response
 from tests.services import service_binary, service_env
 
@@ -150,3 +152,39 @@ def test_port_in_use_exits_1(tmp_path: Path, run: Callable[..., Tracker]) -> Non
     done = _run_to_exit(tmp_path, f"listen: 127.0.0.1:{port}\nlogFormat: json\n")
     assert done.returncode == 1
     assert "listen" in done.stderr.splitlines()[-1]
+
+
+def test_udp_listener_from_the_config_file(run: Callable[..., Tracker]) -> None:
+    tracker = run(CONFIG + "udpListen: 127.0.0.1:0\n")
+    port = tracker.wait_event("tracker.listening_udp")["port"]
+    http_port = tracker.wait_event("tracker.listening")["port"]
+    assert isinstance(port, int)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
+        sock.connect(("127.0.0.1", port))
+        sock.send(udp.encode_connect_request(1))
+        cid = udp.parse_connect_response(sock.recv(2048), 1)
+        request = AnnounceRequest(b"\x03" * 20, b"-IT0001-" + b"\x04" * 12, 6881, left=1)
+        sock.send(udp.encode_announce_request(cid, 2, request))
+        assert udp.parse_announce_response(sock.recv(2048), 2).interval == 30
+    second = AnnounceRequest(b"\x03" * 20, b"-IT0001-" + b"\x05" * 12, 6882, left=1)
+    url = announce_url(f"http://127.0.0.1:{http_port}/announce", second)
+    with urllib.request.urlopen(url, timeout=5) as response:  # one swarm for both
+        assert [p.port for p in parse_announce_response(response.read()).peers] == [6881]
+    tracker.proc.send_signal(signal.SIGTERM)
+    assert tracker.proc.wait(10) == 0
+
+
+def test_udp_port_in_use_exits_1_naming_the_key(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        done = _run_to_exit(tmp_path, CONFIG + f"udpListen: 127.0.0.1:{port}\n")
+    assert done.returncode == 1
+    assert "udpListen" in done.stderr.splitlines()[-1]
+
+
+def test_bad_udp_listen_exits_2(tmp_path: Path) -> None:
+    done = _run_to_exit(tmp_path, CONFIG + "udpListen: nonsense\n")
+    assert done.returncode == 2
+    assert "udpListen" in done.stderr

@@ -23,7 +23,10 @@ Facts this relies on (checked on Debian 12, opentracker 0.0~git20210823):
   with ``ROOTDIR`` as its working directory. ROOTDIR must be searchable (0755) and the whitelist
   readable (0644) by ``nobody``.
 - Without any ``listen.*`` line it binds 0.0.0.0:6969 TCP *and* UDP; with a ``listen.tcp`` line it
-  binds only that (no UDP), so nothing listens beyond 127.0.0.1.
+  binds only that (no UDP), so nothing listens beyond 127.0.0.1. ``udp=True`` adds
+  ``listen.udp 127.0.0.1:PORT`` (the same port number): BEP 15 announces, whitelisted like HTTP
+  ones (an unlisted infohash gets an 8-byte answer without peers), at
+  :attr:`OpenTracker.udp_announce_url`.
 - Answers are compact only (BEP 23); the announce interval is about 30 minutes (randomised around
   1800 s, min interval about half), so a client that announced before the seed will not see the seed
   until it re-announces: start seeds first and wait with :meth:`OpenTracker.wait_peers` or
@@ -168,11 +171,19 @@ class OpenTracker:
     rootdir: Path
     process: ManagedProcess
     allowed: set[bytes] = field(default_factory=set)
+    udp: bool = False
 
     @property
     def announce_url(self) -> str:
         """``http://127.0.0.1:PORT/announce``."""
         return f"http://127.0.0.1:{self.port}/announce"
+
+    @property
+    def udp_announce_url(self) -> str:
+        """``udp://127.0.0.1:PORT`` (only when started with ``udp=True``)."""
+        if not self.udp:
+            raise RuntimeError("opentracker was started without UDP")
+        return f"udp://127.0.0.1:{self.port}"
 
     @property
     def whitelist_path(self) -> Path:
@@ -240,9 +251,14 @@ class OpenTracker:
 
 @contextmanager
 def opentracker(
-    workdir: Path, infohashes: Iterable[bytes] = (), *, start_timeout: float = 10.0
+    workdir: Path,
+    infohashes: Iterable[bytes] = (),
+    *,
+    start_timeout: float = 10.0,
+    udp: bool = False,
 ) -> Iterator[OpenTracker]:
-    """Run opentracker on ``127.0.0.1:<free port>`` with ``infohashes`` whitelisted.
+    """Run opentracker on ``127.0.0.1:<free port>`` with ``infohashes`` whitelisted (and on
+    the same UDP port with ``udp=True``).
 
     Its config, chroot and log live under ``workdir``. On exit the tracker is stopped (SIGTERM,
     then SIGKILL), also when the body raised.
@@ -256,7 +272,8 @@ def opentracker(
     config = workdir / "opentracker.conf"
     config.write_text(
         f"listen.tcp 127.0.0.1:{port}\n"
-        f"tracker.rootdir {rootdir}\n"
+        + (f"listen.udp 127.0.0.1:{port}\n" if udp else "")
+        + f"tracker.rootdir {rootdir}\n"
         "tracker.user nobody\n"
         "access.whitelist whitelist\n"
     )
@@ -266,7 +283,9 @@ def opentracker(
         name="opentracker",
         cwd=rootdir,
     )
-    tracker = OpenTracker(port=port, rootdir=rootdir, process=process, allowed=set(infohashes))
+    tracker = OpenTracker(
+        port=port, rootdir=rootdir, process=process, allowed=set(infohashes), udp=udp
+    )
     for infohash in tracker.allowed:
         if len(infohash) != 20:
             raise ValueError(f"an infohash is 20 bytes, got {len(infohash)}")

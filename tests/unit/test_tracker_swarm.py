@@ -111,6 +111,111 @@ def test_selection_is_random() -> None:
     assert len(seen) == 19
 
 
+def test_every_other_peer_is_handed_out_about_equally_often() -> None:
+    """A window at a random place of a randomly ordered swarm: each other peer's chance is
+    numwant / others; and as the peers re-announce (each one moves to a random place), two
+    peers are handed out together about as often as in uniform random subsets."""
+    swarm = make(max_peers_per_torrent=200, max_numwant=200)
+    for n in range(100):
+        swarm.announce(req(n, left=0 if n % 4 == 0 else 100), "10.0.0.1", now=0)
+    counts = dict.fromkeys(range(1, 100), 0)
+    pairs: dict[tuple[int, int], int] = {}
+    rounds = 4000
+    for r in range(rounds):
+        other = 1 + r % 99  # the others re-announce in turn, as they do every interval
+        swarm.announce(req(other, left=0 if other % 4 == 0 else 100), "10.0.0.1", now=1)
+        got = sorted(
+            int.from_bytes(p[PEER_ID][8:], "big")
+            for p in swarm.announce(req(0, numwant=20), "10.0.0.1", now=1).peers
+        )
+        assert len(got) == 20
+        for i, a in enumerate(got):
+            counts[a] += 1
+            for b in got[i + 1 :]:
+                pairs[a, b] = pairs.get((a, b), 0) + 1
+    expected = rounds * 20 / 99  # about 808
+    assert min(counts.values()) > 0.8 * expected
+    assert max(counts.values()) < 1.2 * expected
+    # any two together: about rounds * 20/99 * 19/98 = 157 times for uniform subsets; a
+    # fixed order would hand its neighbours out together almost as often as alone (~770)
+    assert max(pairs.values()) < 2.5 * rounds * 20 / 99 * 19 / 98
+
+
+@settings(max_examples=100)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 12),  # peer
+            st.sampled_from([0, 100]),  # left
+            st.sampled_from([Event.NONE, Event.STARTED, Event.COMPLETED, Event.STOPPED]),
+            st.integers(0, 3),  # address
+            st.integers(0, 15),  # numwant
+        ),
+        max_size=80,
+    )
+)
+def test_slots_stay_consistent(ops: list[tuple[int, int, Event, int, int]]) -> None:
+    swarm = make(max_numwant=15)
+    for n, left, event, address, numwant in ops:
+        request = req(n, left=left, event=event, numwant=numwant, key=b"k")
+        outcome = swarm.announce(request, f"10.0.0.{address}", now=0)
+        assert pid(n) not in ids(outcome.peers)
+        assert len(ids(outcome.peers)) == len(outcome.peers)
+        torrent = swarm._torrents.get(H1)
+        if torrent is None:
+            continue
+        others = len(torrent.peers) - (pid(n) in torrent.peers)
+        pool = len(torrent.leechers) if left == 0 else others
+        if event is not Event.STOPPED:
+            assert len(outcome.peers) == min(numwant, pool)
+        assert len(torrent.seeds) + len(torrent.leechers) == len(torrent.peers)
+        for group in (torrent.seeds, torrent.leechers):
+            for slot, peer in enumerate(group):
+                assert peer[6] == slot
+                assert torrent.peers[peer[PEER_ID]] is peer
+        assert all(p[LEFT] == 0 for p in torrent.seeds)
+        assert all(p[LEFT] > 0 for p in torrent.leechers)
+        for group, buffer in (
+            (torrent.seeds, torrent.seeds4),
+            (torrent.leechers, torrent.leechers4),
+        ):
+            assert buffer == b"".join(p[PACKED] if len(p[PACKED]) == 6 else bytes(6) for p in group)
+        assert torrent.wide == sum(len(p[PACKED]) == 18 for p in torrent.peers.values())
+
+
+@settings(max_examples=100)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 12),  # peer
+            st.sampled_from([0, 100]),  # left
+            st.sampled_from([Event.NONE, Event.STARTED, Event.STOPPED]),
+            st.sampled_from(["10.0.0.1", "10.0.0.2", "2001:db8::1", "2001:db8::2"]),
+            st.integers(0, 15),  # numwant
+            st.booleans(),  # asking over IPv6
+        ),
+        max_size=60,
+    )
+)
+def test_packed_answers_are_the_compact_form_of_the_same_choice(
+    ops: list[tuple[int, int, Event, str, int, bool]],
+) -> None:
+    plain, packed = make(max_numwant=15), make(max_numwant=15)
+    for n, left, event, address, numwant, ipv6 in ops:
+        request = req(n, left=left, event=event, numwant=numwant, key=b"k")
+        try:
+            a = plain.announce(request, address, now=0)
+        except PeerConflictError:
+            with pytest.raises(PeerConflictError):
+                packed.announce_packed(request, address, now=0, ipv6=ipv6)
+            continue
+        b = packed.announce_packed(request, address, now=0, ipv6=ipv6)
+        size = 18 if ipv6 else 6
+        assert b.packed == b"".join(p[PACKED] for p in a.peers if len(p[PACKED]) == size)
+        assert (a.complete, a.incomplete, a.unlisted) == (b.complete, b.incomplete, b.unlisted)
+        assert b.peers == []
+
+
 def test_seeds_get_only_leechers_and_leechers_get_both() -> None:
     swarm = make()
     for n in range(5):

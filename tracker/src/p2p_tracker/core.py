@@ -1,7 +1,10 @@
 """The tracker's request handling, pure: (method, path, raw query, client address, now) -> reply.
 
 The HTTP shell (:mod:`p2p_tracker.service`) only moves bytes between hypercorn and
-:meth:`Tracker.handle`; everything a test wants to check about answers lives here.
+:meth:`Tracker.handle`, and its UDP shell between a datagram socket and
+:meth:`Tracker.datagram` (BEP 15); everything a test wants to check about answers lives
+here. Both protocols share one swarm table, one set of caps and one set of metrics (with a
+``protocol`` label).
 """
 
 from __future__ import annotations
@@ -9,13 +12,16 @@ from __future__ import annotations
 import ipaddress
 import logging
 import random
+import secrets
 from dataclasses import dataclass
 
 from prometheus_client import Counter, Gauge
 
+from p2p_common import udp_tracker_proto as udp
 from p2p_common.logs import event
 from p2p_common.metrics import render, service_registry
 from p2p_common.tracker_proto import (
+    AnnounceRequest,
     AnnounceResponse,
     Event,
     Peer,
@@ -35,6 +41,7 @@ from p2p_tracker.swarm import (
     PACKED,
     PEER_ID,
     PORT,
+    AnnounceOutcome,
     PeerConflictError,
     Swarm,
     SwarmFullError,
@@ -75,10 +82,36 @@ _READY = Reply(200, b"ready\n")
 _NOT_READY = Reply(503, b"not ready\n")
 
 
-class Tracker:
-    """The swarm registry behind the HTTP endpoints, with its metrics."""
+PROTOCOLS = ("http", "udp")
+"""Values of the ``protocol`` label of the request metrics."""
 
-    def __init__(self, settings: TrackerSettings, *, rng: random.Random | None = None) -> None:
+_STATUS = {"bad_request": 400, "conflict": 403, "not_found": 404, "tracker_full": 503}
+"""The HTTP status of each failure reason."""
+
+
+class _RefusedError(Exception):
+    """An announce the tracker answers with a failure (reason: metric label)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+class Tracker:
+    """The swarm registry behind the HTTP and UDP endpoints, with its metrics.
+
+    ``secret`` keys the stateless BEP 15 connection ids (random per process by default:
+    a restarted tracker refuses the old ids and clients connect again).
+    """
+
+    def __init__(
+        self,
+        settings: TrackerSettings,
+        *,
+        rng: random.Random | None = None,
+        secret: bytes | None = None,
+    ) -> None:
         self.settings = settings
         self.swarm = Swarm(
             peer_expiry=settings.peer_expiry,
@@ -97,40 +130,70 @@ class Tracker:
         self._interval = settings.announce_interval
         self._min_interval = min(settings.min_announce_interval, settings.announce_interval)
         self._trust_ip = settings.trust_ip_param
+        self._ids = udp.ConnectionIds(secret if secret is not None else secrets.token_bytes(32))
 
         self.registry = service_registry("tracker", __version__)
         announces = Counter(
             "p2p_tracker_announces",
-            "Announces answered, by event",
-            ["event"],
+            "Announces answered, by event and protocol",
+            ["event", "protocol"],
             registry=self.registry,
         )
-        self._announces = {e: announces.labels(e.name.lower()) for e in Event}
+        self._announces = {
+            proto: {e: announces.labels(e.name.lower(), proto) for e in Event}
+            for proto in PROTOCOLS
+        }
         failures = Counter(
             "p2p_tracker_failures",
-            "Requests answered with a failure reason, by reason",
-            ["reason"],
+            "Requests answered with a failure reason (HTTP) or an error (UDP), by reason",
+            ["reason", "protocol"],
             registry=self.registry,
         )
+        reasons = {
+            "http": ("bad_request", "tracker_full", "conflict", "not_found"),
+            "udp": ("bad_request", "tracker_full", "conflict", "bad_connection_id"),
+        }
         self._failures = {
-            reason: failures.labels(reason)
-            for reason in ("bad_request", "tracker_full", "conflict", "not_found")
+            proto: {reason: failures.labels(reason, proto) for reason in reasons[proto]}
+            for proto in PROTOCOLS
         }
         unlisted = Counter(
             "p2p_tracker_unlisted",
             "Announces answered with peers but not remembered, by the cap that stopped them",
-            ["reason"],
+            ["reason", "protocol"],
             registry=self.registry,
         )
-        self._unlisted = {reason: unlisted.labels(reason.value) for reason in Unlisted}
+        self._unlisted = {
+            proto: {reason: unlisted.labels(reason.value, proto) for reason in Unlisted}
+            for proto in PROTOCOLS
+        }
         self._evicted = Counter(
             "p2p_tracker_evicted_torrents",
             "Single-address torrents forgotten to make room for new ones",
             registry=self.registry,
         )
-        self._scrapes = Counter(
-            "p2p_tracker_scrapes", "Scrape requests answered", registry=self.registry
+        scrapes = Counter(
+            "p2p_tracker_scrapes",
+            "Scrape requests answered, by protocol",
+            ["protocol"],
+            registry=self.registry,
         )
+        self._scrapes = {proto: scrapes.labels(proto) for proto in PROTOCOLS}
+        self._connects = Counter(
+            "p2p_tracker_udp_connects",
+            "BEP 15 connect requests answered (each hands out a connection id)",
+            registry=self.registry,
+        )
+        self._udp_dropped = Counter(
+            "p2p_tracker_udp_dropped",
+            "Datagrams dropped without an answer: shorter than a BEP 15 header, a connect "
+            "without the protocol id, or an answer the socket could not send",
+            ["reason"],
+            registry=self.registry,
+        )
+        self._dropped_malformed = self._udp_dropped.labels("malformed")
+        self.udp_send_failed = self._udp_dropped.labels("send_failed")
+        """Counted by the UDP shell when the kernel refuses an answer (full buffer)."""
         self._expired = Counter(
             "p2p_tracker_expired_peers",
             "Peers forgotten because they stopped announcing",
@@ -186,42 +249,70 @@ class Tracker:
         if path == "/metrics":
             body, content_type = render(self.registry, accept)
             return Reply(200, body, content_type.encode())
-        self._failures["not_found"].inc()
+        self._failures["http"]["not_found"].inc()
         return _NOT_FOUND
 
-    def _fail(self, status: int, reason: str, message: str) -> Reply:
-        self._failures[reason].inc()
-        event(log, "tracker.refused", logging.DEBUG, reason=reason, message=message)
-        return Reply(status, encode_failure(message))
+    def _refused(self, protocol: str, reason: str, message: str) -> None:
+        self._failures[protocol][reason].inc()
+        event(
+            log, "tracker.refused", logging.DEBUG, reason=reason, message=message, protocol=protocol
+        )
 
-    # --- endpoints ---------------------------------------------------------------------------
+    def _fail(self, reason: str, message: str) -> Reply:
+        self._refused("http", reason, message)
+        return Reply(_STATUS[reason], encode_failure(message))
+
+    # --- both protocols ----------------------------------------------------------------------
+
+    def _register(
+        self,
+        request: AnnounceRequest,
+        client: str | None,
+        now: float,
+        protocol: str,
+        *,
+        packed: int = 0,
+    ) -> AnnounceOutcome:
+        """Record an announce in the swarm table and count it; raise :class:`_RefusedError`.
+
+        ``packed`` 6 or 18: the peers in compact form, of that size only
+        (:meth:`Swarm.announce_packed`).
+        """
+        ip = client
+        if self._trust_ip and request.ip is not None and _is_ip(request.ip):
+            ip = request.ip
+        if ip is None:
+            raise _RefusedError("bad_request", "cannot tell the peer's address")
+        try:
+            if packed:
+                outcome = self.swarm.announce_packed(request, ip, now, ipv6=packed == 18)
+            else:
+                outcome = self.swarm.announce(request, ip, now)
+        except SwarmFullError as exc:
+            raise _RefusedError("tracker_full", str(exc)) from None
+        except PeerConflictError as exc:
+            raise _RefusedError("conflict", str(exc)) from None
+        except ValueError:
+            raise _RefusedError("bad_request", "the peer's address is not an IP address") from None
+        self._announces[protocol][request.event].inc()
+        if outcome.evicted:
+            self._evicted.inc(outcome.evicted)
+        if outcome.unlisted is not None:
+            self._unlisted[protocol][outcome.unlisted].inc()
+        return outcome
+
+    # --- HTTP endpoints ----------------------------------------------------------------------
 
     def announce(self, query: bytes, client: str | None, now: float) -> Reply:
         """``GET /announce``: register the peer, answer with other peers."""
         try:
             request = parse_announce_query(query)
+            outcome = self._register(request, client, now, "http")
         except TrackerProtocolError as exc:
-            return self._fail(400, "bad_request", str(exc))
-        ip = client
-        if self._trust_ip and request.ip is not None and _is_ip(request.ip):
-            ip = request.ip
-        if ip is None:
-            return self._fail(400, "bad_request", "cannot tell the peer's address")
-        try:
-            outcome = self.swarm.announce(request, ip, now)
-        except SwarmFullError as exc:
-            return self._fail(503, "tracker_full", str(exc))
-        except PeerConflictError as exc:
-            return self._fail(403, "conflict", str(exc))
-        except ValueError:
-            return self._fail(400, "bad_request", "the peer's address is not an IP address")
-        self._announces[request.event].inc()
-        if outcome.evicted:
-            self._evicted.inc(outcome.evicted)
-        warning = None
-        if outcome.unlisted is not None:
-            self._unlisted[outcome.unlisted].inc()
-            warning = _WARNINGS[outcome.unlisted]
+            return self._fail("bad_request", str(exc))
+        except _RefusedError as refused:
+            return self._fail(refused.reason, refused.message)
+        warning = None if outcome.unlisted is None else _WARNINGS[outcome.unlisted]
         peers = outcome.peers
         if request.compact:
             peers4 = b"".join([p[PACKED] for p in peers if len(p[PACKED]) == 6])
@@ -255,10 +346,75 @@ class Tracker:
         try:
             hashes = parse_scrape_query(query)
         except TrackerProtocolError as exc:
-            return self._fail(400, "bad_request", str(exc))
-        self._scrapes.inc()
+            return self._fail("bad_request", str(exc))
+        self._scrapes["http"].inc()
         files: dict[bytes, ScrapeStats] = {h: self.swarm.scrape(h) for h in hashes}
         return Reply(200, encode_scrape_response(files))
+
+    # --- UDP (BEP 15) ------------------------------------------------------------------------
+
+    def datagram(self, data: bytes, client: str, now: float) -> bytes | None:
+        """Answer one BEP 15 datagram from IP address ``client``: the answer, or None.
+
+        At most one answer per datagram. Before the client has proved its address with a
+        valid connection id, an answer is never larger than the datagram it answers (a
+        connect answer is 16 bytes for 16): a forged source address gains an attacker no
+        amplification. Datagrams shorter than a header and connects without the protocol id
+        get no answer at all. An announce answer holds peers of the client's own address
+        family only (an IPv4-mapped IPv6 client counts as IPv4), at most ``maxNumwant``.
+        """
+        if client.startswith("::ffff:") and "." in client:
+            client = client[7:]  # a dual-stack socket's IPv4 client
+        try:
+            cid, action, tid = udp.parse_header(data)
+        except udp.UdpTrackerProtocolError:
+            self._dropped_malformed.inc()
+            return None
+        if action == udp.Action.CONNECT:
+            if cid != udp.PROTOCOL_ID:
+                self._dropped_malformed.inc()
+                return None
+            self._connects.inc()
+            return udp.encode_connect_response(tid, self._ids.issue(client, now))
+        if action not in (udp.Action.ANNOUNCE, udp.Action.SCRAPE):
+            return self._udp_error("bad_request", tid, "unknown action", len(data))
+        if not self._ids.valid(client, cid, now):
+            return self._udp_error("bad_connection_id", tid, "bad connection id", len(data))
+        try:
+            if action == udp.Action.ANNOUNCE:
+                return self._udp_announce(data, client, now)
+            return self._udp_scrape(data)
+        except udp.UdpTrackerProtocolError as exc:
+            return self._udp_error("bad_request", tid, str(exc), None)
+        except _RefusedError as refused:
+            return self._udp_error(refused.reason, tid, refused.message, None)
+
+    def _udp_error(self, reason: str, tid: int, message: str, limit: int | None) -> bytes:
+        self._refused("udp", reason, message)
+        return udp.encode_error(tid, message, max_size=limit)
+
+    def _udp_announce(self, data: bytes, client: str, now: float) -> bytes:
+        parsed = udp.parse_announce_request(data)
+        outcome = self._register(
+            parsed.request, client, now, "udp", packed=18 if ":" in client else 6
+        )
+        return udp.encode_announce_response(
+            parsed.transaction_id,
+            interval=self._interval,
+            leechers=outcome.incomplete,
+            seeders=outcome.complete,
+            peers=outcome.packed,
+        )
+
+    def _udp_scrape(self, data: bytes) -> bytes:
+        parsed = udp.parse_scrape_request(data)
+        self._scrapes["udp"].inc()
+        scrape = self.swarm.scrape
+        return udp.encode_scrape_response(
+            parsed.transaction_id, [scrape(h) for h in parsed.info_hashes]
+        )
+
+    # --- housekeeping ------------------------------------------------------------------------
 
     def expire(self, now: float, *, limit: int | None = None) -> int:
         """Forget silent peers, at most ``limit`` (the shell calls this periodically)."""

@@ -1,13 +1,19 @@
-"""The p2p-tracker shell: hypercorn (trio worker) around :class:`~p2p_tracker.core.Tracker`.
+"""The p2p-tracker shell: hypercorn (trio worker) and a UDP socket around
+:class:`~p2p_tracker.core.Tracker`.
 
 Thin on purpose: the ASGI callable passes method, path, raw query bytes, the TCP source
-address and the monotonic time to :meth:`Tracker.handle` and sends back what it returns.
-A second task sweeps expired peers periodically.
+address and the monotonic time to :meth:`Tracker.handle` and sends back what it returns;
+the UDP task (``udpListen``, BEP 15) passes each datagram, its source address and the time
+to :meth:`Tracker.datagram` and sends back its answer, if any. A third task sweeps expired
+peers periodically.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import socket
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, cast
 
@@ -15,13 +21,14 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
+from p2p_common import udp_tracker_proto
 from p2p_common.asgi import lifespan, use_closing_tcp_server
 from p2p_common.logs import event
 from p2p_common.settings import split_host_port
 from p2p_tracker.core import Tracker
 from p2p_tracker.settings import TrackerSettings
 
-__all__ = ["TrackerApp", "hypercorn_config", "serve", "sweep_interval"]
+__all__ = ["TrackerApp", "hypercorn_config", "serve", "serve_udp", "sweep_interval"]
 
 log = logging.getLogger("p2p.tracker")
 
@@ -40,6 +47,12 @@ EXPIRE_BATCH = 5000
 """Most peers one expiry step removes before letting requests through (a few ms)."""
 GRACEFUL_TIMEOUT = 3.0
 """Seconds in-flight requests get to finish after a graceful stop begins."""
+UDP_BATCH = 64
+"""Most datagrams answered per wake-up of the UDP task before other tasks get a turn."""
+UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
+"""Socket receive buffer asked for (the kernel caps it at ``net.core.rmem_max``): room for
+a burst of announces while the event loop is busy elsewhere; beyond it the kernel drops
+datagrams and clients retransmit."""
 
 
 class TrackerApp:
@@ -98,6 +111,79 @@ def hypercorn_config(settings: TrackerSettings) -> Config:
     return config
 
 
+def udp_socket(family: int, sockaddr: Any) -> socket.socket:
+    """A bound, non-blocking UDP socket (an IPv6 one takes IPv4 clients too)."""
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        with contextlib.suppress(OSError):  # some sandboxes refuse it; the default works
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
+        sock.bind(sockaddr)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def serve_udp(
+    tracker: Tracker,
+    address: str,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Answer BEP 15 datagrams on ``address`` until cancelled; reports the bound port.
+
+    One datagram in, at most one answer out, straight from :meth:`Tracker.datagram`. The
+    task waits with trio until the socket is readable, then drains up to
+    :data:`UDP_BATCH` datagrams with plain non-blocking calls (a trio socket call per
+    datagram would cost two scheduler round trips each), so HTTP requests and the expiry
+    sweep still get their turns under a flood. An answer the kernel will not take at once
+    (full send buffer) is dropped and counted: a UDP client retransmits. A bug hit by one
+    datagram is logged and costs that datagram only (as a 500 does over HTTP).
+    """
+    host, port = split_host_port(address)
+    infos = await trio.socket.getaddrinfo(
+        host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE
+    )
+    family, _type, _proto, _name, sockaddr = infos[0]
+    try:
+        sock = udp_socket(family, sockaddr)
+    except OSError as exc:
+        raise OSError(exc.errno, f"udpListen {address}: {exc.strerror}") from None
+    with sock:
+        port = sock.getsockname()[1]
+        event(log, "tracker.listening_udp", address=host, port=port)
+        task_status.started(port)
+        recvfrom, sendto = sock.recvfrom, sock.sendto
+        datagram = tracker.datagram
+        send_failed = tracker.udp_send_failed
+        size = udp_tracker_proto.MAX_DATAGRAM
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            now = trio.current_time()
+            for _ in range(UDP_BATCH):
+                try:
+                    data, source = recvfrom(size)
+                except BlockingIOError:
+                    break
+                except OSError as exc:  # e.g. an ICMP error queued on the socket
+                    if exc.errno in (errno.EBADF, errno.ENOTSOCK):
+                        raise
+                    continue
+                try:
+                    answer = datagram(data, source[0], now)
+                except Exception:  # our bug: lose this datagram, not the tracker
+                    log.exception("tracker.udp_error")
+                    continue
+                if answer is not None:
+                    try:
+                        sendto(answer, source)
+                    except OSError:  # full buffer, unreachable: the client retransmits
+                        send_failed.inc()
+
+
 def sweep_interval(settings: TrackerSettings) -> float:
     """How often expired peers are swept: a quarter of ``peerExpiry``, between 1 and 30 s."""
     return float(max(1, min(30, settings.peer_expiry // 4)))
@@ -123,15 +209,19 @@ async def serve(
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
+    udp_port: Callable[[int], object] | None = None,
 ) -> None:
     """Run the tracker until cancelled or until ``shutdown_trigger`` returns.
 
-    Reports the bound TCP port through ``task_status`` (so ``listen`` may use port 0).
-    When ``shutdown_trigger`` returns, ``/readyz`` turns 503, the listener closes and
-    in-flight requests get :data:`GRACEFUL_TIMEOUT` seconds; then :func:`serve` returns.
-    Cancellation stops at once (a tracker holds no work worth waiting for).
+    Reports the bound TCP port through ``task_status`` (so ``listen`` may use port 0), and
+    the bound UDP port (``udpListen``, when set) to ``udp_port`` before that. When
+    ``shutdown_trigger`` returns, ``/readyz`` turns 503, the listeners close (the UDP socket
+    at once) and in-flight HTTP requests get :data:`GRACEFUL_TIMEOUT` seconds; then
+    :func:`serve` returns. Cancellation stops at once (a tracker holds no work worth
+    waiting for).
     """
     tracker = Tracker(settings)
+    udp_scope = trio.CancelScope()
     app = TrackerApp(tracker)
     config = hypercorn_config(settings)
     use_closing_tcp_server()  # a connection its client closed while idle is closed at once
@@ -142,10 +232,19 @@ async def serve(
         else:
             await shutdown_trigger()
         tracker.ready = False
+        udp_scope.cancel()
         event(log, "tracker.stopping")
+
+    async def run_udp(task_status: trio.TaskStatus[int]) -> None:
+        with udp_scope:
+            await serve_udp(tracker, settings.udp_listen, task_status=task_status)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_sweep, tracker, sweep_interval(settings))
+        if settings.udp_listen:
+            bound = await nursery.start(run_udp)
+            if udp_port is not None:
+                udp_port(bound)
         async with trio.open_nursery() as server:
             binds: list[str] = await server.start(
                 lambda task_status: hypercorn_serve(
