@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from p2p_common import rendezvous
 from p2p_common import udp_tracker_proto as udp
@@ -286,6 +288,34 @@ def test_the_udp_core_answers_from_the_pure_tracker() -> None:
     mapped = core.datagram(announce, "::ffff:10.0.0.1", now=1001.0)  # a dual-stack socket
     assert mapped is not None
     assert udp.parse_announce_response(mapped, 2).interval == 300
+
+
+CORE = Tracker(TrackerSettings.load(None, environ={}, maxNumwant=200), secret=b"f" * 32)
+VALID = udp.parse_connect_response(
+    CORE.datagram(udp.encode_connect_request(1), "10.0.0.1", 5000.0) or b"", 1
+)
+
+
+@settings(max_examples=1000)
+@given(
+    st.one_of(
+        st.binary(max_size=2048),
+        # a valid connection id and a known action, then anything
+        st.tuples(st.integers(0, 4), st.binary(max_size=200)).map(
+            lambda t: struct.pack(">QII", VALID, t[0], 9) + t[1]
+        ),
+    ),
+    st.sampled_from(["10.0.0.1", "10.0.0.2", "::ffff:10.0.0.1", "2001:db8::1"]),
+)
+def test_any_datagram_gets_at_most_one_bounded_answer(data: bytes, client: str) -> None:
+    """The tracker's UDP core never raises, and answers a client that has not proved its
+    address with no more bytes than it sent."""
+    answer = CORE.datagram(data, client, 5001.0)
+    proven = client in ("10.0.0.1", "::ffff:10.0.0.1") and data[:8] == VALID.to_bytes(8, "big")
+    if answer is not None and not proven:
+        assert len(answer) <= len(data)
+    if answer is not None:
+        assert len(answer) <= 20 + 18 * 200
 
 
 async def test_graceful_stop_closes_the_udp_socket() -> None:
