@@ -1,0 +1,166 @@
+"""The swarm simulator end to end: small rollouts in virtual time on the real cores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.sim.__main__ import main
+from tests.sim.peers import FakeBlock
+from tests.sim.scenario import Scenario, simulate
+
+MB = 10**6
+
+
+def run(**options: Any) -> dict[str, Any]:
+    return simulate(Scenario(**options))
+
+
+def downloaded(results: dict[str, Any]) -> int:
+    return sum(results["download_bytes_by_source"].values())
+
+
+def test_a_fake_block_has_the_length_of_the_piece_and_no_bytes() -> None:
+    block = FakeBlock(256 * 1024)
+    assert len(block) == 256 * 1024
+    assert bytes(block) == b""
+
+
+@pytest.mark.parametrize(("rate", "proxy_rate"), [(100.0, 100.0), (100.0, 40.0), (40.0, 100.0)])
+def test_one_node_from_a_warm_proxy_takes_size_over_the_slower_link(
+    rate: float, proxy_rate: float
+) -> None:
+    results = run(
+        nodes=1, size_mb=10, layers=1, rate=rate, proxy_rate=proxy_rate, origin_rate=0, goodput=1.0
+    )
+    ideal = 10 * MB * 8 / (min(rate, proxy_rate) * 1e6)
+    (completion,) = results["completion_s"]
+    # Overhead: manifest, config and metainfo requests, connection set-up, the first
+    # requests' round trip: a few milliseconds here.
+    assert ideal < completion < ideal + 0.05
+    assert results["origin_bytes"] == 0
+    assert results["download_bytes_by_source"]["proxy"] == 10 * MB
+    assert results["proxy_upload_copies"] == pytest.approx(1.0)
+
+
+def test_goodput_stretches_every_transfer() -> None:
+    (full,) = run(nodes=1, size_mb=10, layers=1, rate=100, origin_rate=0, goodput=1.0)[
+        "completion_s"
+    ]
+    (less,) = run(nodes=1, size_mb=10, layers=1, rate=100, origin_rate=0, goodput=0.8)[
+        "completion_s"
+    ]
+    assert less == pytest.approx(full / 0.8, rel=0.02)
+
+
+def test_one_node_from_a_cold_proxy_trails_the_origin_by_about_a_chunk() -> None:
+    """The proxy publishes 4 MiB chunks as they arrive from the origin, so the agent's last
+    bytes come one chunk after the origin's last byte (both links at R)."""
+    results = run(nodes=1, size_mb=20, layers=1, rate=100, goodput=1.0)
+    (completion,) = results["completion_s"]
+    fetch = 20 * MB * 8 / 100e6
+    chunk = 4 * 1024 * 1024 * 8 / 100e6
+    assert fetch < completion < fetch + chunk + 0.1
+    assert results["origin_bytes"] == 20 * MB
+
+
+def test_a_cold_rollout_completes_everywhere_with_the_image_leaving_the_origin_once() -> None:
+    nodes = 8
+    results = run(nodes=nodes, size_mb=24, layers=2, rate=100)
+    image = results["image_bytes"]
+    assert image == 24 * MB
+    assert results["unfinished"] == 0
+    assert all(t is not None and t > 0 for t in results["completion_s"])
+    assert results["origin_bytes"] == image
+    # Conservation: every node got the whole image exactly once (duplicates are not counted
+    # as downloaded), and what was uploaded covers it.
+    assert downloaded(results) == nodes * image
+    assert results["uploaded_bytes"] >= downloaded(results)
+    assert (
+        results["download_bytes_by_source"]["agent"] > results["download_bytes_by_source"]["proxy"]
+    )
+    assert results["fallbacks"] == 0
+    for node in results["nodes"]:
+        assert sum(node["downloaded"].values()) == image
+        assert node["first_byte_s"] < node["completion_s"]
+    assert results["max_s"] == max(results["completion_s"])
+    assert results["max_ratio"] >= 1.0
+
+
+def test_a_warm_rollout_needs_no_origin_and_the_super_seed_sends_about_one_copy() -> None:
+    results = run(nodes=8, size_mb=20, layers=1, rate=50, origin_rate=0)
+    assert results["unfinished"] == 0
+    assert results["origin_bytes"] == 0
+    assert downloaded(results) == 8 * results["image_bytes"]
+    assert 1.0 <= results["proxy_upload_copies"] < 1.3
+    assert results["max_ratio"] < 1.5
+
+
+def test_runs_are_deterministic_for_a_seed() -> None:
+    first = run(nodes=6, size_mb=12, layers=2, rate=100, seed=5)
+    again = run(nodes=6, size_mb=12, layers=2, rate=100, seed=5)
+    other = run(nodes=6, size_mb=12, layers=2, rate=100, seed=6)
+    assert first["completion_s"] == again["completion_s"]
+    assert first["nodes"] == again["nodes"]
+    assert first["completion_s"] != other["completion_s"]
+
+
+def test_blobs_are_spread_over_proxies_by_rendezvous_and_fetched_once() -> None:
+    results = run(nodes=6, size_mb=30, layers=6, rate=100, proxies=3)
+    assert results["unfinished"] == 0
+    assert results["origin_bytes"] == results["image_bytes"]
+    assert sum(1 for sent in results["proxy_upload_bytes"] if sent) >= 2
+
+
+def test_announces_go_to_the_tracker_ranked_first_for_each_swarm() -> None:
+    results = run(nodes=4, size_mb=16, layers=4, rate=100, trackers=3)
+    tracker = results["tracker"]
+    assert sum(tracker["per_tracker"].values()) == tracker["announces"]
+    # Every agent announces every blob (started, completed) and so does the proxy.
+    assert tracker["announces"] >= 4 * 4 * 2
+    assert len(tracker["per_tracker"]) >= 2
+
+
+def test_nodes_arriving_in_waves_are_timed_from_the_common_start() -> None:
+    results = run(nodes=6, size_mb=10, layers=1, rate=100, wave_size=2, wave_gap=3.0)
+    starts = [node["start_s"] for node in results["nodes"]]
+    assert starts == [0.0, 0.0, 3.0, 3.0, 6.0, 6.0]
+    for node in results["nodes"]:
+        assert node["completion_s"] > node["start_s"]
+    assert results["completion_s"][-1] > 6.0
+
+
+def test_an_unfinished_run_says_so() -> None:
+    results = run(nodes=2, size_mb=50, layers=1, rate=10, max_time=5.0)
+    assert results["unfinished"] == 2
+    assert results["completion_s"] == [None, None]
+    assert results["max_s"] is None
+
+
+def test_bad_scenarios_are_refused() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        Scenario(nodes=0)
+    with pytest.raises(ValueError, match="goodput"):
+        Scenario(goodput=1.5)
+
+
+def test_the_command_line_writes_the_promised_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "sim.json"
+    status = main(
+        [
+            "--nodes", "3", "--size-mb", "6", "--layers", "1", "--rate", "100",
+            "--proxy-rate", "100", "--origin-rate", "0", "--proxies", "1", "--json", str(out),
+        ]
+    )  # fmt: skip
+    assert status == 0
+    doc = json.loads(out.read_text())
+    assert len(doc["completion_s"]) == 3
+    assert all(isinstance(t, float) for t in doc["completion_s"])
+    assert doc["image_bytes"] == 6 * MB
+    assert doc["origin_bytes"] == 0
+    assert "p50" in capsys.readouterr().out
