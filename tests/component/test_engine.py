@@ -372,3 +372,25 @@ async def test_a_peer_that_goes_silent_is_worked_around(
     assert bytes(store.data) == content
     assert received_requests > 0
     assert torrent.downloaded_by_role == {"proxy": len(content)}
+
+
+async def test_a_running_connection_is_not_also_counted_as_a_dial() -> None:
+    """``max_peers`` counts each peer once: with two connections running, a third peer learnt
+    later is still dialled under a limit of three (the simulator found that an agent dialled
+    only half its limit: a running outgoing connection counted as a dial as well)."""
+    content = make_content(4 * MiB)
+    meta = metainfo_for(content)
+    async with (
+        running_engines(3, role="proxy", upload_rate=64 * 1024) as seeds,
+        running_engines(1, max_peers_per_torrent=3) as (leech,),
+    ):
+        for seed in seeds:
+            await seed.add_torrent(meta, MemoryPieceStore(meta, content))
+        first, second, third = (("127.0.0.1", seed.port) for seed in seeds)
+        torrent = await leech.add_torrent(meta, MemoryPieceStore(meta), peers=[first, second])
+        with trio.fail_after(30):
+            await wait_until(lambda: len(torrent.connections) == 2)
+        torrent.add_peers([third])
+        with trio.fail_after(30):
+            await wait_until(lambda: len(torrent.connections) == 3)
+        assert not torrent.core.complete  # all three while the download still runs

@@ -430,6 +430,9 @@ class Torrent:
                     if handshake.info_hash != self.info_hash:
                         raise wire.WireError("peer answered for another torrent")
                     connected = True
+                    # A connection now, counted in self.connections: no longer a dial in
+                    # progress (counted in both, an agent dialled half its max_peers).
+                    self._connecting.discard(address)
                     await self.run_connection(
                         transport,
                         protocol,
