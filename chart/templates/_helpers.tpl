@@ -156,7 +156,7 @@ component's `config` values add further settings (the schema refuses the compute
   "peerPort" (int $p.ports.peer)
   "dataDir" $p.dataDir
   "registry" (include "p2p.registries" . | fromJsonArray)
-  "trackers" (list (printf "http://%s:%d/announce" (include "p2p.trackerHeadlessHost" .) (int .Values.tracker.ports.http)))
+  "trackers" (include "p2p.trackerURLs" . | fromJsonArray)
   "cacheSize" $p.cacheSize
   "uploadRate" $p.uploadRate
   "logLevel" .Values.logLevel
@@ -169,6 +169,17 @@ component's `config` values add further settings (the schema refuses the compute
 {{- toYaml (merge $config (deepCopy $p.config)) -}}
 {{- end -}}
 
+{{/* The trackers written into every metainfo: udp:// first when tracker.udp, then http://. */}}
+{{- define "p2p.trackerURLs" -}}
+{{- $host := include "p2p.trackerHeadlessHost" . -}}
+{{- $port := int .Values.tracker.ports.http -}}
+{{- $urls := list (printf "http://%s:%d/announce" $host $port) -}}
+{{- if .Values.tracker.udp -}}
+{{- $urls = prepend $urls (printf "udp://%s:%d" $host $port) -}}
+{{- end -}}
+{{- toJson $urls -}}
+{{- end -}}
+
 {{- define "p2p.trackerConfig" -}}
 {{- $t := .Values.tracker -}}
 {{- $config := dict
@@ -176,6 +187,9 @@ component's `config` values add further settings (the schema refuses the compute
   "logLevel" .Values.logLevel
   "logFormat" .Values.logFormat
 -}}
+{{- if $t.udp -}}
+{{- $_ := set $config "udpListen" (printf "0.0.0.0:%d" (int $t.ports.http)) -}}
+{{- end -}}
 {{- toYaml (merge $config (deepCopy $t.config)) -}}
 {{- end -}}
 

@@ -133,6 +133,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "tracker": {
             "replicas": 2,
             "ports": {"http": 16969},
+            "udp": True,
             "image": {"tag": "1.2.3", "digest": "sha256:" + "cd" * 32},  # the digest wins
             # Both default labels dropped, the Linux one included.
             "nodeSelector": {"role": "p2p-tracker", "tracker": None, "kubernetes.io/os": None},

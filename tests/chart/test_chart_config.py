@@ -72,9 +72,9 @@ def test_proxy_config_carries_the_values(render: Render, value_set: tuple, tmp_p
     settings = load(render(values), "proxy", tmp_path)
 
     assert settings.registry == [normalise_registry(r) for r in registries(values)]
-    assert settings.trackers == [
-        f"http://p2p-tracker-headless.{namespace}.svc.{domain}:{tracker_port}/announce"
-    ]
+    host = f"p2p-tracker-headless.{namespace}.svc.{domain}:{tracker_port}"
+    udp = [f"udp://{host}"] if values.get("tracker", {}).get("udp") else []
+    assert settings.trackers == [*udp, f"http://{host}/announce"]
     assert settings.listen == f"0.0.0.0:{ports['http']}"
     assert settings.peer_port == ports["peer"]
     assert str(settings.data_dir) == proxy.get("dataDir", "/p2p_proxy_data")

@@ -268,7 +268,7 @@ def test_ports_are_configurable(render: Render) -> None:
     tracker = container(rendered.pod_spec("Deployment", "p2p-tracker"), "tracker")
     assert sorted(p["hostPort"] for p in agent["ports"]) == [15004, 15014, 16881]
     assert sorted(p["hostPort"] for p in proxy["ports"]) == [15005, 16882]
-    assert [p["containerPort"] for p in tracker["ports"]] == [16969]
+    assert [p["containerPort"] for p in tracker["ports"]] == [16969, 16969]  # TCP and UDP
     assert rendered.get("Service", "p2p-tracker")["spec"]["ports"][0]["port"] == 16969
 
 
