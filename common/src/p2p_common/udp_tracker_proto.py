@@ -193,10 +193,11 @@ def connection_id_valid(
     secret: bytes, ip: str, cid: int, now: float, *, lifetime: float = CONNECTION_ID_LIFETIME
 ) -> bool:
     """Whether ``cid`` was issued to ``ip`` under ``secret`` at most ``lifetime`` seconds
-    before ``now`` (and not after it)."""
+    before ``now`` (and not after it). Ids carry whole seconds, so an id stays valid for at
+    least ``lifetime`` and less than ``lifetime + 1`` seconds."""
     current = math.floor(now)
     age = (current - (cid >> 48)) % _STAMP_MOD
-    if age > lifetime:
+    if age > lifetime + 1:
         return False
     return (cid & _MAC_MASK) == _mac(secret, ip, current - age)
 
@@ -220,10 +221,11 @@ class ConnectionIds:
         return ((issued % _STAMP_MOD) << 48) | self._mac(ip, issued)
 
     def valid(self, ip: str, cid: int, now: float) -> bool:
-        """Whether ``cid`` was issued to ``ip`` at most ``lifetime`` seconds before ``now``."""
+        """Whether ``cid`` was issued to ``ip`` at most ``lifetime`` seconds before ``now``
+        (whole seconds: at least ``lifetime``, less than ``lifetime + 1``)."""
         current = math.floor(now)
         age = (current - (cid >> 48)) % _STAMP_MOD
-        return age <= self.lifetime and (cid & _MAC_MASK) == self._mac(ip, current - age)
+        return age <= self.lifetime + 1 and (cid & _MAC_MASK) == self._mac(ip, current - age)
 
 
 # --- both sides: headers -------------------------------------------------------------------------
