@@ -20,7 +20,7 @@ from p2p_agent import __version__
 from p2p_common.asgi import Message, Send
 from p2p_common.blobcache import BlobCache
 from p2p_common.engine import Engine
-from p2p_common.metrics import render, service_registry
+from p2p_common.metrics import filesystem_gauges, render, service_registry
 
 __all__ = ["PEER_ROLES", "AgentMetrics", "Live", "engine_reader"]
 
@@ -74,24 +74,7 @@ class _LiveCollector(Collector):
             "The cache's size quota (cacheSize); 0 means no quota.",
             value=live.cache_quota,
         )
-        size = free = 0
-        if live.data_dir is not None:
-            try:
-                disk = os.statvfs(live.data_dir)
-            except OSError:
-                pass
-            else:
-                size, free = disk.f_blocks * disk.f_frsize, disk.f_bavail * disk.f_frsize
-        yield GaugeMetricFamily(
-            "p2p_agent_cache_filesystem_size_bytes",
-            "Size of the filesystem that holds dataDir (0 if it cannot be read).",
-            value=size,
-        )
-        yield GaugeMetricFamily(
-            "p2p_agent_cache_filesystem_free_bytes",
-            "Bytes of the filesystem that holds dataDir that the agent may still use.",
-            value=free,
-        )
+        yield from filesystem_gauges("agent", live.data_dir)
 
 
 class AgentMetrics:

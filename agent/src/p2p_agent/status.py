@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+from p2p_common.metrics import filesystem_usage
+
 __all__ = ["PullLog", "PullRecord", "Rates", "StatusView", "page"]
 
 RECENT = 50
@@ -192,12 +194,8 @@ class StatusView:
         return found
 
     def _cache(self) -> dict[str, Any]:
-        try:
-            disk = os.statvfs(self.data_dir)
-            free: int | None = disk.f_bavail * disk.f_frsize
-            total: int | None = disk.f_blocks * disk.f_frsize
-        except OSError:
-            free = total = None
+        usage = filesystem_usage(self.data_dir)
+        total, free = usage if usage is not None else (None, None)
         seeded = len(getattr(self.downloads, "info_hashes", {}))
         return {
             "used_bytes": self.cache.used,

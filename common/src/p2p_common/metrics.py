@@ -12,7 +12,9 @@ what the services expose.
 
 from __future__ import annotations
 
+import os
 import platform
+from collections.abc import Iterator
 
 from prometheus_client import (
     CollectorRegistry,
@@ -23,8 +25,9 @@ from prometheus_client import (
     disable_created_metrics,
 )
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import GaugeMetricFamily
 
-__all__ = ["render", "service_registry"]
+__all__ = ["filesystem_gauges", "filesystem_usage", "render", "service_registry"]
 
 disable_created_metrics()  # type: ignore[no-untyped-call]  # (untyped in prometheus_client)
 
@@ -51,3 +54,32 @@ def render(registry: CollectorRegistry, accept: str | None) -> tuple[bytes, str]
     Prometheus text format 0.0.4."""
     encoder, content_type = choose_encoder(accept or "")
     return encoder(registry), content_type
+
+
+def filesystem_usage(path: os.PathLike[str] | str) -> tuple[int, int] | None:
+    """(size, bytes this process may still use) of the filesystem holding ``path``; None when
+    it cannot be read."""
+    try:
+        disk = os.statvfs(path)
+    except OSError:
+        return None
+    return disk.f_blocks * disk.f_frsize, disk.f_bavail * disk.f_frsize
+
+
+def filesystem_gauges(
+    service: str, data_dir: os.PathLike[str] | str | None
+) -> Iterator[GaugeMetricFamily]:
+    """``p2p_<service>_cache_filesystem_{size,free}_bytes`` of the filesystem holding
+    ``data_dir`` (0 when it cannot be read)."""
+    usage = None if data_dir is None else filesystem_usage(data_dir)
+    size, free = usage or (0, 0)
+    yield GaugeMetricFamily(
+        f"p2p_{service}_cache_filesystem_size_bytes",
+        "Size of the filesystem that holds dataDir (0 if it cannot be read).",
+        value=size,
+    )
+    yield GaugeMetricFamily(
+        f"p2p_{service}_cache_filesystem_free_bytes",
+        f"Bytes of the filesystem that holds dataDir that the {service} may still use.",
+        value=free,
+    )

@@ -10,7 +10,7 @@ from prometheus_client import Counter, Gauge
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from p2p_common.metrics import render, service_registry
+from p2p_common.metrics import filesystem_gauges, render, service_registry
 from p2p_proxy import __version__
 
 __all__ = ["ProxyMetrics"]
@@ -59,24 +59,7 @@ class _Live(Collector):
             "The cache's size quota (cacheSize); 0 means no quota.",
             value=values.get("cache_quota", 0.0),
         )
-        size = free = 0
-        if data_dir is not None:
-            try:
-                disk = os.statvfs(data_dir)
-            except OSError:
-                pass
-            else:
-                size, free = disk.f_blocks * disk.f_frsize, disk.f_bavail * disk.f_frsize
-        yield GaugeMetricFamily(
-            "p2p_proxy_cache_filesystem_size_bytes",
-            "Size of the filesystem that holds dataDir (0 if it cannot be read).",
-            value=size,
-        )
-        yield GaugeMetricFamily(
-            "p2p_proxy_cache_filesystem_free_bytes",
-            "Bytes of the filesystem that holds dataDir that the proxy may still use.",
-            value=free,
-        )
+        yield from filesystem_gauges("proxy", data_dir)
 
 
 class ProxyMetrics:
