@@ -8,11 +8,13 @@ import json
 from pathlib import Path
 
 import pytest
+import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
 from p2p_common.errors import P2PError
-from p2p_proxy.preheat import image_blobs, manifest_children, parse_request
+from p2p_common.oci import ErrorCode, OCIError
+from p2p_proxy.preheat import MAX_JOBS, Preheater, image_blobs, manifest_children, parse_request
 from p2p_proxy.preheat_cli import UsageError, credentials, split_image
 
 D1, D2, D3 = ("sha256:" + c * 64 for c in "abc")
@@ -123,3 +125,41 @@ def test_credentials_come_from_the_environment_or_the_docker_config(
     config.write_text("{not json")
     with pytest.raises(UsageError, match=r"config\.json"):
         credentials("r.example", config)
+
+
+async def test_unfinished_jobs_are_bounded_and_finished_ones_make_room() -> None:
+    release = trio.Event()
+
+    async def get_manifest(repo: str, ref: str, credentials: object) -> tuple[str, bytes]:
+        await release.wait()
+        raise OCIError(ErrorCode.MANIFEST_UNKNOWN, "gone", status=404)
+
+    async def ensure_blob(repo: str, digest: str, size: int, credentials: object) -> bool:
+        raise AssertionError("no blob is reached")
+
+    def start(preheater: Preheater) -> object:
+        return preheater.start(
+            registry="r",
+            repository="team/app",
+            reference="1",
+            platforms=[],
+            credentials=None,
+            get_manifest=get_manifest,  # type: ignore[arg-type]
+            ensure_blob=ensure_blob,
+        )
+
+    async with trio.open_nursery() as nursery:
+        preheater = Preheater(nursery)
+        for _ in range(MAX_JOBS):
+            start(preheater)
+        with pytest.raises(OCIError) as refused:
+            start(preheater)
+        assert refused.value.status == 429
+        assert len(preheater.jobs) == MAX_JOBS
+        release.set()
+        with trio.fail_after(10):
+            for job in list(preheater.jobs.values()):
+                await job.done_event.wait()
+        start(preheater)  # a finished job made room
+        assert len(preheater.jobs) == MAX_JOBS
+        nursery.cancel_scope.cancel()

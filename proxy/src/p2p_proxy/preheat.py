@@ -43,7 +43,8 @@ __all__ = ["Job", "Preheater", "image_blobs", "manifest_children", "parse_reques
 log = logging.getLogger("p2p.proxy")
 
 MAX_JOBS = 100
-"""Jobs remembered (finished ones are dropped first)."""
+"""Jobs remembered, finished ones dropped first; with this many unfinished, a new one is
+refused (429) rather than queued without bound."""
 MAX_RUNNING = 4
 """Jobs running at once; more wait their turn."""
 BLOBS_AT_ONCE = 3
@@ -205,13 +206,18 @@ class Preheater:
         get_manifest: GetManifest,
         ensure_blob: EnsureBlob,
     ) -> Job:
-        job = Job(next(self._ids), registry, repository, reference, platforms)
-        self.jobs[job.id] = job
-        while len(self.jobs) > MAX_JOBS:
+        while len(self.jobs) >= MAX_JOBS:
             finished = next((j for j in self.jobs.values() if j.done_event.is_set()), None)
             if finished is None:
-                break
+                raise OCIError(
+                    ErrorCode.TOOMANYREQUESTS,
+                    f"{MAX_JOBS} preheat jobs are queued or running; ask again later",
+                    status=429,
+                    headers={"Retry-After": "30"},
+                )
             del self.jobs[finished.id]
+        job = Job(next(self._ids), registry, repository, reference, platforms)
+        self.jobs[job.id] = job
         self._nursery.start_soon(self._run, job, credentials, get_manifest, ensure_blob)
         return job
 
