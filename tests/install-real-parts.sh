@@ -3,7 +3,8 @@
 # the CNCF distribution registry, skopeo, containerd, aria2, opentracker, iproute2, curl, and
 # wrk (the load generator of tests/bench/bench_tracker.py), chromium and chromium-driver (the
 # agent's status page in a real browser), and promtool (Debian's prometheus package: the chart's
-# alert rules are checked and unit-tested with it).
+# alert rules are checked and unit-tested with it), and mkfs.ext4 and losetup (a throttled loop
+# device is the slow disk of the adaptive download limit's tests, tests/realparts/slowdisk.py).
 # Does nothing when they are all present. Needs root (or passwordless sudo) to install.
 # With --demo, a missing package that cannot be installed is not fatal: the demo falls
 # back to its built-in origin.
@@ -32,6 +33,8 @@ else
   check chromium chromium
   check chromedriver chromium-driver
   check promtool prometheus
+  check mkfs.ext4 e2fsprogs
+  check losetup mount
 fi
 [ "${#need_pkgs[@]}" -eq 0 ] && exit 0
 

@@ -135,6 +135,8 @@ component's `config` values add further settings (the schema refuses the compute
   "downloadRate" .Values.downloadRate
   "uploadRate" .Values.uploadRate
   "cacheSize" $a.cacheSize
+  "diskWriteLatencyLimit" $a.diskWriteLatencyLimit
+  "diskMinDownloadRate" $a.diskMinDownloadRate
   "logLevel" .Values.logLevel
   "logFormat" .Values.logFormat
 -}}

@@ -15,6 +15,8 @@ rollout  8 emulated nodes (network namespaces, 100 Mbit/s links) pull one image 
          the origin and through their agents (bench_rollout; needs root)
 idle     the CPU an agent spends seeding 5,000 cached blobs while nobody pulls (bench_idle)
 hostile  what request, bitfield and HAVE floods and silent sockets cost a seed (bench_hostile)
+disk     a pull onto a throttled disk with the adaptive download limit off and on, and what a
+         neighbouring writer waits meanwhile (bench_disk; needs root)
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ BENCHMARKS = {
     "rollout": "tests.bench.bench_rollout",
     "idle": "tests.bench.bench_idle",
     "hostile": "tests.bench.bench_hostile",
+    "disk": "tests.bench.bench_disk",
 }
 
 

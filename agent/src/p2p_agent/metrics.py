@@ -29,6 +29,7 @@ PEER_ROLES = ("agent", "proxy", "foreign")
 
 PULL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 FIRST_BYTE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+FLUSH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 @dataclass
@@ -151,7 +152,18 @@ class AgentMetrics:
         )
         self.download_rate = Gauge(
             "p2p_agent_download_rate_limit_bytes_per_second",
-            "downloadRate in force (0 = unlimited)",
+            "Download rate in force: downloadRate, or the adaptive limit below it (0 = unlimited)",
+            registry=r,
+        )
+        self.download_rate_adaptive = Gauge(
+            "p2p_agent_download_rate_adaptive",
+            "1 while the adaptive limit (diskWriteLatencyLimit) holds the download rate down",
+            registry=r,
+        )
+        self.disk_flush_seconds = Histogram(
+            "p2p_agent_disk_flush_seconds",
+            "Time the agent's writes of one second took to reach the disk (adaptive limit on)",
+            buckets=FLUSH_BUCKETS,
             registry=r,
         )
         self.upload_rate = Gauge(

@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import trio
@@ -25,11 +26,13 @@ from p2p_agent import __version__
 from p2p_agent.api import RegistryApp
 from p2p_agent.downloads import Downloads
 from p2p_agent.metrics import AgentMetrics, engine_reader
+from p2p_agent.pacing import Pacer
 from p2p_agent.proxies import ProxyClient
 from p2p_agent.settings import AgentSettings
 from p2p_agent.status import Rates, StatusView, page
 from p2p_common.asgi import Receive, Request, Scope, Send, lifespan, send_bytes, serve_app
 from p2p_common.blobcache import BlobCache
+from p2p_common.diskpace import Pace
 from p2p_common.engine import Engine
 from p2p_common.httpclient import tune_reads
 from p2p_common.logs import event
@@ -40,7 +43,7 @@ log = logging.getLogger("p2p.agent")
 CONFIG_POLL_SECONDS = 2.0
 GRACEFUL_SECONDS = 60.0
 """In-flight pulls get this long to finish after SIGTERM (the chart allows 120 s)."""
-LIVE_KEYS = ("downloadRate", "uploadRate")
+LIVE_KEYS = ("downloadRate", "uploadRate", "diskWriteLatencyLimit", "diskMinDownloadRate")
 
 
 @dataclass
@@ -138,20 +141,60 @@ async def serve(
     )
     metrics.watch(engine_reader(engine, cache, settings.data_dir))
 
-    rates = Rates(
-        settings.download_rate,
-        settings.upload_rate,
-        "config file" if config_file is not None else "settings",
+    origin = "config file" if config_file is not None else "settings"
+    rates = Rates(settings.download_rate, settings.upload_rate, origin)
+
+    def paced(pace: Pace) -> None:
+        """The adaptive limit changed the download rate in force."""
+        rates.download, rates.changed_at = round(pace.rate), time.time()
+        rates.source = "adaptive (disk writes too slow)" if pace.adaptive else origin
+        metrics.download_rate.set(pace.rate)
+        metrics.download_rate_adaptive.set(1 if pace.adaptive else 0)
+
+    pacer = Pacer(
+        engine,
+        limit=settings.disk_write_latency_limit,
+        floor=settings.disk_min_download_rate,
+        configured=settings.download_rate,
+        on_change=paced,
+        observe=metrics.disk_flush_seconds.observe,
     )
 
-    def apply(fresh: AgentSettings) -> None:
-        rates.download, rates.upload = fresh.download_rate, fresh.upload_rate
-        rates.source, rates.changed_at = "config file (reloaded)", time.time()
-        engine.set_rates(fresh.download_rate, fresh.upload_rate)
-        metrics.download_rate.set(fresh.download_rate)
-        metrics.upload_rate.set(fresh.upload_rate)
-        event(log, "rates.applied", downloadRate=fresh.download_rate, uploadRate=fresh.upload_rate)
+    def adaptive_view() -> dict[str, Any] | None:
+        core = pacer.core
+        if not core.limit:
+            return None
+        return {
+            "limit_seconds": core.limit,
+            "min_bytes_per_second": round(core.floor),
+            "active": core.adaptive is not None,
+            "last_flush_seconds": round(core.last_latency, 3),
+            "cuts": core.cuts,
+        }
 
+    def apply(fresh: AgentSettings) -> None:
+        nonlocal origin
+        origin = "config file (reloaded)"
+        pacer.reconfigure(
+            limit=fresh.disk_write_latency_limit,
+            floor=fresh.disk_min_download_rate,
+            configured=fresh.download_rate,
+        )
+        rates.download, rates.upload = round(pacer.rate), fresh.upload_rate
+        rates.source = "adaptive (disk writes too slow)" if pacer.core.adaptive else origin
+        rates.changed_at = time.time()
+        engine.set_rates(pacer.rate, fresh.upload_rate)
+        metrics.download_rate.set(pacer.rate)
+        metrics.upload_rate.set(fresh.upload_rate)
+        event(
+            log,
+            "rates.applied",
+            downloadRate=fresh.download_rate,
+            uploadRate=fresh.upload_rate,
+            diskWriteLatencyLimit=fresh.disk_write_latency_limit,
+        )
+
+    rates.adaptive = adaptive_view
     metrics.download_rate.set(settings.download_rate)
     metrics.upload_rate.set(settings.upload_rate)
     status = StatusApp(metrics)
@@ -213,6 +256,7 @@ async def serve(
             await nursery.start(engine.serve)
             await nursery.start(downloads.run)
             nursery.start_soon(gauges)
+            nursery.start_soon(pacer.run)
             if config_file is not None:
                 nursery.start_soon(watch_config, config_file, settings, apply)
             status_port = await nursery.start(serve_app, status, settings.metrics_listen)

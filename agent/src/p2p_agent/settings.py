@@ -63,6 +63,15 @@ class AgentSettings(ServiceSettings):
     """Process-wide download limit in bytes per second (0 = unlimited); ``100MB`` style units."""
     upload_rate: ByteSize = 0
     """Process-wide upload limit in bytes per second (0 = unlimited)."""
+    disk_write_latency_limit: float = Field(0.0, ge=0, le=60)
+    """Adaptive download limit (0 = off): each second the agent flushes what it wrote
+    (``fdatasync``) and times it; when that, or any write, takes longer than this many seconds,
+    the download rate drops (to 0.7 times what was downloaded), and it grows again (by a quarter
+    a second, up to ``downloadRate``) while flushes take at most half of it. Flushing every
+    second bounds the writes in flight to about a second of downloading, so 0.5 keeps the
+    agent to about half of what the disk can write. Live."""
+    disk_min_download_rate: ByteSize = Field(10**6, ge=1)
+    """The lowest download rate the adaptive limit sets (bytes per second)."""
     cache_size: ByteSize = 20 * 10**9
     """Disk quota for cached blobs, least recently used evicted beyond it (0 = no quota)."""
     swarm_min_size: ByteSize = 10**6

@@ -117,6 +117,8 @@ class Rates:
     upload: int
     source: str
     changed_at: float = field(default_factory=time.time)
+    adaptive: Callable[[], dict[str, Any] | None] | None = None
+    """The state of the adaptive download limit (``diskWriteLatencyLimit``), None when off."""
 
 
 class StatusView:
@@ -160,6 +162,7 @@ class StatusView:
                 "upload_bytes_per_second": self.rates.upload,
                 "source": self.rates.source,
                 "changed_at": round(self.rates.changed_at, 3),
+                "adaptive": None if self.rates.adaptive is None else self.rates.adaptive(),
             },
             "proxies": self._proxies(),
         }

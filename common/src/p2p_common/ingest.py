@@ -132,7 +132,9 @@ class Ingest:
 
     async def _flush(self, batch: list[bytes]) -> None:
         pieces = await self.disk.run(self._write, batch, self.written)
-        self.written += sum(len(chunk) for chunk in batch)
+        size = sum(len(chunk) for chunk in batch)
+        self.written += size
+        self.disk.wrote(self.fd, size)
         self._report(pieces)
         self._wake()
 

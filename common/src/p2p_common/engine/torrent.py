@@ -499,6 +499,11 @@ class Torrent:
     def _stored(self, index: int, data: bytes | bytearray | None) -> None:
         """``data``: the verified piece (None when it arrived in the store another way)."""
         now = trio.current_time()
+        disk = self.engine.disk
+        if disk.tracking and data is not None:
+            fd = self.store.fileno()
+            if fd is not None:
+                disk.wrote(fd, len(data))
         self._ban(self.core.piece_stored(index, now, data), None)
         if self.on_stored is not None and data is not None:
             self.on_stored(index, data)
