@@ -229,11 +229,29 @@ def test_a_peer_that_never_reads_breaks_its_session_not_the_swarm() -> None:
 
 def test_idle_peers_are_closed_by_the_tick() -> None:
     seed, leech, _ = seed_and_leech()
-    pair = Pair(seed, leech)
-    pair.pump()
+    pair = Pair(seed, leech)  # and nothing ever arrives on it
     closing = pair.tick(200.0)
     assert {session.peer_id for session, _ in closing} == {leech.peer_id, seed.peer_id}
     assert all(reason == "idle" for _, reason in closing)
+
+
+def test_two_seeds_close_their_connection_at_the_next_round() -> None:
+    seed, leech, _ = seed_and_leech()
+    pair = Pair(seed, leech)
+    pair.pump()
+    assert leech.core.complete
+    closing = pair.tick(1.0)
+    assert {session.peer_id for session, _ in closing} == {leech.peer_id, seed.peer_id}
+    assert all(reason == "both seeds" for _, reason in closing)
+
+
+def test_a_seed_keeps_a_leech_that_still_downloads() -> None:
+    seed, leech, _ = seed_and_leech()
+    pair = Pair(seed, leech)
+    for _ in range(4):
+        pair.step()
+    assert not leech.core.complete
+    assert pair.tick(1.0) == []
 
 
 def test_a_late_bitfield_replaces_what_was_known() -> None:

@@ -27,7 +27,7 @@ log = logging.getLogger("p2p.agent.pacing")
 
 TICK = 1.0
 """Most seconds between flushes."""
-OVERDUE_CHECK = 0.25
+OVERDUE_CHECK = 0.1
 """Seconds between looks at a flush that has not finished."""
 
 

@@ -374,8 +374,15 @@ class SwarmCore:
         closing: list[tuple[PeerSession, str]] = []
         stats = []
         super_seeding = self.super_seeding
+        complete = self.picker.have.complete
         for session in list(self.sessions.values()):
             reason = session.tick(now, interval)
+            if reason is None and complete and session.peer_bits.complete:
+                # Two seeds have nothing to trade, ever: the connection would only hold a
+                # slot of each (of the process's maxConnections) that a swarm still
+                # downloading needs (docs/scale.md, finding 1). Neither side redials: a
+                # complete torrent dials nobody.
+                reason = "both seeds"
             if super_seeding and not session.offers and not session.peer_bits.complete:
                 # Nothing revealed (nothing was free to reveal then): try again. Interest is
                 # no condition: a peer shown nothing it lacks has no reason to be interested.
