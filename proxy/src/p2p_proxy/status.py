@@ -27,7 +27,7 @@ from p2p_common.metrics import filesystem_usage
 if TYPE_CHECKING:
     from p2p_common.blobcache import BlobCache
     from p2p_common.engine import Engine
-    from p2p_common.engine.torrent import Torrent
+    from p2p_common.engine.torrent import Torrent, TorrentStatistics
     from p2p_proxy.limits import OriginLimits
     from p2p_proxy.preheat import Job
 
@@ -179,7 +179,11 @@ class StatusView:
 
     def snapshot(self) -> dict[str, Any]:
         now = self.fetches.clock()
-        seeds = self._seeds()
+        # One pass over the swarms: a proxy may seed thousands of blobs.
+        stats = {
+            info_hash: torrent.statistics()
+            for info_hash, torrent in list(self.engine.torrents.items())
+        }
         return {
             "version": self.version,
             "started_at": round(self.started_at, 3),
@@ -195,8 +199,8 @@ class StatusView:
                 "last_fetch_done_at": _round(self.fetches.last_done_at),
             },
             "cache": self._cache(),
-            "seeding": seeds,
-            "peers": self._peers(),
+            "seeding": self._seeds(stats),
+            "peers": self._peers(stats),
             "preheat": self._preheat(),
             "limits": self._limits(),
             "trackers": self.engine.shared.announcer.log.snapshot(self.trackers),
@@ -215,11 +219,11 @@ class StatusView:
             "disk_total_bytes": total,
         }
 
-    def _seeds(self) -> dict[str, Any]:
+    def _seeds(self, stats: Mapping[bytes, TorrentStatistics]) -> dict[str, Any]:
         entries = []
         for digest, torrent in self.seeds().items():
-            stats = torrent.statistics()
-            entries.append((stats.uploaded, digest, torrent.info.length, stats.peers))
+            found = stats.get(torrent.info_hash) or torrent.statistics()
+            entries.append((found.uploaded, digest, torrent.info.length, found.peers))
         entries.sort(reverse=True)
         return {
             "blobs": len(entries),
@@ -231,10 +235,10 @@ class StatusView:
             ],
         }
 
-    def _peers(self) -> dict[str, Any]:
+    def _peers(self, stats: Mapping[bytes, TorrentStatistics]) -> dict[str, Any]:
         roles: collections.Counter[str] = collections.Counter()
-        for torrent in list(self.engine.torrents.values()):
-            roles.update(torrent.statistics().peers_by_role)
+        for found in stats.values():
+            roles.update(found.peers_by_role)
         return {
             "connections": self.engine.connection_count,
             "by_role": dict(sorted(roles.items())),
