@@ -143,6 +143,10 @@ component's `config` values add further settings (the schema refuses the compute
 {{- if .Values.proxy.tls.secretName -}}
 {{- $_ := set $config "proxyCaFile" "/etc/p2p/proxy-ca/ca.crt" -}}
 {{- end -}}
+{{- if .Values.mirror.enabled -}}
+{{- /* Copies of containerd's hosts.toml files, kept by the mirror-config container. */ -}}
+{{- $_ := set $config "mirrorConfigPath" "/run/p2p/mirror-state" -}}
+{{- end -}}
 {{- toYaml (merge $config (deepCopy $a.config)) -}}
 {{- end -}}
 
@@ -294,6 +298,8 @@ prometheus.io/scheme: {{ . }}
   value: /host/containerd-certs.d
 - name: P2P_MIRROR_INTERVAL
   value: {{ int .Values.mirror.resyncSeconds | quote }}
+- name: P2P_MIRROR_STATE
+  value: /run/p2p/mirror-state
 {{- end -}}
 
 {{- define "p2p.mirrorMounts" -}}
@@ -302,6 +308,8 @@ prometheus.io/scheme: {{ . }}
   readOnly: true
 - name: containerd-certs
   mountPath: /host/containerd-certs.d
+- name: mirror-state
+  mountPath: /run/p2p/mirror-state
 {{- end -}}
 
 {{/*
@@ -339,6 +347,10 @@ mirror.sh: installs and removes this release's hosts.toml files under containerd
   watch   sync now and every $P2P_MIRROR_INTERVAL seconds; on SIGTERM or SIGINT remove and exit 0
 Only files whose first line is this release's marker are replaced or removed: a hosts.toml that
 someone else wrote is left alone (with a warning), and that registry is then not mirrored there.
+With $P2P_MIRROR_STATE set, every sync also copies the hosts.toml containerd will read for each
+configured registry (ours, someone else's, or none) into $P2P_MIRROR_STATE/<registry>/hosts.toml
+(at most 64 KiB each): the agent shows those copies in its status (mirrorConfigPath) without
+seeing containerd's directory, where registry client keys may live.
 */}}
 {{- define "p2p.mirrorScript" -}}
 #!/bin/sh
@@ -346,6 +358,7 @@ someone else wrote is left alone (with a warning), and that registry is then not
 set -eu
 src=${P2P_MIRROR_SOURCE:-/etc/p2p/mirror}
 dst=${P2P_MIRROR_TARGET:-/host/containerd-certs.d}
+state=${P2P_MIRROR_STATE:-}
 interval=${P2P_MIRROR_INTERVAL:-60}
 marker='{{ include "p2p.mirrorMarker" . }}'
 
@@ -364,29 +377,59 @@ remove_one() {
   say "removed $1"
 }
 
+sync_one() {
+  file=$1
+  name=$2
+  target="$dst/$name/hosts.toml"
+  if [ -e "$target" ] && ! ours "$target"; then
+    say "warning: $target was not written by p2p; leaving it, $name is not mirrored on this node"
+    return 0
+  fi
+  if [ -f "$target" ] && [ "$(cat "$file")" = "$(cat "$target")" ]; then
+    return 0
+  fi
+  mkdir -p "$dst/$name"
+  cp "$file" "$target.p2p-new"
+  mv -f "$target.p2p-new" "$target"
+  say "wrote $target"
+}
+
+report() {
+  [ -n "$state" ] || return 0
+  target="$dst/$1/hosts.toml"
+  copy="$state/$1/hosts.toml"
+  if [ ! -f "$target" ]; then
+    rm -f "$copy"
+    return 0
+  fi
+  if [ -f "$copy" ] && [ "$(head -c 65537 "$target")" = "$(cat "$copy")" ]; then
+    return 0
+  fi
+  mkdir -p "$state/$1"
+  head -c 65537 "$target" > "$copy.p2p-new"
+  mv -f "$copy.p2p-new" "$copy"
+}
+
 sync_all() {
   for file in "$src"/*/hosts.toml; do
     [ -f "$file" ] || continue
     name=${file%/hosts.toml}
     name=${name##*/}
-    target="$dst/$name/hosts.toml"
-    if [ -e "$target" ] && ! ours "$target"; then
-      say "warning: $target was not written by p2p; leaving it, $name is not mirrored on this node"
-      continue
-    fi
-    if [ -f "$target" ] && [ "$(cat "$file")" = "$(cat "$target")" ]; then
-      continue
-    fi
-    mkdir -p "$dst/$name"
-    cp "$file" "$target.p2p-new"
-    mv -f "$target.p2p-new" "$target"
-    say "wrote $target"
+    sync_one "$file" "$name"
+    report "$name" || say "warning: cannot copy $name/hosts.toml to $state"
   done
   for target in "$dst"/*/hosts.toml; do
     ours "$target" || continue
     name=${target%/hosts.toml}
     name=${name##*/}
     [ -f "$src/$name/hosts.toml" ] || remove_one "$target"
+  done
+  [ -n "$state" ] || return 0
+  for copy in "$state"/*/hosts.toml; do
+    [ -f "$copy" ] || continue
+    name=${copy%/hosts.toml}
+    name=${name##*/}
+    [ -f "$src/$name/hosts.toml" ] || rm -f "$copy"
   done
 }
 

@@ -16,6 +16,9 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from p2p_agent.mirror import read_hosts_toml
 from tests.chart.conftest import REQUIRED, VALUE_SETS, Render, Rendered, merged
 
 MIRROR = {
@@ -43,22 +46,29 @@ def materialise(rendered: Rendered, source: Path) -> None:
 
 
 class Node:
-    """One node's view: the mounted ConfigMap and containerd's config_path."""
+    """One node's view: the mounted ConfigMap and containerd's config_path (and, with
+    ``state``, the directory the agent sees copies of the hosts.toml files in)."""
 
-    def __init__(self, root: Path, rendered: Rendered) -> None:
+    def __init__(self, root: Path, rendered: Rendered, *, state: bool = False) -> None:
         self.source = root / "etc-p2p-mirror"
         self.certs = root / "certs.d"
         self.certs.mkdir()
+        self.state = root / "mirror-state" if state else None
+        if self.state is not None:
+            self.state.mkdir()
         self.rendered = rendered
         materialise(rendered, self.source)
 
     def env(self, interval: str = "60") -> dict[str, str]:
-        return {
+        env = {
             "PATH": os.environ["PATH"],
             "P2P_MIRROR_SOURCE": str(self.source),
             "P2P_MIRROR_TARGET": str(self.certs),
             "P2P_MIRROR_INTERVAL": interval,
         }
+        if self.state is not None:
+            env["P2P_MIRROR_STATE"] = str(self.state)
+        return env
 
     def run(self, mode: str) -> str:
         done = subprocess.run(
@@ -107,9 +117,17 @@ def test_mirror_on_adds_the_init_container_the_keeper_and_the_host_path(render: 
         env = {e["name"]: e["value"] for e in c["env"]}
         assert env["P2P_MIRROR_TARGET"] == mounts["containerd-certs"]
         assert env["P2P_MIRROR_SOURCE"] == mounts["mirror"]
-    # Only the mirror containers see containerd's configuration.
-    agent_mounts = {m["name"] for m in by_name(spec["containers"])["agent"]["volumeMounts"]}
+    # Only the mirror containers see containerd's configuration; the agent sees their copies of
+    # the hosts.toml files (read only), for its status.
+    agent_mounts = by_name(by_name(spec["containers"])["agent"]["volumeMounts"])
     assert "containerd-certs" not in agent_mounts
+    assert agent_mounts["mirror-state"]["readOnly"] is True
+    assert volumes["mirror-state"]["emptyDir"] == {"sizeLimit": "4Mi"}
+    for c in (init, keeper):
+        mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+        env = {e["name"]: e["value"] for e in c["env"]}
+        assert env["P2P_MIRROR_STATE"] == mounts["mirror-state"]
+        assert mounts["mirror-state"] == agent_mounts["mirror-state"]["mountPath"]
 
 
 def test_mirror_config_path_is_configurable(render: Render) -> None:
@@ -189,6 +207,49 @@ def test_sync_removes_registries_no_longer_configured(render: Render, tmp_path: 
     assert output.count("removed") == 2
     assert set(node.files()) == {"ghcr.example.org/hosts.toml"}
     assert sorted(p.name for p in node.certs.iterdir()) == ["ghcr.example.org"]
+
+
+def test_sync_copies_what_containerd_reads_for_the_agents_status(
+    render: Render, tmp_path: Path
+) -> None:
+    rendered = render(MIRROR)
+    node = Node(tmp_path, rendered, state=True)
+    assert node.state is not None
+    foreign = node.certs / "registry.example.com" / "hosts.toml"
+    foreign.parent.mkdir()
+    foreign.write_text('server = "https://registry.example.com"\n')
+    node.run("sync")
+    config = yaml.safe_load(rendered.get("ConfigMap", "agent")["data"]["agent.yaml"])
+    agent_mounts = by_name(
+        by_name(rendered.pod_spec("DaemonSet", "p2p-agent")["containers"])["agent"]["volumeMounts"]
+    )
+    assert config["mirrorConfigPath"] == agent_mounts["mirror-state"]["mountPath"]
+    # What the agent makes of the copies (p2p_agent.mirror, as its status shows them).
+    port = int(config["listen"].rpartition(":")[2])
+    states = {
+        name: read_hosts_toml(node.state, name, port)
+        for name in ("registry.example.com", "registry.internal:5000", "ghcr.example.org")
+    }
+    assert states["registry.example.com"]["state"] == "other"  # someone else's file
+    for name in ("registry.internal:5000", "ghcr.example.org"):
+        assert states[name]["state"] == "mirrored"
+        assert states[name]["managed_by"] == MARKER.removeprefix("# managed-by:").strip()
+    for name in states:
+        copy = node.state / name / "hosts.toml"
+        assert copy.read_text() == (node.certs / name / "hosts.toml").read_text()
+    # The foreign file goes: p2p writes its own, and the copy follows.
+    foreign.unlink()
+    node.run("sync")
+    assert read_hosts_toml(node.state, "registry.example.com", port)["state"] == "mirrored"
+    # A registry no longer configured: its copy goes with its file.
+    materialise(render(merged(MIRROR, {"registry": ["ghcr.example.org"]})), node.source)
+    node.run("sync")
+    assert sorted(p.parent.name for p in node.state.glob("*/hosts.toml")) == ["ghcr.example.org"]
+    # Nothing at the target (removed by hand): no copy, the agent says missing until resync.
+    (node.certs / "ghcr.example.org" / "hosts.toml").unlink()
+    (node.source / "ghcr.example.org" / "hosts.toml").unlink()
+    node.run("sync")
+    assert read_hosts_toml(node.state, "ghcr.example.org", port)["state"] == "missing"
 
 
 def test_remove_deletes_only_this_releases_files(render: Render, tmp_path: Path) -> None:

@@ -294,3 +294,9 @@ def test_the_values_examples_in_the_install_guide_install(render: Render) -> Non
         rendered = render(merged(REQUIRED, example))
         for obj in rendered.objects:
             kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+
+
+def test_notes_say_how_to_see_what_agents_and_proxies_do(render: Render) -> None:
+    notes = render(REQUIRED).notes
+    assert "kubectl -n kube-system exec POD -c agent -- p2p-agent status\n" in notes
+    assert "kubectl -n kube-system exec deploy/p2p-proxy -- p2p-proxy status\n" in notes

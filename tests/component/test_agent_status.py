@@ -104,13 +104,37 @@ async def test_status_shows_a_pull_while_it_runs_and_after(
             while (await agent.status.get("/status")).json()["cache"]["blobs"] < 1:  # noqa: ASYNC110
                 await trio.sleep(0.05)
 
-        # A cache hit is a pull too.
-        assert (await agent.http.get(path)).content == layer.data
+        # The tracker the proxy wrote into the metainfo, as the agent saw it answer.
+        with trio.fail_after(30):
+            while True:
+                doc = (await agent.status.get("/status")).json()
+                if any(t["ok"] for t in doc["trackers"]["instances"]):
+                    break
+                await trio.sleep(0.05)
+        assert doc["trackers"]["listed"] == [announce]
+        (tracker,) = doc["trackers"]["instances"]
+        assert (tracker["url"], tracker["listed"], tracker["failures"]) == (announce, announce, 0)
+        assert tracker["answers"] >= 1
+        assert tracker["last_answer_at"] is not None
+        # Rewrite mode so far; no mirrorConfigPath, so hosts.toml is unknown.
+        (entry,) = doc["mirror"]["registries"]
+        assert (entry["registry"], entry["state"]) == (registry.host, "unknown")
+        assert entry["rewrite_requests"] >= 1
+        assert entry["mirror_requests"] == 0
+        meta = await proxy.http.get(
+            "/p2p/v1/metainfo", params={"name": "team/app", "digest": layer.digest}
+        )
+        assert meta.headers["x-p2p-info-hash"] not in json.dumps(doc)
+
+        # A cache hit is a pull too (here in mirror mode, as containerd asks with hosts.toml).
+        assert (await agent.http.get(path, params={"ns": registry.host})).content == layer.data
         with trio.fail_after(30):
             while (doc := (await agent.status.get("/status")).json())["pulls"]:  # noqa: ASYNC110
                 await trio.sleep(0.05)
         assert doc["recent"][0]["source"] == "cache"
         assert doc["recent"][0]["bytes"] == layer.size
+        assert doc["mirror"]["registries"][0]["mirror_requests"] == 1
+        assert doc["mirror"]["registries"][0]["last_mirror_request_at"] is not None
 
         printed = await trio.to_thread.run_sync(lambda: status_cli(status_url, "--json"))
         assert printed.returncode == 0, printed.stderr

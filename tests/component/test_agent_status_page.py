@@ -56,7 +56,10 @@ def read_page(url: str, digest: str) -> dict[str, str]:
 
         def shown(_: object) -> bool:
             rows = driver.find_elements(By.CSS_SELECTOR, "#recent tbody tr")
-            return any(short in row.text and "done" in row.text for row in rows)
+            trackers = driver.find_element(By.CSS_SELECTOR, "#trackers tbody").text
+            return "answering" in trackers and any(
+                short in row.text and "done" in row.text for row in rows
+            )
 
         WebDriverWait(driver, 30, poll_frequency=0.2).until(shown)
         return {
@@ -64,6 +67,8 @@ def read_page(url: str, digest: str) -> dict[str, str]:
             "recent": driver.find_element(By.CSS_SELECTOR, "#recent tbody").text,
             "pulls": driver.find_element(By.CSS_SELECTOR, "#pulls tbody").text,
             "proxies": driver.find_element(By.CSS_SELECTOR, "#proxies tbody").text,
+            "trackers": driver.find_element(By.CSS_SELECTOR, "#trackers tbody").text,
+            "mirror": driver.find_element(By.CSS_SELECTOR, "#mirror tbody").text,
             "cache": driver.find_element(By.ID, "cache-detail").text,
             "rates": driver.find_element(By.ID, "rates").text,
             "last": driver.find_element(By.ID, "last-pull").text,
@@ -92,6 +97,9 @@ async def test_the_status_page_shows_a_finished_pull_in_a_browser(
     assert "download" in seen["recent"]
     assert seen["pulls"] == "no pull in flight"
     assert "answering" in seen["proxies"]
+    assert announce in seen["trackers"]  # the tracker the proxy put into the metainfo
+    assert registry.host in seen["mirror"]
+    assert "unknown" in seen["mirror"]  # no mirrorConfigPath here
     assert "blobs" in seen["cache"]
     assert seen["rates"] == "unlimited / unlimited"
     assert seen["last"].endswith("s ago")

@@ -1,4 +1,5 @@
-"""The agent's status document and its terminal rendering (p2p_agent.status, status_cli)."""
+"""The agent's status document and its terminal rendering (p2p_agent.status, status_cli,
+mirror)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ from typing import Any
 
 from rich.console import Console
 
+from p2p_agent.mirror import MirrorStatus, RegistryUse, read_hosts_toml
 from p2p_agent.status import PullLog, Rates, StatusView
 from p2p_agent.status_cli import render
+from p2p_common.engine.announce import TrackerLog
+from p2p_common.tracker_proto import AnnounceResponse, Peer
 
 DIGEST = "sha256:" + "ab" * 32
 
@@ -125,3 +129,173 @@ def test_the_terminal_view_shows_what_the_document_says(tmp_path: Path) -> None:
         "unlimited",
     ):
         assert expected in text, expected
+
+
+# --- trackers and mirror mode -------------------------------------------------------------------
+
+CHART_HOSTS_TOML = """# managed-by: p2p release kube-system/p2p
+# containerd asks the p2p agent on this node first for images of registry.example.com and falls back
+# to the registry itself when the agent does not answer.
+server = "https://registry.example.com"
+
+[host."http://127.0.0.1:5004"]
+  capabilities = ["pull", "resolve"]
+"""
+
+
+def hosts_file(root: Path, registry: str, text: str) -> Path:
+    path = root / registry / "hosts.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_hosts_toml_says_whether_containerd_pulls_through_the_agent(tmp_path: Path) -> None:
+    hosts_file(tmp_path, "registry.example.com", CHART_HOSTS_TOML)
+    found = read_hosts_toml(tmp_path, "registry.example.com", 5004)
+    assert found["state"] == "mirrored"
+    assert found["managed_by"] == "p2p release kube-system/p2p"
+    assert found["path"] == str(tmp_path / "registry.example.com" / "hosts.toml")
+    assert found["modified_at"] is not None
+    assert "127.0.0.1:5004" in found["detail"]
+    # The same file, but the agent listens elsewhere: containerd does not reach it.
+    assert read_hosts_toml(tmp_path, "registry.example.com", 5005)["state"] == "other"
+
+    assert read_hosts_toml(tmp_path, "ghcr.example.org", 5004)["state"] == "missing"
+
+    hosts_file(
+        tmp_path,
+        "foreign.example.com:5000",
+        'server = "https://foreign.example.com:5000"\n[host."https://mirror.corp"]\n',
+    )
+    foreign = read_hosts_toml(tmp_path, "foreign.example.com:5000", 5004)
+    assert (foreign["state"], foreign["managed_by"]) == ("other", None)
+    assert "does not name this agent" in foreign["detail"]
+
+    hosts_file(
+        tmp_path, "push.example.com", '[host."http://localhost:5004"]\ncapabilities = ["push"]\n'
+    )
+    assert (
+        "without the pull capability"
+        in read_hosts_toml(tmp_path, "push.example.com", 5004)["detail"]
+    )
+    hosts_file(tmp_path, "default.example.com", '[host."http://[::1]:5004"]\n')  # all capabilities
+    assert read_hosts_toml(tmp_path, "default.example.com", 5004)["state"] == "mirrored"
+    hosts_file(
+        tmp_path, "pull.example.com", '[host."http://127.0.0.1:5004"]\ncapabilities = ["pull"]\n'
+    )
+    pull_only = read_hosts_toml(tmp_path, "pull.example.com", 5004)
+    assert pull_only["state"] == "mirrored"
+    assert "no resolve capability" in pull_only["detail"]
+
+    hosts_file(tmp_path, "broken.example.com", "[host.\n")
+    assert read_hosts_toml(tmp_path, "broken.example.com", 5004)["state"] == "invalid"
+    (tmp_path / "dir.example.com" / "hosts.toml").mkdir(parents=True)
+    assert read_hosts_toml(tmp_path, "dir.example.com", 5004)["state"] == "unreadable"
+
+
+def test_the_mirror_view_rereads_hosts_toml_now_and_then_and_counts_requests(
+    tmp_path: Path,
+) -> None:
+    now = [0.0]
+    use = RegistryUse(wall=lambda: 1_800_000_000.0)
+    mirror = MirrorStatus(
+        ["registry.example.com"],
+        config_path=tmp_path,
+        port=lambda: 5004,
+        use=use,
+        clock=lambda: now[0],
+    )
+    (entry,) = mirror.snapshot()["registries"]
+    assert entry["state"] == "missing"
+    assert (entry["mirror_requests"], entry["rewrite_requests"]) == (0, 0)
+    hosts_file(tmp_path, "registry.example.com", CHART_HOSTS_TOML)
+    use.seen("registry.example.com", mirror=True)
+    use.seen("registry.example.com", mirror=True)
+    use.seen("registry.example.com", mirror=False)
+    now[0] = 1.0  # read a moment ago: not read again yet
+    (entry,) = mirror.snapshot()["registries"]
+    assert entry["state"] == "missing"
+    assert (entry["mirror_requests"], entry["rewrite_requests"]) == (2, 1)
+    assert entry["last_mirror_request_at"] == 1_800_000_000.0
+    now[0] = 10.0
+    assert mirror.snapshot()["registries"][0]["state"] == "mirrored"
+
+    blind = MirrorStatus(["registry.example.com"], config_path=None, port=lambda: 5004, use=use)
+    doc = blind.snapshot()
+    assert doc["config_path"] is None
+    assert doc["registries"][0]["state"] == "unknown"
+    assert "mirrorConfigPath" in doc["registries"][0]["detail"]
+
+
+def test_the_document_and_the_terminal_show_trackers_and_mirror_state(tmp_path: Path) -> None:
+    trackers = TrackerLog(wall=lambda: 1_800_000_000.0)
+    trackers.answered(
+        "http://10.0.0.9:6969/announce",
+        "http://p2p-tracker-headless:6969/announce",
+        AnnounceResponse(interval=30, peers=(Peer("10.0.0.1", 6881),)),
+    )
+    trackers.failed(
+        "http://10.0.0.8:6969/announce",
+        "http://p2p-tracker-headless:6969/announce",
+        OSError("no route to host"),
+    )
+    hosts_file(tmp_path / "certs.d", "registry.example.com", CHART_HOSTS_TOML)
+    use = RegistryUse()
+    use.seen("registry.example.com", mirror=True)
+    view = StatusView(
+        version="9.9",
+        pulls=PullLog(),
+        rates=Rates(0, 0, "settings"),
+        trackers=trackers,
+        tracker_urls=lambda: ["http://p2p-tracker-headless:6969/announce"],
+        mirror=MirrorStatus(
+            ["registry.example.com", "ghcr.example.org"],
+            config_path=tmp_path / "certs.d",
+            port=lambda: 5004,
+            use=use,
+        ),
+        **fake_parts(tmp_path),
+    )
+    doc = view.snapshot()
+    for key in ("pulls", "recent", "cache", "rates", "proxies", "last_successful_pull_at"):
+        assert key in doc  # the keys from before stay
+    assert doc["trackers"]["listed"] == ["http://p2p-tracker-headless:6969/announce"]
+    failing, answering = doc["trackers"]["instances"]
+    assert (failing["ok"], failing["last_error"]) == (False, "no route to host")
+    assert (answering["ok"], answering["last_peers"], answering["answers"]) == (True, 1, 1)
+    mirrored, missing = doc["mirror"]["registries"]
+    assert (mirrored["registry"], mirrored["state"], mirrored["mirror_requests"]) == (
+        "registry.example.com",
+        "mirrored",
+        1,
+    )
+    assert (missing["registry"], missing["state"]) == ("ghcr.example.org", "missing")
+    console = Console(record=True, width=220)
+    console.print(render(doc))
+    text = console.export_text()
+    for expected in (
+        "trackers",
+        "http://10.0.0.9:6969/announce (http://p2p-tracker-headless:6969/announce)",
+        "answering",
+        "1 peers",
+        "no route to host",
+        "registry.example.com",
+        "mirrored: containerd pulls through this agent",
+        "missing: no hosts.toml",
+        "1 mirror",
+    ):
+        assert expected in text, expected
+
+
+def test_the_terminal_view_reads_an_agent_without_trackers_or_mirror(tmp_path: Path) -> None:
+    view = StatusView(
+        version="9.9", pulls=PullLog(), rates=Rates(0, 0, "settings"), **fake_parts(tmp_path)
+    )
+    doc = view.snapshot()
+    assert doc["trackers"] == {"listed": [], "instances": []}
+    assert doc["mirror"] is None
+    del doc["trackers"], doc["mirror"]  # as an older agent answers
+    console = Console(record=True, width=160)
+    console.print(render(doc))
+    assert "p2p agent 9.9" in console.export_text()

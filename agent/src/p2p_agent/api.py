@@ -23,6 +23,7 @@ import trio
 
 from p2p_agent.downloads import BlobRequest, Downloads, open_cached
 from p2p_agent.metrics import AgentMetrics
+from p2p_agent.mirror import RegistryUse
 from p2p_agent.proxies import ProxyClient
 from p2p_agent.status import PullLog
 from p2p_common.asgi import (
@@ -126,6 +127,8 @@ class RegistryApp:
         self.auth = AuthCache(auth_ttl)
         self.pulls = pulls or PullLog()
         """Every blob response, for the status view."""
+        self.use = RegistryUse()
+        """Requests per registry, mirror mode or rewrite mode (for the status view)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -163,9 +166,11 @@ class RegistryApp:
     def _namespace(self, request: Request) -> str:
         ns = request.param("ns")
         if ns is None:
+            self.use.seen(self.namespaces[0], mirror=False)
             return self.namespaces[0]
         if ns.lower() not in self.namespaces:
             raise OCIError(ErrorCode.NAME_UNKNOWN, f"registry {ns!r} is not accelerated here")
+        self.use.seen(ns.lower(), mirror=True)
         return ns.lower()
 
     @staticmethod

@@ -26,6 +26,7 @@ from p2p_agent import __version__
 from p2p_agent.api import RegistryApp
 from p2p_agent.downloads import Downloads
 from p2p_agent.metrics import AgentMetrics, engine_reader
+from p2p_agent.mirror import MirrorStatus
 from p2p_agent.pacing import Pacer
 from p2p_agent.proxies import ProxyClient
 from p2p_agent.settings import AgentSettings
@@ -84,6 +85,11 @@ class StatusApp:
             await send_bytes(send, 200, page(), content_type="text/html; charset=utf-8", head=head)
         else:
             await send_bytes(send, 404, b"not found\n", content_type="text/plain", head=head)
+
+
+def _tracker_urls(engine: Engine) -> set[str]:
+    """The tracker URLs in the metainfo of the engine's torrents."""
+    return {url for torrent in list(engine.torrents.values()) for url in torrent.info.trackers}
 
 
 def _stat_key(path: Path) -> tuple[int, int, int] | None:
@@ -222,6 +228,7 @@ async def serve(
             metrics=metrics,
             auth_ttl=settings.auth_cache_ttl,
         )
+        api_port = 0  # bound below (``listen`` may ask for port 0)
         status.view = StatusView(
             version=__version__,
             pulls=app.pulls,
@@ -230,6 +237,14 @@ async def serve(
             proxies=proxies,
             rates=rates,
             data_dir=settings.data_dir,
+            trackers=engine.shared.announcer.log,
+            tracker_urls=lambda: _tracker_urls(engine),
+            mirror=MirrorStatus(
+                app.namespaces,
+                config_path=settings.mirror_config_path,
+                port=lambda: api_port,
+                use=app.use,
+            ),
         )
         api_done = trio.Event()
 

@@ -84,6 +84,11 @@ class AgentSettings(ServiceSettings):
     """Seconds an origin authorization decision is reused (same credentials, repository, blob)."""
     max_connections: int = Field(200, ge=1)
     """Most BitTorrent peer connections at once."""
+    mirror_config_path: Path | None = None
+    """containerd's registry ``config_path`` (``/etc/containerd/certs.d``) as the agent sees it,
+    for the status view only: the agent reads ``<path>/<registry>/hosts.toml`` of each
+    configured registry and shows whether containerd is told to pull through it. Unset: the
+    mirror state shows as ``unknown``. The chart sets it (a read-only mount) in mirror mode."""
     send_timeout: float = Field(30.0, ge=1)
     """Seconds a response waits for a client that takes none of its bytes before its
     connection is cut (TCP_USER_TIMEOUT)."""

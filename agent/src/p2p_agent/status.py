@@ -3,8 +3,10 @@
 :class:`PullLog` records every blob response the registry API sends (in flight, and the last
 :data:`RECENT` finished ones) with its bytes, time to first byte and outcome. :class:`StatusView`
 puts that together with the downloads in progress (pieces, peers and bytes by source), the
-cache, the rates in force and the proxies' last answers into one JSON document, the same one
+cache, the rates in force, the proxies' and trackers' last answers and the mirror-mode state
+of each registry (:mod:`p2p_agent.mirror`) into one JSON document, the same one
 ``p2p-agent status`` shows in a terminal. Times are seconds; ``*_at`` fields are Unix times.
+Blobs are named by digest; the document holds no credentials and no infohashes.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ import collections
 import itertools
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+from p2p_agent.mirror import MirrorStatus
+from p2p_common.engine.announce import TrackerLog
 from p2p_common.metrics import filesystem_usage
 
 __all__ = ["PullLog", "PullRecord", "Rates", "StatusView", "page"]
@@ -135,6 +139,9 @@ class StatusView:
         proxies: Any,
         rates: Rates,
         data_dir: os.PathLike[str] | str,
+        trackers: TrackerLog | None = None,
+        tracker_urls: Callable[[], Iterable[str]] = tuple,
+        mirror: MirrorStatus | None = None,
         started_at: float | None = None,
     ) -> None:
         self.version = version
@@ -144,6 +151,11 @@ class StatusView:
         self.proxies = proxies
         self.rates = rates
         self.data_dir = data_dir
+        self.trackers = trackers or TrackerLog()
+        """The engine's announce outcomes."""
+        self.tracker_urls = tracker_urls
+        """The tracker URLs of the torrents the agent holds (they come with the metainfo)."""
+        self.mirror = mirror
         self.started_at = time.time() if started_at is None else started_at
 
     def snapshot(self) -> dict[str, Any]:
@@ -165,6 +177,8 @@ class StatusView:
                 "adaptive": None if self.rates.adaptive is None else self.rates.adaptive(),
             },
             "proxies": self._proxies(),
+            "trackers": self.trackers.snapshot(self.tracker_urls()),
+            "mirror": None if self.mirror is None else self.mirror.snapshot(),
         }
 
     def _downloads(self) -> list[dict[str, Any]]:

@@ -13,48 +13,31 @@ reached (the message says why).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from typing import Any
 
-import httpx
-from rich.console import Console, Group, RenderableType
-from rich.live import Live
-from rich.progress_bar import ProgressBar
+from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
 from p2p_agent.settings import AgentSettings
 from p2p_common.settings import ConfigError
+from p2p_common.status_cli import (
+    ago,
+    bar,
+    none_row,
+    rate,
+    short,
+    show,
+    size,
+    table,
+    trackers_table,
+)
 
 DEFAULT_URL = "http://127.0.0.1:5014"
+PROG = "p2p-agent status"
 
-
-def _size(n: float | None) -> str:
-    if n is None:
-        return "-"
-    units = ["B", "kB", "MB", "GB", "TB"]
-    i = 0
-    while n >= 1000 and i < len(units) - 1:
-        n /= 1000
-        i += 1
-    return f"{n:.1f} {units[i]}" if i else f"{int(n)} B"
-
-
-def _ago(at: float | None, now: float) -> str:
-    if not at:
-        return "never"
-    seconds = max(0.0, now - at)
-    return f"{seconds:.0f} s ago" if seconds < 120 else f"{seconds / 60:.0f} min ago"
-
-
-def _short(digest: str) -> str:
-    return digest.removeprefix("sha256:")[:12]
-
-
-def _bar(percent: float) -> RenderableType:
-    return Group(ProgressBar(total=100, completed=percent, width=20), Text(f"{percent:5.1f}%"))
+MIRROR_STYLES = {"mirrored": "green", "missing": "yellow", "unknown": "dim"}
 
 
 def render(status: dict[str, Any]) -> RenderableType:
@@ -62,90 +45,137 @@ def render(status: dict[str, Any]) -> RenderableType:
     now = status["now"]
     cache, rates = status["cache"], status["rates"]
 
-    def rate(n: int) -> str:
-        return f"{_size(n)}/s" if n else "unlimited"
-
     head = Table.grid(padding=(0, 2))
     head.add_row(
         Text(f"p2p agent {status['version']}", style="bold"),
-        f"up {_ago(status['started_at'], now).removesuffix(' ago')}",
-        f"last successful pull {_ago(status['last_successful_pull_at'], now)}",
+        f"up {ago(status['started_at'], now).removesuffix(' ago')}",
+        f"last successful pull {ago(status['last_successful_pull_at'], now)}",
     )
-    quota = f" of {_size(cache['quota_bytes'])}" if cache["quota_bytes"] else ""
+    quota = f" of {size(cache['quota_bytes'])}" if cache["quota_bytes"] else ""
     head.add_row(
-        f"cache {_size(cache['used_bytes'])}{quota}, {cache['blobs']} blobs "
+        f"cache {size(cache['used_bytes'])}{quota}, {cache['blobs']} blobs "
         f"({cache['seeded_blobs']} seeded)",
-        f"disk free {_size(cache['disk_free_bytes'])}",
+        f"disk free {size(cache['disk_free_bytes'])}",
         f"rates {rate(rates['download_bytes_per_second'])} down / "
         f"{rate(rates['upload_bytes_per_second'])} up ({rates['source']})",
     )
 
-    pulls = Table(title="pulls in flight", title_justify="left", expand=True)
-    for column in ("repository", "blob", "progress", "bytes", "MB/s", "first byte", "from"):
-        pulls.add_column(column, justify="right" if column in ("bytes", "MB/s") else "left")
+    pulls = table(
+        "pulls in flight",
+        {
+            "repository": "left",
+            "blob": "left",
+            "progress": "left",
+            "bytes": "right",
+            "MB/s": "right",
+            "first byte": "left",
+            "from": "left",
+        },
+    )
     for pull in status["pulls"]:
         first = pull["first_byte_seconds"]
         pulls.add_row(
             pull["repository"],
-            _short(pull["digest"]),
-            _bar(pull["percent"]),
-            f"{_size(pull['bytes'])} / {_size(pull['size'])}",
+            short(pull["digest"]),
+            bar(pull["percent"]),
+            f"{size(pull['bytes'])} / {size(pull['size'])}",
             f"{pull['bytes_per_second'] / 1e6:.1f}",
             "-" if first is None else f"{first:.2f} s",
             pull["source"],
         )
     if not status["pulls"]:
-        pulls.add_row(Text("none", style="dim"), "", "", "", "", "", "")
+        none_row(pulls, "none")
 
-    downloads = Table(title="downloads", title_justify="left", expand=True)
-    for column in ("blob", "way", "progress", "peers", "bytes by source"):
-        downloads.add_column(column)
+    downloads = table(
+        "downloads",
+        {
+            "blob": "left",
+            "way": "left",
+            "progress": "left",
+            "peers": "left",
+            "bytes by source": "left",
+        },
+    )
     for download in status["downloads"]:
         sources = download.get("bytes_by_source")
         by = (
-            ", ".join(f"{k} {_size(v)}" for k, v in sources.items())
+            ", ".join(f"{k} {size(v)}" for k, v in sources.items())
             if sources
-            else _size(download.get("bytes"))
+            else size(download.get("bytes"))
         )
         downloads.add_row(
-            _short(download["digest"]),
+            short(download["digest"]),
             download["way"],
-            _bar(download["percent"]),
+            bar(download["percent"]),
             str(download.get("peers", "-")),
             by or "-",
         )
     if not status["downloads"]:
-        downloads.add_row(Text("none", style="dim"), "", "", "", "")
+        none_row(downloads, "none")
 
-    proxies = Table(title="proxies", title_justify="left", expand=True)
-    for column in ("instance", "state", "last answer"):
-        proxies.add_column(column)
+    proxies = table("proxies", {"instance": "left", "state": "left", "last answer": "left"})
     for proxy in status["proxies"]["instances"]:
         proxies.add_row(
             proxy["url"],
             Text("answering", style="green") if proxy["ok"] else Text("failing", style="red"),
-            f"{proxy['detail']}, {_ago(proxy['at'], now)}",
+            f"{proxy['detail']}, {ago(proxy['at'], now)}",
         )
     if not status["proxies"]["instances"]:
         configured = ", ".join(status["proxies"]["configured"])
-        proxies.add_row(Text(f"not asked yet ({configured})", style="dim"), "", "")
+        none_row(proxies, f"not asked yet ({configured})")
 
-    recent = Table(title="recent pulls", title_justify="left", expand=True)
-    for column in ("repository", "blob", "outcome", "bytes", "seconds", "MB/s", "from"):
-        recent.add_column(
-            column, justify="right" if column in ("bytes", "seconds", "MB/s") else "left"
+    # An agent from before trackers and mirror were shown answers without them.
+    extra: list[RenderableType] = []
+    if "trackers" in status:
+        extra.append(
+            trackers_table(
+                status["trackers"], now, nothing="they come with the first download's metainfo"
+            )
         )
+    if status.get("mirror") is not None:
+        extra.append(_mirror(status["mirror"], now))
+
+    recent = table(
+        "recent pulls",
+        {
+            "repository": "left",
+            "blob": "left",
+            "outcome": "left",
+            "bytes": "right",
+            "seconds": "right",
+            "MB/s": "right",
+            "from": "left",
+        },
+    )
     for pull in status["recent"][:10]:
         recent.add_row(
             pull["repository"],
-            _short(pull["digest"]),
+            short(pull["digest"]),
             Text(pull["outcome"], style="green" if pull["outcome"] == "done" else "red"),
-            _size(pull["bytes"]),
+            size(pull["bytes"]),
             f"{pull['seconds']:.2f}",
             f"{pull['bytes_per_second'] / 1e6:.1f}",
             pull["source"],
         )
-    return Group(head, pulls, downloads, proxies, recent)
+    return Group(head, pulls, downloads, proxies, *extra, recent)
+
+
+def _mirror(mirror: dict[str, Any], now: float) -> Table:
+    """Per registry: the hosts.toml state and the requests containerd sent each way."""
+    found = table(
+        "registries (mirror mode)", {"registry": "left", "hosts.toml": "left", "requests": "left"}
+    )
+    for entry in mirror["registries"]:
+        state = entry["state"]
+        shown = Text(state, style=MIRROR_STYLES.get(state, "red"))
+        shown.append(f": {entry['detail']}", style="")
+        requests = (
+            f"{entry['mirror_requests']} mirror "
+            f"({ago(entry['last_mirror_request_at'], now)}), "
+            f"{entry['rewrite_requests']} rewrite"
+        )
+        found.add_row(entry["registry"], shown, requests)
+    return found
 
 
 def _url(args: argparse.Namespace) -> str:
@@ -160,16 +190,9 @@ def _url(args: argparse.Namespace) -> str:
     return DEFAULT_URL
 
 
-def fetch(client: httpx.Client, url: str) -> dict[str, Any]:
-    response = client.get(f"{url}/status")
-    response.raise_for_status()
-    document: dict[str, Any] = response.json()
-    return document
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="p2p-agent status", description="Show what the agent on this node is doing."
+        prog=PROG, description="Show what the agent on this node is doing."
     )
     parser.add_argument("--url", help=f"the agent's metrics address (default {DEFAULT_URL})")
     parser.add_argument("--config", help="the agent's config file (its metricsListen is used)")
@@ -180,28 +203,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         url = _url(args)
     except ConfigError as exc:
-        print(f"p2p-agent status: configuration error: {exc}", file=sys.stderr)
+        print(f"{PROG}: configuration error: {exc}", file=sys.stderr)
         return 2
-    console = Console()
-    with httpx.Client(timeout=5.0, trust_env=False) as client:
-        try:
-            status = fetch(client, url)
-        except (httpx.HTTPError, ValueError) as exc:
-            print(f"p2p-agent status: cannot read {url}/status: {exc}", file=sys.stderr)
-            return 1
-        if args.json:
-            print(json.dumps(status, indent=2))
-            return 0
-        if args.once or not console.is_terminal:
-            console.print(render(status))
-            return 0
-        try:
-            with Live(render(status), console=console, refresh_per_second=4) as live:
-                while True:
-                    time.sleep(max(0.2, args.interval))
-                    try:
-                        live.update(render(fetch(client, url)))
-                    except (httpx.HTTPError, ValueError) as exc:
-                        live.update(Text(f"cannot read {url}/status: {exc}", style="red"))
-        except KeyboardInterrupt:
-            return 0
+    return show(PROG, url, render, as_json=args.json, once=args.once, interval=args.interval)

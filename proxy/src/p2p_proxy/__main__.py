@@ -1,5 +1,6 @@
-"""Entry point: ``p2p-proxy --config FILE`` (see :mod:`p2p_common.service_main`), and
-``p2p-proxy preheat IMAGE`` (see :mod:`p2p_proxy.preheat_cli`).
+"""Entry point: ``p2p-proxy --config FILE`` (see :mod:`p2p_common.service_main`),
+``p2p-proxy preheat IMAGE`` (see :mod:`p2p_proxy.preheat_cli`) and ``p2p-proxy status`` (see
+:mod:`p2p_proxy.status_cli`).
 
 A graceful stop lets in-flight requests finish for ``shutdownTimeout`` seconds and announces
 ``stopped`` for every seeded torrent.
@@ -28,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["preheat"]:
         return preheat_main(args[1:])
+    if args[:1] == ["status"]:
+        from p2p_proxy.status_cli import main as status_main  # noqa: PLC0415 - only here: rich
+
+        return status_main(args[1:])
     return run_service(
         "proxy",
         description="p2p raw seed and origin proxy",

@@ -58,6 +58,7 @@ from p2p_proxy.preheat import ACCEPT as PREHEAT_ACCEPT
 from p2p_proxy.preheat import MAX_REQUEST_BYTES as PREHEAT_REQUEST_BYTES
 from p2p_proxy.preheat import Preheater, media_type_of, parse_request
 from p2p_proxy.seeding import Seeder
+from p2p_proxy.status import StatusView
 
 __all__ = ["CHUNKS_CONTENT_TYPE", "ProxyApp"]
 
@@ -85,6 +86,8 @@ class ProxyApp:
     """Limits on the origin work clients start (None: none)."""
     preheater: Preheater | None = None
     """Runs ``/p2p/v1/preheat`` jobs (None: preheat is not offered)."""
+    status: StatusView | None = None
+    """Builds ``/status`` (None: not offered)."""
     ready: bool = False
 
     def __post_init__(self) -> None:
@@ -129,7 +132,7 @@ class ProxyApp:
 
     async def _route(self, request: Request, receive: Receive, send: Send) -> None:
         path, method = request.path, request.method
-        if path in ("/healthz", "/readyz", "/metrics", METAINFO_PATH):
+        if path in ("/healthz", "/readyz", "/metrics", "/status", METAINFO_PATH):
             if method not in ("GET", "HEAD"):
                 raise OCIError(ErrorCode.UNSUPPORTED, f"{method} is not supported here")
             if path == "/healthz":
@@ -143,6 +146,11 @@ class ProxyApp:
                     ", ".join(request.headers.get("accept", []))
                 )
                 await send_bytes(send, 200, body, content_type=content_type, head=method == "HEAD")
+            elif path == "/status":
+                if self.status is None:
+                    raise OCIError(ErrorCode.UNSUPPORTED, "no status here", status=404)
+                body = json.dumps(self.status.snapshot(), separators=(",", ":")).encode()
+                await send_bytes(send, 200, body, head=method == "HEAD")
             else:
                 await self._metainfo(request, receive, send)
             return

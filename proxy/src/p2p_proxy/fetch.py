@@ -19,7 +19,8 @@ swarm trades the first chunks while the origin still sends the last. The SHA-256
 against the digest before the file enters the cache by an atomic rename, together with its
 chunks. On any failure the scratch file is deleted, the listener is told (the blob stops being
 seeded) and the caller gets a registry error: 502 for an origin that sent wrong or short data,
-507 when the disk or the quota is full.
+507 when the disk or the quota is full. Every fetch from an origin is recorded in the fetcher's
+:class:`~p2p_proxy.status.FetchLog` (bytes received, outcome) for the status view.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from p2p_proxy.flight import Admission, SingleFlight, copy_error
 from p2p_proxy.limits import OriginLimits
 from p2p_proxy.metrics import ProxyMetrics
 from p2p_proxy.origin import BlobHead, OriginClient
+from p2p_proxy.status import FetchLog, FetchRecord
 
 __all__ = ["BlobFetcher", "Fetch", "FetchListener", "storage_error"]
 
@@ -131,8 +133,11 @@ class BlobFetcher:
         disk: DiskRunner | None = None,
         listener: FetchListener | None = None,
         limits: OriginLimits | None = None,
+        log: FetchLog | None = None,
     ) -> None:
         self.cache = cache
+        self.log = log or FetchLog()
+        """Fetches from the origins, running and recent (for the status view)."""
         self.limits = limits
         """Whose ``fetch_slot`` bounds the fetches running at once (None: no bound)."""
         self.metrics = metrics
@@ -314,6 +319,7 @@ class BlobFetcher:
         size: int | None,
     ) -> BlobMetainfo:
         started = trio.current_time()
+        record = self.log.begin(origin.name, repository, digest, size)
 
         async def consume(head: BlobHead, chunks: AsyncIterator[bytes]) -> BlobMetainfo:
             length = head.size if head.size is not None else size
@@ -323,21 +329,26 @@ class BlobFetcher:
                 raise _origin_error(
                     f"origin sent {length} bytes for a blob it said has {size} bytes"
                 )
+            record.size = length
+            counted = self._counted(chunks, record)
             if size is not None:  # reserved before the request
-                return await self._store(digest, length, chunks, key=(origin.name, digest))
+                return await self._store(digest, length, counted, key=(origin.name, digest))
             async with self._reserved(length):
-                return await self._store(digest, length, chunks, key=(origin.name, digest))
+                return await self._store(digest, length, counted, key=(origin.name, digest))
 
         async def get() -> BlobMetainfo:
             return await origin.get_blob(repository, digest, credentials, consume)
 
+        outcome, error = "cancelled", None
         try:
             if size is None:
                 meta = await get()
             else:
                 async with self._reserved(size):
                     meta = await get()
+            outcome = "done"
         except OCIError as exc:
+            outcome, error = "failed", exc.message
             self.metrics.fetch_failures.labels(code=str(exc.code)).inc()
             event(
                 log,
@@ -350,6 +361,11 @@ class BlobFetcher:
                 error=exc.message,
             )
             raise
+        except Exception:
+            outcome, error = "failed", "internal error"
+            raise
+        finally:
+            self.log.end(record, outcome, error)
         self.metrics.blobs_fetched.inc()
         self.metrics.blob_bytes_fetched.inc(meta.length)
         event(
@@ -409,7 +425,7 @@ class BlobFetcher:
         adopted = False
         try:
             try:
-                found = await ingest.run(self._counted(chunks))
+                found = await ingest.run(chunks)
             except IngestError as exc:
                 raise _origin_error(f"origin {exc}") from None
             if found != digest:
@@ -441,9 +457,12 @@ class BlobFetcher:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(_unlink, scratch)
 
-    async def _counted(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    async def _counted(
+        self, chunks: AsyncIterator[bytes], record: FetchRecord
+    ) -> AsyncIterator[bytes]:
         async for chunk in chunks:
             self.metrics.origin_bytes.inc(len(chunk))
+            record.received += len(chunk)
             yield chunk
 
 

@@ -60,6 +60,10 @@ class Seeder:
         self._locks: dict[str, trio.Lock] = {}
         self._starting: set[str] = set()
 
+    def torrents(self) -> dict[str, Torrent]:
+        """The torrent of every blob being seeded (cached, or while it is fetched), by digest."""
+        return {digest: seed.torrent for digest, seed in self._seeds.items() if self._alive(seed)}
+
     def _alive(self, seed: _Seed) -> bool:
         return self.engine.torrents.get(seed.torrent.info_hash) is seed.torrent
 

@@ -23,6 +23,7 @@ from p2p_common.blobcache import BlobCache
 from p2p_common.engine import Engine
 from p2p_common.logs import event
 from p2p_common.settings import ConfigError, registry_name
+from p2p_proxy import __version__
 from p2p_proxy.app import ProxyApp
 from p2p_proxy.authz import Authorizer
 from p2p_proxy.fetch import BlobFetcher
@@ -33,6 +34,7 @@ from p2p_proxy.origin import OriginClient
 from p2p_proxy.preheat import Preheater
 from p2p_proxy.seeding import Seeder
 from p2p_proxy.settings import ProxySettings
+from p2p_proxy.status import Limits, StatusView
 
 __all__ = ["open_cache", "serve"]
 
@@ -89,6 +91,16 @@ async def serve(
             cache.on_evict = partial(_evicted, seeder, metrics)
             reseeded = await seeder.reseed_all()
             limits = OriginLimits.from_settings(settings, metrics)
+            preheater = Preheater(nursery)
+            fetcher = BlobFetcher(
+                cache,
+                metrics,
+                nursery,
+                settings.trackers,
+                disk=engine.shared.disk,
+                listener=seeder,
+                limits=limits,
+            )
             app = ProxyApp(
                 origins=origins,
                 cache=cache,
@@ -99,21 +111,32 @@ async def serve(
                     Authorizer(nursery, metrics, ttl=settings.auth_cache_ttl, kind="manifest"),
                     max_bytes=settings.manifest_cache_size,
                 ),
-                fetcher=BlobFetcher(
-                    cache,
-                    metrics,
-                    nursery,
-                    settings.trackers,
-                    disk=engine.shared.disk,
-                    listener=seeder,
-                    limits=limits,
-                ),
+                fetcher=fetcher,
                 seeder=seeder,
                 metrics=metrics,
                 peer_port=lambda: engine.port,
                 progressive_streams=settings.progressive_streams,
                 limits=limits,
-                preheater=Preheater(nursery),
+                preheater=preheater,
+            )
+            app.status = StatusView(
+                version=__version__,
+                registries=origins,
+                fetches=fetcher.log,
+                cache=cache,
+                seeds=seeder.torrents,
+                engine=engine,
+                jobs=lambda: reversed(list(preheater.jobs.values())),
+                origin_limits=limits,
+                limits=Limits(
+                    upload_rate=settings.upload_rate,
+                    max_connections=settings.max_connections,
+                    progressive_streams=settings.progressive_streams,
+                    auth_cache_ttl=settings.auth_cache_ttl,
+                ),
+                trackers=settings.trackers,
+                data_dir=settings.data_dir,
+                ready=lambda: app.ready,
             )
             metrics.watch(
                 lambda: {

@@ -21,14 +21,23 @@ which fails the attempt at once.
 Announces go straight to the trackers inside the cluster: the engine's default client
 (:func:`tracker_client`) ignores ``HTTP_PROXY``/``HTTPS_PROXY``/``ALL_PROXY`` and ``.netrc``
 in the environment, which would otherwise send every infohash through a corporate proxy.
+
+Every attempt leaves its outcome in :attr:`Announcer.log` (a :class:`TrackerLog`: per tracker
+instance, counts and the last answer or error, never an infohash), which the services' status
+views show. Recording costs a dictionary update per announce, not per piece or message.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import secrets
 import socket
-from collections.abc import Iterable
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import trio
@@ -86,6 +95,114 @@ def rank_trackers(info_hash: bytes, urls: Iterable[str]) -> list[str]:
     )
 
 
+MAX_TRACKERS_LOGGED = 64
+"""Tracker instances :class:`TrackerLog` remembers (a headless Service's addresses change as
+its pods are replaced; the least recently used beyond this are forgotten)."""
+MAX_ERROR_CHARS = 200
+
+
+def redact_url(url: str) -> str:
+    """``url`` without user information or query (a private tracker's passkey), for display."""
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    query = "..." if parts.query else ""
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query, fragment=""))
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if "info_hash" in text or "peer_id" in text:  # an error quoting the announce URL
+        return type(exc).__name__
+    return text[:MAX_ERROR_CHARS]
+
+
+@dataclass
+class TrackerRecord:
+    """What one tracker instance answered lately."""
+
+    url: str
+    """The instance announced to (an address, when the listed URL named a host)."""
+    listed: str
+    """The URL in the metainfo it stands for."""
+    answers: int = 0
+    failures: int = 0
+    last_answer_at: float | None = None
+    last_failure_at: float | None = None
+    last_error: str | None = None
+    last_peers: int | None = None
+    """Peers in the last answer."""
+    interval: int | None = None
+    """Seconds between announces the tracker asked for in its last answer."""
+    warning: str | None = None
+
+    def view(self) -> dict[str, Any]:
+        ok = self.last_answer_at is not None and (
+            self.last_failure_at is None or self.last_answer_at >= self.last_failure_at
+        )
+        return {
+            "url": redact_url(self.url),
+            "listed": redact_url(self.listed),
+            "ok": ok,
+            "answers": self.answers,
+            "failures": self.failures,
+            "last_answer_at": _rounded(self.last_answer_at),
+            "last_failure_at": _rounded(self.last_failure_at),
+            "last_error": self.last_error,
+            "last_peers": self.last_peers,
+            "interval": self.interval,
+            "warning": self.warning,
+        }
+
+
+def _rounded(at: float | None) -> float | None:
+    return None if at is None else round(at, 3)
+
+
+class TrackerLog:
+    """The outcome of every announce, per tracker instance (bounded; see the module
+    docstring). Swarms are not told apart: nothing here names an infohash."""
+
+    def __init__(
+        self, *, keep: int = MAX_TRACKERS_LOGGED, wall: Callable[[], float] = time.time
+    ) -> None:
+        self.keep = keep
+        self.wall = wall
+        self.records: collections.OrderedDict[str, TrackerRecord] = collections.OrderedDict()
+
+    def _record(self, url: str, listed: str) -> TrackerRecord:
+        record = self.records.get(url)
+        if record is None:
+            record = self.records[url] = TrackerRecord(url, listed)
+            while len(self.records) > self.keep:
+                self.records.popitem(last=False)
+        else:
+            record.listed = listed
+            self.records.move_to_end(url)
+        return record
+
+    def answered(self, url: str, listed: str, response: AnnounceResponse) -> None:
+        record = self._record(url, listed)
+        record.answers += 1
+        record.last_answer_at = self.wall()
+        record.last_peers = len(response.peers)
+        record.interval = response.interval
+        record.warning = None if response.warning is None else response.warning[:MAX_ERROR_CHARS]
+
+    def failed(self, url: str, listed: str, exc: BaseException) -> None:
+        record = self._record(url, listed)
+        record.failures += 1
+        record.last_failure_at = self.wall()
+        record.last_error = _describe(exc)
+
+    def snapshot(self, listed: Iterable[str] = ()) -> dict[str, Any]:
+        """``listed``: the tracker URLs the service knows of (configured, or found in its
+        torrents' metainfo); ``instances``: every instance announced to, latest first."""
+        return {
+            "listed": sorted({redact_url(url) for url in listed}),
+            "instances": [r.view() for r in reversed(self.records.values())],
+        }
+
+
 def tracker_client() -> httpx.AsyncClient:
     """An HTTP client for announces that takes nothing from the environment (no proxy
     variables, no ``.netrc``)."""
@@ -104,13 +221,20 @@ class Announcer:
         self.resolver = Resolver()
         self.udp_ids = udp.ConnectionIdCache()
         """BEP 15 connection ids per tracker address, reused for a minute."""
+        self.log = TrackerLog()
+        """What each tracker answered lately (for status views)."""
 
-    async def ranked(self, info_hash: bytes, trackers: tuple[str, ...]) -> list[str]:
-        expanded: list[str] = []
+    async def _expanded(self, trackers: Iterable[str]) -> dict[str, str]:
+        """Every instance behind ``trackers`` -> the listed URL it came from."""
+        expanded: dict[str, str] = {}
         for url in trackers:
             if url.startswith(SCHEMES):
-                expanded.extend(await self.resolver.expand(url))
-        return rank_trackers(info_hash, expanded)
+                for instance in await self.resolver.expand(url):
+                    expanded.setdefault(instance, url)
+        return expanded
+
+    async def ranked(self, info_hash: bytes, trackers: tuple[str, ...]) -> list[str]:
+        return rank_trackers(info_hash, await self._expanded(trackers))
 
     async def announce(
         self,
@@ -132,24 +256,29 @@ class Announcer:
             numwant=0 if event is Event.STOPPED else self.numwant,
             compact=True,
         )
-        for url in await self.ranked(info_hash, trackers):
+        expanded = await self._expanded(trackers)
+        for url in rank_trackers(info_hash, expanded):
             try:
                 with trio.fail_after(ANNOUNCE_TIMEOUT):
                     if url.startswith("udp://"):
-                        return await self.announce_udp(url, request)
-                    async with self.client.stream("GET", announce_url(url, request)) as reply:
-                        body = bytearray()
-                        async for chunk in reply.aiter_bytes():
-                            body += chunk
-                            if len(body) > MAX_RESPONSE_BYTES:
-                                raise TrackerProtocolError("tracker answer too large")
-                return parse_announce_response(bytes(body))
+                        response = await self.announce_udp(url, request)
+                    else:
+                        async with self.client.stream("GET", announce_url(url, request)) as reply:
+                            body = bytearray()
+                            async for chunk in reply.aiter_bytes():
+                                body += chunk
+                                if len(body) > MAX_RESPONSE_BYTES:
+                                    raise TrackerProtocolError("tracker answer too large")
+                        response = parse_announce_response(bytes(body))
+                self.log.answered(url, expanded[url], response)
+                return response
             except (
                 httpx.HTTPError,
                 TrackerProtocolError,
                 trio.TooSlowError,
                 OSError,
             ) as exc:
+                self.log.failed(url, expanded[url], exc)
                 log_event(
                     log,
                     "announce.failed",
