@@ -164,7 +164,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--disk-mbps", type=float, default=8.0, help="disk write throttle, MB/s")
+    parser.add_argument(
+        "--disk-mbps", type=float, default=8.0, help="disk write throttle, MB/s (0: none)"
+    )
     parser.add_argument("--size-mb", type=int, default=200)
     parser.add_argument("--rate-mbps", type=float, default=40.0, help="downloadRate, MB/s")
     parser.add_argument("--limit", type=float, default=0.5, help="diskWriteLatencyLimit, s")
@@ -219,8 +221,9 @@ def main() -> int:
     def median(mode: str, key: str) -> float:
         return statistics.median(r[key] for r in results[mode])
 
+    disk_rate = f"{options.disk_mbps:g} MB/s" if options.disk_mbps else "unthrottled"
     print(
-        f"\nbench_disk: disk {options.disk_mbps:g} MB/s, blob {options.size_mb} MB, downloadRate "
+        f"\nbench_disk: disk {disk_rate}, blob {options.size_mb} MB, downloadRate "
         f"{options.rate_mbps:g} MB/s, diskWriteLatencyLimit {options.limit:g} s, "
         f"{options.rounds} round(s), medians"
     )
