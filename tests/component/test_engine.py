@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -253,6 +254,28 @@ async def test_connection_limit_is_enforced(limit: int) -> None:
         # Incoming connections may not use the slots kept for the engine's own dials.
         incoming = limit - ConnectionSlots(limit).kept_for_dialling
         assert sum(1 for a in answers if a.startswith(wire.PSTR)) == incoming
+
+
+async def test_a_torrent_takes_no_more_incoming_connections_than_max_peers() -> None:
+    content = make_content(256 * 1024)
+    meta = metainfo_for(content)
+    async with running_engines(1, max_connections=50, max_peers_per_torrent=3) as (engine,):
+        torrent = await engine.add_torrent(meta, MemoryPieceStore(meta, content))
+        answers = []
+        async with contextlib.AsyncExitStack() as open_streams:
+            for n in range(5):
+                stream = await trio.open_tcp_stream("127.0.0.1", engine.port)
+                await open_streams.enter_async_context(stream)
+                await stream.send_all(
+                    wire.encode_handshake(
+                        meta.info_hash, b"-XX0001-%012d" % n, wire.reserved_bytes()
+                    )
+                )
+                with trio.fail_after(10):
+                    answers.append(await stream.receive_some(68))
+                    await wait_until(lambda n=n: len(torrent.connections) == min(n + 1, 3))
+        assert [a.startswith(wire.PSTR) for a in answers] == [True, True, True, False, False]
+        assert answers[3:] == [b"", b""]  # hung up without a handshake
 
 
 def test_engine_peer_ids_say_which_service_they_are() -> None:

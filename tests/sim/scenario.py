@@ -40,6 +40,7 @@ from p2p_common import rendezvous
 from p2p_common.bitfield import Bitfield
 from p2p_common.blobinfo import Geometry
 from p2p_common.engine.engine import Engine
+from p2p_common.engine.shared import admits_incoming
 from p2p_proxy.settings import ProxySettings
 from tests.sim.loop import Loop
 from tests.sim.network import Flow, Link, Network
@@ -242,6 +243,12 @@ class Simulation:
         if target is None or remote is None or not target.slots.reserve(outgoing=False):
             # Nobody there, an unknown infohash (no handshake back) or no slot left.
             proc.slots.release()
+            self._failed(torrent, address)
+            return
+        if not admits_incoming(len(remote.conns), target.max_peers):
+            # The torrent dialled has max_peers connections: no handshake back (engine.py).
+            proc.slots.release()
+            target.slots.release()
             self._failed(torrent, address)
             return
         if target.peer_id in torrent.conns or proc.peer_id in remote.conns:

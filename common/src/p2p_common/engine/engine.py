@@ -333,6 +333,8 @@ class Engine:
                         await transport.send_all(self.shared.handshake_for(handshake.info_hash))
                     return
                 if not outgoing:
+                    if not torrent.admits_incoming():
+                        return  # no handshake back: the dialler tries elsewhere, later
                     await transport.send_all(self.shared.handshake_for(handshake.info_hash))
                 elif handshake.info_hash != info_hash:
                     return

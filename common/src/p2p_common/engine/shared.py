@@ -119,6 +119,15 @@ class ConnectionSlots:
         self.used -= 1
 
 
+def admits_incoming(connections: int, max_peers: int) -> bool:
+    """Whether a torrent with ``connections`` established takes one more that a peer dialled.
+
+    ``max_peers`` bounds a torrent's connections in both directions: without it the first
+    layer's swarm of a rollout takes every incoming slot of the process and the later layers
+    find every neighbour full (docs/scale.md, finding 1). The swarm simulator asks the same."""
+    return connections < max_peers
+
+
 MAX_PENDING_HANDSHAKES = 64
 """Incoming connections waiting for their handshake, in all."""
 MAX_PENDING_PER_ADDRESS = 8

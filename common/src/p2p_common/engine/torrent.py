@@ -24,7 +24,7 @@ import trio
 
 from p2p_common import wire
 from p2p_common.engine.connection import Connection
-from p2p_common.engine.shared import EngineShared
+from p2p_common.engine.shared import EngineShared, admits_incoming
 from p2p_common.engine.transport import PeerGoneError, Transport, make_transport
 from p2p_common.errors import LocalError, RemoteError
 from p2p_common.logs import event as log_event
@@ -325,6 +325,10 @@ class Torrent:
             self.dial(now)
 
     # -- connections -----------------------------------------------------------------------------
+
+    def admits_incoming(self) -> bool:
+        """Whether a peer that dialled us may have one more connection (``max_peers``)."""
+        return admits_incoming(len(self.connections), self.max_peers)
 
     async def run_connection(
         self,
