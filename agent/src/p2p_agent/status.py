@@ -3,8 +3,9 @@
 :class:`PullLog` records every blob response the registry API sends (in flight, and the last
 :data:`RECENT` finished ones) with its bytes, time to first byte and outcome. :class:`StatusView`
 puts that together with the downloads in progress (pieces, peers and bytes by source), the
-cache, the rates in force and the proxies' last answers into one JSON document, the same one
-``p2p-agent status`` shows in a terminal. Times are seconds; ``*_at`` fields are Unix times.
+cache and its policy, the rates in force and the proxies' last answers into one JSON document,
+the same one ``p2p-agent status`` shows in a terminal. Times are seconds; ``*_at`` fields are
+Unix times.
 """
 
 from __future__ import annotations
@@ -134,6 +135,7 @@ class StatusView:
         rates: Rates,
         data_dir: os.PathLike[str] | str,
         started_at: float | None = None,
+        cache_policy: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.version = version
         self.pulls = pulls
@@ -142,6 +144,8 @@ class StatusView:
         self.proxies = proxies
         self.rates = rates
         self.data_dir = data_dir
+        self.cache_policy = cache_policy
+        """The cache policy in force (limits, where they came from, evictions)."""
         self.started_at = time.time() if started_at is None else started_at
 
     def snapshot(self) -> dict[str, Any]:
@@ -197,7 +201,7 @@ class StatusView:
         usage = filesystem_usage(self.data_dir)
         total, free = usage if usage is not None else (None, None)
         seeded = len(getattr(self.downloads, "info_hashes", {}))
-        return {
+        found = {
             "used_bytes": self.cache.used,
             "quota_bytes": self.cache.quota,
             "blobs": len(self.cache.digests()),
@@ -205,6 +209,9 @@ class StatusView:
             "disk_free_bytes": free,
             "disk_total_bytes": total,
         }
+        if self.cache_policy is not None:
+            found["policy"] = self.cache_policy()
+        return found
 
     def _proxies(self) -> dict[str, Any]:
         """The configured proxy URLs, and every instance (address) behind them that was

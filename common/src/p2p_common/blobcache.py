@@ -222,6 +222,11 @@ class BlobCache:
             if self._pins[digest] <= 0:
                 del self._pins[digest]
 
+    def eviction_counts(self) -> dict[str, int]:
+        """:attr:`evictions`, copied (worker threads add to it)."""
+        with self._lock:
+            return dict(self.evictions)
+
     def pins(self, digest: str) -> int:
         """How many readers, downloads or seeders hold ``digest`` now."""
         with self._lock:
@@ -360,15 +365,19 @@ class BlobCache:
         ]
 
     def remove_partial(self, digest: str) -> int:
-        """Delete the files a download of ``digest`` left (the caller makes sure it is not
-        running); returns how many."""
+        """Delete the files an interrupted download of ``digest`` left; returns how many, or
+        -1 when ``digest`` is pinned (a download of it pins it before it opens its files, so
+        holding the lock while deleting keeps one from starting underneath)."""
         prefix = "sha256-" + _hex(digest) + "."
         removed = 0
-        for path in self.partial_dir.iterdir():
-            if path.name.startswith(prefix):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                    removed += 1
+        with self._lock:
+            if self._pins.get(digest):
+                return -1
+            for path in self.partial_dir.iterdir():
+                if path.name.startswith(prefix):
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+                        removed += 1
         return removed
 
     # -- entering the cache ----------------------------------------------------------------------

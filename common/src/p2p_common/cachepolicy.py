@@ -142,9 +142,9 @@ def decide(
         chosen[blob.digest] = Eviction(blob.digest, blob.size, reason)
 
     if policy.max_unused > 0:
-        for blob in candidates:
-            if expired(blob, now, policy.max_unused):
-                take(blob, "expired")
+        for old in candidates:
+            if expired(old, now, policy.max_unused):
+                take(old, "expired")
 
     remaining = iter([b for b in candidates if b.digest not in chosen])
 
@@ -160,16 +160,16 @@ def decide(
             total -= blob.size
 
     watermark_unmet = False
-    if policy.high_watermark > 0 and disk is not None and disk.total > 0:
-        if disk.above(policy.high_watermark):
-            freed = sum(e.size for e in chosen.values())
-            while disk.above(policy.low_watermark, freed):
-                blob = next(remaining, None)
-                if blob is None:
-                    watermark_unmet = True
-                    break
-                take(blob, "watermark")
-                freed += blob.size
+    watermark_on = policy.high_watermark > 0 and disk is not None and disk.total > 0
+    if watermark_on and disk is not None and disk.above(policy.high_watermark):
+        freed = sum(e.size for e in chosen.values())
+        while disk.above(policy.low_watermark, freed):
+            blob = next(remaining, None)
+            if blob is None:
+                watermark_unmet = True
+                break
+            take(blob, "watermark")
+            freed += blob.size
 
     return Decision(tuple(chosen.values()), quota_unmet, watermark_unmet)
 
