@@ -238,7 +238,11 @@ def test_exactly_the_blobs_unused_for_max_unused_expire(
     blobs, pinned, policy, disk, reserved = situation
     decision = decide(blobs, pinned, now=NOW, policy=policy, disk=disk, reserved=reserved)
     expected = (
-        {b.digest for b in blobs if b.digest not in pinned and NOW - b.last_used >= policy.max_unused}
+        {
+            b.digest
+            for b in blobs
+            if b.digest not in pinned and NOW - b.last_used >= policy.max_unused
+        }
         if policy.max_unused
         else set()
     )

@@ -51,6 +51,7 @@ def policy_view(janitor: Janitor) -> dict[str, Any]:
         "high_watermark_percent": policy.high_watermark,
         "low_watermark_percent": policy.low_watermark,
         "max_unused_seconds": policy.max_unused,
+        "sweep_interval_seconds": janitor.interval,
         "source": in_force.source,
         "changed_at": round(in_force.changed_at, 3),
         "limits_unmet": sorted(k for k, v in janitor.unmet.items() if v),

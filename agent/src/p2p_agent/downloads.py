@@ -290,12 +290,17 @@ class Downloads:
         if self.on_complete is not None:
             self.on_complete(digest)
 
-    def evicted(self, digest: str) -> None:
-        """Cache callback: stop seeding an evicted blob."""
+    def evicted(self, digest: str) -> trio.Event | None:
+        """Cache callback: stop seeding an evicted blob. Returns an event that is set once its
+        torrent has closed the file (the deleted file's space is free only then), or None when
+        it was not seeded."""
         info_hash = self.info_hashes.pop(digest, None)
-        if info_hash is not None:
-            self.engine.remove_torrent(info_hash)
-            self.metrics.active_torrents.set(len(self.engine.torrents))
+        if info_hash is None:
+            return None
+        torrent = self.engine.torrents.get(info_hash)
+        self.engine.remove_torrent(info_hash)
+        self.metrics.active_torrents.set(len(self.engine.torrents))
+        return None if torrent is None else torrent.closed
 
     async def get(self, request: BlobRequest) -> Download | None:
         """The running download of a blob, started if needed; None if already cached."""

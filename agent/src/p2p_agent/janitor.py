@@ -7,8 +7,9 @@ evict, and deletes in a worker thread through :meth:`BlobCache.evict`, which che
 again at the moment of deletion: a blob a client started reading meanwhile stays. Back on the
 event loop every evicted blob is handed to ``notify`` (the downloads stop seeding it).
 
-:meth:`Janitor.run` sweeps every :data:`SWEEP_SECONDS`, and soon after :meth:`Janitor.poke`
-(a download completed, the policy changed). One lock serialises sweeps and operator actions.
+:meth:`Janitor.run` sweeps every ``interval`` seconds (the agent's ``cacheSweepInterval``,
+:data:`SWEEP_SECONDS` by default), and soon after :meth:`Janitor.poke` (a download completed,
+the policy changed). One lock serialises sweeps and operator actions.
 """
 
 from __future__ import annotations
@@ -32,11 +33,15 @@ __all__ = ["SWEEP_SECONDS", "Janitor", "PolicyInForce", "Removal", "SweepResult"
 log = logging.getLogger("p2p.agent.cache")
 
 SWEEP_SECONDS = 30.0
-"""Seconds between two sweeps when nothing pokes the janitor."""
+"""Seconds between two sweeps when nothing pokes the janitor (the default of the agent's
+``cacheSweepInterval``)."""
 MIN_SWEEP_GAP = 1.0
 """Seconds at least between two sweeps, however often it is poked (a burst of completed
-downloads; and space of an evicted blob that is still seeded comes back only once its torrent
-has closed the file)."""
+downloads)."""
+RELEASE_SECONDS = 10.0
+"""Longest wait, after an eviction, for the torrents of the evicted blobs to close their files:
+a deleted file's space comes back only then, and a sweep that measured the filesystem before
+would evict more than it needs to."""
 
 Usage = Callable[[os.PathLike[str] | str], tuple[int, int] | None]
 
@@ -96,16 +101,20 @@ class Janitor:
         data_dir: os.PathLike[str] | str,
         policy: PolicyInForce,
         *,
-        notify: Callable[[str], None] = lambda digest: None,
+        notify: Callable[[str], object] = lambda digest: None,
         downloading: Callable[[], set[str]] = set,
         clock: Callable[[], float] = time.time,
         usage: Usage = filesystem_usage,
+        interval: float = SWEEP_SECONDS,
     ) -> None:
         self.cache = cache
         self.data_dir = data_dir
         self.in_force = policy
         self.notify = notify
-        """Called on the event loop with every evicted digest."""
+        """Called on the event loop with every evicted digest; may return a :class:`trio.Event`
+        that is set once the blob's file is closed (it was being seeded)."""
+        self.interval = interval
+        """Seconds between sweeps (applies from the next one)."""
         self.downloading = downloading
         """Digests whose downloads run now (their partial files are never removed)."""
         self.clock = clock
@@ -143,7 +152,7 @@ class Janitor:
             except OSError as exc:  # the data dir unreadable now: try again next time
                 event(log, "cache.sweep_failed", logging.ERROR, error=str(exc))
             await trio.sleep(MIN_SWEEP_GAP)
-            with trio.move_on_after(SWEEP_SECONDS - MIN_SWEEP_GAP):
+            with trio.move_on_after(max(0.0, self.interval - MIN_SWEEP_GAP)):
                 await self._wake.wait()
 
     def disk(self) -> Disk | None:
@@ -213,11 +222,11 @@ class Janitor:
                 return Removal("removed_partial", partial)
 
             removal = await trio.to_thread.run_sync(work)
-        if removal.status == "removed":
-            self.notify(digest)
-            event(log, "cache.evicted", digest=digest, size=removal.bytes, reason="operator")
-        elif removal.status == "removed_partial":
-            event(log, "cache.partial_removed", digest=digest, size=removal.bytes)
+            if removal.status == "removed":
+                event(log, "cache.evicted", digest=digest, size=removal.bytes, reason="operator")
+                await self._released([digest])
+            elif removal.status == "removed_partial":
+                event(log, "cache.partial_removed", digest=digest, size=removal.bytes)
         return removal
 
     # -- the shell -------------------------------------------------------------------------------
@@ -248,18 +257,27 @@ class Janitor:
                 return SweepResult(evicted, decision, disk, now, removed)
 
             result = await trio.to_thread.run_sync(work)
-        for eviction in result.evicted:
-            self.notify(eviction.digest)
-            event(
-                log,
-                "cache.evicted",
-                digest=eviction.digest,
-                size=eviction.size,
-                reason=eviction.reason,
-            )
-        for digest in result.partials_removed:
-            event(log, "cache.partial_removed", digest=digest)
+            for eviction in result.evicted:
+                event(
+                    log,
+                    "cache.evicted",
+                    digest=eviction.digest,
+                    size=eviction.size,
+                    reason=eviction.reason,
+                )
+            for digest in result.partials_removed:
+                event(log, "cache.partial_removed", digest=digest)
+            await self._released([e.digest for e in result.evicted])
         return result
+
+    async def _released(self, digests: list[str]) -> None:
+        """Tell ``notify`` about evicted blobs, and wait (bounded, holding the lock: the next
+        sweep must measure the filesystem without them) until their files are closed."""
+        closing = [self.notify(digest) for digest in digests]
+        with trio.move_on_after(RELEASE_SECONDS):
+            for closed in closing:
+                if isinstance(closed, trio.Event):
+                    await closed.wait()
 
     def _report(self, result: SweepResult) -> None:
         """Log a limit the cache cannot meet when that starts, and when it ends."""

@@ -52,6 +52,7 @@ LIVE_KEYS = (
     "cacheHighWatermark",
     "cacheLowWatermark",
     "cacheMaxUnused",
+    "cacheSweepInterval",
 )
 MAX_UNIX_SOCKET_PATH = 107
 """Bytes of a unix socket's path Linux accepts (sun_path holds 108 with the final NUL)."""
@@ -166,7 +167,12 @@ async def serve(
         lambda: BlobCache(settings.data_dir, quota=settings.cache_size)
     )
     source = "config file" if config_file is not None else "settings"
-    janitor = Janitor(cache, settings.data_dir, PolicyInForce(settings.cache_policy(), source))
+    janitor = Janitor(
+        cache,
+        settings.data_dir,
+        PolicyInForce(settings.cache_policy(), source),
+        interval=settings.cache_sweep_interval,
+    )
     engine = Engine(
         host=settings.peer_host,
         port=settings.peer_port,
@@ -189,6 +195,7 @@ async def serve(
         apply_cache_policy(fresh)
 
     def apply_cache_policy(fresh: AgentSettings) -> None:
+        janitor.interval = fresh.cache_sweep_interval
         policy = fresh.cache_policy()
         if janitor.set_policy(policy, "config file (reloaded)"):
             event(

@@ -89,6 +89,9 @@ class AgentSettings(ServiceSettings):
     cache_max_unused: Duration = 0.0
     """Blobs not used (served to a client, or downloaded) for this long are evicted: seconds,
     or ``30m``, ``12h``, ``7d`` (0 = never). Applied live."""
+    cache_sweep_interval: Annotated[Duration, Field(ge=1, le=3600)] = 30.0
+    """How often the cache policy is checked (besides after every download), 1 s to 1 h.
+    Applied live."""
     swarm_min_size: ByteSize = 10**6
     """Blobs smaller than this (image configs, tiny layers) come from the proxy over HTTP and
     are not seeded: a swarm gains nothing on a piece or four, and every seeded blob costs the

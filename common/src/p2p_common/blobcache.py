@@ -90,7 +90,7 @@ class BlobCache:
         root: Path,
         *,
         quota: int = 0,
-        on_evict: Callable[[str], None] | None = None,
+        on_evict: Callable[[str], object] | None = None,
     ) -> None:
         self.root = root
         self.quota = quota
