@@ -73,15 +73,11 @@ async def pull(agent: AgentHandle, image: images.Image, index: int) -> None:
     assert response.content == image.layers[index].data
 
 
-async def wait_for(predicate: Any, what: str, timeout: float = 60) -> Any:
-    """Poll ``await predicate()`` until it is truthy (a generous deadline, never a fixed wait)."""
-    with trio.move_on_after(timeout):
-        while True:
-            found = await predicate()
-            if found:
-                return found
-            await trio.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+async def wait_for(predicate: Any) -> Any:
+    """Poll ``await predicate()`` until it is truthy (the caller sets a generous deadline)."""
+    while not (found := await predicate()):  # noqa: ASYNC110 - polling another process
+        await trio.sleep(0.1)
+    return found
 
 
 async def test_ls_rm_and_prune_act_through_the_running_agent(
@@ -108,7 +104,8 @@ async def test_ls_rm_and_prune_act_through_the_running_agent(
             states = {b["digest"]: b["state"] for b in doc["blobs"]}
             return doc if states == dict.fromkeys(small, "seeding") else None
 
-        doc = await wait_for(all_seeded, "three seeded blobs")
+        with trio.fail_after(60):  # seeding starts just after the pull
+            doc = await wait_for(all_seeded)
         # Least recently used first: the next to be evicted.
         assert [b["digest"] for b in doc["blobs"]] == small
         assert [b["size"] for b in doc["blobs"]] == [layer.size for layer in image.layers[:3]]
@@ -211,7 +208,8 @@ async def test_a_new_cache_policy_in_the_mounted_configmap_applies_without_a_res
                 cache = await policy()
                 return cache["blobs"] == 2 and cache["policy"]["quota_bytes"] == 5 * MiB
 
-            await wait_for(quota_applied, "the new cacheSize to evict a blob")
+            with trio.fail_after(60):  # the file is polled every 2 s, then a sweep
+                await wait_for(quota_applied)
             cache = await policy()
             assert cache["policy"]["source"] == "config file (reloaded)"
             assert cache["quota_bytes"] == 5 * MiB
@@ -227,14 +225,13 @@ async def test_a_new_cache_policy_in_the_mounted_configmap_applies_without_a_res
             assert (await policy())["policy"]["low_watermark_percent"] == 80
 
             # Expiry, live: both blobs were last used more than a second ago.
-            volume.publish(
-                base + "cacheSize: 5MiB\ncacheMaxUnused: 1s\ncacheHighWatermark: 0\n"
-            )
+            volume.publish(base + "cacheSize: 5MiB\ncacheMaxUnused: 1s\ncacheHighWatermark: 0\n")
 
             async def expired() -> bool:
                 return (await policy())["blobs"] == 0
 
-            await wait_for(expired, "cacheMaxUnused to expire the blobs")
+            with trio.fail_after(60):
+                await wait_for(expired)
             cache = await policy()
             assert cache["policy"]["max_unused_seconds"] == 1
             assert cache["policy"]["high_watermark_percent"] == 0
