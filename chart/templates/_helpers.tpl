@@ -135,6 +135,9 @@ component's `config` values add further settings (the schema refuses the compute
   "downloadRate" .Values.downloadRate
   "uploadRate" .Values.uploadRate
   "cacheSize" $a.cacheSize
+  "cacheHighWatermark" (int $a.cacheHighWatermark)
+  "cacheLowWatermark" (int $a.cacheLowWatermark)
+  "cacheMaxUnused" $a.cacheMaxUnused
   "logLevel" .Values.logLevel
   "logFormat" .Values.logFormat
 -}}
