@@ -42,6 +42,10 @@ MAX_BODY = 4096
 _BLOB_PATH = re.compile(r"^/v1/cache/blobs/(sha256:[0-9a-f]{64})\Z")
 
 
+class BadRequestError(Exception):
+    """The request is malformed (answered 400 with this message)."""
+
+
 def policy_view(janitor: Janitor) -> dict[str, Any]:
     """The cache policy in force, as ``/status`` and ``GET /v1/cache`` show it."""
     in_force = janitor.in_force
@@ -58,6 +62,30 @@ def policy_view(janitor: Janitor) -> dict[str, Any]:
         "evictions": janitor.cache.eviction_counts(),
         "last_sweep_at": None if janitor.last is None else round(janitor.last.at, 3),
     }
+
+
+def parse_prune(raw: bytes) -> tuple[bool, float | None]:
+    """(everything, unused_for) from a prune request's body; raises :class:`BadRequestError`."""
+    try:
+        body = json.loads(raw or b"{}")
+    except ValueError:
+        raise BadRequestError("the body must be JSON") from None
+    if not isinstance(body, dict) or set(body) - {"all", "unused_for"}:
+        raise BadRequestError('expected {"all": true} or {"unused_for": SECONDS} or {}')
+    everything = body.get("all", False)
+    if not isinstance(everything, bool):
+        raise BadRequestError('"all" must be true or false')
+    unused_for = body.get("unused_for")
+    if unused_for is not None:
+        if isinstance(unused_for, str):
+            raise BadRequestError('"unused_for" must be a number of seconds')
+        try:
+            unused_for = parse_duration(unused_for)
+        except ValueError as exc:
+            raise BadRequestError(f'"unused_for": {exc}') from None
+    if everything and unused_for is not None:
+        raise BadRequestError('give "all" or "unused_for", not both')
+    return everything, unused_for
 
 
 class AdminApp:
@@ -78,7 +106,7 @@ class AdminApp:
             status, body = await self._route(request, receive)
         except OCIError as exc:  # read_body: too large
             status, body = exc.status, {"error": exc.message}
-        except ValueError as exc:
+        except BadRequestError as exc:
             status, body = 400, {"error": str(exc)}
         await send_bytes(send, status, json.dumps(body).encode())
 
@@ -102,22 +130,7 @@ class AdminApp:
         return 404, {"error": "not found"}
 
     async def _prune(self, raw: bytes) -> dict[str, Any]:
-        try:
-            body = json.loads(raw or b"{}")
-        except ValueError:
-            raise ValueError("the body must be JSON") from None
-        if not isinstance(body, dict) or set(body) - {"all", "unused_for"}:
-            raise ValueError('expected {"all": true} or {"unused_for": SECONDS} or {}')
-        everything = body.get("all", False)
-        if not isinstance(everything, bool):
-            raise ValueError('"all" must be true or false')
-        unused_for = body.get("unused_for")
-        if unused_for is not None:
-            if isinstance(unused_for, str):
-                raise ValueError('"unused_for" must be a number of seconds')
-            unused_for = parse_duration(unused_for)
-        if everything and unused_for is not None:
-            raise ValueError('give "all" or "unused_for", not both')
+        everything, unused_for = parse_prune(raw)
         result = await self.janitor.prune(everything=everything, unused_for=unused_for)
         return result.view()
 

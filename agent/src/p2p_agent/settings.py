@@ -43,7 +43,7 @@ def _percent(value: object) -> object:
     return value
 
 
-Percent = Annotated[int, BeforeValidator(_percent), Field(ge=0, le=100, strict=False)]
+Percent = Annotated[int, BeforeValidator(_percent), Field(ge=0, le=100)]
 """A whole percentage, 0 to 100 (``85`` or ``"85%"``)."""
 
 
