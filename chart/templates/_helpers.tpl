@@ -137,6 +137,9 @@ component's `config` values add further settings (the schema refuses the compute
   "cacheSize" $a.cacheSize
   "diskWriteLatencyLimit" $a.diskWriteLatencyLimit
   "diskMinDownloadRate" $a.diskMinDownloadRate
+  "cacheHighWatermark" (int $a.cacheHighWatermark)
+  "cacheLowWatermark" (int $a.cacheLowWatermark)
+  "cacheMaxUnused" $a.cacheMaxUnused
   "logLevel" .Values.logLevel
   "logFormat" .Values.logFormat
 -}}

@@ -62,6 +62,9 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "ports": {"registry": 15004, "peer": 16881, "metrics": 15014},
             "dataDir": "/var/lib/p2p-agent",
             "cacheSize": "80GiB",
+            "cacheHighWatermark": 90,
+            "cacheLowWatermark": 70,
+            "cacheMaxUnused": "7d",
             "nodeSelector": {"node-pool": "general"},  # merged with kubernetes.io/os: linux
             "affinity": {
                 "nodeAffinity": {

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from p2p_agent.settings import AgentSettings
-from p2p_common.settings import ConfigError, normalise_registry, parse_size
+from p2p_common.settings import ConfigError, normalise_registry, parse_duration, parse_size
 from p2p_proxy.settings import ProxySettings
 from p2p_tracker.settings import TrackerSettings
 from tests.chart.conftest import REQUIRED, VALUE_SETS, Render, Rendered, merged
@@ -56,6 +56,9 @@ def test_agent_config_carries_the_values(render: Render, value_set: tuple, tmp_p
     assert settings.peer_port == ports["peer"]
     assert str(settings.data_dir) == agent.get("dataDir", "/p2p_agent_data")
     assert settings.cache_size == parse_size(agent.get("cacheSize", "20GB"))
+    assert settings.cache_high_watermark == agent.get("cacheHighWatermark", 85)
+    assert settings.cache_low_watermark == agent.get("cacheLowWatermark", 80)
+    assert settings.cache_max_unused == parse_duration(agent.get("cacheMaxUnused", 0))
     assert settings.proxies == [f"http://p2p-proxy-headless.{namespace}.svc.{domain}:{proxy_port}"]
     assert settings.log_level == values.get("logLevel", "info")
     assert settings.log_format == values.get("logFormat", "json")
@@ -158,3 +161,14 @@ def test_rates_in_every_accepted_spelling(
         render(merged(REQUIRED, {"downloadRate": rate, "uploadRate": rate})), "agent", tmp_path
     )
     assert settings.download_rate == settings.upload_rate == expected
+
+
+def test_watermarks_the_wrong_way_round_are_refused_by_the_agent_naming_the_key(
+    render: Render, tmp_path: Path
+) -> None:
+    # The schema checks each value; only the agent can compare the two.
+    rendered = render(merged(REQUIRED, {"agent": {"cacheHighWatermark": 70}}))
+    with pytest.raises(ConfigError, match=r"^cacheLowWatermark: must be below cacheHighWatermark"):
+        load(rendered, "agent", tmp_path)
+    off = load(render(merged(REQUIRED, {"agent": {"cacheHighWatermark": 0}})), "agent", tmp_path)
+    assert off.cache_policy().high_watermark == 0

@@ -338,8 +338,27 @@ def test_a_rate_change_does_not_touch_the_agent_daemonset(render: Render) -> Non
 @pytest.mark.parametrize(
     "change",
     [
-        {"registry": "other.example.com"},
         {"agent": {"cacheSize": "99GB"}},
+        {"agent": {"cacheHighWatermark": 90, "cacheLowWatermark": 60}},
+        {"agent": {"cacheMaxUnused": "7d"}},
+        {"agent": {"config": {"cacheSweepInterval": "10s"}}},
+    ],
+)
+def test_a_cache_policy_change_does_not_touch_the_agent_daemonset(
+    render: Render, change: dict
+) -> None:
+    before = render(REQUIRED)
+    after = render(merged(REQUIRED, change))
+    # The agents apply the new policy from their ConfigMap volume: no pod restarts.
+    assert before.get("ConfigMap", "agent") != after.get("ConfigMap", "agent")
+    assert before.get("DaemonSet", "p2p-agent") == after.get("DaemonSet", "p2p-agent")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"registry": "other.example.com"},
+        {"agent": {"dataDir": "/var/lib/p2p"}},
         {"logLevel": "debug"},
         {"agent": {"config": {"fallbackAfter": 3}}},
     ],

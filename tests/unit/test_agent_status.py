@@ -9,9 +9,13 @@ from typing import Any
 
 from rich.console import Console
 
+from p2p_agent.admin import policy_view
+from p2p_agent.janitor import Janitor, PolicyInForce
 from p2p_agent.mirror import MirrorStatus, RegistryUse, read_hosts_toml
 from p2p_agent.status import PullLog, Rates, StatusView
 from p2p_agent.status_cli import render
+from p2p_common.blobcache import BlobCache
+from p2p_common.cachepolicy import CachePolicy
 from p2p_common.engine.announce import TrackerLog
 from p2p_common.tracker_proto import AnnounceResponse, Peer
 
@@ -299,3 +303,42 @@ def test_the_terminal_view_reads_an_agent_without_trackers_or_mirror(tmp_path: P
     console = Console(record=True, width=160)
     console.print(render(doc))
     assert "p2p agent 9.9" in console.export_text()
+
+
+def test_the_cache_policy_in_force_is_in_the_document_and_the_terminal_view(
+    tmp_path: Path,
+) -> None:
+    cache = BlobCache(tmp_path / "data", quota=5000)
+    janitor = Janitor(
+        cache,
+        tmp_path,
+        PolicyInForce(CachePolicy(5000, 85, 80, 7 * 86400), "config file (reloaded)", 1.7e9),
+    )
+    janitor.unmet["watermark"] = True
+    cache.evictions["expired"] += 2
+    parts = fake_parts(tmp_path)
+    view = StatusView(
+        version="9.9",
+        pulls=PullLog(),
+        rates=Rates(0, 0, "settings"),
+        cache_policy=lambda: policy_view(janitor),
+        **parts,
+    )
+    policy = view.snapshot()["cache"]["policy"]
+    assert policy["quota_bytes"] == 5000
+    assert (policy["high_watermark_percent"], policy["low_watermark_percent"]) == (85, 80)
+    assert policy["max_unused_seconds"] == 7 * 86400
+    assert policy["source"] == "config file (reloaded)"
+    assert policy["changed_at"] == 1.7e9
+    assert policy["limits_unmet"] == ["watermark"]
+    assert policy["evictions"] == {"expired": 2}
+    console = Console(record=True, width=200)
+    console.print(render(view.snapshot()))
+    text = console.export_text()
+    for expected in (
+        "evict above 85% of the disk to 80%",
+        "expire after 7d unused",
+        "2 evicted since start",
+        "cannot meet: watermark",
+    ):
+        assert expected in text, expected

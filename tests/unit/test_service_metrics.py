@@ -5,7 +5,7 @@ proxy's live values. (tests/component/test_metrics_docs.py checks the whole set 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,10 @@ class _Engine:
 @dataclass
 class _Cache:
     quota: int
+    evictions: dict[str, int] = field(default_factory=dict)
+
+    def eviction_counts(self) -> dict[str, int]:
+        return dict(self.evictions)
 
 
 def test_agent_live_values_are_read_at_scrape_time(tmp_path: Path) -> None:
@@ -105,7 +109,9 @@ def test_agent_live_values_are_read_at_scrape_time(tmp_path: Path) -> None:
     engine = _Engine(
         {b"a": _Torrent(agent=2, proxy=1), b"b": _Torrent(agent=1, foreign=1)}, _Limiter(1000)
     )
-    metrics.watch(engine_reader(engine, _Cache(5_000_000), tmp_path))  # type: ignore[arg-type]
+    cache = _Cache(5_000_000, {"watermark": 3})
+    unmet = {"watermark": True}
+    metrics.watch(engine_reader(engine, cache, tmp_path, lambda: unmet))  # type: ignore[arg-type]
     body, _ = metrics.render(None)
     assert value(body, "p2p_agent_upload_bytes_total") == 1000
     assert value(body, "p2p_agent_peer_connections", role="agent") == 3
@@ -121,6 +127,17 @@ def test_agent_live_values_are_read_at_scrape_time(tmp_path: Path) -> None:
     assert value(body, "p2p_agent_upload_bytes_total") == 4000
     assert value(body, "p2p_agent_peer_connections", role="agent") == 1
     assert value(body, "p2p_agent_peer_connections", role="proxy") == 0
+    # Cache evictions by reason, every reason present from the start; limits the janitor
+    # could not meet.
+    assert value(body, "p2p_agent_cache_evictions_total", reason="watermark") == 3
+    assert value(body, "p2p_agent_cache_evictions_total", reason="expired") == 0
+    assert value(body, "p2p_agent_cache_limit_unmet", limit="watermark") == 1
+    assert value(body, "p2p_agent_cache_limit_unmet", limit="quota") == 0
+    cache.evictions["operator"] = 2
+    unmet["watermark"] = False
+    body, _ = metrics.render(None)
+    assert value(body, "p2p_agent_cache_evictions_total", reason="operator") == 2
+    assert value(body, "p2p_agent_cache_limit_unmet", limit="watermark") == 0
 
 
 def test_agent_without_a_readable_data_dir_reports_zero(tmp_path: Path) -> None:

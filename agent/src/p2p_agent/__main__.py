@@ -1,9 +1,10 @@
-"""Entry point: ``p2p-agent --config FILE`` (see :mod:`p2p_common.service_main`), and
-``p2p-agent status`` (see :mod:`p2p_agent.status_cli`).
+"""Entry point: ``p2p-agent --config FILE`` (see :mod:`p2p_common.service_main`),
+``p2p-agent status`` (see :mod:`p2p_agent.status_cli`) and ``p2p-agent cache ls | rm |
+prune`` (see :mod:`p2p_agent.cache_cli`).
 
 A graceful stop closes the registry API to new requests, lets pulls in progress finish
 (bounded) and announces ``stopped`` for every torrent. The config file is watched for new
-``downloadRate``/``uploadRate`` values.
+``downloadRate``/``uploadRate`` and cache policy values.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
         from p2p_agent.status_cli import main as status_main  # noqa: PLC0415 - only here: rich
 
         return status_main(args[1:])
+    if args[:1] == ["cache"]:
+        from p2p_agent.cache_cli import main as cache_main  # noqa: PLC0415 - only here: rich
+
+        return cache_main(args[1:])
     return run_service(
         "agent",
         description="p2p node agent",

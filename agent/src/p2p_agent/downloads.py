@@ -32,7 +32,7 @@ import errno
 import logging
 import os
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -219,6 +219,8 @@ class Downloads:
         self.info_hashes: dict[str, bytes] = {}
         self._seeding: set[str] = set()
         self._nursery: trio.Nursery | None = None
+        self.on_complete: Callable[[str], None] | None = None
+        """Called with the digest of every blob that entered the cache (the janitor sweeps)."""
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the download tasks; reseed every cached blob that has its metainfo."""
@@ -284,12 +286,21 @@ class Downloads:
         finally:
             self._seeding.discard(digest)
 
-    def evicted(self, digest: str) -> None:
-        """Cache callback: stop seeding an evicted blob."""
+    def _completed(self, digest: str) -> None:
+        if self.on_complete is not None:
+            self.on_complete(digest)
+
+    def evicted(self, digest: str) -> trio.Event | None:
+        """Cache callback: stop seeding an evicted blob. Returns an event that is set once its
+        torrent has closed the file (the deleted file's space is free only then), or None when
+        it was not seeded."""
         info_hash = self.info_hashes.pop(digest, None)
-        if info_hash is not None:
-            self.engine.remove_torrent(info_hash)
-            self.metrics.active_torrents.set(len(self.engine.torrents))
+        if info_hash is None:
+            return None
+        torrent = self.engine.torrents.get(info_hash)
+        self.engine.remove_torrent(info_hash)
+        self.metrics.active_torrents.set(len(self.engine.torrents))
+        return None if torrent is None else torrent.closed
 
     async def get(self, request: BlobRequest) -> Download | None:
         """The running download of a blob, started if needed; None if already cached."""
@@ -401,6 +412,7 @@ class Downloads:
             seconds=round(trio.current_time() - download.started, 3),
             **{f"from_{role}": count for role, count in by_role.items()},
         )
+        self._completed(digest)
 
     async def _follow_chunks(
         self, source: SwarmSource, request: BlobRequest, torrent: Torrent
@@ -595,6 +607,7 @@ class Downloads:
             seconds=round(trio.current_time() - download.started, 3),
             from_proxy_stream=size,
         )
+        self._completed(digest)
         if seed:
             # The proxy has the whole blob now: seed it for the nodes that come next.
             self.ensure_seeded(request)

@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 from p2p_agent import __version__
 from p2p_common.asgi import Message, Send
 from p2p_common.blobcache import BlobCache
+from p2p_common.cachepolicy import REASONS
 from p2p_common.engine import Engine
 from p2p_common.metrics import filesystem_gauges, render, service_registry
 
@@ -42,6 +43,10 @@ class Live:
     """Peer connections by role."""
     cache_quota: int = 0
     data_dir: str | None = None
+    evictions: dict[str, int] = field(default_factory=dict)
+    """Blobs evicted from the cache since start, by reason."""
+    limits_unmet: dict[str, bool] = field(default_factory=dict)
+    """Cache limits (quota, watermark) the last sweep could not meet."""
 
 
 class _LiveCollector(Collector):
@@ -76,6 +81,25 @@ class _LiveCollector(Collector):
             value=live.cache_quota,
         )
         yield from filesystem_gauges("agent", live.data_dir)
+        evictions = CounterMetricFamily(
+            "p2p_agent_cache_evictions",
+            "Blobs evicted from the cache since start, by reason: quota (cacheSize), watermark "
+            "(the filesystem above cacheHighWatermark, or too full for a download), expired "
+            "(unused for cacheMaxUnused), operator (p2p-agent cache rm or prune).",
+            labels=["reason"],
+        )
+        for reason in REASONS:
+            evictions.add_metric([reason], live.evictions.get(reason, 0))
+        yield evictions
+        unmet = GaugeMetricFamily(
+            "p2p_agent_cache_limit_unmet",
+            "1 when the last cache sweep could not meet a limit (quota, watermark) because "
+            "every blob left is in use or the space is not the cache's; else 0.",
+            labels=["limit"],
+        )
+        for limit in ("quota", "watermark"):
+            unmet.add_metric([limit], 1 if live.limits_unmet.get(limit) else 0)
+        yield unmet
 
 
 class AgentMetrics:
@@ -201,9 +225,13 @@ class AgentMetrics:
 
 
 def engine_reader(
-    engine: Engine, cache: BlobCache, data_dir: os.PathLike[str]
+    engine: Engine,
+    cache: BlobCache,
+    data_dir: os.PathLike[str],
+    limits_unmet: Callable[[], dict[str, bool]] = dict,
 ) -> Callable[[], Live]:
-    """What :meth:`AgentMetrics.watch` reads from the agent's engine and cache."""
+    """What :meth:`AgentMetrics.watch` reads from the agent's engine and cache (and, through
+    ``limits_unmet``, its cache janitor)."""
     path = os.fspath(data_dir)
 
     def read() -> Live:
@@ -216,6 +244,8 @@ def engine_reader(
             connections=roles,
             cache_quota=cache.quota,
             data_dir=path,
+            evictions=cache.eviction_counts(),
+            limits_unmet=dict(limits_unmet()),
         )
 
     return read

@@ -2,13 +2,16 @@
 
 ``serve(settings)`` starts the BitTorrent engine on ``peerPort``, reseeds the cache,
 serves the registry API on ``listen`` (127.0.0.1:5004) and metrics/health on
-``metricsListen``, and, given the config file, applies new ``downloadRate`` and
-``uploadRate`` values from it without a restart (Kubernetes updates a mounted
-ConfigMap by swapping a symlink; the file is polled by path).
+``metricsListen``, keeps the cache within its policy (:mod:`p2p_agent.janitor`), serves
+the admin API for ``p2p-agent cache`` on the unix socket ``dataDir/admin.sock``, and,
+given the config file, applies new ``downloadRate``, ``uploadRate`` and cache policy
+values from it without a restart (Kubernetes updates a mounted ConfigMap by swapping a
+symlink; the file is polled by path).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -23,8 +26,10 @@ import httpx
 import trio
 
 from p2p_agent import __version__
+from p2p_agent.admin import ADMIN_SOCKET, AdminApp, policy_view
 from p2p_agent.api import RegistryApp
 from p2p_agent.downloads import Downloads
+from p2p_agent.janitor import Janitor, PolicyInForce
 from p2p_agent.metrics import AgentMetrics, engine_reader
 from p2p_agent.mirror import MirrorStatus
 from p2p_agent.pacing import Pacer
@@ -44,7 +49,19 @@ log = logging.getLogger("p2p.agent")
 CONFIG_POLL_SECONDS = 2.0
 GRACEFUL_SECONDS = 60.0
 """In-flight pulls get this long to finish after SIGTERM (the chart allows 120 s)."""
-LIVE_KEYS = ("downloadRate", "uploadRate", "diskWriteLatencyLimit", "diskMinDownloadRate")
+LIVE_KEYS = (
+    "downloadRate",
+    "uploadRate",
+    "diskWriteLatencyLimit",
+    "diskMinDownloadRate",
+    "cacheSize",
+    "cacheHighWatermark",
+    "cacheLowWatermark",
+    "cacheMaxUnused",
+    "cacheSweepInterval",
+)
+MAX_UNIX_SOCKET_PATH = 107
+"""Bytes of a unix socket's path Linux accepts (sun_path holds 108 with the final NUL)."""
 
 
 @dataclass
@@ -124,6 +141,29 @@ async def watch_config(
         current = fresh
 
 
+async def serve_admin(
+    app: AdminApp, path: Path, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """The admin API on its unix socket (removed again when the agent stops). A ``dataDir``
+    too deep for a socket's path leaves the agent without it (``p2p-agent cache`` then says
+    the agent is not running), not without its registry API."""
+    if len(os.fsencode(path)) > MAX_UNIX_SOCKET_PATH:
+        event(
+            log,
+            "admin.unavailable",
+            logging.ERROR,
+            socket=str(path),
+            error=f"the path is longer than {MAX_UNIX_SOCKET_PATH} bytes",
+        )
+        task_status.started(0)
+        return
+    try:
+        await serve_app(app, f"unix:{path}", graceful_timeout=5.0, task_status=task_status)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
 async def serve(
     settings: AgentSettings,
     *,
@@ -137,6 +177,13 @@ async def serve(
     cache = await trio.to_thread.run_sync(
         lambda: BlobCache(settings.data_dir, quota=settings.cache_size)
     )
+    source = "config file" if config_file is not None else "settings"
+    janitor = Janitor(
+        cache,
+        settings.data_dir,
+        PolicyInForce(settings.cache_policy(), source),
+        interval=settings.cache_sweep_interval,
+    )
     engine = Engine(
         host=settings.peer_host,
         port=settings.peer_port,
@@ -145,9 +192,9 @@ async def serve(
         upload_rate=settings.upload_rate,
         max_connections=settings.max_connections,
     )
-    metrics.watch(engine_reader(engine, cache, settings.data_dir))
+    metrics.watch(engine_reader(engine, cache, settings.data_dir, lambda: janitor.unmet))
 
-    origin = "config file" if config_file is not None else "settings"
+    origin = source
     rates = Rates(settings.download_rate, settings.upload_rate, origin)
 
     def paced(pace: Pace) -> None:
@@ -178,6 +225,19 @@ async def serve(
             "cuts": core.cuts,
         }
 
+    def apply_cache_policy(fresh: AgentSettings) -> None:
+        janitor.interval = fresh.cache_sweep_interval
+        policy = fresh.cache_policy()
+        if janitor.set_policy(policy, "config file (reloaded)"):
+            event(
+                log,
+                "cache.policy_applied",
+                cacheSize=policy.quota,
+                cacheHighWatermark=policy.high_watermark,
+                cacheLowWatermark=policy.low_watermark,
+                cacheMaxUnused=policy.max_unused,
+            )
+
     def apply(fresh: AgentSettings) -> None:
         nonlocal origin
         origin = "config file (reloaded)"
@@ -199,6 +259,7 @@ async def serve(
             uploadRate=fresh.upload_rate,
             diskWriteLatencyLimit=fresh.disk_write_latency_limit,
         )
+        apply_cache_policy(fresh)
 
     rates.adaptive = adaptive_view
     metrics.download_rate.set(settings.download_rate)
@@ -220,6 +281,9 @@ async def serve(
             swarm_min_size=settings.swarm_min_size,
         )
         cache.on_evict = downloads.evicted
+        janitor.notify = downloads.evicted
+        janitor.downloading = lambda: set(downloads.active)
+        downloads.on_complete = lambda _digest: janitor.poke()
         app = RegistryApp(
             registries=settings.registry,
             proxies=proxies,
@@ -245,7 +309,9 @@ async def serve(
                 port=lambda: api_port,
                 use=app.use,
             ),
+            cache_policy=lambda: policy_view(janitor),
         )
+        admin = AdminApp(janitor=janitor, cache=cache, downloads=downloads)
         api_done = trio.Event()
 
         async def run_api(task_status: trio.TaskStatus[int]) -> None:
@@ -270,6 +336,8 @@ async def serve(
         async with trio.open_nursery() as nursery:
             await nursery.start(engine.serve)
             await nursery.start(downloads.run)
+            await nursery.start(janitor.run)
+            await nursery.start(serve_admin, admin, settings.data_dir / ADMIN_SOCKET)
             nursery.start_soon(gauges)
             nursery.start_soon(pacer.run)
             if config_file is not None:

@@ -6,10 +6,12 @@ import ipaddress
 from pathlib import Path
 from typing import Annotated, ClassVar
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo, field_validator
 
+from p2p_common.cachepolicy import CachePolicy
 from p2p_common.settings import (
     ByteSize,
+    Duration,
     HostPort,
     RegistryList,
     ServiceSettings,
@@ -31,6 +33,18 @@ def _loopback(value: str) -> str:
 
 
 LoopbackHostPort = Annotated[HostPort, AfterValidator(_loopback)]
+
+
+def _percent(value: object) -> object:
+    if isinstance(value, bool):
+        raise ValueError("expected a percentage, not a boolean")  # pydantic takes True as 1
+    if isinstance(value, str) and value.strip().endswith("%"):
+        return value.strip()[:-1].strip()
+    return value
+
+
+Percent = Annotated[int, BeforeValidator(_percent), Field(ge=0, le=100)]
+"""A whole percentage, 0 to 100 (``85`` or ``"85%"``)."""
 
 
 class AgentSettings(ServiceSettings):
@@ -73,7 +87,20 @@ class AgentSettings(ServiceSettings):
     disk_min_download_rate: ByteSize = Field(10**6, ge=1)
     """The lowest download rate the adaptive limit sets (bytes per second)."""
     cache_size: ByteSize = 20 * 10**9
-    """Disk quota for cached blobs, least recently used evicted beyond it (0 = no quota)."""
+    """Disk quota for cached blobs, least recently used evicted beyond it (0 = no quota).
+    Applied live."""
+    cache_high_watermark: Percent = 85
+    """Percent of the dataDir filesystem used above which least recently used blobs are
+    evicted, down to ``cacheLowWatermark`` (0 = off). Applied live."""
+    cache_low_watermark: Percent = 80
+    """Percent of the dataDir filesystem used that evicting for the high watermark aims for;
+    must be below ``cacheHighWatermark``. Applied live."""
+    cache_max_unused: Duration = 0.0
+    """Blobs not used (served to a client, or downloaded) for this long are evicted: seconds,
+    or ``30m``, ``12h``, ``7d`` (0 = never). Applied live."""
+    cache_sweep_interval: Annotated[Duration, Field(ge=1, le=3600)] = 30.0
+    """How often the cache policy is checked (besides after every download), 1 s to 1 h.
+    Applied live."""
     swarm_min_size: ByteSize = 10**6
     """Blobs smaller than this (image configs, tiny layers) come from the proxy over HTTP and
     are not seeded: a swarm gains nothing on a piece or four, and every seeded blob costs the
@@ -92,3 +119,20 @@ class AgentSettings(ServiceSettings):
     send_timeout: float = Field(30.0, ge=1)
     """Seconds a response waits for a client that takes none of its bytes before its
     connection is cut (TCP_USER_TIMEOUT)."""
+
+    @field_validator("cache_low_watermark")
+    @classmethod
+    def _low_below_high(cls, low: int, info: ValidationInfo) -> int:
+        high = info.data.get("cache_high_watermark")
+        if high and low >= high:
+            raise ValueError(f"must be below cacheHighWatermark ({high})")
+        return low
+
+    def cache_policy(self) -> CachePolicy:
+        """The cache limits these settings ask for."""
+        return CachePolicy(
+            quota=self.cache_size,
+            high_watermark=self.cache_high_watermark,
+            low_watermark=self.cache_low_watermark,
+            max_unused=self.cache_max_unused,
+        )

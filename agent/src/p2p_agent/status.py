@@ -3,8 +3,8 @@
 :class:`PullLog` records every blob response the registry API sends (in flight, and the last
 :data:`RECENT` finished ones) with its bytes, time to first byte and outcome. :class:`StatusView`
 puts that together with the downloads in progress (pieces, peers and bytes by source), the
-cache, the rates in force, the proxies' and trackers' last answers and the mirror-mode state
-of each registry (:mod:`p2p_agent.mirror`) into one JSON document, the same one
+cache and its policy, the rates in force, the proxies' and trackers' last answers and the
+mirror-mode state of each registry (:mod:`p2p_agent.mirror`) into one JSON document, the same one
 ``p2p-agent status`` shows in a terminal. Times are seconds; ``*_at`` fields are Unix times.
 Blobs are named by digest; the document holds no credentials and no infohashes.
 """
@@ -143,6 +143,7 @@ class StatusView:
         tracker_urls: Callable[[], Iterable[str]] = tuple,
         mirror: MirrorStatus | None = None,
         started_at: float | None = None,
+        cache_policy: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.version = version
         self.pulls = pulls
@@ -156,6 +157,8 @@ class StatusView:
         self.tracker_urls = tracker_urls
         """The tracker URLs of the torrents the agent holds (they come with the metainfo)."""
         self.mirror = mirror
+        self.cache_policy = cache_policy
+        """The cache policy in force (limits, where they came from, evictions)."""
         self.started_at = time.time() if started_at is None else started_at
 
     def snapshot(self) -> dict[str, Any]:
@@ -214,7 +217,7 @@ class StatusView:
         usage = filesystem_usage(self.data_dir)
         total, free = usage if usage is not None else (None, None)
         seeded = len(getattr(self.downloads, "info_hashes", {}))
-        return {
+        found = {
             "used_bytes": self.cache.used,
             "quota_bytes": self.cache.quota,
             "blobs": len(self.cache.digests()),
@@ -222,6 +225,9 @@ class StatusView:
             "disk_free_bytes": free,
             "disk_total_bytes": total,
         }
+        if self.cache_policy is not None:
+            found["policy"] = self.cache_policy()
+        return found
 
     def _proxies(self) -> dict[str, Any]:
         """The configured proxy URLs, and every instance (address) behind them that was

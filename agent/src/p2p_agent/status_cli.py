@@ -21,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from p2p_agent.settings import AgentSettings
-from p2p_common.settings import ConfigError
+from p2p_common.settings import ConfigError, format_duration
 from p2p_common.status_cli import (
     ago,
     bar,
@@ -59,6 +59,27 @@ def render(status: dict[str, Any]) -> RenderableType:
         f"rates {rate(rates['download_bytes_per_second'])} down / "
         f"{rate(rates['upload_bytes_per_second'])} up ({rates['source']})",
     )
+
+    policy = cache.get("policy")
+    if policy is not None:
+        marks = (
+            f"evict above {policy['high_watermark_percent']}% of the disk "
+            f"to {policy['low_watermark_percent']}%"
+            if policy["high_watermark_percent"]
+            else "disk watermarks off"
+        )
+        unused = policy["max_unused_seconds"]
+        evicted = sum(policy["evictions"].values())
+        head.add_row(
+            f"cache policy ({policy['source']}): {marks}",
+            f"expire after {format_duration(unused)} unused" if unused else "no expiry",
+            f"{evicted} evicted since start"
+            + (
+                f", cannot meet: {', '.join(policy['limits_unmet'])}"
+                if policy["limits_unmet"]
+                else ""
+            ),
+        )
 
     pulls = table(
         "pulls in flight",

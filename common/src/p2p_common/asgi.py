@@ -2,8 +2,9 @@
 
 Not a framework: a parsed :class:`Request`, a few ways to answer (bytes, an OCI
 error, a file range with bounded memory, an async byte stream), the lifespan
-protocol, and :func:`serve_app`, which runs an app on hypercorn and reports the
-bound port. Applications route by hand in their own ``__call__``.
+protocol, and :func:`serve_app`, which runs an app on hypercorn (on ``host:port``, or on a
+private unix socket, ``unix:PATH``) and reports the bound port. Applications route by hand in
+their own ``__call__``.
 """
 
 from __future__ import annotations
@@ -240,6 +241,10 @@ class _Config(Config):
     the connection. Idle keep-alive connections are not affected (``keep_alive_timeout``);
     hypercorn's ``read_timeout`` is left unset because it would also cut long responses
     whose clients have nothing to send.
+
+    A unix socket (``unix:PATH``) is made private: mode :data:`UNIX_SOCKET_MODE`, set after
+    it is bound and before it listens, so that no other user can connect in between
+    (connecting takes write permission, and a socket that does not listen yet refuses).
     """
 
     send_timeout: float = SEND_TIMEOUT
@@ -251,7 +256,13 @@ class _Config(Config):
                 sock.setsockopt(
                     socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(self.send_timeout * 1000)
                 )
+            elif sock.family == socket.AF_UNIX:
+                os.chmod(sock.getsockname(), UNIX_SOCKET_MODE)
         return sockets
+
+
+UNIX_SOCKET_MODE = 0o600
+"""Permissions of a unix socket :func:`serve_app` listens on: its owner only."""
 
 
 def hypercorn_config(
@@ -288,7 +299,9 @@ async def serve_app(
     tls: tuple[os.PathLike[str], os.PathLike[str]] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``app`` on ``listen`` (``host:port``; port 0 picks one) and report the port.
+    """Serve ``app`` on ``listen`` (``host:port``; port 0 picks one) and report the port;
+    or on a unix socket, ``unix:PATH`` (mode 0600, replacing a stale socket at ``PATH``),
+    and report 0.
 
     Returns after ``shutdown_trigger`` returns and in-flight requests finished (bounded by
     ``graceful_timeout``, and for a client that stopped reading by ``send_timeout``);
@@ -311,8 +324,8 @@ async def serve_app(
                 cast(Any, app), config, shutdown_trigger=trigger, task_status=task_status
             )
         )
-        _host, port = split_host_port(binds[0].partition("://")[2])
-        task_status.started(port)
+        address = binds[0].partition("://")[2]
+        task_status.started(0 if address.startswith("unix:") else split_host_port(address)[1])
 
 
 async def stream_to(send: Send, chunks: AsyncIterator[bytes]) -> None:

@@ -12,6 +12,9 @@ A blob enters ``blobs/`` only by an atomic rename after its digest was checked,
 so a crash leaves either the old state or the new one. A quota with
 least-recently-used eviction bounds the disk; blobs pinned by a reader, a seeder
 or a download are never evicted. Last use survives restarts as the file's mtime.
+Eviction by a policy (p2p_common.cachepolicy: watermarks, expiry, an operator's prune) goes
+through :meth:`BlobCache.snapshot` and :meth:`BlobCache.evict`, which checks the pins again at
+the moment of deletion. :attr:`BlobCache.evictions` counts evictions by reason.
 
 The methods block on the file system; callers on a trio loop run the slow ones
 (:meth:`BlobCache.scan`, :meth:`BlobCache.evict_for`) in a thread, and reserve quota with
@@ -28,12 +31,14 @@ import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
 from p2p_common import metainfo as mi
 from p2p_common.blobinfo import BlobMetainfo, FrameParser
+from p2p_common.cachepolicy import Blob, Reason
 from p2p_common.errors import LocalError
 from p2p_common.storage import PieceFile
 
@@ -49,6 +54,29 @@ class CacheFullError(LocalError):
     """The quota cannot make room: every cached blob is in use."""
 
 
+@dataclass(frozen=True, slots=True)
+class CacheSnapshot:
+    """The index at one moment, for an eviction policy."""
+
+    blobs: list[Blob]
+    """Least recently used first."""
+    pins: dict[str, int]
+    """Digest -> readers, downloads and seeders holding it."""
+    reserved: int
+    """Bytes of quota held for downloads in progress."""
+
+
+@dataclass(frozen=True, slots=True)
+class PartialDownload:
+    """The files of a download in progress (or left by an earlier run, to resume)."""
+
+    digest: str
+    bytes: int
+    """Disk space its files take."""
+    modified: float
+    """Unix time of the last write."""
+
+
 def _hex(digest: str) -> str:
     match = _DIGEST.match(digest)
     if not match:
@@ -62,7 +90,7 @@ class BlobCache:
         root: Path,
         *,
         quota: int = 0,
-        on_evict: Callable[[str], None] | None = None,
+        on_evict: Callable[[str], object] | None = None,
     ) -> None:
         self.root = root
         self.quota = quota
@@ -73,6 +101,9 @@ class BlobCache:
         for directory in (self.blob_dir, self.partial_dir, self.tmp_dir):
             directory.mkdir(parents=True, exist_ok=True)
         self._lru: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._used_at: dict[str, float] = {}
+        self.evictions: collections.Counter[str] = collections.Counter()
+        """Blobs evicted since start, by reason (``quota``, ``watermark``, ...)."""
         self._pins: collections.Counter[str] = collections.Counter()
         self._reserved = 0
         self._lock = threading.Lock()
@@ -107,6 +138,7 @@ class BlobCache:
         entries.sort()
         with self._lock:
             self._lru = collections.OrderedDict((d, size) for _, d, size in entries)
+            self._used_at = {d: mtime for mtime, d, _ in entries}
         for scratch in self.tmp_dir.iterdir():
             with contextlib.suppress(OSError):
                 scratch.unlink()
@@ -148,14 +180,22 @@ class BlobCache:
         with self._lock:
             return list(self._lru)
 
+    def last_used(self, digest: str) -> float | None:
+        """Unix time of the blob's last use (its mtime on disk)."""
+        with self._lock:
+            return self._used_at.get(digest)
+
     def touch(self, digest: str) -> None:
-        """Record a use (moves the blob to the most recently used end)."""
+        """Record a use (moves the blob to the most recently used end); kept on disk as the
+        file's mtime, so that it survives a restart."""
+        now = time.time()
         with self._lock:
             if digest not in self._lru:
                 return
             self._lru.move_to_end(digest)
+            self._used_at[digest] = now
         with contextlib.suppress(OSError):
-            os.utime(self.blob_path(digest))
+            os.utime(self.blob_path(digest), (now, now))
 
     # -- pins ------------------------------------------------------------------------------------
 
@@ -181,6 +221,26 @@ class BlobCache:
             self._pins[digest] -= 1
             if self._pins[digest] <= 0:
                 del self._pins[digest]
+
+    def eviction_counts(self) -> dict[str, int]:
+        """:attr:`evictions`, copied (worker threads add to it)."""
+        with self._lock:
+            return dict(self.evictions)
+
+    def pins(self, digest: str) -> int:
+        """How many readers, downloads or seeders hold ``digest`` now."""
+        with self._lock:
+            return self._pins.get(digest, 0)
+
+    def snapshot(self) -> CacheSnapshot:
+        """The blobs with their sizes and last uses, the pins and the reservations, taken
+        together (for :mod:`p2p_common.cachepolicy`)."""
+        with self._lock:
+            blobs = [
+                Blob(digest, size, self._used_at.get(digest, 0.0))
+                for digest, size in self._lru.items()
+            ]
+            return CacheSnapshot(blobs, dict(self._pins), self._reserved)
 
     # -- space -----------------------------------------------------------------------------------
 
@@ -246,6 +306,9 @@ class BlobCache:
                         f"{self.root} has {free} bytes free, a blob of {nbytes} bytes needs more"
                     )
                 del self._lru[victim]
+                self._used_at.pop(victim, None)
+                # A full filesystem counts as the watermark's reason (the disk, not the quota).
+                self.evictions["quota" if over_quota else "watermark"] += 1
             self._remove_files(victim)
             evicted.append(victim)
             if notify and self.on_evict is not None:
@@ -264,7 +327,58 @@ class BlobCache:
         """Drop a blob (e.g. found corrupt) regardless of the LRU order."""
         with self._lock:
             self._lru.pop(digest, None)
+            self._used_at.pop(digest, None)
         self._remove_files(digest)
+
+    def evict(self, digest: str, reason: Reason) -> bool:
+        """Evict one blob for ``reason`` unless it is pinned now (checked together with its
+        removal from the index, so a reader that pinned it first keeps it; one that pins it
+        later finds it gone and downloads it again). Returns whether it was evicted;
+        ``on_evict`` is not called (the caller notifies). Blocks on the file system."""
+        with self._lock:
+            if self._pins.get(digest) or digest not in self._lru:
+                return False
+            del self._lru[digest]
+            self._used_at.pop(digest, None)
+            self.evictions[reason] += 1
+        self._remove_files(digest)
+        return True
+
+    # -- downloads in progress -------------------------------------------------------------------
+
+    def partials(self) -> list[PartialDownload]:
+        """The downloads that have files under ``partial/`` (in progress, or left to resume)."""
+        found: dict[str, tuple[int, float]] = {}
+        for path in self.partial_dir.iterdir():
+            hex_digest = path.name.split(".", 1)[0].removeprefix("sha256-")
+            if not _DIGEST.match("sha256:" + hex_digest):
+                continue
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            size, modified = found.get(hex_digest, (0, 0.0))
+            found[hex_digest] = (size + stat.st_blocks * 512, max(modified, stat.st_mtime))
+        return [
+            PartialDownload("sha256:" + h, size, modified)
+            for h, (size, modified) in sorted(found.items())
+        ]
+
+    def remove_partial(self, digest: str) -> int:
+        """Delete the files an interrupted download of ``digest`` left; returns how many, or
+        -1 when ``digest`` is pinned (a download of it pins it before it opens its files, so
+        holding the lock while deleting keeps one from starting underneath)."""
+        prefix = "sha256-" + _hex(digest) + "."
+        removed = 0
+        with self._lock:
+            if self._pins.get(digest):
+                return -1
+            for path in self.partial_dir.iterdir():
+                if path.name.startswith(prefix):
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+                        removed += 1
+        return removed
 
     # -- entering the cache ----------------------------------------------------------------------
 
@@ -293,11 +407,13 @@ class BlobCache:
 
     def _register(self, digest: str, path: Path) -> None:
         size = path.stat().st_size
+        now = time.time()
         with self._lock:
             self._lru[digest] = size
             self._lru.move_to_end(digest)
+            self._used_at[digest] = now
         with contextlib.suppress(OSError):
-            os.utime(path, (time.time(), time.time()))
+            os.utime(path, (now, now))
 
     def save_metainfo(self, digest: str, meta: BlobMetainfo) -> None:
         """Store a blob's chunks (all of them) beside it."""

@@ -13,6 +13,7 @@ live reload (the agent's rates) calls :meth:`ServiceSettings.load` again.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -70,6 +71,76 @@ def parse_size(value: object) -> int:
 
 ByteSize = Annotated[int, BeforeValidator(parse_size)]
 """Bytes (or bytes per second); accepts unit strings, see :func:`parse_size`."""
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_NUMBER = r"\d+(?:\.\d+)?"
+_DURATION_PLAIN_RE = re.compile(rf"^\s*({_NUMBER})\s*\Z", re.ASCII)
+_DURATION_RE = re.compile(rf"^\s*(?:{_NUMBER}\s*[smhd]\s*)+\Z", re.ASCII)
+_DURATION_PART_RE = re.compile(rf"({_NUMBER})\s*([smhd])", re.ASCII)
+MAX_DURATION = 100 * 365 * 86400
+"""The longest duration accepted (100 years): anything longer is a mistake, and bounding it
+keeps sums with Unix times finite."""
+
+
+def parse_duration(value: object) -> float:
+    """Parse a duration into seconds: a number of seconds (``90``, ``1.5``, ``"90"``) or a
+    number with a unit, ``s``, ``m``, ``h`` or ``d`` (``"90s"``, ``"30m"``, ``"12h"``,
+    ``"7d"``), several of them added up (``"1h30m"``, ``"1d 12h"``). Negative, infinite and
+    longer than :data:`MAX_DURATION` values are refused."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration, not a boolean")
+    if isinstance(value, int):
+        seconds = Fraction(value)
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError("a duration must be finite")
+        seconds = Fraction(value)
+    elif isinstance(value, str):
+        plain = _DURATION_PLAIN_RE.match(value)
+        if plain:
+            seconds = Fraction(plain.group(1))
+        elif _DURATION_RE.match(value):
+            seconds = sum(
+                (
+                    Fraction(number) * _DURATION_UNITS[unit]
+                    for number, unit in _DURATION_PART_RE.findall(value)
+                ),
+                Fraction(0),
+            )
+        else:
+            raise ValueError(
+                f"{value!r} is not a duration such as 90 (seconds), 90s, 30m, 12h, 7d or 1h30m"
+            )
+    else:
+        raise ValueError("expected a duration such as 30m")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    if seconds > MAX_DURATION:
+        raise ValueError(f"a duration cannot be longer than {MAX_DURATION // 86400}d")
+    return float(seconds)
+
+
+def format_duration(seconds: float) -> str:
+    """``seconds`` the way :func:`parse_duration` reads it back, in the largest units:
+    ``0``, ``45s``, ``1m30s``, ``7d``, ``1d2h3m4s``; a fraction of a second as ``1.5s``."""
+    if seconds < 0 or not math.isfinite(seconds):
+        raise ValueError(f"not a duration: {seconds!r}")
+    if seconds != int(seconds):
+        return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
+    rest = int(seconds)
+    if rest == 0:
+        return "0"
+    parts = []
+    for unit, size in sorted(_DURATION_UNITS.items(), key=lambda item: -item[1]):
+        count, rest = divmod(rest, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts)
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+"""Seconds; accepts a number of seconds or unit strings such as ``30m``, see
+:func:`parse_duration`."""
 
 
 def split_host_port(value: str) -> tuple[str, int]:
@@ -227,16 +298,20 @@ class ServiceSettings(BaseSettings):
                 # Blame the environment variable, not the file it overrode.
                 name = next(n for n, f in fields.items() if (f.alias or n) == loc[0])
                 source = cls.ENV_PREFIX + name.upper()
-            raise ConfigError(_describe(exc, source)) from None
+            raise ConfigError(_describe(exc, source, fields)) from None
 
     def dump(self) -> dict[str, Any]:
         """The effective settings with file (camelCase) keys, for logs and docs."""
         return self.model_dump(mode="json", by_alias=True)
 
 
-def _describe(exc: ValidationError, source: str) -> str:
+def _describe(exc: ValidationError, source: str, fields: Mapping[str, FieldInfo]) -> str:
     first = exc.errors()[0]
-    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    loc = list(first["loc"])
+    if loc and isinstance(loc[0], str) and loc[0] in fields:
+        # A default that fails a check against another key is reported by its field name.
+        loc[0] = fields[loc[0]].alias or loc[0]
+    key = ".".join(str(part) for part in loc) or "(top level)"
     if first["type"] == "extra_forbidden":
         problem = "not a known setting (see docs/configuration.md)"
     else:
