@@ -178,6 +178,45 @@ async def test_single_flight_turns_a_bug_into_a_500(nursery: trio.Nursery) -> No
     assert (info.value.code, info.value.status) == (ErrorCode.UNKNOWN, 500)
 
 
+async def test_single_flight_answers_503_when_the_proxy_stops() -> None:
+    """The run belongs to the service's nursery: when that is cancelled (shutdown), every
+    waiter gets its own 503 instead of waiting forever."""
+    errors: list[OCIError] = []
+
+    async def work() -> int:
+        await trio.sleep_forever()
+        raise AssertionError("not reached")
+
+    async with trio.open_nursery() as outer:
+        service = trio.CancelScope()
+        flights: list[SingleFlight[str, int]] = []
+        ready = trio.Event()
+
+        async def serve() -> None:
+            with service:
+                async with trio.open_nursery() as nursery:
+                    flights.append(SingleFlight(nursery, "test"))
+                    ready.set()
+                    await trio.sleep_forever()
+
+        outer.start_soon(serve)
+        await ready.wait()
+
+        async def ask() -> None:
+            try:
+                await flights[0].run("k", work)
+            except OCIError as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as callers:
+            for _ in range(3):
+                callers.start_soon(ask)
+            await trio.testing.wait_all_tasks_blocked()
+            service.cancel()
+    assert [(e.code, e.status) for e in errors] == [(ErrorCode.UNKNOWN, 503)] * 3
+    assert len({id(e) for e in errors}) == 3
+
+
 # --- authorization ----------------------------------------------------------------------------
 
 

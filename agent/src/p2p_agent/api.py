@@ -13,7 +13,6 @@ digest (the decision is reused for ``authCacheTtl`` seconds), also when it is ca
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import time
@@ -52,6 +51,7 @@ from p2p_common.registry_auth import (
     parse_basic_authorization,
 )
 from p2p_common.settings import registry_name
+from p2p_common.ttlcache import TTLCache
 
 log = logging.getLogger("p2p.agent.api")
 
@@ -68,25 +68,18 @@ class AuthCache:
     """Origin authorization decisions: (credentials, registry, repository, digest) -> size.
 
     In memory only, keyed by a per-process fingerprint of the credentials; entries
-    expire after ``ttl`` seconds (0 disables the cache). Denials are not cached, so a
-    fixed pull secret works at once.
+    expire after ``ttl`` seconds (0 disables the cache); LRU-bounded (a
+    :class:`~p2p_common.ttlcache.TTLCache`). Denials are not cached, so a fixed pull secret
+    works at once.
     """
 
     def __init__(self, ttl: float, *, max_entries: int = MAX_AUTH_ENTRIES) -> None:
         self.ttl = ttl
         self.max_entries = max_entries
-        self._entries: collections.OrderedDict[tuple[str, str, str, str], tuple[float, int]] = (
-            collections.OrderedDict()
-        )
+        self._entries: TTLCache[tuple[str, str, str, str], int] = TTLCache(max_entries)
 
     def get(self, key: tuple[str, str, str, str], now: float) -> int | None:
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        if entry[0] <= now:
-            del self._entries[key]
-            return None
-        return entry[1]
+        return self._entries.get(key, now)
 
     def put(
         self,
@@ -99,12 +92,7 @@ class AuthCache:
         """Remember a grant for ``ttl`` seconds, or ``max_age`` if that is shorter (what is
         left of the proxy's own grant)."""
         ttl = self.ttl if max_age is None else min(self.ttl, max_age)
-        if ttl <= 0:
-            return
-        self._entries[key] = (now + ttl, size)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        self._entries.set(key, size, expires=now + ttl, now=now)
 
 
 class RegistryApp:

@@ -41,7 +41,7 @@ import trio
 
 from p2p_agent.metrics import AgentMetrics
 from p2p_agent.proxies import ProxiesUnreachableError, ProxyClient, SwarmSource
-from p2p_common.blobcache import BlobCache
+from p2p_common.blobcache import BlobCache, CacheFullError
 from p2p_common.blobinfo import BlobMetainfo
 from p2p_common.engine import Engine, Torrent, TorrentFailedError
 from p2p_common.engine.torrent import RESEED_ANNOUNCE_SPREAD
@@ -50,6 +50,7 @@ from p2p_common.ingest import Ingest, IngestError, OrderedHasher
 from p2p_common.logs import event
 from p2p_common.oci import ErrorCode, OCIError
 from p2p_common.sendmem import SEND_MEMORY
+from p2p_common.singleflight import FlightCancelledError, FlightError, SingleFlight
 from p2p_common.storage import BlobDamagedError, PieceFile
 
 log = logging.getLogger("p2p.agent.downloads")
@@ -73,6 +74,24 @@ def _disk_full(error: BaseException | None) -> bool:
         error = error.__cause__ or error.__context__
         seen += 1
     return False
+
+
+def _start_failure(error: BaseException) -> BaseException:
+    """A waiting caller's own exception for a download that failed to start, of the kind the
+    registry API answered the original with (a copy of a registry error, 507 for a full cache,
+    a logged 500 for a local error, 503 when the agent stops); anything else stays unexpected
+    (a 500 from the server, with the original as its cause)."""
+    if isinstance(error, OCIError):
+        return error.copy()
+    if isinstance(error, CacheFullError):
+        return CacheFullError(str(error))
+    if isinstance(error, LocalError):
+        return LocalError(str(error))
+    if isinstance(error, FlightCancelledError):
+        return OCIError(ErrorCode.UNKNOWN, "the agent is stopping", status=503)
+    shared = FlightError(f"the download could not start: {type(error).__name__}: {error}")
+    shared.__cause__ = error
+    return shared
 
 
 @dataclass(frozen=True)
@@ -215,7 +234,8 @@ class Downloads:
         self.fallback_after = fallback_after
         self.swarm_min_size = swarm_min_size
         self.active: dict[str, Download] = {}
-        self._starting: dict[str, trio.Event] = {}
+        self._starts: SingleFlight[str, Download] | None = None
+        """Downloads being started, by digest (once :meth:`run` has begun)."""
         self.info_hashes: dict[str, bytes] = {}
         self._seeding: set[str] = set()
         self._nursery: trio.Nursery | None = None
@@ -226,6 +246,7 @@ class Downloads:
         """Own the download tasks; reseed every cached blob that has its metainfo."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            self._starts = SingleFlight(nursery, share=_start_failure)
             for digest in self.cache.digests():
                 meta = self.cache.load_metainfo(digest)
                 if meta is not None and self.swarms(meta.length):
@@ -303,26 +324,26 @@ class Downloads:
         return None if torrent is None else torrent.closed
 
     async def get(self, request: BlobRequest) -> Download | None:
-        """The running download of a blob, started if needed; None if already cached."""
+        """The running download of a blob, started if needed; None if already cached.
+
+        Concurrent callers for one blob share one start (a single flight in the downloads'
+        nursery, so a caller that hangs up does not cancel it): each gets the download, or
+        its own copy of the error that kept it from starting."""
         digest = request.digest
-        while True:
-            if digest in self.cache:
-                return None
-            download = self.active.get(digest)
-            if download is not None:
-                return download
-            starting = self._starting.get(digest)
-            if starting is None:
-                break
-            await starting.wait()  # someone else is asking the proxy; then look again
-        starting = self._starting[digest] = trio.Event()
-        try:
-            assert self._nursery is not None
-            started: Download = await self._nursery.start(self._download, request)
+        if digest in self.cache:
+            return None
+        download = self.active.get(digest)
+        if download is not None:
+            return download
+        assert self._starts is not None, "Downloads.run() has not started"
+        assert self._nursery is not None
+        nursery = self._nursery
+
+        async def start() -> Download:
+            started: Download = await nursery.start(self._download, request)
             return started
-        finally:
-            del self._starting[digest]
-            starting.set()
+
+        return await self._starts.run(digest, start)
 
     async def _download(
         self, request: BlobRequest, *, task_status: trio.TaskStatus[Download]

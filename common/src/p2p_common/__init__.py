@@ -2,7 +2,8 @@
 
 Pure protocol cores (no trio, no sockets, no clock) live in plain modules:
 ``bencoding``, ``metainfo``, ``wire``, ``tracker_proto``, ``picker``, ``choker``,
-``bitfield``, ``ratelimit``. The trio shells that drive them live in ``engine``.
+``bitfield``, ``ratelimit``, ``ttlcache``. The trio shells that drive them live in ``engine``;
+``singleflight`` shares one run of work among concurrent callers.
 """
 
 __version__ = "0.1.0"

@@ -169,6 +169,13 @@ class OCIError(P2PError):
         self.headers: dict[str, str] = dict(headers or {})
         super().__init__(f"{code} ({self.status}): {self.message}")
 
+    def copy(self) -> OCIError:
+        """A fresh exception with the same content, for one more task to raise (one instance
+        must not be raised by many tasks)."""
+        return OCIError(
+            self.code, self.message, status=self.status, detail=self.detail, headers=self.headers
+        )
+
     def body(self) -> bytes:
         return error_body(self.code, self.message, self.detail)
 

@@ -25,12 +25,12 @@ import json
 import math
 import os
 import re
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlencode, urlsplit
 
 from p2p_common.errors import ProtocolError
+from p2p_common.ttlcache import TTLCache
 
 MAX_CHALLENGE_LENGTH = 8192
 """Longest ``WWW-Authenticate`` value (all lines together) we parse."""
@@ -464,7 +464,8 @@ def usable_lifetime(expires_in: float) -> float:
 
 
 class TokenCache:
-    """Bearer tokens by key (usually ``(credentials fingerprint, scope)``); LRU-bounded.
+    """Bearer tokens by key (usually ``(credentials fingerprint, scope)``); LRU-bounded
+    (a :class:`~p2p_common.ttlcache.TTLCache`).
 
     ``now`` is a monotonic clock value supplied by the caller. A token stands for the
     password shown when it was fetched: it is used for at most ``max_age`` seconds (the
@@ -475,31 +476,18 @@ class TokenCache:
     def __init__(self, max_entries: int = 1024, *, max_age: float = math.inf) -> None:
         self.max_entries = max_entries
         self.max_age = max_age
-        self._entries: OrderedDict[tuple[str, ...], tuple[str, float]] = OrderedDict()
+        self._entries: TTLCache[tuple[str, ...], str] = TTLCache(max_entries)
 
     def get(self, key: tuple[str, ...], now: float) -> str | None:
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        token, valid_until = entry
-        if now >= valid_until:
-            del self._entries[key]
-            return None
-        self._entries.move_to_end(key)
-        return token
+        return self._entries.get(key, now)
 
     def put(self, key: tuple[str, ...], token: TokenResponse, now: float) -> None:
+        """Keep ``token`` for its usable lifetime, at most ``max_age`` (none: forget ``key``)."""
         lifetime = min(usable_lifetime(token.expires_in), self.max_age)
-        if lifetime <= 0:
-            self._entries.pop(key, None)
-            return
-        self._entries[key] = (token.token, now + lifetime)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        self._entries.set(key, token.token, expires=now + lifetime, now=now)
 
     def discard(self, key: tuple[str, ...]) -> None:
-        self._entries.pop(key, None)
+        self._entries.pop(key)
 
     def __len__(self) -> int:
         return len(self._entries)

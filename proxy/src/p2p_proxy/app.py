@@ -49,7 +49,7 @@ from p2p_proxy.api import (
 )
 from p2p_proxy.authz import Authorizer
 from p2p_proxy.fetch import BlobFetcher, Fetch, storage_error
-from p2p_proxy.flight import Admission, copy_error
+from p2p_proxy.flight import Admission
 from p2p_proxy.limits import OriginLimits
 from p2p_proxy.manifests import ManifestQuery, Manifests
 from p2p_proxy.metrics import ProxyMetrics
@@ -422,7 +422,7 @@ class ProxyApp:
             await fetch.changed.wait()
         if not fetch.blob.chunks:
             if fetch.error is not None:
-                raise copy_error(fetch.error)
+                raise fetch.error.copy()
             raise OCIError(ErrorCode.UNKNOWN, "the origin fetch failed", status=502)
         await send(
             {

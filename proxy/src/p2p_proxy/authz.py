@@ -14,7 +14,6 @@ Concurrent checks of one key share one origin request.
 
 from __future__ import annotations
 
-import collections
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -23,7 +22,8 @@ import trio
 
 from p2p_common.oci import ErrorCode, OCIError
 from p2p_common.registry_auth import Credentials, fingerprint
-from p2p_proxy.flight import SingleFlight, copy_error
+from p2p_common.ttlcache import TTLCache
+from p2p_proxy.flight import SingleFlight
 from p2p_proxy.metrics import ProxyMetrics
 from p2p_proxy.origin import OriginClient
 
@@ -49,32 +49,24 @@ class Decision:
 
 
 class DecisionCache:
-    """Decisions by key until ``ttl`` seconds after they were made; LRU-bounded."""
+    """Decisions by key until ``ttl`` seconds after they were made; LRU-bounded
+    (a :class:`~p2p_common.ttlcache.TTLCache`)."""
 
     def __init__(self, ttl: float, max_entries: int = MAX_DECISIONS) -> None:
         self.ttl = ttl
         self.max_entries = max_entries
-        self._entries: collections.OrderedDict[AuthKey, tuple[float, Decision]] = (
-            collections.OrderedDict()
-        )
+        self._entries: TTLCache[AuthKey, Decision] = TTLCache(max_entries)
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def get(self, key: AuthKey, now: float) -> Decision | None:
-        entry = self.entry(key, now)
-        return None if entry is None else entry[1]
+        return self._entries.get(key, now)
 
     def entry(self, key: AuthKey, now: float) -> tuple[float, Decision] | None:
         """(when it expires, the decision), if one is remembered for ``key``."""
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        if now >= entry[0]:
-            del self._entries[key]
-            return None
-        self._entries.move_to_end(key)
-        return entry
+        found = self._entries.entry(key, now)
+        return None if found is None else (found[1], found[0])
 
     def put(self, key: AuthKey, decision: Decision, now: float) -> None:
         """Remember ``decision`` (a no-op with ``ttl`` 0 or for a refusal not worth keeping)."""
@@ -82,10 +74,7 @@ class DecisionCache:
             return
         if decision.error is not None and decision.error.code not in REMEMBERED_REFUSALS:
             return
-        self._entries[key] = (now + self.ttl, decision)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        self._entries.set(key, decision, expires=now + self.ttl, now=now)
 
     def clear(self) -> None:
         self._entries.clear()
@@ -172,5 +161,5 @@ class Authorizer:
         if decision.error is not None:
             if decision.error.code in REMEMBERED_REFUSALS:
                 self.metrics.auth_denials.labels(code=str(decision.error.code)).inc()
-            raise copy_error(decision.error)
+            raise decision.error.copy()
         return decision.size, max(0.0, max_age)

@@ -44,7 +44,7 @@ from p2p_common.ingest import Ingest, IngestError
 from p2p_common.logs import event
 from p2p_common.oci import ErrorCode, OCIError
 from p2p_common.registry_auth import Credentials
-from p2p_proxy.flight import Admission, SingleFlight, copy_error
+from p2p_proxy.flight import Admission, SingleFlight, registry_error
 from p2p_proxy.limits import OriginLimits
 from p2p_proxy.metrics import ProxyMetrics
 from p2p_proxy.origin import BlobHead, OriginClient
@@ -252,7 +252,7 @@ class BlobFetcher:
             if fetch is not None:
                 return fetch
             if flight is not None and flight.done.is_set() and flight.error is not None:
-                raise copy_error(flight.error)
+                raise registry_error(flight.error)
             if digest in self.cache or not self._fetches.in_flight(key):
                 return None
             await self._in_flight_changed.wait()

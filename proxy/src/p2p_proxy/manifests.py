@@ -21,13 +21,13 @@ authorized for that repository.
 
 from __future__ import annotations
 
-import collections
 from dataclasses import dataclass
 
 import trio
 
 from p2p_common.oci import OCIError, is_digest_reference
 from p2p_common.registry_auth import Credentials, fingerprint
+from p2p_common.ttlcache import TTLCache
 from p2p_proxy.authz import Authorizer
 from p2p_proxy.flight import Admission, SingleFlight
 from p2p_proxy.metrics import ProxyMetrics
@@ -40,6 +40,8 @@ FlightKey = tuple[str, str, str, str, str, str]
 
 FINAL_HEAD_STATUSES = frozenset({401, 403, 404, 429})
 """Answers to a tag ``HEAD`` that a ``GET`` would get too; anything else falls back to ``GET``."""
+_TIMELESS = 0.0
+"""The time the body cache is read at: its entries never expire, so any time will do."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,39 +51,35 @@ class CachedManifest:
 
 
 class ManifestCache:
-    """Manifest bodies by digest, in memory; least recently used dropped beyond ``max_bytes``.
+    """Manifest bodies by digest, in memory; least recently used dropped beyond ``max_bytes``
+    (a :class:`~p2p_common.ttlcache.TTLCache` weighed in bytes; a body never expires: its
+    digest names its content). A body larger than the whole cache is not kept.
 
     The caller guarantees that ``body`` hashes to ``digest`` (the origin client verifies it).
     """
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self.bytes = 0
-        self._entries: collections.OrderedDict[str, CachedManifest] = collections.OrderedDict()
+        self._entries: TTLCache[str, CachedManifest] = TTLCache(
+            max_weight=max(0, max_bytes), weigh=lambda entry: len(entry.body)
+        )
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def __contains__(self, digest: object) -> bool:
-        return digest in self._entries
+        return isinstance(digest, str) and self._entries.peek(digest, _TIMELESS) is not None
 
     def get(self, digest: str) -> CachedManifest | None:
-        entry = self._entries.get(digest)
-        if entry is not None:
-            self._entries.move_to_end(digest)
-        return entry
+        return self._entries.get(digest, _TIMELESS)
 
     def put(self, digest: str, content_type: str, body: bytes) -> None:
-        if len(body) > self.max_bytes:
-            return
-        old = self._entries.pop(digest, None)
-        if old is not None:
-            self.bytes -= len(old.body)
-        self._entries[digest] = CachedManifest(content_type, body)
-        self.bytes += len(body)
-        while self.bytes > self.max_bytes:
-            _, dropped = self._entries.popitem(last=False)
-            self.bytes -= len(dropped.body)
+        self._entries.set(digest, CachedManifest(content_type, body))
+
+    @property
+    def bytes(self) -> int:
+        """The bytes of the bodies held."""
+        return self._entries.weight
 
 
 def _cached_answer(
