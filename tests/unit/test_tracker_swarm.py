@@ -171,7 +171,7 @@ def test_slots_stay_consistent(ops: list[tuple[int, int, Event, int, int]]) -> N
         assert len(torrent.seeds) + len(torrent.leechers) == len(torrent.peers)
         for group in (torrent.seeds, torrent.leechers):
             for slot, peer in enumerate(group):
-                assert peer[6] == slot
+                assert peer[-1] == slot
                 assert torrent.peers[peer[PEER_ID]] is peer
         assert all(p[LEFT] == 0 for p in torrent.seeds)
         assert all(p[LEFT] > 0 for p in torrent.leechers)
