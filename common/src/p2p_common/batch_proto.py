@@ -208,6 +208,8 @@ def parse_batch_response(body: bytes, *, max_size: int = MAX_BATCH_ANSWER) -> Ba
         raise TrackerRefusedError(_text(failure, "failure reason"))
     interval = _int(doc, b"interval", 1, MAX_INTERVAL, required=True)
     heartbeat = _int(doc, b"heartbeat", 1, MAX_INTERVAL, required=True)
+    assert interval is not None
+    assert heartbeat is not None
     instance = doc.get(b"instance")
     if not isinstance(instance, bytes) or not 0 < len(instance) <= MAX_INSTANCE_BYTES:
         raise TrackerProtocolError(f"'instance' must be 1..{MAX_INSTANCE_BYTES} bytes")
@@ -302,7 +304,9 @@ def encode_batch_response(
             b"6:failed"
             + _hash_table({h: r[:MAX_TEXT_BYTES].encode("utf-8") for h, r in failed.items()})
         )
-    out.append(b"9:heartbeati%de8:instance%s8:intervali%de" % (heartbeat, _bstr(instance), interval))
+    out.append(
+        b"9:heartbeati%de8:instance%s8:intervali%de" % (heartbeat, _bstr(instance), interval)
+    )
     if peers4:
         out.append(b"5:peers" + _hash_table(peers4))
     if peers6:

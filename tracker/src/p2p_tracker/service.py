@@ -22,8 +22,8 @@ from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
 from p2p_common import udp_tracker_proto
-from p2p_common.batch_proto import BATCH_PATH, MAX_BATCH_BODY
 from p2p_common.asgi import lifespan, use_closing_tcp_server
+from p2p_common.batch_proto import BATCH_PATH, MAX_BATCH_BODY
 from p2p_common.logs import event
 from p2p_common.settings import split_host_port
 from p2p_common.tracker_proto import encode_failure
@@ -104,9 +104,8 @@ class _ClientGoneError(Exception):
 async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
     """The request body, or None when it is (or says it will be) longer than ``limit``."""
     for name, value in scope.get("headers", []):
-        if name == b"content-length":
-            if not value.isdigit() or int(value) > limit:
-                return None
+        if name == b"content-length" and (not value.isdigit() or int(value) > limit):
+            return None
     body = bytearray()
     while True:
         message = await receive()

@@ -432,7 +432,17 @@ class Swarm:
             else:
                 try:
                     recorded = self._record(
-                        info_hash, peer_id, port, 0, event, key, ip, packed, now, seen, want
+                        info_hash,
+                        peer_id,
+                        port,
+                        0,
+                        event,
+                        key=key,
+                        ip=ip,
+                        packed=packed,
+                        now=now,
+                        seen=seen,
+                        numwant=want,
                     )
                 except PeerConflictError as exc:
                     out.failed[info_hash] = ("conflict", str(exc))
@@ -479,12 +489,12 @@ class Swarm:
             request.port,
             request.left,
             request.event,
-            request.key,
-            ip,
-            None,
-            now,
-            None,
-            request.numwant,
+            key=request.key,
+            ip=ip,
+            packed=None,
+            now=now,
+            seen=None,
+            numwant=request.numwant,
         )
 
     def _record(
@@ -494,6 +504,7 @@ class Swarm:
         port: int,
         left: int,
         event: Event,
+        *,
         key: bytes | None,
         ip: str,
         packed: bytes | None,
@@ -885,12 +896,12 @@ class Swarm:
             start = self._batch_cursor
             end = len(hashes) if limit is None else min(len(hashes), start + limit - work)
             for info_hash in hashes[start:end]:
-                torrent = torrents.get(info_hash)
-                if torrent is None:
+                holder = torrents.get(info_hash)
+                if holder is None:
                     continue
-                peer = torrent.peers.get(peer_id)
+                peer = holder.peers.get(peer_id)
                 if peer is not None and peer[SEEN] is not None and peer[SEEN] <= seen:
-                    self._remove(info_hash, torrent, peer)
+                    self._remove(info_hash, holder, peer)
                     removed += 1
             work += end - start
             if end >= len(hashes):

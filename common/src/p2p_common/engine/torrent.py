@@ -559,13 +559,17 @@ class Torrent:
     # -- tracker ---------------------------------------------------------------------------------
 
     async def _announce_loop(self) -> None:
+        """Announce alone while downloading (fast while the swarm is young), then hand the
+        torrent to the announcer's batches of seeds (when it runs them); ``stopped`` at the
+        end either way."""
         announcer = self.engine.announcer
         event = AnnounceEvent.STARTED
         young_delay = 0.5
         was_complete = self.core.complete
+        seeding = False
         await trio.sleep(self.announce_delay)
         try:
-            while True:
+            while not (self.core.complete and announcer.batching):
                 response = await announcer.announce(
                     self.info_hash, self.info.trackers, self._announce_state(event)
                 )
@@ -587,13 +591,25 @@ class Torrent:
                 if self.core.complete and not was_complete:
                     was_complete = True
                     event = AnnounceEvent.COMPLETED
+            announcer.add_seed(
+                self.info_hash,
+                self.info.trackers,
+                event,
+                stats=lambda: (self.core.uploaded, self.core.downloaded),
+                on_peers=self.add_peers,
+            )
+            seeding = True
+            await trio.sleep_forever()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(2.0):
-                await announcer.announce(
-                    self.info_hash,
-                    self.info.trackers,
-                    self._announce_state(AnnounceEvent.STOPPED),
-                )
+                if seeding:
+                    await announcer.remove_seed(self.info_hash)
+                else:
+                    await announcer.announce(
+                        self.info_hash,
+                        self.info.trackers,
+                        self._announce_state(AnnounceEvent.STOPPED),
+                    )
 
     def _announce_state(self, event: AnnounceEvent) -> tuple[AnnounceEvent, int, int, int]:
         """(event, uploaded, downloaded, left)"""
