@@ -365,4 +365,3 @@ def _text(value: bencoding.BValue, name: str) -> str:
     if not isinstance(value, bytes):
         raise TrackerProtocolError(f"{name} is not a string")
     return value[:MAX_TEXT_BYTES].decode("utf-8", errors="replace")
-

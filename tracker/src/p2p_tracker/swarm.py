@@ -658,9 +658,7 @@ class Swarm:
 
     # --- bookkeeping -------------------------------------------------------------------------
 
-    def _add(
-        self, torrent: _Torrent, fields: tuple[Any, ...], event: Event, now: float
-    ) -> None:
+    def _add(self, torrent: _Torrent, fields: tuple[Any, ...], event: Event, now: float) -> None:
         """Add a peer: ``fields`` is its tuple without the slot."""
         info_hash, peer_id, left = torrent.info_hash, fields[PEER_ID], fields[LEFT]
         group = torrent.leechers if left else torrent.seeds

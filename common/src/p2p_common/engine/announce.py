@@ -443,7 +443,6 @@ class Announcer:
                     # again, once.
                     reused, cid = False, None
 
-
     # --- seeds, in batches ------------------------------------------------------------------
 
     def add_seed(
@@ -526,13 +525,18 @@ class Announcer:
                 while True:
                     self._wake = trio.Event()
                     now = trio.current_time()
-                    if self._replan:
+                    if self._replan or any(
+                        i.batch is False and now >= i.no_batch_until
+                        for i in self._instances.values()
+                    ):
                         await self._plan(now)
                     self._start_sends(nursery, now)
                     wake = self._next_wake(trio.current_time())
                     if wake > 0:
                         with trio.move_on_after(wake):
                             await self._wake.wait()
+                    else:
+                        await trio.lowlevel.checkpoint()
         finally:
             self.batching = False
 
@@ -543,6 +547,8 @@ class Announcer:
         expansions: dict[tuple[str, ...], dict[str, str]] = {}
         for instance in self._instances.values():
             instance.preferred = 0
+            if instance.batch is False and now >= instance.no_batch_until:
+                instance.batch = None  # ask again: it may have been upgraded
         for seed in list(self._seeds.values()):
             expanded = expansions.get(seed.trackers)
             if expanded is None:
@@ -559,8 +565,6 @@ class Announcer:
                     chosen = url
                     break
             target = self._instances[chosen]
-            if target.batch is False and now >= target.no_batch_until:
-                target.batch = None  # ask again: it may have been upgraded
             if target.batch is not False:
                 if seed.at != chosen:
                     self._forget(seed)
@@ -592,28 +596,43 @@ class Announcer:
             instance.pending_since = now
         instance.pending[seed.info_hash] = None
 
+    @staticmethod
+    def _due(instance: _Instance) -> float:
+        """When the next request to ``instance`` is due (inf: none)."""
+        if instance.batch is False or instance.busy:
+            return math.inf
+        if instance.down:  # probed while seeds prefer it
+            if not instance.preferred:
+                return math.inf
+            return instance.last_request + min(instance.heartbeat, DOWN_PROBE)
+        due = math.inf
+        if instance.seeds:
+            due = instance.next_round
+        if instance.pending:
+            due = min(due, instance.pending_since + BATCH_DELAY)
+        elif instance.seeds:
+            due = min(due, instance.last_request + instance.heartbeat)
+        return due
+
     def _start_sends(self, nursery: trio.Nursery, now: float) -> None:
-        """Start every request that is due: per instance one at a time (new seeds, a round
-        of all its seeds, or a heartbeat); the seeds that go alone, a few at a time."""
+        """Start every request that is due: per instance one at a time (a round of all its
+        seeds, new seeds, a heartbeat or a probe); the seeds that go alone, a few at a
+        time."""
         for instance in list(self._instances.values()):
-            if instance.batch is False or instance.busy:
+            if now < self._due(instance):
                 continue
-            entries: list[tuple[bytes, Event]] | None = None
+            entries: list[tuple[bytes, Event]]
             if instance.down:
-                probe = min(instance.heartbeat, DOWN_PROBE)
-                if instance.preferred and now >= instance.last_request + probe:
-                    entries = []
+                entries = []
             elif now >= instance.next_round and instance.seeds:
                 entries = [(h, self._take_event(h)) for h in instance.seeds]
                 instance.next_round = now + self._jittered(instance.interval)
-            elif instance.pending and now >= instance.pending_since + BATCH_DELAY:
+            elif instance.pending:
                 entries = [(h, self._take_event(h)) for h in instance.pending]
                 if instance.next_round == math.inf:
                     instance.next_round = now + self._jittered(instance.interval)
-            elif instance.seeds and now >= instance.last_request + instance.heartbeat:
-                entries = []
-            if entries is None:
-                continue
+            else:
+                entries = []  # a heartbeat
             if entries:
                 instance.pending.clear()
                 instance.pending_since = math.inf
@@ -638,16 +657,9 @@ class Announcer:
         """Seconds until something is due (at most a minute)."""
         wake = now + 60.0
         for instance in self._instances.values():
-            if instance.batch is False or instance.busy:
-                continue
-            if instance.down:
-                if instance.preferred:
-                    wake = min(wake, instance.last_request + min(instance.heartbeat, DOWN_PROBE))
-                continue
-            if instance.pending:
-                wake = min(wake, instance.pending_since + BATCH_DELAY)
-            if instance.seeds:
-                wake = min(wake, instance.next_round, instance.last_request + instance.heartbeat)
+            wake = min(wake, self._due(instance))
+            if instance.batch is False:
+                wake = min(wake, instance.no_batch_until)
         for seed in self._seeds.values():
             if seed.alone:
                 wake = min(wake, seed.due)
