@@ -575,6 +575,13 @@ class Swarm:
                     self._join(info_hash, torrent, ip)
                     self._leave(info_hash, torrent, old[IP])
             if unlisted is None:
+                if seen is not None and old[SEEN] is None and self._full(seen):
+                    # from announcing alone to batches, at the batched seeds' cap: it stays
+                    # a peer announcing alone (the cap holds, and it is not dropped)
+                    self._evict(info_hash)
+                    if self._full(seen):
+                        fields = (*fields[:SEEN], None)
+                        unlisted = Unlisted.TRACKER_FULL
                 self._refresh(torrent, fields, event, old, now)
 
         if numwant is None:
