@@ -1,0 +1,688 @@
+"""The control plane at 5,000 nodes: one p2p-tracker, batched seeds, a rollout on top.
+
+Run from the repository root (a few minutes and about 2.5 GB of tracker memory with the
+defaults)::
+
+    python -m tests.bench.bench_tracker_scale
+    python -m tests.bench.bench_tracker_scale --nodes 1000 --blobs 500 --window 20   # quick
+
+What it simulates, speaking the real protocols over HTTP to a real p2p-tracker process at
+its default settings (``uncappedAddresses: []``, so that the per-address caps apply to the
+loopback addresses as they do to node addresses in a cluster):
+
+- ``--nodes`` nodes, each on its own source address (127.1.x.y), each seeding ``--blobs``
+  cached blobs: the ``--common`` most popular blobs of the catalogue (base layers: every
+  node has them) and a share of the ``--catalog`` others. Each node announces its seeds the
+  way the engine's announcer does (``p2p_common.engine.announce``): batches of
+  ``BATCH_SIZE`` infohashes to ``POST /p2p/v1/announce-batch``, all of them again every
+  ``seedAnnounceInterval`` (1800 s), an empty batch every heartbeat (``announceInterval``,
+  300 s). Every request opens its own connection (the tracker closes idle keep-alive
+  connections after 10 s, and a node's batches are minutes apart).
+- ``load``: every node announces all its seeds (``started``), as after a tracker restart;
+  reported: time, tracker CPU, memory per seed.
+- ``steady``: ``--window`` seconds of the steady state at the real rates (open loop: a
+  node's round or heartbeat is sent at its time whatever the answers): the tracker's CPU from
+  /proc is the goal check (< 0.5 core).
+- ``rollout``: the same steady load plus ``--rollout-nodes`` nodes pulling a new image of
+  ``--layers`` layers, starting over ``--rollout-spread`` seconds, three layers at a time:
+  per layer ``started``, the young swarm's re-announces after 0.5, 1 and 2 s, each a
+  single BEP 3 announce (``numwant=80``, keep-alive connection per node, as the engine's
+  httpx client), then ``completed`` in a batch of its own when the layer is done. The p99
+  latency of those single announces is the goal check (< 20 ms).
+- ``baseline``: today's design, every node announcing every cached blob alone every
+  ``announceInterval``: ``--baseline-peers`` x ``--baseline-blobs`` single re-announces
+  of seeds, closed loop with 16 in flight, into the same loaded tracker; the CPU per
+  announce times ``nodes x blobs / 300 s`` is what that design would need.
+- ``expiry``: batched seeds are expired lazily (each batch's entries are looked at once when
+  it expires, after ``seedExpiry``, 90 minutes, beyond any window here): the cost per entry
+  is measured on the pure core in this process and added to the steady CPU.
+
+Latency is measured from the request's first byte (the connect included when it opens a
+connection) to the last byte of the answer. The generator's lag behind its schedule is
+reported: when it grows, the generator, not the tracker, is the limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import heapq
+import random
+import selectors
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote_from_bytes
+
+from p2p_common.batch_proto import BATCH_PATH, BatchRequest, encode_batch_request
+from p2p_common.engine.announce import BATCH_SIZE, NUMWANT
+from p2p_common.tracker_proto import Event
+from p2p_tracker.settings import TrackerSettings
+from p2p_tracker.swarm import Swarm
+from tests.realparts.procs import ManagedProcess, free_port, require
+from tests.realparts.procstats import MiB, proc_stats
+from tests.services import service_env
+
+KEEPALIVE = 8.0
+"""Seconds a rollout node reuses its connection (the tracker closes idle ones after 10 s)."""
+IDLE_LIMIT = 30.0
+"""Seconds without any answer after which a phase fails."""
+
+
+def _default(name: str) -> int:
+    value = TrackerSettings.model_fields[name].default
+    assert isinstance(value, int)
+    return value
+
+
+SEED_INTERVAL = _default("seed_announce_interval")
+HEARTBEAT = _default("announce_interval")
+SEED_EXPIRY = _default("seed_expiry")
+
+
+# --- the simulated cluster ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cluster:
+    nodes: int
+    blobs: int
+    catalog: int
+    common: int
+
+    def __post_init__(self) -> None:
+        if not 0 < self.common <= self.blobs <= self.catalog:
+            raise SystemExit("need 0 < --common <= --blobs <= --catalog")
+        if self.nodes > 60000:
+            raise SystemExit("at most 60,000 --nodes (source addresses 127.1.0.1 ...)")
+
+    def address(self, node: int) -> str:
+        return f"127.{1 + node // 62500}.{node // 250 % 250}.{node % 250 + 1}"
+
+    def peer_id(self, node: int) -> bytes:
+        return b"-PA0100-" + node.to_bytes(12, "big")
+
+    def port(self, node: int) -> int:
+        return 6881
+
+    def blob(self, index: int) -> bytes:
+        return hashlib.sha1(b"bench-scale-blob-%d" % index).digest()
+
+    def seeds_of(self, node: int, hashes: list[bytes]) -> list[bytes]:
+        """Node ``node``'s cached blobs: the common ones and its share of the others."""
+        tail = self.catalog - self.common
+        rest = self.blobs - self.common
+        return hashes[: self.common] + [
+            hashes[self.common + (node * rest + j) % tail] for j in range(rest)
+        ]
+
+    def batch(self, node: int, entries: list[tuple[bytes, Event]]) -> bytes:
+        body = encode_batch_request(
+            BatchRequest(self.peer_id(node), self.port(node), tuple(entries), key=b"k%d" % node)
+        )
+        return (
+            f"POST {BATCH_PATH} HTTP/1.1\r\nHost: t\r\nContent-Length: {len(body)}\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode() + body
+
+    def single(self, node: int, info_hash: bytes, *, left: int, event: str) -> bytes:
+        query = (
+            f"info_hash={quote_from_bytes(info_hash, safe='')}"
+            f"&peer_id={quote_from_bytes(self.peer_id(node), safe='')}"
+            f"&port={self.port(node)}&uploaded=0&downloaded=0&left={left}"
+            f"&compact=1&numwant={NUMWANT}" + (f"&event={event}" if event else "")
+        )
+        return f"GET /announce?{query} HTTP/1.1\r\nHost: t\r\n\r\n".encode()
+
+
+# --- the load generator -------------------------------------------------------------------------
+
+
+@dataclass(order=True)
+class Job:
+    at: float
+    seq: int
+    address: str = field(compare=False)
+    payload: bytes = field(compare=False)
+    kind: str = field(compare=False)
+    """``batch``, ``heartbeat``, ``single`` (rollout), ``complete`` (a rollout batch),
+    ``base`` (baseline)."""
+    reuse: str | None = field(default=None, compare=False)
+    """A key under which the connection is kept for the next job (keep-alive)."""
+
+
+@dataclass(eq=False)
+class Conn:
+    sock: socket.socket
+    address: str
+    job: Job | None = None
+    started: int = 0
+    buffer: bytearray = field(default_factory=bytearray)
+    length: int | None = None
+    status: int = 0
+    idle_since: float = 0.0
+
+
+@dataclass
+class Stats:
+    latencies: dict[str, list[int]] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    lag_max: float = 0.0
+    connects: int = 0
+
+    def add(self, kind: str, ns: int) -> None:
+        self.latencies.setdefault(kind, []).append(ns)
+
+    def count(self, kind: str) -> int:
+        return len(self.latencies.get(kind, []))
+
+    def percentile(self, kind: str, fraction: float) -> float:
+        ordered = sorted(self.latencies.get(kind, [0]))
+        return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] / 1e6
+
+
+class Loader:
+    """Plain non-blocking sockets and ``selectors``: every job is sent at its time (open
+    loop) on a connection from its own source address."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.selector = selectors.DefaultSelector()
+        self.idle: dict[str, Conn] = {}
+        self.inflight = 0
+        self.stats = Stats()
+
+    def _connect(self, address: str) -> Conn:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((address, 0))
+        sock.connect(("127.0.0.1", self.port))
+        sock.setblocking(False)
+        self.stats.connects += 1
+        return Conn(sock, address)
+
+    def send(self, job: Job) -> None:
+        started = time.perf_counter_ns()
+        conn = None
+        if job.reuse is not None:
+            conn = self.idle.pop(job.reuse, None)
+            if conn is not None and time.monotonic() - conn.idle_since > KEEPALIVE:
+                conn.sock.close()
+                conn = None
+        if conn is None:
+            conn = self._connect(job.address)
+        conn.job, conn.started = job, started
+        conn.buffer.clear()
+        conn.length = None
+        conn.sock.setblocking(True)
+        conn.sock.sendall(job.payload)
+        conn.sock.setblocking(False)
+        self.selector.register(conn.sock, selectors.EVENT_READ, conn)
+        self.inflight += 1
+
+    def poll(self, timeout: float) -> None:
+        for key, _ in self.selector.select(timeout):
+            conn: Conn = key.data
+            try:
+                data = conn.sock.recv(262144)
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                self._done(conn, ok=False)
+                continue
+            conn.buffer += data
+            if conn.length is None:
+                end = conn.buffer.find(b"\r\n\r\n")
+                if end < 0:
+                    continue
+                head = bytes(conn.buffer[:end]).split(b"\r\n")
+                conn.status = int(head[0].split()[1])
+                conn.length = (
+                    end
+                    + 4
+                    + next(
+                        (
+                            int(h.partition(b":")[2])
+                            for h in head
+                            if h.lower().startswith(b"content-length:")
+                        ),
+                        0,
+                    )
+                )
+            if len(conn.buffer) >= conn.length:
+                self._done(conn, ok=True)
+
+    def _done(self, conn: Conn, *, ok: bool) -> None:
+        job = conn.job
+        assert job is not None
+        self.selector.unregister(conn.sock)
+        self.inflight -= 1
+        self.stats.add(job.kind, time.perf_counter_ns() - conn.started)
+        body = bytes(conn.buffer[conn.buffer.find(b"\r\n\r\n") + 4 :]) if ok else b""
+        if not ok:
+            self.stats.errors.append(f"{job.kind}: connection closed")
+        elif conn.status != 200 or b"failure reason" in body:
+            self.stats.errors.append(f"{job.kind}: HTTP {conn.status} {body[:100]!r}")
+        elif job.kind in ("batch", "heartbeat", "complete") and (
+            b"6:failed" in body or b"8:unlisted" in body
+        ):
+            self.stats.errors.append(f"{job.kind}: entries refused {body[:200]!r}")
+        conn.job = None
+        if ok and job.reuse is not None:
+            conn.idle_since = time.monotonic()
+            old = self.idle.pop(job.reuse, None)
+            if old is not None:
+                old.sock.close()
+            self.idle[job.reuse] = conn
+        else:
+            conn.sock.close()
+
+    def run_open(self, jobs: list[Job]) -> float:
+        """Send ``jobs`` at their times (seconds from now); returns the seconds taken."""
+        heapq.heapify(jobs)
+        start = time.monotonic()
+        last_answer = start
+        while jobs or self.inflight:
+            now = time.monotonic() - start
+            while jobs and jobs[0].at <= now:
+                job = heapq.heappop(jobs)
+                self.stats.lag_max = max(self.stats.lag_max, now - job.at)
+                self.send(job)
+            wait = 0.05 if not jobs else max(0.0, min(0.05, jobs[0].at - now))
+            before = self.inflight
+            self.poll(wait)
+            if self.inflight < before:
+                last_answer = time.monotonic()
+            elif self.inflight and time.monotonic() - last_answer > IDLE_LIMIT:
+                raise RuntimeError(f"no answer for {IDLE_LIMIT:g} s ({self.inflight} waiting)")
+        return time.monotonic() - start
+
+    def run_closed(self, jobs: Iterator[Job], inflight: int) -> float:
+        """Send ``jobs`` with at most ``inflight`` waiting for answers; seconds taken."""
+        start = time.monotonic()
+        last_answer = start
+        pending = True
+        while pending or self.inflight:
+            while pending and self.inflight < inflight:
+                job = next(jobs, None)
+                if job is None:
+                    pending = False
+                    break
+                self.send(job)
+            before = self.inflight
+            self.poll(0.05)
+            if self.inflight < before:
+                last_answer = time.monotonic()
+            elif self.inflight and time.monotonic() - last_answer > IDLE_LIMIT:
+                raise RuntimeError(f"no answer for {IDLE_LIMIT:g} s ({self.inflight} waiting)")
+        return time.monotonic() - start
+
+    def close(self) -> None:
+        for conn in self.idle.values():
+            conn.sock.close()
+        self.selector.close()
+
+
+# --- the phases ---------------------------------------------------------------------------------
+
+
+def chunks(items: list[bytes], size: int) -> Iterator[list[bytes]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def load_jobs(cluster: Cluster, hashes: list[bytes]) -> Iterator[Job]:
+    seq = 0
+    for node in range(cluster.nodes):
+        for part in chunks(cluster.seeds_of(node, hashes), BATCH_SIZE):
+            seq += 1
+            payload = cluster.batch(node, [(h, Event.STARTED) for h in part])
+            yield Job(0.0, seq, cluster.address(node), payload, "batch")
+
+
+def steady_jobs(cluster: Cluster, hashes: list[bytes], window: float, first: int) -> list[Job]:
+    """Rounds (all of a node's seeds, every SEED_INTERVAL) and heartbeats (an empty batch
+    every HEARTBEAT) of every node, at the real rates, for ``window`` seconds."""
+    jobs: list[Job] = []
+    seq = 0
+    rounds = round(window * cluster.nodes / SEED_INTERVAL)
+    for m in range(rounds):
+        node = (first + m) % cluster.nodes
+        at = m * SEED_INTERVAL / cluster.nodes
+        for part in chunks(cluster.seeds_of(node, hashes), BATCH_SIZE):
+            seq += 1
+            payload = cluster.batch(node, [(h, Event.NONE) for h in part])
+            jobs.append(Job(at, seq, cluster.address(node), payload, "batch"))
+    beats = round(window * cluster.nodes / HEARTBEAT)
+    for m in range(beats):
+        node = (first * 7 + m) % cluster.nodes
+        seq += 1
+        jobs.append(
+            Job(
+                m * HEARTBEAT / cluster.nodes,
+                seq,
+                cluster.address(node),
+                cluster.batch(node, []),
+                "heartbeat",
+            )
+        )
+    return jobs
+
+
+def rollout_jobs(
+    cluster: Cluster, rollout_nodes: int, layers: int, spread: float, rng: random.Random
+) -> tuple[list[Job], float]:
+    """A rollout: per node and layer ``started``, young re-announces, ``completed`` in a
+    batch. Returns the jobs and when the last one is due."""
+    jobs: list[Job] = []
+    seq = 1_000_000
+    layer_hashes = [hashlib.sha1(b"bench-scale-rollout-%d" % j).digest() for j in range(layers)]
+    last = 0.0
+    for node in range(rollout_nodes):
+        address = cluster.address(node)
+        start = rng.uniform(0, spread)
+        ends = [start] * 3  # three layers at a time
+        for _j, info_hash in enumerate(layer_hashes):
+            slot = min(range(3), key=lambda s: ends[s])
+            begin = ends[slot]
+            end = begin + rng.uniform(4.0, 12.0)
+            ends[slot] = end
+            for delay, event in ((0.0, "started"), (0.5, ""), (1.5, ""), (3.5, "")):
+                if begin + delay < end:
+                    seq += 1
+                    payload = cluster.single(node, info_hash, left=1 << 20, event=event)
+                    jobs.append(Job(begin + delay, seq, address, payload, "single", reuse=address))
+            seq += 1
+            payload = cluster.batch(node, [(info_hash, Event.COMPLETED)])
+            jobs.append(Job(end + 1.0, seq, address, payload, "complete"))
+            last = max(last, end + 1.0)
+    return jobs, last
+
+
+def baseline_jobs(cluster: Cluster, hashes: list[bytes], peers: int, blobs: int) -> Iterator[Job]:
+    """Seeds announcing alone (today's design): ``peers`` peers on their own addresses
+    (127.250.x.y) re-announcing ``blobs`` tail blobs each (event none)."""
+    seq = 0
+    for n in range(peers):
+        node = 200_000 + n
+        address = f"127.250.{n // 250 % 250}.{n % 250 + 1}"
+        for j in range(blobs):
+            info_hash = hashes[
+                cluster.common + (n * blobs + j) % (cluster.catalog - cluster.common)
+            ]
+            seq += 1
+            payload = cluster.single(node, info_hash, left=0, event="")
+            yield Job(0.0, seq, address, payload, "base", reuse=address)
+
+
+def expiry_cost_us(nodes: int, blobs: int) -> float:
+    """Microseconds per entry that the lazy expiry of batched seeds costs in steady state:
+    every entry of an expiring batch is looked at once (here: all refreshed since, the
+    usual case), measured on the pure core."""
+    swarm = Swarm(
+        peer_expiry=900,
+        seed_expiry=SEED_EXPIRY,
+        max_torrents=100_000,
+        max_peers_per_torrent=5000,
+        default_numwant=50,
+        max_numwant=200,
+        max_peers=2_000_000,
+        max_batch_seeds=20_000_000,
+        max_torrents_per_address=20_000,
+        max_peers_per_address=8,
+        rng=random.Random(1),
+    )
+    hashes = [hashlib.sha1(b"expiry-%d" % i).digest() for i in range(blobs * 4)]
+    for when in (0.0, 1000.0):
+        for n in range(nodes):
+            mine = hashes[n % 4 :: 4][:blobs]
+            swarm.announce_seeds(
+                b"-PA0100-" + n.to_bytes(12, "big"),
+                6881,
+                [(h, Event.NONE) for h in mine],
+                f"10.0.{n // 250}.{n % 250 + 1}",
+                when,
+            )
+    started = time.perf_counter()
+    removed = swarm.expire(SEED_EXPIRY + 500.0)
+    seconds = time.perf_counter() - started
+    assert removed == 0
+    return 1e6 * seconds / (nodes * blobs)
+
+
+# --- the tracker --------------------------------------------------------------------------------
+
+
+@contextmanager
+def p2p_tracker(workdir: Path) -> Iterator[tuple[int, ManagedProcess]]:
+    port = free_port()
+    config = workdir / "p2p-tracker.yaml"
+    config.write_text(f"listen: 127.0.0.1:{port}\nlogLevel: warning\nuncappedAddresses: []\n")
+    binary = Path(sys.executable).with_name("p2p-tracker")
+    argv = [str(binary)] if binary.exists() else [require("p2p-tracker")]
+    process = ManagedProcess(
+        [*argv, "--config", str(config)],
+        workdir / "p2p-tracker.log",
+        name="p2p-tracker",
+        env=service_env(),
+    )
+    with process:
+        process.wait_port(port, timeout=15)
+        yield port, process
+
+
+def metric(port: int, name: str) -> float:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    for line in raw.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+@dataclass
+class Report:
+    failures: list[str] = field(default_factory=list)
+    steady_cpu: float = 0.0
+    rollout_p99: float = 0.0
+    baseline_cores: float = 0.0
+    peak_rss: int = 0
+
+
+def phase_load(
+    cluster: Cluster,
+    hashes: list[bytes],
+    port: int,
+    tracker: ManagedProcess,
+    inflight: int,
+    report: Report,
+) -> None:
+    """Every node announces all its seeds (as after a tracker restart)."""
+    entries = cluster.nodes * cluster.blobs
+    empty = proc_stats(tracker.pid).rss
+    loader = Loader(port)
+    cpu0 = tracker.cpu_seconds()
+    seconds = loader.run_closed(load_jobs(cluster, hashes), inflight)
+    cpu = tracker.cpu_seconds() - cpu0
+    rss = proc_stats(tracker.pid).rss
+    listed = metric(port, "p2p_tracker_batch_seeds")
+    s = loader.stats
+    print(
+        f"load    : {s.count('batch'):,} batches, {listed:,.0f} seeds listed in {seconds:.1f} s; "
+        f"tracker CPU {cpu:.1f} s ({1e6 * cpu / entries:.1f} us per seed); batch p50 "
+        f"{s.percentile('batch', 0.5):.1f} ms, p99 {s.percentile('batch', 0.99):.1f} ms; "
+        f"RSS {rss / MiB:,.0f} MiB ({(rss - empty) / max(1, listed):.0f} bytes per seed)",
+        flush=True,
+    )
+    report.failures.extend(f"load: {e}" for e in s.errors[:5])
+    if listed != entries:
+        report.failures.append(f"load: {listed:,.0f} seeds listed of {entries:,}")
+    loader.close()
+
+
+def phase_steady(
+    cluster: Cluster,
+    hashes: list[bytes],
+    port: int,
+    tracker: ManagedProcess,
+    window: float,
+    report: Report,
+) -> None:
+    """The steady state at the real rates: the goal's CPU."""
+    loader = Loader(port)
+    jobs = steady_jobs(cluster, hashes, window, first=0)
+    cpu0 = tracker.cpu_seconds()
+    seconds = loader.run_open(jobs)
+    report.steady_cpu = (tracker.cpu_seconds() - cpu0) / seconds
+    s = loader.stats
+    rate = cluster.nodes * cluster.blobs / SEED_INTERVAL
+    print(
+        f"steady  : {s.count('batch')} batches ({rate:,.0f} seed announces/s) and "
+        f"{s.count('heartbeat')} heartbeats in {seconds:.1f} s: tracker CPU "
+        f"{report.steady_cpu:.3f} core; batch p50 {s.percentile('batch', 0.5):.2f} ms, "
+        f"p99 {s.percentile('batch', 0.99):.2f} ms; heartbeat p99 "
+        f"{s.percentile('heartbeat', 0.99):.2f} ms; generator lag max {s.lag_max * 1e3:.0f} ms",
+        flush=True,
+    )
+    report.failures.extend(f"steady: {e}" for e in s.errors[:5])
+    loader.close()
+
+
+def phase_rollout(
+    cluster: Cluster,
+    hashes: list[bytes],
+    port: int,
+    tracker: ManagedProcess,
+    args: argparse.Namespace,
+    report: Report,
+) -> None:
+    """A rollout on top of the steady state: the goal's p99."""
+    loader = Loader(port)
+    nodes = min(args.rollout_nodes, cluster.nodes)
+    rollout, last = rollout_jobs(
+        cluster, nodes, args.layers, args.rollout_spread, random.Random(args.seed)
+    )
+    first = round(args.window * cluster.nodes / SEED_INTERVAL)
+    jobs = steady_jobs(cluster, hashes, last, first=first)
+    cpu0 = tracker.cpu_seconds()
+    seconds = loader.run_open(jobs + rollout)
+    cpu = (tracker.cpu_seconds() - cpu0) / seconds
+    s = loader.stats
+    report.rollout_p99 = s.percentile("single", 0.99)
+    print(
+        f"rollout : {nodes:,} nodes x {args.layers} layers over {seconds:.1f} s: "
+        f"{s.count('single'):,} single announces ({s.count('single') / seconds:,.0f}/s) "
+        f"p50 {s.percentile('single', 0.5):.2f} ms, p99 {report.rollout_p99:.2f} ms, "
+        f"max {s.percentile('single', 1.0):.2f} ms; {s.count('complete'):,} batches of "
+        f"completed layers p99 {s.percentile('complete', 0.99):.2f} ms; steady batches p99 "
+        f"{s.percentile('batch', 0.99):.2f} ms; tracker CPU {cpu:.3f} core; "
+        f"generator lag max {s.lag_max * 1e3:.0f} ms",
+        flush=True,
+    )
+    report.failures.extend(f"rollout: {e}" for e in s.errors[:5])
+    loader.close()
+
+
+def phase_baseline(
+    cluster: Cluster,
+    hashes: list[bytes],
+    port: int,
+    tracker: ManagedProcess,
+    args: argparse.Namespace,
+    report: Report,
+) -> None:
+    """Today's design: seeds announcing alone, every announceInterval."""
+    loader = Loader(port)
+    loader.run_closed(baseline_jobs(cluster, hashes, args.baseline_peers, args.baseline_blobs), 16)
+    loader.stats = Stats()
+    again = baseline_jobs(cluster, hashes, args.baseline_peers, args.baseline_blobs)
+    cpu0 = tracker.cpu_seconds()
+    seconds = loader.run_closed(again, 16)
+    cpu = tracker.cpu_seconds() - cpu0
+    s = loader.stats
+    per_announce = cpu / max(1, s.count("base"))
+    rate = cluster.nodes * cluster.blobs / HEARTBEAT
+    report.baseline_cores = rate * per_announce
+    print(
+        f"baseline: {s.count('base'):,} single re-announces of seeds at "
+        f"{s.count('base') / seconds:,.0f}/s (saturated, 16 in flight), "
+        f"{1e6 * per_announce:.0f} us of tracker CPU each, p99 {s.percentile('base', 0.99):.1f} "
+        f"ms; today's design needs {rate:,.0f} announces/s = {report.baseline_cores:.1f} cores",
+        flush=True,
+    )
+    report.failures.extend(f"baseline: {e}" for e in s.errors[:5])
+    loader.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nodes", type=int, default=5000)
+    parser.add_argument("--blobs", type=int, default=2000, help="cached blobs per node")
+    parser.add_argument("--catalog", type=int, default=20000, help="distinct blobs")
+    parser.add_argument("--common", type=int, default=500, help="blobs every node has")
+    parser.add_argument("--window", type=float, default=60.0, help="seconds of steady state")
+    parser.add_argument("--rollout-nodes", type=int, default=1000)
+    parser.add_argument("--layers", type=int, default=10)
+    parser.add_argument("--rollout-spread", type=float, default=30.0)
+    parser.add_argument("--baseline-peers", type=int, default=1000)
+    parser.add_argument("--baseline-blobs", type=int, default=20)
+    parser.add_argument("--inflight", type=int, default=4, help="batches in flight while loading")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+    cluster = Cluster(args.nodes, args.blobs, args.catalog, args.common)
+    hashes = [cluster.blob(i) for i in range(cluster.catalog)]
+    entries = cluster.nodes * cluster.blobs
+    print(
+        f"cluster: {cluster.nodes:,} nodes x {cluster.blobs:,} cached blobs = {entries:,} seeds "
+        f"({cluster.catalog:,} distinct blobs, {cluster.common} on every node); defaults: "
+        f"seedAnnounceInterval {SEED_INTERVAL} s, heartbeat {HEARTBEAT} s, "
+        f"{BATCH_SIZE} infohashes per batch",
+        flush=True,
+    )
+    report = Report()
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-tracker-scale-") as tmp,
+        p2p_tracker(Path(tmp)) as (port, tracker),
+    ):
+        phase_load(cluster, hashes, port, tracker, args.inflight, report)
+        phase_steady(cluster, hashes, port, tracker, args.window, report)
+        phase_rollout(cluster, hashes, port, tracker, args, report)
+        phase_baseline(cluster, hashes, port, tracker, args, report)
+        report.peak_rss = proc_stats(tracker.pid).hwm
+        tracker.check_alive()
+
+    rate = entries / SEED_INTERVAL
+    expiry_us = expiry_cost_us(200, min(2000, cluster.blobs))
+    expiry_cores = rate * expiry_us / 1e6
+    total = report.steady_cpu + expiry_cores
+    print(
+        f"expiry  : {expiry_us:.2f} us per batched seed looked at (pure core, in this process) "
+        f"x {rate:,.0f}/s = {expiry_cores:.4f} core"
+    )
+    print()
+    cpu_ok = "MET" if total < 0.5 else "NOT MET"
+    p99_ok = "MET" if report.rollout_p99 < 20 else "NOT MET"
+    print(
+        f"goal: steady CPU {total:.3f} core (measured {report.steady_cpu:.3f} + expiry "
+        f"{expiry_cores:.4f}) < 0.5: {cpu_ok}; rollout announce p99 "
+        f"{report.rollout_p99:.2f} ms < 20 ms: {p99_ok}"
+    )
+    print(
+        f"baseline/batched: {report.baseline_cores:.1f} / {total:.3f} cores = "
+        f"{report.baseline_cores / total:,.0f}x; tracker peak RSS {report.peak_rss / MiB:,.0f} MiB"
+    )
+    for failure in report.failures:
+        print(f"FAILED: {failure}")
+    return 1 if report.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
