@@ -19,6 +19,8 @@ from tests.inproc_trackers import InProcessTrackers
 
 HEARTBEAT = 300
 SEED_INTERVAL = 1800
+SETTLE = announce_module.BATCH_DELAY + 2
+"""Seconds after which new seeds have been announced."""
 
 
 def ih(n: int) -> bytes:
@@ -66,7 +68,7 @@ async def test_seeds_go_in_one_batch_per_tracker(autojump_clock: trio.testing.Mo
     hashes = [ih(n) for n in range(60)]
     async with running(cluster.announcer(0)) as announcer:
         add_seeds(announcer, hashes, cluster.urls)
-        await trio.sleep(5)
+        await trio.sleep(SETTLE)
         # one request per tracker, each with exactly the seeds ranked first there
         assert sum(cluster.requests.batches.values()) == 3
         assert cluster.requests.singles == {}
@@ -84,7 +86,7 @@ async def test_a_round_every_interval_and_a_heartbeat_in_between(
     cluster = trackers(1)
     async with running(cluster.announcer(0)) as announcer:
         add_seeds(announcer, [ih(n) for n in range(2500)], cluster.urls)
-        await trio.sleep(10)
+        await trio.sleep(SETTLE)
         host = cluster.hosts[0]
         # 2,500 seeds: three requests of at most BATCH_SIZE
         assert cluster.requests.batches[host] == 3
@@ -113,7 +115,7 @@ async def test_new_seeds_wait_a_moment_to_go_together(
     async with running(cluster.announcer(0)) as announcer:
         for n in range(10):
             add_seeds(announcer, [ih(n)], cluster.urls, Event.COMPLETED)
-            await trio.sleep(0.05)
+            await trio.sleep(0.2)
         await trio.sleep(announce_module.BATCH_DELAY + 1)
         assert cluster.requests.batches[cluster.hosts[0]] == 1
     stats = [cluster.core(0).swarm.scrape(ih(n)) for n in range(10)]
@@ -125,7 +127,7 @@ async def test_stopping_seeds_go_in_one_batch(autojump_clock: trio.testing.MockC
     hashes = [ih(n) for n in range(50)]
     async with running(cluster.announcer(0)) as announcer:
         add_seeds(announcer, hashes, cluster.urls)
-        await trio.sleep(5)
+        await trio.sleep(SETTLE)
         before = cluster.requests.batches[cluster.hosts[0]]
         async with trio.open_nursery() as nursery:
             for h in hashes:
@@ -146,7 +148,7 @@ async def test_a_stop_during_cancellation_still_goes_out(
     announcer = cluster.announcer(0)
     async with running(announcer):
         add_seeds(announcer, [ih(1), ih(2)], cluster.urls)
-        await trio.sleep(5)
+        await trio.sleep(SETTLE)
     assert not announcer.batching
     with trio.CancelScope(shield=True), trio.move_on_after(2):
         async with trio.open_nursery() as nursery:
@@ -165,7 +167,7 @@ async def test_a_tracker_without_the_endpoint_gets_single_announces(
     hashes = [ih(n) for n in range(20)]
     async with running(cluster.announcer(0)) as announcer:
         add_seeds(announcer, hashes, cluster.urls)
-        await trio.sleep(10)
+        await trio.sleep(SETTLE)
         assert cluster.requests.singles[host] == 20
         for h in hashes:
             assert cluster.seeds_at(0, h) == {announcer.peer_id}
@@ -187,7 +189,7 @@ async def test_the_endpoint_is_asked_again_after_an_hour(
     cluster.batchless.add(host)
     async with running(cluster.announcer(0)) as announcer:
         add_seeds(announcer, [ih(n) for n in range(5)], cluster.urls)
-        await trio.sleep(10)
+        await trio.sleep(SETTLE)
         cluster.batchless.clear()  # the tracker was upgraded
         await trio.sleep(announce_module.NO_BATCH_RETRY + 2 * HEARTBEAT)
         singles = cluster.requests.singles[host]
@@ -208,7 +210,7 @@ async def test_udp_trackers_get_single_announces(autojump_clock: trio.testing.Mo
     announcer.announce = fake_announce  # type: ignore[method-assign]
     async with running(announcer):
         add_seeds(announcer, [ih(1)], ["udp://10.0.9.1:6969"])
-        await trio.sleep(5)
+        await trio.sleep(SETTLE)
     assert calls == [(ih(1), Event.STARTED)]
 
 
@@ -220,7 +222,7 @@ async def test_a_lost_tracker_moves_its_seeds_within_a_heartbeat(
     lost = [h for h in hashes if first_tracker(h, cluster.urls) == 0]
     async with running(cluster.announcer(0)) as announcer:
         add_seeds(announcer, hashes, cluster.urls)
-        await trio.sleep(10)
+        await trio.sleep(SETTLE)
         cluster.kill(0)
         killed_at = trio.current_time()
         with trio.fail_after(HEARTBEAT + announce_module.ANNOUNCE_TIMEOUT + 5):
@@ -250,7 +252,7 @@ async def test_a_failing_single_announce_moves_the_seeds_at_once(
     lost = [h for h in hashes if first_tracker(h, cluster.urls) == 0]
     async with running(cluster.announcer(0)) as announcer:
         add_seeds(announcer, hashes, cluster.urls)
-        await trio.sleep(10)
+        await trio.sleep(SETTLE)
         cluster.kill(0)
         download = next(
             h for h in (ih(n) for n in range(100, 200)) if first_tracker(h, cluster.urls) == 0
@@ -267,7 +269,7 @@ async def test_a_restarted_tracker_gets_every_seed_again(
     hashes = [ih(n) for n in range(100)]
     async with running(cluster.announcer(0)) as announcer:
         add_seeds(announcer, hashes, cluster.urls)
-        await trio.sleep(10)
+        await trio.sleep(SETTLE)
         cluster.restart(0)
         assert cluster.core(0).swarm.peer_count == 0
         await trio.sleep(HEARTBEAT + 5)
@@ -282,7 +284,7 @@ async def test_the_tracker_keeps_batched_seeds_for_their_own_expiry(
     cluster = trackers(1, peer_expiry=900)
     async with running(cluster.announcer(0)) as announcer:
         add_seeds(announcer, [ih(1)], cluster.urls)
-        await trio.sleep(5)
+        await trio.sleep(SETTLE)
         for _ in range(4):
             await trio.sleep(SEED_INTERVAL / 2)
             cluster.core(0).expire(trio.current_time())
@@ -293,3 +295,27 @@ async def test_the_tracker_keeps_batched_seeds_for_their_own_expiry(
     assert cluster.core(0).swarm.batch_seed_count == 1
     cluster.core(0).expire(gone_at + 3 * SEED_INTERVAL + 1)
     assert cluster.core(0).swarm.batch_seed_count == 0
+
+
+async def test_seeds_use_the_http_twin_of_a_udp_tracker(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """udp://h:p and http://h:p/announce both listed: UDP ranks first (downloads use it),
+    seeds go in batches to the same tracker over HTTP."""
+    cluster = trackers(1)
+    announcer = cluster.announcer(0)
+    singles: list[bytes] = []
+
+    async def no_singles(
+        info_hash: bytes, trackers: tuple[str, ...], state: tuple[Event, int, int, int]
+    ) -> None:
+        singles.append(info_hash)
+
+    announcer.announce = no_singles  # type: ignore[method-assign]
+    urls = ["udp://10.0.9.1:6969", cluster.urls[0]]
+    assert rank_trackers(ih(1), urls)[0].startswith("udp://")
+    async with running(announcer):
+        add_seeds(announcer, [ih(n) for n in range(5)], urls)
+        await trio.sleep(announce_module.BATCH_DELAY + 1)
+    assert singles == []
+    assert cluster.requests.batch_entries[cluster.hosts[0]] == 5

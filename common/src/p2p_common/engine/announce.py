@@ -33,7 +33,9 @@ announced at once to the tracker ranked next for each of them (and moved back wh
 answers a probe again); a tracker that answers with another ``instance`` has restarted and
 gets all its seeds again. A tracker without the batch endpoint (404, 405 or 501: an older
 p2p-tracker, opentracker) is remembered for an hour and its seeds are announced one by one
-as before, as are seeds whose first tracker is a ``udp://`` one (batching is HTTP only).
+as before, as are seeds whose first tracker is a ``udp://`` one (batching is HTTP only) --
+unless the same tracker's HTTP URL is listed too: then downloads announce over UDP and
+seeds in batches over HTTP.
 Downloads always announce alone: they need their peers at once and a short interval.
 
 Every attempt leaves its outcome in :attr:`Announcer.log` (a :class:`TrackerLog`: per tracker
@@ -93,14 +95,20 @@ BATCH_SIZE = 1000
 """Most infohashes per batch request (the protocol allows 2,000): a batch is answered in one
 go by the tracker's event loop, about 2 ms for 1,000 refreshes, so smaller batches keep the
 announces of downloads waiting behind them short (docs/tracker.md)."""
-BATCH_DELAY = 1.0
-"""Seconds a new seed waits so that others join it in one batch."""
+BATCH_DELAY = 5.0
+"""Seconds a new seed waits so that others join it in one batch: the layers of an image
+that complete within a few seconds of each other go in one request (the tracker lists the
+node as a leecher meanwhile, which other leechers get all the same)."""
 STOP_DELAY = 0.05
 """Seconds a stopping seed waits for others stopping at the same time (a shutdown)."""
 DEFAULT_SEED_INTERVAL = 1800.0
 """Seconds between batches of all seeds until a tracker says (``interval``)."""
 DEFAULT_HEARTBEAT = 300.0
 """Seconds between requests to a tracker until it says (``heartbeat``)."""
+HEARTBEAT_SHARE = 0.9
+"""A heartbeat goes out after this share of the tracker's ``heartbeat``: a lost tracker is
+noticed, and its seeds are at their next tracker, within one heartbeat even when the failed
+attempt takes all of :data:`ANNOUNCE_TIMEOUT`."""
 DOWN_PROBE = 30.0
 """Seconds between probes of a tracker that stopped answering (at most its heartbeat)."""
 NO_BATCH_RETRY = 3600.0
@@ -564,15 +572,24 @@ class Announcer:
                 if not instance.down:
                     chosen = url
                     break
+            http = _rank_identity(chosen)
+            if http != chosen and http in expanded:
+                # udp://h:p first (downloads announce over UDP, the cheapest), but the same
+                # tracker's HTTP URL is listed too: seeds go in batches there
+                twin = self._instance(http, expanded[http])
+                if not twin.down and twin.batch is not False:
+                    chosen = http
             target = self._instances[chosen]
             if target.batch is not False:
                 if seed.at != chosen:
                     self._forget(seed)
-                    if (seed.at is not None or seed.alone) and seed.event is None:
+                    moved = seed.at is not None or seed.alone
+                    if moved and seed.event is None:
                         seed.event = Event.STARTED  # new to that tracker
                     seed.at, seed.alone = chosen, False
                     target.seeds[seed.info_hash] = None
-                    self._pend(target, seed, now)
+                    # a seed moving after a tracker loss is announced at once
+                    self._pend(target, seed, now - BATCH_DELAY if moved else now)
                 elif seed.event is not None:
                     self._pend(target, seed, now)
             elif not seed.alone:
@@ -591,9 +608,10 @@ class Announcer:
             instance.listed = listed
         return instance
 
-    def _pend(self, instance: _Instance, seed: _Seed, now: float) -> None:
-        if not instance.pending:
-            instance.pending_since = now
+    def _pend(self, instance: _Instance, seed: _Seed, since: float) -> None:
+        """Queue the seed's event for ``instance``; sent :data:`BATCH_DELAY` after
+        ``since`` (of the first one waiting)."""
+        instance.pending_since = min(instance.pending_since, since)
         instance.pending[seed.info_hash] = None
 
     @staticmethod
@@ -611,7 +629,7 @@ class Announcer:
         if instance.pending:
             due = min(due, instance.pending_since + BATCH_DELAY)
         elif instance.seeds:
-            due = min(due, instance.last_request + instance.heartbeat)
+            due = min(due, instance.last_request + HEARTBEAT_SHARE * instance.heartbeat)
         return due
 
     def _start_sends(self, nursery: trio.Nursery, now: float) -> None:
