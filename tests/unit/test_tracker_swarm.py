@@ -171,6 +171,7 @@ def test_slots_stay_consistent(ops: list[tuple[int, int, Event, int, int]]) -> N
         if event is not Event.STOPPED:
             assert len(outcome.peers) == min(numwant, pool)
         assert len(torrent.seeds) + len(torrent.leechers) == len(torrent.peers)
+        assert len(torrent.seen) == len(torrent.seeds)
         for group in (torrent.seeds, torrent.leechers):
             for slot, peer in enumerate(group):
                 assert peer[-1] == slot
@@ -872,12 +873,15 @@ def test_batches_and_single_announces_keep_every_counter_exact(
                 if event is Event.STOPPED or hashes[h] in out.failed:
                     assert mine == [] or hashes[h] in out.failed
                 elif mine:  # a peer that announced alone stays so at the cap
-                    assert mine[0][SEEN] == now or Unlisted.TRACKER_FULL in out.unlisted
+                    if Unlisted.TRACKER_FULL not in out.unlisted:
+                        assert swarm.seen_of(hashes[h], pid(n)) == now
                     assert mine[0][LEFT] == 0
         else:
             with contextlib.suppress(SwarmFullError, PeerConflictError):
                 swarm.announce(req(n, info_hash=hashes[which[0]], left=left, event=event), ip, now)
         recount(swarm, hashes, addresses)
+        for torrent in swarm._torrents.values():
+            assert len(torrent.seen) == len(torrent.seeds)
         batched_now = sum(1 for h in hashes for p in swarm.peers_of(h) if p[SEEN] is not None)
         assert swarm.batch_seed_count == batched_now <= 8
         assert swarm.peer_count - batched_now <= 9

@@ -58,6 +58,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import random
+from array import array
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -112,9 +113,10 @@ SwarmPeer = tuple[bytes, str, int, bytes, int, bytes | None, float | None, int]
 """One peer of one torrent: (peer_id, ip, port, packed, left, key, seen, slot)."""
 
 # Indices into SwarmPeer. PACKED is the compact form: 6 bytes (IPv4, BEP 23) or 18 bytes
-# (IPv6, BEP 7); SEEN is the time of the last batched announce of a batched seed and None
-# for a peer that announces alone (its time is kept in the expiry order instead); _SLOT is
-# the peer's index in its torrent's seed or leecher list.
+# (IPv6, BEP 7); SEEN is None for a peer that announces alone (its time is kept in the expiry
+# order) and, for a seed from batched announces, the time it was listed (the time of its
+# last batch is in its torrent's ``seen`` array); _SLOT is the peer's index in its torrent's
+# seed or leecher list.
 PEER_ID: Final = 0
 IP: Final = 1
 PORT: Final = 2
@@ -151,6 +153,7 @@ class _Torrent:
         "peers",
         "seeds",
         "seeds4",
+        "seen",
         "wide",
     )
 
@@ -162,6 +165,12 @@ class _Torrent:
         self.leechers: list[SwarmPeer] = []
         self.seeds4 = bytearray()
         self.leechers4 = bytearray()
+        self.seen = array("d")
+        """When each member of ``seeds`` was last announced in a batch, in the same order
+        (0 for a seed announcing alone): a batch refreshes a seed by writing one number here,
+        without a new tuple, so that the peers table is not handed back to the cycle
+        collector's youngest generation on every refresh (a gen-0 pass would then walk every
+        swarm a batch touched: 100+ ms with 10 million seeds)."""
         """The 6-byte compact form of each member of ``seeds``/``leechers``, in the same
         order (:data:`_HOLE` for an IPv6 peer): an answer to an IPv4 client is slices of it,
         without touching a peer tuple."""
@@ -315,6 +324,14 @@ class Swarm:
         torrent = self._torrents.get(info_hash)
         return [] if torrent is None else list(torrent.peers.values())
 
+    def seen_of(self, info_hash: bytes, peer_id: bytes) -> float | None:
+        """When a batched seed was last announced (None: not a batched seed; for tests)."""
+        torrent = self._torrents.get(info_hash)
+        peer = None if torrent is None else torrent.peers.get(peer_id)
+        if torrent is None or peer is None or peer[SEEN] is None:
+            return None
+        return torrent.seen[peer[_SLOT]]
+
     def eviction_order(self) -> list[bytes]:
         """The single-address torrents, next victim first (a copy; for tests and tools)."""
         return list(self._single)
@@ -419,9 +436,7 @@ class Swarm:
                 # nothing else changes (no reshuffle: the order is random since the seed
                 # joined, and leechers announcing keep shuffling it).
                 assert torrent is not None
-                slot = old[_SLOT]
-                peer = (old[0], old[1], old[2], old[3], 0, old[5], seen, slot)
-                torrent.seeds[slot] = torrent.peers[peer_id] = peer
+                torrent.seen[old[_SLOT]] = seen
                 if len(torrent.addresses) == 1:
                     single.move_to_end(info_hash)
                 events[event] = events.get(event, 0) + 1
@@ -732,10 +747,14 @@ class Swarm:
             torrent.wide += 1
             compact = _HOLE
         j = int(self._rng.random() * (n + 1))
+        seen = torrent.seen if group is torrent.seeds else None
+        when = fields[SEEN] or 0.0
         if j >= n:
             peer: SwarmPeer = (*fields, n)
             group.append(peer)
             buffer += compact
+            if seen is not None:
+                seen.append(when)
         else:
             other = group[j]
             moved: SwarmPeer = (*other[:_SLOT], n)
@@ -746,6 +765,9 @@ class Swarm:
             at = 6 * j
             buffer += buffer[at : at + 6]
             buffer[at : at + 6] = compact
+            if seen is not None:
+                seen.append(seen[j])
+                seen[j] = when
         torrent.peers[fields[PEER_ID]] = peer
 
     def _reinsert(
@@ -763,10 +785,14 @@ class Swarm:
             torrent.wide -= 1
         j = int(self._rng.random() * len(group))
         at = 6 * slot
+        seen = torrent.seen if group is torrent.seeds else None
+        when = fields[SEEN] or 0.0
         if j == slot or j >= len(group):
             peer: SwarmPeer = (*fields, slot)
             group[slot] = peer
             buffer[at : at + 6] = compact
+            if seen is not None:
+                seen[slot] = when
         else:
             other = group[j]
             moved: SwarmPeer = (*other[:_SLOT], slot)
@@ -777,6 +803,9 @@ class Swarm:
             there = 6 * j
             buffer[at : at + 6] = buffer[there : there + 6]
             buffer[there : there + 6] = compact
+            if seen is not None:
+                seen[slot] = seen[j]
+                seen[j] = when
         torrent.peers[fields[PEER_ID]] = peer
 
     def _join(self, info_hash: bytes, torrent: _Torrent, ip: str) -> None:
@@ -845,11 +874,15 @@ class Swarm:
         buffer = torrent.buffer(group)
         last = group.pop()
         slot = peer[_SLOT]
+        seen = torrent.seen if group is torrent.seeds else None
+        last_seen = seen.pop() if seen is not None else 0.0
         if slot != len(group):
             moved = (last[0], last[1], last[2], last[3], last[4], last[5], last[6], slot)
             group[slot] = moved
             torrent.peers[last[PEER_ID]] = moved
             buffer[6 * slot : 6 * slot + 6] = buffer[-6:]
+            if seen is not None:
+                seen[slot] = last_seen
         del buffer[-6:]
         if len(peer[PACKED]) != 6:
             torrent.wide -= 1
@@ -905,7 +938,11 @@ class Swarm:
                 if holder is None:
                     continue
                 peer = holder.peers.get(peer_id)
-                if peer is not None and peer[SEEN] is not None and peer[SEEN] <= seen:
+                if (
+                    peer is not None
+                    and peer[SEEN] is not None
+                    and holder.seen[peer[_SLOT]] <= seen
+                ):
                     self._remove(info_hash, holder, peer)
                     removed += 1
             work += end - start
