@@ -564,12 +564,11 @@ class Announcer:
             ranked = rank_trackers(seed.info_hash, expanded)
             if not ranked or self._seeds.get(seed.info_hash) is not seed:
                 continue
+            first = _rank_identity(ranked[0])  # the HTTP twin of a udp:// one, if listed
+            self._instance(first if first in expanded else ranked[0], "").preferred += 1
             chosen = ranked[0]
-            for position, url in enumerate(ranked):
-                instance = self._instance(url, expanded[url])
-                if position == 0:
-                    instance.preferred += 1
-                if not instance.down:
+            for url in ranked:
+                if not self._instance(url, expanded[url]).down:
                     chosen = url
                     break
             http = _rank_identity(chosen)
@@ -601,10 +600,10 @@ class Announcer:
     def _instance(self, url: str, listed: str) -> _Instance:
         instance = self._instances.get(url)
         if instance is None:
-            instance = self._instances[url] = _Instance(url, listed)
+            instance = self._instances[url] = _Instance(url, listed or url)
             if batch_url(url) is None:
                 instance.batch, instance.no_batch_until = False, math.inf
-        else:
+        elif listed:
             instance.listed = listed
         return instance
 
