@@ -61,10 +61,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote_from_bytes
 
+from p2p_common import udp_tracker_proto as udp_proto
 from p2p_common.batch_proto import BATCH_PATH, BatchRequest, encode_batch_request
 from p2p_common.engine.announce import BATCH_DELAY, BATCH_SIZE, NUMWANT
 from p2p_common.service_main import raise_open_files_limit
-from p2p_common.tracker_proto import Event
+from p2p_common.tracker_proto import AnnounceRequest, Event, TrackerProtocolError
 from p2p_tracker.settings import TrackerSettings
 from p2p_tracker.swarm import Swarm
 from tests.realparts.procs import ManagedProcess, free_port, require
@@ -158,6 +159,17 @@ class Job:
     ``base`` (baseline)."""
     reuse: str | None = field(default=None, compare=False)
     """A key under which the connection is kept for the next job (keep-alive)."""
+    udp: AnnounceRequest | None = field(default=None, compare=False)
+    """Send this announce over UDP (BEP 15) instead of ``payload`` over HTTP."""
+
+
+@dataclass(eq=False)
+class UdpNode:
+    """One node's UDP socket and BEP 15 connection id (reused for a minute, as the engine)."""
+
+    sock: socket.socket
+    cid: int | None = None
+    cid_at: float = 0.0
 
 
 @dataclass(eq=False)
@@ -205,11 +217,68 @@ class Loader:
         self.idle: dict[str, Conn] = {}
         self.inflight = 0
         self.stats = Stats()
+        self.udp_port = 0
+        self.udp_nodes: dict[str, UdpNode] = {}
+        self.udp_pending: dict[int, tuple[Job, int, UdpNode, bool]] = {}
+        """Transaction id -> (job, started, node, is the connect)."""
+        self.rng = random.Random(7)
+
+    def send_udp(self, job: Job) -> None:
+        """Start a BEP 15 announce: a connect first unless the node has a fresh id."""
+        started = time.perf_counter_ns()
+        node = self.udp_nodes.get(job.address)
+        if node is None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind((job.address, 0))
+            sock.connect(("127.0.0.1", self.udp_port))
+            sock.setblocking(False)
+            node = self.udp_nodes[job.address] = UdpNode(sock)
+            self.selector.register(sock, selectors.EVENT_READ, node)
+        self.inflight += 1
+        fresh = node.cid is not None and time.monotonic() - node.cid_at < 60
+        self._udp_request(job, started, node, connect=not fresh)
+
+    def _udp_request(self, job: Job, started: int, node: UdpNode, *, connect: bool) -> None:
+        tid = self.rng.getrandbits(32)
+        assert job.udp is not None
+        if connect:
+            data = udp_proto.encode_connect_request(tid)
+        else:
+            assert node.cid is not None
+            data = udp_proto.encode_announce_request(node.cid, tid, job.udp)
+        self.udp_pending[tid] = (job, started, node, connect)
+        node.sock.send(data)
+
+    def _udp_answer(self, node: UdpNode) -> None:
+        try:
+            data = node.sock.recv(udp_proto.MAX_ANSWER)
+        except OSError as exc:
+            self.stats.errors.append(f"udp: {exc}")
+            return
+        tid = udp_proto.transaction_of(data)
+        pending = self.udp_pending.pop(tid, None) if tid is not None else None
+        if pending is None:
+            return
+        job, started, node, connect = pending
+        try:
+            if connect:
+                node.cid = udp_proto.parse_connect_response(data, tid)  # type: ignore[arg-type]
+                node.cid_at = time.monotonic()
+                self._udp_request(job, started, node, connect=False)
+                return
+            udp_proto.parse_announce_response(data, tid)  # type: ignore[arg-type]
+        except TrackerProtocolError as exc:
+            self.stats.errors.append(f"udp: {exc}")
+        self.inflight -= 1
+        self.stats.add(job.kind, time.perf_counter_ns() - started)
 
     def send(self, job: Job) -> None:
         """Start ``job``: on its node's kept-alive connection, or a new one (connected
         without blocking: a full accept queue shows as latency, not as a stalled
         generator); the request goes out once the connection is writable."""
+        if job.udp is not None:
+            self.send_udp(job)
+            return
         started = time.perf_counter_ns()
         conn = None
         if job.reuse is not None:
@@ -247,6 +316,9 @@ class Loader:
 
     def poll(self, timeout: float) -> None:
         for key, events in self.selector.select(timeout):
+            if isinstance(key.data, UdpNode):
+                self._udp_answer(key.data)
+                continue
             conn: Conn = key.data
             if conn.unsent:
                 if events & selectors.EVENT_WRITE:
@@ -353,6 +425,8 @@ class Loader:
     def close(self) -> None:
         for conn in self.idle.values():
             conn.sock.close()
+        for node in self.udp_nodes.values():
+            node.sock.close()
         self.selector.close()
 
 
@@ -414,6 +488,8 @@ def rollout_jobs(
     spread: float,
     rng: random.Random,
     image: int = 0,
+    *,
+    udp: bool = False,
 ) -> tuple[list[Job], float]:
     """A rollout as the engine announces it: per node and layer ``started``; the young
     swarm's re-announces for the first :data:`YOUNG_NODES` nodes only (the engine skips a
@@ -441,6 +517,17 @@ def rollout_jobs(
             for delay, event in young or ((0.0, "started"),):
                 if begin + delay < end:
                     seq += 1
+                    if udp:
+                        request = AnnounceRequest(
+                            info_hash,
+                            cluster.peer_id(node),
+                            cluster.port(node),
+                            left=1 << 20,
+                            event=Event(event),
+                            numwant=NUMWANT,
+                        )
+                        jobs.append(Job(begin + delay, seq, address, b"", "single", udp=request))
+                        continue
                     payload = cluster.single(node, info_hash, left=1 << 20, event=event)
                     jobs.append(Job(begin + delay, seq, address, payload, "single", reuse=address))
             completions.append((end, info_hash))
@@ -511,10 +598,15 @@ def expiry_cost_us(nodes: int, blobs: int) -> float:
 
 
 @contextmanager
-def p2p_tracker(workdir: Path) -> Iterator[tuple[int, ManagedProcess]]:
+def p2p_tracker(workdir: Path, *, udp: bool = False) -> Iterator[tuple[int, ManagedProcess]]:
+    """p2p-tracker at its defaults (caps on for loopback too); ``udp``: with ``udpListen``
+    on the HTTP port number (the chart's ``tracker.udp``)."""
     port = free_port()
     config = workdir / "p2p-tracker.yaml"
-    config.write_text(f"listen: 127.0.0.1:{port}\nlogLevel: warning\nuncappedAddresses: []\n")
+    config.write_text(
+        f"listen: 127.0.0.1:{port}\nlogLevel: warning\nuncappedAddresses: []\n"
+        + (f"udpListen: 127.0.0.1:{port}\n" if udp else "")
+    )
     binary = Path(sys.executable).with_name("p2p-tracker")
     argv = [str(binary)] if binary.exists() else [require("p2p-tracker")]
     process = ManagedProcess(
@@ -629,6 +721,7 @@ def phase_rollout(
 ) -> float:
     """A rollout, alone or on top of the steady state (the goal's p99); returns its p99."""
     loader = Loader(port)
+    loader.udp_port = port
     nodes = min(args.rollout_nodes, cluster.nodes)
     rollout, last = rollout_jobs(
         cluster,
@@ -637,6 +730,7 @@ def phase_rollout(
         args.rollout_spread,
         random.Random(args.seed),
         image=int(steady),
+        udp=args.udp,
     )
     jobs: list[Job] = []
     if steady:
@@ -652,6 +746,7 @@ def phase_rollout(
     print(
         f"{name}: {nodes:,} nodes x {args.layers} layers over {seconds:.1f} s"
         + (" with the steady load" if steady else " alone")
+        + (", downloads over UDP" if args.udp else "")
         + f": {s.count('single'):,} single announces ({s.count('single') / seconds:,.0f}/s) "
         f"p50 {s.percentile('single', 0.5):.2f} ms, p99 {p99:.2f} ms, "
         f"max {s.percentile('single', 1.0):.2f} ms; {s.count('complete'):,} batches of "
@@ -714,6 +809,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-blobs", type=int, default=20)
     parser.add_argument("--inflight", type=int, default=4, help="batches in flight while loading")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--udp",
+        action="store_true",
+        help="downloads announce over UDP (udpListen on, the chart's tracker.udp); seeds "
+        "keep their batches over HTTP",
+    )
     args = parser.parse_args(argv)
     cluster = Cluster(args.nodes, args.blobs, args.catalog, args.common)
     hashes = [cluster.blob(i) for i in range(cluster.catalog)]
@@ -728,7 +829,7 @@ def main(argv: list[str] | None = None) -> int:
     report = Report()
     with (
         tempfile.TemporaryDirectory(prefix="bench-tracker-scale-") as tmp,
-        p2p_tracker(Path(tmp)) as (port, tracker),
+        p2p_tracker(Path(tmp), udp=args.udp) as (port, tracker),
     ):
         phase_load(cluster, hashes, port, tracker, args.inflight, report)
         phase_steady(cluster, hashes, port, tracker, args.window, report)
