@@ -48,6 +48,8 @@ class InProcessTrackers:
         self.cores = {host: self._new_core() for host in self.hosts}
         self.dead: set[str] = set()
         self.batchless: set[str] = set()
+        self.batchless_status = 404
+        """What a tracker without the endpoint answers (opentracker: 400)."""
         self.requests = Requests()
 
     def _new_core(self) -> Tracker:
@@ -81,7 +83,7 @@ class InProcessTrackers:
             now = trio.current_time()
             if request.url.path == BATCH_PATH:
                 if host in self.batchless:
-                    return httpx.Response(404, content=b"not found")
+                    return httpx.Response(self.batchless_status, content=b"<title>no</title>")
                 self.requests.batches[host] += 1
                 try:
                     entries = len(parse_batch_request(body).entries)

@@ -319,3 +319,18 @@ async def test_seeds_use_the_http_twin_of_a_udp_tracker(
         await trio.sleep(announce_module.BATCH_DELAY + 1)
     assert singles == []
     assert cluster.requests.batch_entries[cluster.hosts[0]] == 5
+
+
+async def test_opentracker_s_400_to_a_post_means_no_batches(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """opentracker parses no POST: it answers 400 with an HTML page."""
+    cluster = trackers(1)
+    host = cluster.hosts[0]
+    cluster.batchless.add(host)
+    cluster.batchless_status = 400
+    async with running(cluster.announcer(0)) as announcer:
+        add_seeds(announcer, [ih(n) for n in range(3)], cluster.urls)
+        await trio.sleep(SETTLE)
+        assert cluster.requests.singles[host] == 3
+        assert cluster.seeds_at(0, ih(1)) == {announcer.peer_id}

@@ -938,11 +938,7 @@ class Swarm:
                 if holder is None:
                     continue
                 peer = holder.peers.get(peer_id)
-                if (
-                    peer is not None
-                    and peer[SEEN] is not None
-                    and holder.seen[peer[_SLOT]] <= seen
-                ):
+                if peer is not None and peer[SEEN] is not None and holder.seen[peer[_SLOT]] <= seen:
                     self._remove(info_hash, holder, peer)
                     removed += 1
             work += end - start

@@ -31,9 +31,9 @@ asks for (30 minutes by default), and an empty batch every ``heartbeat`` (5 minu
 nothing else went there. A tracker that does not answer is marked down and its seeds are
 announced at once to the tracker ranked next for each of them (and moved back when it
 answers a probe again); a tracker that answers with another ``instance`` has restarted and
-gets all its seeds again. A tracker without the batch endpoint (404, 405 or 501: an older
-p2p-tracker, opentracker) is remembered for an hour and its seeds are announced one by one
-as before, as are seeds whose first tracker is a ``udp://`` one (batching is HTTP only) --
+gets all its seeds again. A tracker without the batch endpoint (a 4xx or 501: 405 from an older
+p2p-tracker, 400 from opentracker) is remembered for an hour and its seeds are announced one
+by one as before, as are seeds whose first tracker is a ``udp://`` one (batching is HTTP only) --
 unless the same tracker's HTTP URL is listed too: then downloads announce over UDP and
 seeds in batches over HTTP.
 Downloads always announce alone: they need their peers at once and a short interval.
@@ -113,8 +113,16 @@ DOWN_PROBE = 30.0
 """Seconds between probes of a tracker that stopped answering (at most its heartbeat)."""
 NO_BATCH_RETRY = 3600.0
 """Seconds before a tracker without the batch endpoint is asked again (it may be upgraded)."""
-NO_BATCH_STATUSES = frozenset({404, 405, 501})
-"""Answers that mean the tracker has no batch endpoint."""
+
+
+def _no_batch_status(status: int) -> bool:
+    """Whether an answer to a batch means the tracker will not take batches: a client error
+    (404 or 405 from trackers without the endpoint, 400 from opentracker, which parses no
+    ``POST``; a p2p-tracker refusing our body would be our bug, and single announces still
+    work) or 501."""
+    return 400 <= status < 500 or status == 501
+
+
 ALONE_RETRY = 60.0
 """Seconds before a seed announced alone tries again after no tracker answered."""
 ALONE_CONCURRENCY = 8
@@ -723,7 +731,7 @@ class Announcer:
                     content=encode_batch_request(request),
                     headers={"content-type": BATCH_CONTENT_TYPE},
                 ) as reply:
-                    if reply.status_code in NO_BATCH_STATUSES:
+                    if _no_batch_status(reply.status_code):
                         self._no_batch(instance, reply.status_code)
                         return False
                     body = bytearray()
