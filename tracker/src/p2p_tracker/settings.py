@@ -44,9 +44,10 @@ class TrackerSettings(ServiceSettings):
     announce the blobs they seed this rarely, all in one request per tracker."""
     seed_expiry: int = Field(5400, ge=1, le=7 * 86400)
     """Seconds after its last batched announce that a seed is forgotten."""
-    max_batch_seeds: int = Field(12_000_000, ge=1)
-    """Most seeds from batched announces kept in all torrents together (about 200 bytes
-    each); beyond it, like ``max_peers``."""
+    max_batch_seeds: int = Field(10_500_000, ge=1)
+    """Most seeds from batched announces kept in all torrents together (about 250 bytes
+    each: with ``max_peers`` full too, about 3.7 GB, inside the chart's 4 GB limit); beyond
+    it, like ``max_peers``."""
     max_torrents: int = Field(100_000, ge=1)
     """Most infohashes tracked at once. Beyond it a torrent whose peers all share one address
     is evicted (least recently announced first); a new infohash is refused only when there is
