@@ -24,7 +24,7 @@ import trio
 
 from p2p_common import wire
 from p2p_common.engine.connection import Connection
-from p2p_common.engine.shared import EngineShared, admits_incoming
+from p2p_common.engine.shared import EngineShared, admits_incoming, may_dial
 from p2p_common.engine.transport import PeerGoneError, Transport, make_transport
 from p2p_common.errors import LocalError, RemoteError
 from p2p_common.logs import event as log_event
@@ -392,12 +392,17 @@ class Torrent:
         self.core.uploaded += count
 
     def dial(self, now: float) -> None:
-        """Start connecting to candidates that are due, up to ``max_peers`` connections."""
+        """Start connecting to candidates that are due: up to half of ``max_peers`` connections
+        that we dialled, the other half left for peers dialling us (``shared.may_dial``)."""
         if self._nursery is None or self._stopped or self.core.complete:
             return  # seeds wait for leechers to connect
         busy = {conn.session.address for conn in self.connections.values()} | self._connecting
+        dialled = sum(1 for conn in self.connections.values() if conn.session.outgoing)
         for address, candidate in self.candidates.items():
-            if len(self.connections) + len(self._connecting) >= self.max_peers:
+            connecting = len(self._connecting)
+            if not may_dial(
+                dialled + connecting, len(self.connections) + connecting, self.max_peers
+            ):
                 break
             if (
                 address in busy
