@@ -168,6 +168,12 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "configPath": "/etc/containerd/registries.d",
             "resyncSeconds": 5,
         },
+        "prefetch": {
+            "images": ["registry.example.com/team/app:1.0"],
+            "nodeSelector": {"pool": "warm"},
+            "platforms": ["linux/amd64"],
+            "pullSecret": "registry-logins",
+        },
     },
 }
 
