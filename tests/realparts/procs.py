@@ -14,6 +14,7 @@ leave the host through a configured proxy.
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import os
 import shutil
@@ -91,22 +92,32 @@ def require(binary: str) -> str:
     return os.path.abspath(path)
 
 
+_RECENT_PORTS: collections.deque[int] = collections.deque(maxlen=1024)
+"""Ports :func:`free_port` handed out lately: not handed out again while their caller may not
+have bound them yet (the kernel may offer a port again as soon as the probe closes it)."""
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """Return a port on ``host`` that is currently free for both TCP and UDP.
+    """Return a port on ``host`` that is currently free for both TCP and UDP, and that this
+    process was not given by an earlier call lately (a plan of several services asks for many
+    ports before any of them is bound).
 
     Both protocols are checked because libtorrent opens a UDP socket (uTP) on its listen port.
     There is an unavoidable race between this check and the real part binding the port; callers
     see it as a start-up failure with a clear log, which is rare on a test machine.
     """
-    for _ in range(50):
+    for _ in range(200):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
             tcp.bind((host, 0))
             port: int = tcp.getsockname()[1]
+            if port in _RECENT_PORTS:
+                continue
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
                 try:
                     udp.bind((host, port))
                 except OSError:
                     continue
+                _RECENT_PORTS.append(port)
                 return port
     raise RuntimeError(f"could not find a port free for TCP and UDP on {host}")
 
