@@ -157,7 +157,11 @@ class RegistryApp:
             self.use.seen(self.namespaces[0], mirror=False)
             return self.namespaces[0]
         if ns.lower() not in self.namespaces:
-            raise OCIError(ErrorCode.NAME_UNKNOWN, f"registry {ns!r} is not accelerated here")
+            # Fast, and before anything else is looked at: with the chart's catch-all
+            # (_default/hosts.toml) containerd asks here for every registry, and falls back to
+            # the registry itself on this 404.
+            self.use.refuse()
+            raise OCIError(ErrorCode.NAME_UNKNOWN, f"registry {ns[:255]!r} is not accelerated here")
         self.use.seen(ns.lower(), mirror=True)
         return ns.lower()
 
@@ -173,10 +177,10 @@ class RegistryApp:
             raise OCIError(ErrorCode.UNAUTHORIZED, "only Basic credentials are accepted") from None
 
     async def _handle(self, request: Request, receive: Receive, send: Send) -> None:
+        ns = self._namespace(request)
         if request.method not in ("GET", "HEAD"):
             raise OCIError(ErrorCode.UNSUPPORTED, "this registry is read-only", status=405)
         route = parse_api_path(request.path)
-        ns = self._namespace(request)
         authorization = self._authorization(request)
         head = request.method == "HEAD"
         if route.kind == "ping":
