@@ -25,9 +25,9 @@ never one containerd would read differently from the original, apart from asking
 **containerd's config.** :func:`inspect_containerd` reads the ``config_path`` of the CRI registry
 (``plugins."io.containerd.cri.v1.images".registry`` in a ``version = 3`` file, containerd 2.x;
 ``plugins."io.containerd.grpc.v1.cri".registry`` in ``version = 2``; ``plugins.cri.registry`` in
-version 1), following ``imports`` the way containerd 1.x merges them (an imported file's plugin
-table replaces the whole table of that plugin). ``config_path`` may list several directories
-separated by ``:``.
+version 1), following ``imports`` the way containerd merges them (1.x: an imported file's plugin
+table replaces the whole table of that plugin; 2.x, version 3: the tables are merged key by
+key). ``config_path`` may list several directories separated by ``:``.
 """
 
 from __future__ import annotations
@@ -210,6 +210,16 @@ class ContainerdVerdict:
         return asdict(self)
 
 
+def _deep_merge(base: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for name, value in more.items():
+        if isinstance(value, dict) and isinstance(merged.get(name), dict):
+            merged[name] = _deep_merge(merged[name], value)
+        else:
+            merged[name] = value
+    return merged
+
+
 def _same_dir(a: str, b: str) -> bool:
     return os.path.normpath(a) == os.path.normpath(b)
 
@@ -261,13 +271,14 @@ def inspect_containerd(
             unread_imports=unread,
         )
     plugin, key = REGISTRY_TABLES[version]
-    # containerd 1.x merges imports per plugin: a later file's plugin table replaces the whole
-    # table of that plugin.
-    registry: Any = None
+    # Imports: containerd 1.x replaces a plugin's whole table with a later file's; 2.x (the
+    # version 3 format) merges the tables key by key (containerd #9982).
+    table: dict[str, Any] = {}
     for _, doc in docs:
         plugins = doc.get("plugins")
         if isinstance(plugins, dict) and isinstance(plugins.get(plugin), dict):
-            registry = plugins[plugin].get("registry")
+            table = _deep_merge(table, plugins[plugin]) if version == 3 else plugins[plugin]
+    registry = table.get("registry")
     registry = registry if isinstance(registry, dict) else {}
     value = registry.get("config_path", "")
     dirs = [d for d in value.split(":") if d] if isinstance(value, str) else []
@@ -317,11 +328,14 @@ def inspect_containerd(
             f"; it configures registries with {key}.mirrors, which containerd refuses "
             "together with config_path: move those mirrors into hosts.toml files first"
         )
+    default = ""
+    if version == 3:
+        default = " (unless this containerd 2.x has a built-in default that includes it)"
     verdict.message = (
         f"containerd ignores hosts.toml files: {config_file} sets no config_path in [{key}] "
-        f"(version {version}), so mirror mode has no effect on this node{legacy}. Fix: {fix} "
-        "('containerd config dump | grep config_path' on the node shows what it uses)"
-        f"{note}"
+        f"(version {version}), so mirror mode has no effect on this node{default}{legacy}. "
+        f"Fix: {fix} ('containerd config dump | grep config_path' on the node shows what it "
+        f"uses){note}"
     )
     return verdict
 
