@@ -481,6 +481,7 @@ merge_into() {
     rm -f "$target.p2p-new"
     return 0
   fi
+  chmod --reference="$3" "$target.p2p-new" 2>/dev/null || true
   mv -f "$target.p2p-new" "$target"
   say "merged the p2p agent into $target (the original is kept in $target$orig_suffix)"
 }

@@ -319,6 +319,7 @@ def test_sync_merges_the_agent_first_keeps_the_original_and_remove_puts_it_back(
     assert backup.read_text() == FOREIGN
     assert stat.S_IMODE(backup.stat().st_mode) == 0o640  # kept with its mode and times
     assert backup.stat().st_mtime == before.st_mtime
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640  # the merged file too
     text = target.read_text()
     assert text.splitlines()[0] == MARKER
     doc = tomllib.loads(text)

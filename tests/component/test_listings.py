@@ -256,6 +256,10 @@ async def test_credentials_errors_and_bad_requests(tmp_path: Path) -> None:
             ("/v2/team/app/referrers/" + SUBJECT + "?artifactType=x", 400, "UNSUPPORTED"),
             ("/v2/Team/app/tags/list", 400, "NAME_INVALID"),
             ("/v2/team/app/tags/list?ns=elsewhere.example", 404, "NAME_UNKNOWN"),
+            # A registry not accelerated here: 404 before the path is even looked at (the
+            # catch-all sends containerd here for every registry; it must fall back at once).
+            ("/v2/Team/app/manifests/1.0?ns=elsewhere.example", 404, "NAME_UNKNOWN"),
+            ("/v2/_catalog?ns=elsewhere.example", 404, "NAME_UNKNOWN"),
         ):
             refused = await http.get(path)
             assert (refused.status_code, refused.json()["errors"][0]["code"]) == (status, code)
