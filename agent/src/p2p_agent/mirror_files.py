@@ -39,7 +39,7 @@ import os
 import sys
 import tomllib
 import urllib.parse
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ __all__ = [
     "AlreadyMirroredError",
     "ContainerdVerdict",
     "MergeRefusedError",
+    "check_containerd",
     "inspect_containerd",
     "load_containerd_config",
     "main",
@@ -341,7 +342,7 @@ def inspect_containerd(
 
 
 def load_containerd_config(
-    mounted: Path, on_node: str, *, exists: Callable[[Path], bool] = Path.is_file
+    mounted: Path, on_node: str
 ) -> tuple[list[tuple[str, str]], list[str], str | None]:
     """(Blocking.) Read containerd's config file, mounted at ``mounted`` and called ``on_node``
     on the node, and the files it imports (as far as they lie in the mounted directory):
@@ -404,7 +405,7 @@ def load_containerd_config(
                 unread.append(full)
                 continue
             matches = sorted(glob.glob(str(local_pattern)))
-            if not glob.has_magic(full) and not matches and not exists(local_pattern):
+            if not glob.has_magic(full) and not matches:
                 unread.append(full)
             for match in matches:
                 queue.append(os.path.join(node_dir, os.path.relpath(match, mount_dir)))
