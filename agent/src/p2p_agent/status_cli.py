@@ -181,11 +181,22 @@ def render(status: dict[str, Any]) -> RenderableType:
     return Group(head, pulls, downloads, proxies, *extra, recent)
 
 
+CONTAINERD_STYLES = {"matches": "green", "unknown": "dim"}
+
+
 def _mirror(mirror: dict[str, Any], now: float) -> Table:
-    """Per registry: the hosts.toml state and the requests containerd sent each way."""
+    """Per registry: the hosts.toml state and the requests containerd sent each way; whether
+    containerd reads hosts.toml files at all; the catch-all, when there is one."""
     found = table(
         "registries (mirror mode)", {"registry": "left", "hosts.toml": "left", "requests": "left"}
     )
+    # Agents from before the containerd check and the catch-all answer without them.
+    containerd = mirror.get("containerd")
+    if containerd is not None:
+        state = containerd["state"]
+        shown = Text(state, style=CONTAINERD_STYLES.get(state, "red"))
+        shown.append(f": {containerd['message']}", style="")
+        found.add_row("containerd", shown, f"checked {ago(containerd['checked_at'], now)}")
     for entry in mirror["registries"]:
         state = entry["state"]
         shown = Text(state, style=MIRROR_STYLES.get(state, "red"))
@@ -196,6 +207,17 @@ def _mirror(mirror: dict[str, Any], now: float) -> Table:
             f"{entry['rewrite_requests']} rewrite"
         )
         found.add_row(entry["registry"], shown, requests)
+    catch_all = mirror.get("catch_all")
+    if catch_all is not None and catch_all["state"] != "missing":
+        state = catch_all["state"]
+        shown = Text(state, style=MIRROR_STYLES.get(state, "red"))
+        shown.append(f": {catch_all['detail']}", style="")
+        found.add_row(
+            "(every other registry)",
+            shown,
+            f"{catch_all['refused_requests']} answered 404 "
+            f"({ago(catch_all['last_refused_request_at'], now)})",
+        )
     return found
 
 

@@ -35,6 +35,7 @@ from p2p_common.asgi import (
 )
 from p2p_common.blobcache import BlobCache
 from p2p_common.errors import collapse
+from p2p_common.listing import ListingKind, listing_params, next_link
 from p2p_common.logs import event
 from p2p_common.oci import ApiRoute, ErrorCode, OCIError, merge_accept, parse_api_path
 from p2p_common.registry_auth import AUTH_MAX_AGE_HEADER, Credentials
@@ -171,9 +172,7 @@ class ProxyApp:
         elif route.kind == "blob":
             await self._blob_get(request, receive, send, origin, route)
         else:
-            raise OCIError(
-                ErrorCode.UNSUPPORTED, "tag listing is not served by the proxy", status=404
-            )
+            await self._listing(request, send, origin, route)
 
     # --- preheat ----------------------------------------------------------------------------
 
@@ -269,6 +268,47 @@ class ProxyApp:
             headers=headers,
             head=head,
             content_length=found.size if head else None,
+        )
+
+    # --- tag lists and referrers ------------------------------------------------------------
+
+    async def _listing(
+        self, request: Request, send: Send, origin: OriginClient, route: ApiRoute
+    ) -> None:
+        """``GET /v2/<name>/tags/list`` and ``/v2/<name>/referrers/<digest>``: the origin's
+        answer for the caller's credentials (the origin decides, as for manifests), passed on
+        with its next-page ``Link`` rewritten to this API; never cached."""
+        kind: ListingKind = "tags" if route.kind == "tags" else "referrers"
+        params = listing_params(kind, request.query)
+        credentials = credentials_from(request.headers)
+        accept = request.headers.get("accept")
+        admission = self._admission(request)
+        ended = None if admission is None else admission.admit()
+        try:
+            self.metrics.listing_requests.labels(kind=kind).inc()
+            found = await origin.get_listing(
+                route.name,
+                route.reference if kind == "referrers" else None,
+                credentials,
+                params,
+                accept=merge_accept(accept) if accept else None,
+            )
+        finally:
+            if ended is not None:
+                ended()
+        headers = []
+        if found.filters_applied:
+            headers.append(("OCI-Filters-Applied", found.filters_applied[:256]))
+        link = next_link(found.links, request.path, origin.name if "ns" in request.query else None)
+        if link is not None:
+            headers.append(("Link", link))
+        await send_bytes(
+            send,
+            found.status,
+            found.body,
+            content_type=found.content_type or "application/json",
+            headers=headers,
+            head=request.method == "HEAD",
         )
 
     # --- blobs ------------------------------------------------------------------------------

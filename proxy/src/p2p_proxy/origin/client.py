@@ -5,18 +5,20 @@ from __future__ import annotations
 import math
 import os
 import ssl
-from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
 from contextlib import aclosing
 from types import TracebackType
 from typing import Literal, Self
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urlencode, urljoin, urlsplit
 
 import httpx
 import trio
 
 from p2p_common.httpclient import tune_reads
+from p2p_common.listing import MAX_LISTING_BYTES
 from p2p_common.oci import (
     DEFAULT_MANIFEST_ACCEPT,
+    OCI_INDEX,
     ErrorCode,
     OCIError,
     compute_digest,
@@ -31,10 +33,12 @@ from p2p_common.registry_auth import Credentials
 from p2p_common.settings import normalise_registry, registry_name
 from p2p_proxy.origin.auth import OriginAuth
 from p2p_proxy.origin.responses import (
+    ERROR_BODY_LIMIT,
     MAX_MANIFEST_BYTES,
     MAX_REDIRECTS,
     BlobConsumer,
     BlobHead,
+    ListingResponse,
     ManifestResponse,
     T,
     aclose_iterator,
@@ -43,6 +47,7 @@ from p2p_proxy.origin.responses import (
     header_dict,
     header_digest,
     parse_content_range,
+    raise_for_listing,
     raise_for_status,
     raise_for_status_streamed,
     read_bounded,
@@ -215,6 +220,52 @@ class OriginClient:
             )
             async with aclosing(self._chunks(response)) as chunks:
                 return await consume(head, chunks)
+        finally:
+            await response.aclose()
+
+    async def get_listing(
+        self,
+        repository: str,
+        digest: str | None,
+        credentials: Credentials | None,
+        params: Sequence[tuple[str, str]] = (),
+        *,
+        accept: str | None = None,
+    ) -> ListingResponse:
+        """GET the tag list of ``repository`` (``digest`` None) or the referrers of ``digest``
+        (OCI distribution 1.1), with the query parameters ``params``; the body is bounded.
+        Refusals raise :class:`OCIError` (a 404 stays a 404: see
+        :func:`~p2p_proxy.origin.responses.raise_for_listing`)."""
+        name = validate_name(repository)
+        if digest is None:
+            kind: Literal["tags", "referrers"] = "tags"
+            path = f"/v2/{name}/tags/list"
+        else:
+            kind = "referrers"
+            path = f"/v2/{name}/referrers/{validate_digest(digest)}"
+        if params:
+            path += "?" + urlencode(list(params), quote_via=quote)
+        default = "application/json" if kind == "tags" else OCI_INDEX
+        headers = {"Accept": accept or default}
+        response = await self._authorized(
+            "GET", path, repository, credentials, headers, stream=True
+        )
+        try:
+            if response.status_code >= 300:
+                try:
+                    body = await read_bounded(response, ERROR_BODY_LIMIT, "error body")
+                except OCIError:
+                    body = b""
+                raise_for_listing(response, kind, body)
+            if response.status_code != 200:
+                raise failure(f"origin answered a {kind} listing with {response.status_code}")
+            return ListingResponse(
+                status=200,
+                content_type=response.headers.get("content-type", ""),
+                links=response.headers.get_list("link"),
+                filters_applied=response.headers.get("oci-filters-applied"),
+                body=await read_bounded(response, MAX_LISTING_BYTES, f"{kind} listing"),
+            )
         finally:
             await response.aclose()
 
