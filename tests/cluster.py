@@ -85,7 +85,9 @@ async def run_proxy(
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         port: int = await nursery.start(partial(serve_proxy, settings, shutdown_trigger=stop.wait))
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}", timeout=60, trust_env=False
+        ) as http:
             yield ProxyHandle(settings, port, http)
         stop.set()
 
@@ -134,8 +136,12 @@ async def run_agent(
             partial(serve_agent, settings, config_file=config_file, shutdown_trigger=stop.wait)
         )
         async with (
-            httpx.AsyncClient(base_url=f"http://127.0.0.1:{ports.api}", timeout=120) as http,
-            httpx.AsyncClient(base_url=f"http://127.0.0.1:{ports.metrics}", timeout=30) as status,
+            httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{ports.api}", timeout=120, trust_env=False
+            ) as http,
+            httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{ports.metrics}", timeout=30, trust_env=False
+            ) as status,
         ):
             yield AgentHandle(settings, ports, http, status)
         stop.set()

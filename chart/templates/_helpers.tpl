@@ -175,7 +175,35 @@ component's `config` values add further settings (the schema refuses the compute
 {{- $_ := set $config "tlsCertFile" "/etc/p2p/tls/tls.crt" -}}
 {{- $_ := set $config "tlsKeyFile" "/etc/p2p/tls/tls.key" -}}
 {{- end -}}
+{{- $egress := include "p2p.egressProxy" . | fromYaml -}}
+{{- if $egress.url -}}
+{{- $_ := set $config "originProxy" $egress.url -}}
+{{- end -}}
+{{- if $egress.noProxy -}}
+{{- $_ := set $config "originNoProxy" $egress.noProxy -}}
+{{- end -}}
+{{- if $egress.fromEnvironment -}}
+{{- $_ := set $config "originProxyFromEnv" true -}}
+{{- end -}}
 {{- toYaml (merge $config (deepCopy $p.config)) -}}
+{{- end -}}
+
+{{/*
+proxy.egressProxy, checked: url and secretName exclude each other and fromEnvironment; a URL with
+credentials belongs in the Secret, not in the ConfigMap.
+*/}}
+{{- define "p2p.egressProxy" -}}
+{{- $e := .Values.proxy.egressProxy -}}
+{{- if and $e.url $e.secretName -}}
+{{- fail "proxy.egressProxy: give url or secretName, not both" -}}
+{{- end -}}
+{{- if and $e.fromEnvironment (or $e.url $e.secretName) -}}
+{{- fail "proxy.egressProxy.fromEnvironment: takes the proxy from the environment; leave url and secretName empty" -}}
+{{- end -}}
+{{- if contains "@" (toString $e.url) -}}
+{{- fail "proxy.egressProxy.url: credentials do not belong in a ConfigMap; put the whole URL in a Secret (proxy.egressProxy.secretName)" -}}
+{{- end -}}
+{{- toYaml $e -}}
 {{- end -}}
 
 {{/* The trackers written into every metainfo: udp:// first when tracker.udp, then http://. */}}

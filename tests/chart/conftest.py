@@ -131,6 +131,10 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "podAnnotations": {"example.com/owner": "sre"},
             "podLabels": {"tier": "seed"},
             "extraEnv": [{"name": "P2P_PROXY_SHUTDOWN_TIMEOUT", "value": "60"}],
+            "egressProxy": {
+                "url": "http://proxy.corp.example:3128",
+                "noProxy": [".corp.example", "10.0.0.0/8"],
+            },
             "config": {"authCacheTtl": 30},
         },
         "tracker": {

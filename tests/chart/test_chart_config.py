@@ -85,6 +85,10 @@ def test_proxy_config_carries_the_values(render: Render, value_set: tuple, tmp_p
     assert settings.upload_rate == parse_size(proxy.get("uploadRate", 0))
     assert settings.log_level == values.get("logLevel", "info")
     assert settings.log_format == values.get("logFormat", "json")
+    egress = proxy.get("egressProxy", {})
+    routes = settings.egress_routes({})
+    assert (routes and routes.https) == egress.get("url")
+    assert settings.origin_no_proxy == egress.get("noProxy", [])
 
 
 def test_tracker_config_carries_the_values(

@@ -231,6 +231,7 @@ async def test_a_failed_fetch_is_recent_with_its_reason(
         "fetches_done": 0,
         "fetches_failed": 1,
         "last_fetch_done_at": None,
+        "egress_proxy": None,
     }
     assert doc["cache"]["blobs"] == 0
     assert doc["seeding"] == {"blobs": 0, "bytes": 0, "top": []}

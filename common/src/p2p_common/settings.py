@@ -165,6 +165,12 @@ def _check_host_port(value: str) -> str:
 HostPort = Annotated[str, AfterValidator(_check_host_port)]
 """A ``host:port`` string to bind or connect to."""
 
+
+class Sensitive:
+    """Marks a setting whose value may hold a secret (``Annotated[..., Sensitive()]``): a
+    configuration error about it never quotes the value."""
+
+
 LogFormat = Literal["text", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -312,13 +318,16 @@ def _describe(exc: ValidationError, source: str, fields: Mapping[str, FieldInfo]
         # A default that fails a check against another key is reported by its field name.
         loc[0] = fields[loc[0]].alias or loc[0]
     key = ".".join(str(part) for part in loc) or "(top level)"
+    where = str(first["loc"][0]) if first["loc"] else ""
+    field = next((f for n, f in fields.items() if where in (n, f.alias)), None)
+    sensitive = field is not None and any(isinstance(m, Sensitive) for m in field.metadata)
     if first["type"] == "extra_forbidden":
         problem = "not a known setting (see docs/configuration.md)"
     else:
         problem = first["msg"]
         if problem.startswith("Value error, "):
             problem = problem[len("Value error, ") :]
-        if "input" in first and first["type"] != "missing":
+        if "input" in first and first["type"] != "missing" and not sensitive:
             problem += f" (got {first['input']!r})"
     more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
     return f"{key}: {problem} [from {source}]{more}"

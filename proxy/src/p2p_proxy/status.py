@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from p2p_common.engine import Engine
     from p2p_common.engine.torrent import Torrent, TorrentStatistics
     from p2p_proxy.limits import OriginLimits
+    from p2p_proxy.origin.egress import EgressRoutes
     from p2p_proxy.preheat import Job
 
 __all__ = ["RECENT", "FetchLog", "FetchRecord", "Limits", "StatusView"]
@@ -162,6 +163,7 @@ class StatusView:
         data_dir: os.PathLike[str] | str,
         ready: Callable[[], bool] = lambda: True,
         started_at: float | None = None,
+        egress: EgressRoutes | None = None,
     ) -> None:
         self.version = version
         self.registries = list(registries)
@@ -175,6 +177,7 @@ class StatusView:
         self.trackers = list(trackers)
         self.data_dir = data_dir
         self.ready = ready
+        self.egress = egress
         self.started_at = time.time() if started_at is None else started_at
 
     def snapshot(self) -> dict[str, Any]:
@@ -197,6 +200,7 @@ class StatusView:
                 "fetches_done": self.fetches.outcomes["done"],
                 "fetches_failed": self.fetches.outcomes["failed"],
                 "last_fetch_done_at": _round(self.fetches.last_done_at),
+                "egress_proxy": None if self.egress is None else self.egress.describe(),
             },
             "cache": self._cache(),
             "seeding": self._seeds(stats),
