@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from p2p_common.logs import PullIds
 from p2p_common.metrics import filesystem_usage
 
 if TYPE_CHECKING:
@@ -61,6 +62,8 @@ class FetchRecord:
     """``running``, ``done`` (verified and cached), ``failed`` or ``cancelled`` (the proxy
     stopped)."""
     error: str | None = None
+    pulls: PullIds | None = None
+    """The pulls this fetch serves (the one that started it first)."""
 
     def view(self, now: float) -> dict[str, Any]:
         end = self.ended if self.ended is not None else now
@@ -81,6 +84,8 @@ class FetchRecord:
             "started_at": round(self.started_at, 3),
             "outcome": self.outcome,
             "error": self.error,
+            "pull_ids": [] if self.pulls is None else list(self.pulls.ids),
+            "pulls": 0 if self.pulls is None else self.pulls.count,
         }
 
 
@@ -105,10 +110,19 @@ class FetchLog:
         self.last_done_at: float | None = None
         self._ids = itertools.count(1)
 
-    def begin(self, registry: str, repository: str, digest: str, size: int | None) -> FetchRecord:
+    def begin(
+        self,
+        registry: str,
+        repository: str,
+        digest: str,
+        size: int | None,
+        *,
+        pulls: PullIds | None = None,
+    ) -> FetchRecord:
         record = FetchRecord(
             next(self._ids), registry, repository, digest, size, self.clock(), self.wall()
         )
+        record.pulls = pulls
         self.in_flight[record.id] = record
         return record
 

@@ -31,6 +31,7 @@ from p2p_common.engine.shared import Bans, ConnectionSlots, EngineShared, Pendin
 from p2p_common.engine.torrent import HANDSHAKE_TIMEOUT, Torrent, TorrentInfo, read_handshake
 from p2p_common.engine.transport import make_transport
 from p2p_common.errors import LocalError, RemoteError
+from p2p_common.logs import detached
 from p2p_common.logs import event as log_event
 from p2p_common.ratelimit import RateLimiter
 from p2p_common.session import LocalPeer, Window
@@ -216,7 +217,8 @@ class Engine:
                 self._forget(torrent)
 
         try:
-            await self._nursery.start(run)
+            with detached():  # the torrent outlives the pull that added it: it serves all
+                await self._nursery.start(run)
         except RuntimeError:  # the engine's nursery closed: it is stopping
             self._forget(torrent)
             raise EngineStoppedError("the peer engine has stopped") from None
