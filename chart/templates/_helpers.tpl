@@ -126,8 +126,8 @@ component's `config` values add further settings (the schema refuses the compute
 {{- define "p2p.agentConfig" -}}
 {{- $a := .Values.agent -}}
 {{- $config := dict
-  "listen" (printf "127.0.0.1:%d" (int $a.ports.registry))
-  "metricsListen" (printf "0.0.0.0:%d" (int $a.ports.metrics))
+  "listen" (include "p2p.agentRegistryAddress" .)
+  "metricsListen" (printf ":%d" (int $a.ports.metrics))
   "peerPort" (int $a.ports.peer)
   "dataDir" $a.dataDir
   "registry" (include "p2p.registries" . | fromJsonArray)
@@ -153,6 +153,30 @@ component's `config` values add further settings (the schema refuses the compute
 {{- toYaml (merge $config (deepCopy $a.config)) -}}
 {{- end -}}
 
+{{/*
+The agent's registry API: agent.loopback and the registry port, an IPv6 address in brackets.
+Service listen addresses elsewhere are ":port": every address of the node, IPv4 and IPv6.
+*/}}
+{{- define "p2p.agentRegistryAddress" -}}
+{{- $host := .Values.agent.loopback | default "127.0.0.1" -}}
+{{- if contains ":" $host -}}
+{{- printf "[%s]:%d" $host (int .Values.agent.ports.registry) -}}
+{{- else -}}
+{{- printf "%s:%d" $host (int .Values.agent.ports.registry) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* ipFamilyPolicy and ipFamilies of a Service spec, when the values set them. */}}
+{{- define "p2p.serviceIpFamilies" -}}
+{{- with .Values.ipFamilyPolicy }}
+ipFamilyPolicy: {{ . }}
+{{- end }}
+{{- with .Values.ipFamilies }}
+ipFamilies:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
 {{/* https when the proxies serve their agent API with a certificate (proxy.tls.secretName). */}}
 {{- define "p2p.proxyScheme" -}}
 {{- if .Values.proxy.tls.secretName -}}https{{- else -}}http{{- end -}}
@@ -161,7 +185,7 @@ component's `config` values add further settings (the schema refuses the compute
 {{- define "p2p.proxyConfig" -}}
 {{- $p := .Values.proxy -}}
 {{- $config := dict
-  "listen" (printf "0.0.0.0:%d" (int $p.ports.http))
+  "listen" (printf ":%d" (int $p.ports.http))
   "peerPort" (int $p.ports.peer)
   "dataDir" $p.dataDir
   "registry" (include "p2p.registries" . | fromJsonArray)
@@ -220,12 +244,12 @@ credentials belongs in the Secret, not in the ConfigMap.
 {{- define "p2p.trackerConfig" -}}
 {{- $t := .Values.tracker -}}
 {{- $config := dict
-  "listen" (printf "0.0.0.0:%d" (int $t.ports.http))
+  "listen" (printf ":%d" (int $t.ports.http))
   "logLevel" .Values.logLevel
   "logFormat" .Values.logFormat
 -}}
 {{- if $t.udp -}}
-{{- $_ := set $config "udpListen" (printf "0.0.0.0:%d" (int $t.ports.http)) -}}
+{{- $_ := set $config "udpListen" (printf ":%d" (int $t.ports.http)) -}}
 {{- end -}}
 {{- toYaml (merge $config (deepCopy $t.config)) -}}
 {{- end -}}
@@ -367,7 +391,7 @@ capabilities:
 # stops; see docs/install.md.
 server = {{ .host.server | quote }}
 
-[host."http://127.0.0.1:{{ int .root.Values.agent.ports.registry }}"]
+[host."http://{{ include "p2p.agentRegistryAddress" .root }}"]
   capabilities = ["pull", "resolve"]
 {{- end -}}
 

@@ -130,7 +130,7 @@ def read_hosts_toml(config_path: Path, registry: str, port: int) -> dict[str, An
     ours = None
     if isinstance(hosts, dict):
         ours = next((v for k, v in hosts.items() if _names_agent(k, port)), None)
-    agent = f"127.0.0.1:{port}"
+    agent = f"loopback port {port}"
     if not isinstance(ours, dict):
         return found | {
             "state": "other",

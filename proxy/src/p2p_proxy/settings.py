@@ -21,7 +21,7 @@ from pydantic import (
 from p2p_common.settings import (
     ByteSize,
     ConfigError,
-    HostPort,
+    ListenAddress,
     RegistryList,
     Sensitive,
     ServiceSettings,
@@ -62,8 +62,9 @@ def _no_proxy(values: list[str]) -> list[str]:
 class ProxySettings(ServiceSettings):
     ENV_PREFIX: ClassVar[str] = "P2P_PROXY_"
 
-    listen: HostPort = "0.0.0.0:5005"
-    """The HTTP API for agents (manifests, metainfo, blob fallback), health and metrics."""
+    listen: ListenAddress = ":5005"
+    """The HTTP API for agents (manifests, metainfo, blob fallback), health and metrics
+    (``:5005``: every address, IPv6 and IPv4)."""
     peer_port: int = Field(6882, ge=1, le=65535)
     """BitTorrent peer port the proxy seeds from."""
     data_dir: Path = Path("/p2p_proxy_data")
