@@ -32,17 +32,13 @@ class EgressTransport(httpx.AsyncBaseTransport):
         self.routes = routes
         self._direct = direct
         self._proxied = proxied
-        self.sent: dict[str, int] = {"direct": 0, "proxy": 0}
-        """Requests sent each way (for tests and status views)."""
 
     def route(self, url: httpx.URL) -> httpx.AsyncBaseTransport:
         proxy = self.routes.proxy_for(url.scheme, url.host, url.port)
         return self._direct if proxy is None else self._proxied[proxy]
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        transport = self.route(request.url)
-        self.sent["direct" if transport is self._direct else "proxy"] += 1
-        return await transport.handle_async_request(request)
+        return await self.route(request.url).handle_async_request(request)
 
     async def aclose(self) -> None:
         for transport in (self._direct, *self._proxied.values()):
