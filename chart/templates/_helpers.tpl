@@ -138,8 +138,8 @@ component's `config` values add further settings (the schema refuses the compute
 {{- define "p2p.agentConfig" -}}
 {{- $a := .Values.agent -}}
 {{- $config := dict
-  "listen" (printf "127.0.0.1:%d" (int $a.ports.registry))
-  "metricsListen" (printf "0.0.0.0:%d" (int $a.ports.metrics))
+  "listen" (include "p2p.agentRegistryAddress" .)
+  "metricsListen" (printf ":%d" (int $a.ports.metrics))
   "peerPort" (int $a.ports.peer)
   "dataDir" $a.dataDir
   "registry" (include "p2p.registries" . | fromJsonArray)
@@ -165,6 +165,30 @@ component's `config` values add further settings (the schema refuses the compute
 {{- toYaml (merge $config (deepCopy $a.config)) -}}
 {{- end -}}
 
+{{/*
+The agent's registry API: agent.loopback and the registry port, an IPv6 address in brackets.
+Service listen addresses elsewhere are ":port": every address of the node, IPv4 and IPv6.
+*/}}
+{{- define "p2p.agentRegistryAddress" -}}
+{{- $host := .Values.agent.loopback | default "127.0.0.1" -}}
+{{- if contains ":" $host -}}
+{{- printf "[%s]:%d" $host (int .Values.agent.ports.registry) -}}
+{{- else -}}
+{{- printf "%s:%d" $host (int .Values.agent.ports.registry) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* ipFamilyPolicy and ipFamilies of a Service spec, when the values set them. */}}
+{{- define "p2p.serviceIpFamilies" -}}
+{{- with .Values.ipFamilyPolicy }}
+ipFamilyPolicy: {{ . }}
+{{- end }}
+{{- with .Values.ipFamilies }}
+ipFamilies:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
 {{/* https when the proxies serve their agent API with a certificate (proxy.tls.secretName). */}}
 {{- define "p2p.proxyScheme" -}}
 {{- if .Values.proxy.tls.secretName -}}https{{- else -}}http{{- end -}}
@@ -173,7 +197,7 @@ component's `config` values add further settings (the schema refuses the compute
 {{- define "p2p.proxyConfig" -}}
 {{- $p := .Values.proxy -}}
 {{- $config := dict
-  "listen" (printf "0.0.0.0:%d" (int $p.ports.http))
+  "listen" (printf ":%d" (int $p.ports.http))
   "peerPort" (int $p.ports.peer)
   "dataDir" $p.dataDir
   "registry" (include "p2p.registries" . | fromJsonArray)
@@ -187,7 +211,35 @@ component's `config` values add further settings (the schema refuses the compute
 {{- $_ := set $config "tlsCertFile" "/etc/p2p/tls/tls.crt" -}}
 {{- $_ := set $config "tlsKeyFile" "/etc/p2p/tls/tls.key" -}}
 {{- end -}}
+{{- $egress := include "p2p.egressProxy" . | fromYaml -}}
+{{- if $egress.url -}}
+{{- $_ := set $config "originProxy" $egress.url -}}
+{{- end -}}
+{{- if $egress.noProxy -}}
+{{- $_ := set $config "originNoProxy" $egress.noProxy -}}
+{{- end -}}
+{{- if $egress.fromEnvironment -}}
+{{- $_ := set $config "originProxyFromEnv" true -}}
+{{- end -}}
 {{- toYaml (merge $config (deepCopy $p.config)) -}}
+{{- end -}}
+
+{{/*
+proxy.egressProxy, checked: url and secretName exclude each other and fromEnvironment; a URL with
+credentials belongs in the Secret, not in the ConfigMap.
+*/}}
+{{- define "p2p.egressProxy" -}}
+{{- $e := .Values.proxy.egressProxy -}}
+{{- if and $e.url $e.secretName -}}
+{{- fail "proxy.egressProxy: give url or secretName, not both" -}}
+{{- end -}}
+{{- if and $e.fromEnvironment (or $e.url $e.secretName) -}}
+{{- fail "proxy.egressProxy.fromEnvironment: takes the proxy from the environment; leave url and secretName empty" -}}
+{{- end -}}
+{{- if contains "@" (toString $e.url) -}}
+{{- fail "proxy.egressProxy.url: credentials do not belong in a ConfigMap; put the whole URL in a Secret (proxy.egressProxy.secretName)" -}}
+{{- end -}}
+{{- toYaml $e -}}
 {{- end -}}
 
 {{/* The trackers written into every metainfo: udp:// first when tracker.udp, then http://. */}}
@@ -204,12 +256,12 @@ component's `config` values add further settings (the schema refuses the compute
 {{- define "p2p.trackerConfig" -}}
 {{- $t := .Values.tracker -}}
 {{- $config := dict
-  "listen" (printf "0.0.0.0:%d" (int $t.ports.http))
+  "listen" (printf ":%d" (int $t.ports.http))
   "logLevel" .Values.logLevel
   "logFormat" .Values.logFormat
 -}}
 {{- if $t.udp -}}
-{{- $_ := set $config "udpListen" (printf "0.0.0.0:%d" (int $t.ports.http)) -}}
+{{- $_ := set $config "udpListen" (printf ":%d" (int $t.ports.http)) -}}
 {{- end -}}
 {{- toYaml (merge $config (deepCopy $t.config)) -}}
 {{- end -}}
@@ -368,7 +420,7 @@ server = {{ .host.server | quote }}
 # does not accelerate, and containerd then pulls from the image's own registry.
 {{- end }}
 
-[host."http://127.0.0.1:{{ int .root.Values.agent.ports.registry }}"]
+[host."http://{{ include "p2p.agentRegistryAddress" .root }}"]
   capabilities = ["pull", "resolve"]
 {{- end -}}
 

@@ -103,7 +103,7 @@ def test_hosts_toml_follows_the_agent_port(render: Render, tmp_path: Path) -> No
     (path,) = tmp_path.glob("*/hosts.toml")
     assert path.parent.name == "registry.internal:5000"
     hosts = tomllib.loads(path.read_text())
-    assert list(hosts["host"]) == ["http://127.0.0.1:15004"]
+    assert list(hosts["host"]) == ["http://[::1]:15004"]  # agent.loopback ::1
 
 
 # --- what the scripts do on a node ----------------------------------------------------------

@@ -81,3 +81,9 @@ def test_a_new_image_list_rolls_the_prefetch_and_nothing_else(render: Render) ->
     assert annotation(before, "DaemonSet", "p2p-agent") == annotation(
         after, "DaemonSet", "p2p-agent"
     )
+
+
+def test_the_prefetch_follows_an_ipv6_loopback(render: Render) -> None:
+    values = merged(PREFETCH, {"agent": {"loopback": "::1"}})
+    (init,) = render(values).pod_spec("DaemonSet", "p2p-prefetch")["initContainers"]
+    assert init["args"][:2] == ["--url", "http://[::1]:5004"]

@@ -161,7 +161,7 @@ def test_hosts_toml_says_whether_containerd_pulls_through_the_agent(tmp_path: Pa
     assert found["managed_by"] == "p2p release kube-system/p2p"
     assert found["path"] == str(tmp_path / "registry.example.com" / "hosts.toml")
     assert found["modified_at"] is not None
-    assert "127.0.0.1:5004" in found["detail"]
+    assert "loopback port 5004" in found["detail"]
     # The same file, but the agent listens elsewhere: containerd does not reach it.
     assert read_hosts_toml(tmp_path, "registry.example.com", 5005)["state"] == "other"
 

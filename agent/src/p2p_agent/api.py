@@ -28,6 +28,7 @@ from p2p_agent.mirror import RegistryUse
 from p2p_agent.proxies import ProxyClient
 from p2p_agent.status import PullLog
 from p2p_common.asgi import (
+    Message,
     Receive,
     Request,
     Scope,
@@ -44,7 +45,7 @@ from p2p_common.asgi import (
 from p2p_common.blobcache import BlobCache, CacheFullError
 from p2p_common.errors import LocalError, collapse
 from p2p_common.listing import ListingKind, listing_params, next_link
-from p2p_common.logs import event
+from p2p_common.logs import PULL_ID_HEADER, event, new_pull_id, pull_context
 from p2p_common.oci import ApiRoute, ErrorCode, OCIError, merge_accept, parse_api_path
 from p2p_common.ranges import RangeNotSatisfiableError, parse_range
 from p2p_common.registry_auth import (
@@ -98,6 +99,18 @@ class AuthCache:
         self._entries.set(key, size, expires=now + ttl, now=now)
 
 
+def _answer_with_pull_id(send: Send, pull_id: str) -> Send:
+    """``send`` that adds the pull id header to the response."""
+    header = (PULL_ID_HEADER.lower().encode(), pull_id.encode())
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), header]}
+        await send(message)
+
+    return sending
+
+
 class RegistryApp:
     def __init__(
         self,
@@ -130,16 +143,21 @@ class RegistryApp:
         self.metrics.requests.inc()
         request = Request.from_scope(scope)
         head = request.method == "HEAD"
-        tracked = TrackedSend(send)
-        try:
-            await self._handle(request, receive, tracked)
-        except OCIError as exc:
-            await self._error(tracked, exc, head=head)
-        except CacheFullError as exc:
-            await self._error(tracked, OCIError(ErrorCode.UNKNOWN, str(exc), status=507), head=head)
-        except LocalError as exc:
-            event(log, "request.failed", logging.ERROR, path=request.path, error=str(exc))
-            await self._error(tracked, OCIError(ErrorCode.UNKNOWN, str(exc), status=500), head=head)
+        # Every request is a pull of its own: an id of ours (never one a client sends), in
+        # every log line of it, in the proxy's for it (the header) and in the answer.
+        with pull_context(new_pull_id()) as pull_id:
+            tracked = TrackedSend(_answer_with_pull_id(send, pull_id))
+            try:
+                await self._handle(request, receive, tracked)
+            except OCIError as exc:
+                await self._error(tracked, exc, head=head)
+            except CacheFullError as exc:
+                error = OCIError(ErrorCode.UNKNOWN, str(exc), status=507)
+                await self._error(tracked, error, head=head)
+            except LocalError as exc:
+                event(log, "request.failed", logging.ERROR, path=request.path, error=str(exc))
+                error = OCIError(ErrorCode.UNKNOWN, str(exc), status=500)
+                await self._error(tracked, error, head=head)
 
     async def _error(self, send: TrackedSend, exc: OCIError, *, head: bool) -> None:
         self.metrics.errors.labels(exc.code.value, str(exc.status)).inc()

@@ -175,7 +175,7 @@ def read_hosts_toml(config_path: Path, registry: str, port: int) -> dict[str, An
     if isinstance(hosts, dict):
         ours = next((v for k, v in hosts.items() if names_agent(k, port)), None)
         found["hosts"] = [str(k)[:200] for k in list(hosts)[:MAX_HOSTS_SHOWN]]
-    agent = f"127.0.0.1:{port}"
+    agent = f"loopback port {port}"
     if not isinstance(ours, dict):
         return found | {
             "state": "other",

@@ -5,7 +5,8 @@ all proxy instances (a headless Service name expands to one instance per address
 when that proxy cannot be reached or answers 5xx, the next one is tried. Answers
 that speak for the origin (401, 403, 404, ...) are final and come back as
 :class:`~p2p_common.oci.OCIError`. The caller's ``Authorization`` header is passed
-through unchanged and never stored.
+through unchanged and never stored. Every request carries the pull id of the task that sends
+it (``X-P2P-Pull-Id``, :mod:`p2p_common.logs`), so the proxy's log lines name the same pull.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from p2p_common import metainfo as mi
 from p2p_common.blobinfo import BlobMetainfo, FrameParser
 from p2p_common.discovery import Resolver
 from p2p_common.listing import MAX_LISTING_BYTES
-from p2p_common.logs import event
+from p2p_common.logs import PULL_ID_HEADER, current_pull_id, event
 from p2p_common.oci import ErrorCode, OCIError, known_code, parse_error_body
 from p2p_common.registry_auth import AUTH_MAX_AGE_HEADER
 
@@ -137,6 +138,12 @@ class SwarmSource:
         return self.feed.blob
 
 
+def _pull_id_header() -> list[tuple[str, str]]:
+    """The pull this request is for (the proxy logs it with everything it does for it)."""
+    pull_id = current_pull_id()
+    return [] if pull_id is None else [(PULL_ID_HEADER, pull_id)]
+
+
 def _check_length(response: httpx.Response, size: int) -> None:
     """A whole-blob response must announce exactly the blob's size."""
     length = response.headers.get("content-length", "")
@@ -189,7 +196,7 @@ class ProxyClient:
                     method,
                     base + path,
                     params=params,
-                    headers=list(headers),
+                    headers=[*headers, *_pull_id_header()],
                     extensions=self._tls_name(base),
                 )
             except httpx.HTTPError as exc:
@@ -426,7 +433,7 @@ class ProxyClient:
                 "GET",
                 base + path,
                 params=params,
-                headers=[*self._auth(authorization), *extra_headers],
+                headers=[*self._auth(authorization), *extra_headers, *_pull_id_header()],
                 extensions=self._tls_name(base),
             )
             try:

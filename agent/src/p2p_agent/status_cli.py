@@ -91,6 +91,7 @@ def render(status: dict[str, Any]) -> RenderableType:
             "MB/s": "right",
             "first byte": "left",
             "from": "left",
+            "pull id": "left",
         },
     )
     for pull in status["pulls"]:
@@ -103,6 +104,7 @@ def render(status: dict[str, Any]) -> RenderableType:
             f"{pull['bytes_per_second'] / 1e6:.1f}",
             "-" if first is None else f"{first:.2f} s",
             pull["source"],
+            str(pull["id"]),
         )
     if not status["pulls"]:
         none_row(pulls, "none")
@@ -166,6 +168,7 @@ def render(status: dict[str, Any]) -> RenderableType:
             "seconds": "right",
             "MB/s": "right",
             "from": "left",
+            "pull id": "left",
         },
     )
     for pull in status["recent"][:10]:
@@ -177,6 +180,7 @@ def render(status: dict[str, Any]) -> RenderableType:
             f"{pull['seconds']:.2f}",
             f"{pull['bytes_per_second'] / 1e6:.1f}",
             pull["source"],
+            str(pull["id"]),
         )
     return Group(head, pulls, downloads, proxies, *extra, recent)
 

@@ -36,7 +36,7 @@ from p2p_common.asgi import (
 from p2p_common.blobcache import BlobCache
 from p2p_common.errors import collapse
 from p2p_common.listing import ListingKind, listing_params, next_link
-from p2p_common.logs import event
+from p2p_common.logs import PULL_ID_HEADER, event, new_pull_id, pull_context, valid_pull_id
 from p2p_common.oci import ApiRoute, ErrorCode, OCIError, merge_accept, parse_api_path
 from p2p_common.registry_auth import AUTH_MAX_AGE_HEADER, Credentials
 from p2p_common.storage import StorageError
@@ -102,16 +102,20 @@ class ProxyApp:
         if scope["type"] != "http":
             return
         request = Request.from_scope(scope)
-        tracked = TrackedSend(send)
-        try:
-            await self._route(request, receive, tracked)
-        except OCIError as exc:
-            await self._fail(request, tracked, exc)
-        except StorageError as exc:
-            await self._fail(request, tracked, storage_error(exc, "opening a cached blob"))
-        except Exception as exc:
-            log.error("proxy.request_crashed path=%s", request.path, exc_info=exc)
-            await self._fail(request, tracked, OCIError(ErrorCode.UNKNOWN, "internal error"))
+        # The agent's pull id (a well-formed one), else one of our own: in every log line of
+        # this request and of the origin work it starts.
+        pull_id = valid_pull_id(request.header(PULL_ID_HEADER)) or new_pull_id()
+        with pull_context(pull_id):
+            tracked = TrackedSend(send)
+            try:
+                await self._route(request, receive, tracked)
+            except OCIError as exc:
+                await self._fail(request, tracked, exc)
+            except StorageError as exc:
+                await self._fail(request, tracked, storage_error(exc, "opening a cached blob"))
+            except Exception as exc:
+                log.error("proxy.request_crashed path=%s", request.path, exc_info=exc)
+                await self._fail(request, tracked, OCIError(ErrorCode.UNKNOWN, "internal error"))
 
     async def _fail(self, request: Request, send: TrackedSend, error: OCIError) -> None:
         self.metrics.errors.labels(code=str(error.code)).inc()

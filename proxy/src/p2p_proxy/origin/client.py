@@ -32,6 +32,7 @@ from p2p_common.oci import (
 from p2p_common.registry_auth import Credentials
 from p2p_common.settings import normalise_registry, registry_name
 from p2p_proxy.origin.auth import OriginAuth
+from p2p_proxy.origin.egress import EgressRoutes
 from p2p_proxy.origin.responses import (
     ERROR_BODY_LIMIT,
     MAX_MANIFEST_BYTES,
@@ -53,6 +54,7 @@ from p2p_proxy.origin.responses import (
     read_bounded,
     transport_failure,
 )
+from p2p_proxy.origin.transport import origin_transport
 
 
 class OriginClient:
@@ -60,7 +62,9 @@ class OriginClient:
 
     ``registry_url`` is what :data:`~p2p_common.settings.RegistryURL` accepts
     (``host[:port]`` means https). https certificates are verified, against the system
-    store or ``ca_file``; ``verify=False`` turns that off (tests only).
+    store or ``ca_file``; ``verify=False`` turns that off (tests only). ``egress`` routes
+    requests through an outbound HTTP proxy (:mod:`p2p_proxy.origin.egress`): the registry,
+    its token realm and its blob redirects alike, each unless a ``NO_PROXY`` rule exempts it.
     """
 
     def __init__(
@@ -78,6 +82,7 @@ class OriginClient:
         transport: httpx.AsyncBaseTransport | None = None,
         token_max_age: float = math.inf,
         token_realm_hosts: Iterable[str] = (),
+        egress: EgressRoutes | None = None,
     ) -> None:
         tune_reads()
         self.registry_url = normalise_registry(registry_url)
@@ -91,17 +96,21 @@ class OriginClient:
             tls = ssl.create_default_context(cafile=os.fspath(ca_file))
         else:
             tls = ssl.create_default_context()
+        limits = httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        )
+        self.egress = egress
+        """The egress proxy routes (None: every request goes direct)."""
+        if transport is None:
+            transport = origin_transport(tls, limits, egress)
         self._http = httpx.AsyncClient(
-            verify=tls,
+            # The environment is never read here: an egress proxy comes only from ``egress``.
             trust_env=False,  # no proxy variables, no .netrc credentials
             follow_redirects=False,
             # No pool timeout: waiting for a free connection is bounded by the caller's
             # cancel scope; connect and read timeouts guard against a silent origin.
             timeout=httpx.Timeout(
                 connect=connect_timeout, read=read_timeout, write=read_timeout, pool=None
-            ),
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
             ),
             # identity: digests are over the stored bytes, never a re-encoding of them.
             headers={"User-Agent": user_agent, "Accept-Encoding": "identity"},
