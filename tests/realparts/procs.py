@@ -97,29 +97,42 @@ _RECENT_PORTS: collections.deque[int] = collections.deque(maxlen=1024)
 have bound them yet (the kernel may offer a port again as soon as the probe closes it)."""
 
 
+def _wildcard_socket(kind: int) -> socket.socket:
+    """A socket on every address of both families (one IPv4 socket where IPv6 is missing)."""
+    try:
+        sock = socket.socket(socket.AF_INET6, kind)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        return sock
+    except OSError:
+        return socket.socket(socket.AF_INET, kind)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """Return a port on ``host`` that is currently free for both TCP and UDP, and that this
-    process was not given by an earlier call lately (a plan of several services asks for many
-    ports before any of them is bound).
+    """Return a port that is currently free for both TCP and UDP on every address (the services
+    bind ``:port``, every address, and clients that bind a local address such as 127.0.0.2 take
+    ports from the same range), and that this process was not given by an earlier call lately
+    (a plan of several services asks for many ports before any of them is bound). ``host`` is
+    where the caller will bind; the check covers it.
 
     Both protocols are checked because libtorrent opens a UDP socket (uTP) on its listen port.
     There is an unavoidable race between this check and the real part binding the port; callers
     see it as a start-up failure with a clear log, which is rare on a test machine.
     """
+    del host  # every address is checked, this one included
     for _ in range(200):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind((host, 0))
+        with _wildcard_socket(socket.SOCK_STREAM) as tcp:
+            tcp.bind(("::" if tcp.family == socket.AF_INET6 else "0.0.0.0", 0))
             port: int = tcp.getsockname()[1]
             if port in _RECENT_PORTS:
                 continue
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            with _wildcard_socket(socket.SOCK_DGRAM) as udp:
                 try:
-                    udp.bind((host, port))
+                    udp.bind(("::" if udp.family == socket.AF_INET6 else "0.0.0.0", port))
                 except OSError:
                     continue
                 _RECENT_PORTS.append(port)
                 return port
-    raise RuntimeError(f"could not find a port free for TCP and UDP on {host}")
+    raise RuntimeError("could not find a port free for TCP and UDP on every address")
 
 
 def port_accepts(port: int, host: str = "127.0.0.1", timeout: float = 0.2) -> bool:
