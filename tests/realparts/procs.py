@@ -17,6 +17,7 @@ import atexit
 import collections
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -107,21 +108,41 @@ def _wildcard_socket(kind: int) -> socket.socket:
         return socket.socket(socket.AF_INET, kind)
 
 
+def _outside_ephemeral_range() -> range | None:
+    """Ports below the kernel's range for outgoing connections' source ports (from 10000 on),
+    or None when that leaves too few."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return range(10000, low) if low - 10000 >= 2000 else None
+
+
+_PICK = random.Random()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """Return a port that is currently free for both TCP and UDP on every address (the services
-    bind ``:port``, every address, and clients that bind a local address such as 127.0.0.2 take
-    ports from the same range), and that this process was not given by an earlier call lately
-    (a plan of several services asks for many ports before any of them is bound). ``host`` is
-    where the caller will bind; the check covers it.
+    bind ``:port``, every address), that this process was not given by an earlier call lately
+    (a plan of several services asks for many ports before any of them is bound), and, where the
+    kernel's settings allow, that lies below the range the kernel takes source ports of outgoing
+    connections from: a port from that range can be taken by any connection the machine opens
+    between this check and the service's bind (a busy test run opens hundreds a second).
+    ``host`` is where the caller will bind; the check covers it.
 
     Both protocols are checked because libtorrent opens a UDP socket (uTP) on its listen port.
-    There is an unavoidable race between this check and the real part binding the port; callers
-    see it as a start-up failure with a clear log, which is rare on a test machine.
+    Another test run on the same machine may still pick the same port in the same moment;
+    callers see that as a start-up failure with a clear log.
     """
     del host  # every address is checked, this one included
+    outside = _outside_ephemeral_range()
     for _ in range(200):
         with _wildcard_socket(socket.SOCK_STREAM) as tcp:
-            tcp.bind(("::" if tcp.family == socket.AF_INET6 else "0.0.0.0", 0))
+            wildcard = "::" if tcp.family == socket.AF_INET6 else "0.0.0.0"
+            try:
+                tcp.bind((wildcard, _PICK.choice(outside) if outside else 0))
+            except OSError:
+                continue
             port: int = tcp.getsockname()[1]
             if port in _RECENT_PORTS:
                 continue
