@@ -415,7 +415,7 @@ class RegistryApp:
         try:
             return await until_disconnect(receive, body)
         except BaseExceptionGroup as group:
-            raise collapse(group) from None
+            raise collapse(group, dropping=(trio.Cancelled,)) from None
 
     def _pulled(self, length: int, started: float, whole: bool) -> None:
         self.metrics.pulled()

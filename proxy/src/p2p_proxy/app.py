@@ -409,7 +409,7 @@ class ProxyApp:
         try:
             await until_disconnect(receive, body)
         except BaseExceptionGroup as group:
-            raise collapse(group) from None
+            raise collapse(group, dropping=(trio.Cancelled,)) from None
 
     # --- metainfo ---------------------------------------------------------------------------
 
@@ -453,7 +453,7 @@ class ProxyApp:
             try:
                 await until_disconnect(receive, body)
             except BaseExceptionGroup as group:
-                raise collapse(group) from None
+                raise collapse(group, dropping=(trio.Cancelled,)) from None
         finally:
             os.close(fd)
 
@@ -502,7 +502,7 @@ class ProxyApp:
         try:
             await until_disconnect(receive, body)
         except BaseExceptionGroup as group:
-            raise collapse(group) from None
+            raise collapse(group, dropping=(trio.Cancelled,)) from None
 
     async def _metainfo(self, request: Request, receive: Receive, send: Send) -> None:
         if request.method != "GET":
