@@ -453,3 +453,38 @@ async def test_a_torrent_dials_half_its_max_peers_and_keeps_the_rest_for_peers_d
                     assert (await stream.receive_some(68)).startswith(wire.PSTR)
                     await wait_until(lambda n=n: len(torrent.connections) == 3 + n)
             assert not torrent.core.complete
+
+
+async def test_a_bug_in_one_incoming_connection_ends_only_that_connection(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    content = make_content(256 * 1024)
+    meta = metainfo_for(content)
+    async with running_engines(1) as (engine,):
+        torrent = await engine.add_torrent(meta, MemoryPieceStore(meta, content))
+        real = torrent.run_connection
+        calls = 0
+
+        async def buggy(*args: object, **kwargs: object) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise KeyError("a bug")
+            await real(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(torrent, "run_connection", buggy)
+        for n in range(2):
+            stream = await trio.open_tcp_stream("127.0.0.1", engine.port)
+            async with stream:
+                await stream.send_all(
+                    wire.encode_handshake(
+                        meta.info_hash, b"-XX0001-%012d" % n, wire.reserved_bytes()
+                    )
+                )
+                with trio.fail_after(10):
+                    assert (await stream.receive_some(68)).startswith(wire.PSTR)
+                    if n == 1:  # the engine still serves: this one is a real connection
+                        await wait_until(lambda: len(torrent.connections) == 1)
+        assert calls == 2
+        assert "connection.failed" in caplog.text
+        assert "KeyError" in caplog.text

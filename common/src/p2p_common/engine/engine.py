@@ -277,7 +277,12 @@ class Engine:
             await stream.aclose()
             return
         # An IPv4 peer of the dual-stack listener as its IPv4 address (bans compare addresses).
-        await self.attach_stream(stream, address=(unmapped(str(host)), int(port)))
+        try:
+            await self.attach_stream(stream, address=(unmapped(str(host)), int(port)))
+        except Exception:
+            # A bug in one connection ends that connection, loudly, never the listener (and
+            # with it every other connection and torrent of the process).
+            log.exception("connection.failed: a bug ended an incoming connection")
 
     async def attach_stream(
         self,

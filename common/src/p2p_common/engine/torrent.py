@@ -452,6 +452,9 @@ class Torrent:
                     )
             except (OSError, RemoteError, trio.TooSlowError):
                 pass
+            except Exception:
+                # A bug in one connection ends that connection, loudly, not the torrent.
+                log.exception("connection.failed: a bug ended an outgoing connection")
             finally:
                 engine.slots.release()
         finally:
