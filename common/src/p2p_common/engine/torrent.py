@@ -343,8 +343,17 @@ class Torrent:
         """Run an established connection until it ends; cleans up after it. ``window``: the
         pieces the peer sees (all of them, or one chunk's for a standard client)."""
         if self._stopped or handshake.peer_id in self.connections:
+            log_event(
+                log,
+                "peer.refused",
+                logging.DEBUG,
+                peer=f"{address[0]}:{address[1]}",
+                reason="torrent stopped" if self._stopped else "already connected",
+            )
             return
         if self.engine.bans.is_banned(handshake.peer_id, address[0]):
+            peer = f"{address[0]}:{address[1]}"
+            log_event(log, "peer.refused", logging.DEBUG, peer=peer, reason="banned")
             return
         info = self.info
         end = min(info.length, (window.first + window.count) * info.piece_length)
@@ -467,6 +476,15 @@ class Torrent:
                     candidate.failures += 1
                     delay = _backoff(candidate.failures)
                 candidate.next_attempt = trio.current_time() + delay
+                log_event(
+                    log,
+                    "peer.dial_ended",
+                    logging.DEBUG,
+                    peer=f"{address[0]}:{address[1]}",
+                    connected=connected,
+                    failures=candidate.failures,
+                    retry_in=round(delay, 2),
+                )
 
     # -- pieces ----------------------------------------------------------------------------------
 
