@@ -18,9 +18,17 @@ TEST_DEPS = [
     "kubernetes-validate>=1.30",
     "cryptography>=42",
     "selenium>=4.20",  # drives Debian's chromium for the agent's status page
+    "matplotlib>=3.8",  # the simulator's plots (tests/sim/plots.py)
 ]
 LINT_DEPS = ["ruff>=0.6", "import-linter>=2.0"]
-TYPE_DEPS = ["mypy>=1.10", "types-PyYAML", "pytest>=8", "hypothesis>=6.100", "selenium>=4.20"]
+TYPE_DEPS = [
+    "mypy>=1.10",
+    "types-PyYAML",
+    "pytest>=8",
+    "hypothesis>=6.100",
+    "selenium>=4.20",
+    "matplotlib>=3.8",
+]
 
 
 def _real_parts(session: nox.Session) -> None:
@@ -71,6 +79,6 @@ def sim(session: nox.Session) -> None:
     """The swarm simulator (docs/scale.md): a rollout in virtual time on the engine's own
     cores. Without arguments a small one (16 nodes, 25 Mbit/s, a warm 100 MB image, a few
     seconds); ``nox -s sim -- --nodes 500 --size-mb 200 ...`` runs any other."""
-    session.install(*PACKAGES)
+    session.install(*PACKAGES, "matplotlib>=3.8")
     default = ["--nodes", "16", "--size-mb", "100", "--layers", "1", "--rate", "25"]
     session.run("python", "-m", "tests.sim", *(session.posargs or [*default, "--origin-rate", "0"]))

@@ -1,8 +1,8 @@
 """p2p services in this process, for component and end-to-end tests of the pull path.
 
 Each ``run_*`` context manager starts one service through its real ``serve()`` wiring on
-127.0.0.1 (ports chosen by the kernel or :func:`free_port`), yields a handle with an
-httpx client, and stops it through the service's graceful path on exit.
+127.0.0.1, or on ``host`` (``::1``), with ports chosen by the kernel or :func:`free_port`,
+yields a handle with an httpx client, and stops it through the service's graceful path on exit.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from p2p_agent.service import AgentPorts
 from p2p_agent.service import serve as serve_agent
 from p2p_agent.settings import AgentSettings
+from p2p_common.settings import join_host_port
 from p2p_proxy.service import serve as serve_proxy
 from p2p_proxy.settings import ProxySettings
 from p2p_tracker.service import serve as serve_tracker
@@ -45,14 +46,18 @@ async def metric(http: httpx.AsyncClient, name: str, **labels: str) -> float:
 
 
 @asynccontextmanager
-async def run_tracker() -> AsyncIterator[str]:
-    """Our tracker; yields its announce URL."""
+async def run_tracker(*, host: str = "127.0.0.1") -> AsyncIterator[str]:
+    """Our tracker on ``host`` (``::1`` for IPv6); yields its announce URL."""
     settings = TrackerSettings.load(
-        None, environ={}, listen="127.0.0.1:0", announce_interval=5, min_announce_interval=1
+        None,
+        environ={},
+        listen=join_host_port(host, 0),
+        announce_interval=5,
+        min_announce_interval=1,
     )
     async with trio.open_nursery() as nursery:
         port = await nursery.start(serve_tracker, settings)
-        yield f"http://127.0.0.1:{port}/announce"
+        yield f"http://{join_host_port(host, port)}/announce"
         nursery.cancel_scope.cancel()
 
 
@@ -61,21 +66,28 @@ class ProxyHandle:
     settings: ProxySettings
     port: int
     http: httpx.AsyncClient
+    host: str = "127.0.0.1"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{join_host_port(self.host, self.port)}"
 
 
 @asynccontextmanager
 async def run_proxy(
-    data_dir: Path, registries: Sequence[str], trackers: Sequence[str], **overrides: object
+    data_dir: Path,
+    registries: Sequence[str],
+    trackers: Sequence[str],
+    *,
+    host: str = "127.0.0.1",
+    **overrides: object,
 ) -> AsyncIterator[ProxyHandle]:
+    """A proxy whose API listens on ``host`` (its peer port on every address)."""
     overrides.setdefault("shutdown_timeout", 2.0)
     settings = ProxySettings.load(
         None,
         environ={},
-        listen="127.0.0.1:0",
+        listen=join_host_port(host, 0),
         peer_port=free_port(),
         data_dir=data_dir,
         registry=list(registries),
@@ -85,8 +97,10 @@ async def run_proxy(
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         port: int = await nursery.start(partial(serve_proxy, settings, shutdown_trigger=stop.wait))
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
-            yield ProxyHandle(settings, port, http)
+        async with httpx.AsyncClient(
+            base_url=f"http://{join_host_port(host, port)}", timeout=60, trust_env=False
+        ) as http:
+            yield ProxyHandle(settings, port, http, host)
         stop.set()
 
 
@@ -98,10 +112,11 @@ class AgentHandle:
     """The registry API (what containerd talks to)."""
     status: httpx.AsyncClient
     """Metrics, health and readiness."""
+    address: str = "127.0.0.1"
 
     @property
     def host(self) -> str:
-        return f"127.0.0.1:{self.ports.api}"
+        return join_host_port(self.address, self.ports.api)
 
     async def metric(self, name: str, **labels: str) -> float:
         return await metric(self.status, name, **labels)
@@ -114,14 +129,16 @@ async def run_agent(
     proxies: Sequence[str],
     *,
     config_file: Path | None = None,
+    host: str = "127.0.0.1",
     **overrides: object,
 ) -> AsyncIterator[AgentHandle]:
+    """An agent with every port on ``host`` (``::1``: IPv6 only)."""
     settings = AgentSettings.load(
         config_file,
         environ={},
-        listen="127.0.0.1:0",
-        metrics_listen="127.0.0.1:0",
-        peer_host="127.0.0.1",
+        listen=join_host_port(host, 0),
+        metrics_listen=join_host_port(host, 0),
+        peer_host=host,
         peer_port=free_port(),
         data_dir=data_dir,
         registry=list(registries),
@@ -134,8 +151,14 @@ async def run_agent(
             partial(serve_agent, settings, config_file=config_file, shutdown_trigger=stop.wait)
         )
         async with (
-            httpx.AsyncClient(base_url=f"http://127.0.0.1:{ports.api}", timeout=120) as http,
-            httpx.AsyncClient(base_url=f"http://127.0.0.1:{ports.metrics}", timeout=30) as status,
+            httpx.AsyncClient(
+                base_url=f"http://{join_host_port(host, ports.api)}", timeout=120, trust_env=False
+            ) as http,
+            httpx.AsyncClient(
+                base_url=f"http://{join_host_port(host, ports.metrics)}",
+                timeout=30,
+                trust_env=False,
+            ) as status,
         ):
-            yield AgentHandle(settings, ports, http, status)
+            yield AgentHandle(settings, ports, http, status, host)
         stop.set()

@@ -4,7 +4,8 @@
 # wrk (the load generator of tests/bench/bench_tracker.py), chromium and chromium-driver (the
 # agent's status page in a real browser), and promtool (Debian's prometheus package: the chart's
 # alert rules are checked and unit-tested with it), and mkfs.ext4 and losetup (a throttled loop
-# device is the slow disk of the adaptive download limit's tests, tests/realparts/slowdisk.py).
+# device is the slow disk of the adaptive download limit's tests, tests/realparts/slowdisk.py), and
+# tinyproxy (the egress HTTP proxy of tests/component/test_origin_egress.py).
 # Does nothing when they are all present. Needs root (or passwordless sudo) to install.
 # With --demo, a missing package that cannot be installed is not fatal: the demo falls
 # back to its built-in origin.
@@ -35,6 +36,7 @@ else
   check promtool prometheus
   check mkfs.ext4 e2fsprogs
   check losetup mount
+  check tinyproxy tinyproxy
 fi
 [ "${#need_pkgs[@]}" -eq 0 ] && exit 0
 

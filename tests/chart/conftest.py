@@ -44,6 +44,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     },
     "everything-changed": {
         "namespaceOverride": "p2p-system",
+        "ipFamilyPolicy": "PreferDualStack",
+        "ipFamilies": ["IPv6", "IPv4"],
         "clusterDomain": "corp.example",
         "registry": ["http://registry.internal:5000"],
         "downloadRate": 30_000_000,
@@ -60,6 +62,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                 "pullPolicy": "Always",
             },
             "ports": {"registry": 15004, "peer": 16881, "metrics": 15014},
+            "loopback": "::1",
             "dataDir": "/var/lib/p2p-agent",
             "cacheSize": "80GiB",
             "cacheHighWatermark": 90,
@@ -131,6 +134,10 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "podAnnotations": {"example.com/owner": "sre"},
             "podLabels": {"tier": "seed"},
             "extraEnv": [{"name": "P2P_PROXY_SHUTDOWN_TIMEOUT", "value": "60"}],
+            "egressProxy": {
+                "url": "http://proxy.corp.example:3128",
+                "noProxy": [".corp.example", "10.0.0.0/8"],
+            },
             "config": {"authCacheTtl": 30},
         },
         "tracker": {
@@ -167,6 +174,12 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "enabled": True,
             "configPath": "/etc/containerd/registries.d",
             "resyncSeconds": 5,
+        },
+        "prefetch": {
+            "images": ["registry.example.com/team/app:1.0"],
+            "nodeSelector": {"pool": "warm"},
+            "platforms": ["linux/amd64"],
+            "pullSecret": "registry-logins",
         },
     },
 }

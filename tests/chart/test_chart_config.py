@@ -12,7 +12,13 @@ from typing import Any
 import pytest
 
 from p2p_agent.settings import AgentSettings
-from p2p_common.settings import ConfigError, normalise_registry, parse_duration, parse_size
+from p2p_common.settings import (
+    ConfigError,
+    join_host_port,
+    normalise_registry,
+    parse_duration,
+    parse_size,
+)
 from p2p_proxy.settings import ProxySettings
 from p2p_tracker.settings import TrackerSettings
 from tests.chart.conftest import REQUIRED, VALUE_SETS, Render, Rendered, merged
@@ -51,8 +57,8 @@ def test_agent_config_carries_the_values(render: Render, value_set: tuple, tmp_p
     assert settings.registry == [normalise_registry(r) for r in registries(values)], label
     assert settings.download_rate == parse_size(values.get("downloadRate", "100MB"))
     assert settings.upload_rate == parse_size(values.get("uploadRate", "100MB"))
-    assert settings.listen == f"127.0.0.1:{ports['registry']}"
-    assert settings.metrics_listen == f"0.0.0.0:{ports['metrics']}"
+    assert settings.listen == join_host_port(agent.get("loopback", "127.0.0.1"), ports["registry"])
+    assert settings.metrics_listen == f":{ports['metrics']}"
     assert settings.peer_port == ports["peer"]
     assert str(settings.data_dir) == agent.get("dataDir", "/p2p_agent_data")
     assert settings.cache_size == parse_size(agent.get("cacheSize", "20GB"))
@@ -78,13 +84,17 @@ def test_proxy_config_carries_the_values(render: Render, value_set: tuple, tmp_p
     host = f"p2p-tracker-headless.{namespace}.svc.{domain}:{tracker_port}"
     udp = [f"udp://{host}"] if values.get("tracker", {}).get("udp") else []
     assert settings.trackers == [*udp, f"http://{host}/announce"]
-    assert settings.listen == f"0.0.0.0:{ports['http']}"
+    assert settings.listen == f":{ports['http']}"
     assert settings.peer_port == ports["peer"]
     assert str(settings.data_dir) == proxy.get("dataDir", "/p2p_proxy_data")
     assert settings.cache_size == parse_size(proxy.get("cacheSize", "50GB"))
     assert settings.upload_rate == parse_size(proxy.get("uploadRate", 0))
     assert settings.log_level == values.get("logLevel", "info")
     assert settings.log_format == values.get("logFormat", "json")
+    egress = proxy.get("egressProxy", {})
+    routes = settings.egress_routes({})
+    assert (routes and routes.https) == egress.get("url")
+    assert settings.origin_no_proxy == egress.get("noProxy", [])
 
 
 def test_tracker_config_carries_the_values(
@@ -93,7 +103,7 @@ def test_tracker_config_carries_the_values(
     _, values = value_set
     port = values.get("tracker", {}).get("ports", {}).get("http", 6969)
     settings = load(render(values), "tracker", tmp_path)
-    assert settings.listen == f"0.0.0.0:{port}"
+    assert settings.listen == f":{port}"
     assert settings.log_format == values.get("logFormat", "json")
 
 

@@ -7,86 +7,24 @@ temporary directories laid out the way kubelet mounts the ConfigMap volume.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import stat
 import subprocess
 import time
 import tomllib
 from pathlib import Path
-from typing import Any
 
 import yaml
 
-from p2p_agent.mirror import read_hosts_toml
-from tests.chart.conftest import REQUIRED, VALUE_SETS, Render, Rendered, merged
+from p2p_agent.mirror import read_containerd_verdict, read_hosts_toml
+from tests.chart.conftest import REQUIRED, VALUE_SETS, Render, merged
+from tests.chart.mirror_node import Node, by_name, materialise
 
 MIRROR = {
     "registry": ["registry.example.com", "http://registry.internal:5000", "ghcr.example.org"],
     "mirror": {"enabled": True},
 }
 MARKER = "# managed-by: p2p release kube-system/p2p"
-
-
-def by_name(items: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {item["name"]: item for item in items}
-
-
-def materialise(rendered: Rendered, source: Path) -> None:
-    """Lay the p2p-mirror ConfigMap out as the pod's `mirror` volume (keys mapped to paths)."""
-    spec = rendered.pod_spec("DaemonSet", "p2p-agent")
-    volume = by_name(spec["volumes"])["mirror"]["configMap"]
-    data = rendered.get("ConfigMap", volume["name"])["data"]
-    if source.exists():
-        shutil.rmtree(source)
-    for item in volume["items"]:
-        target = source / item["path"]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(data[item["key"]])
-
-
-class Node:
-    """One node's view: the mounted ConfigMap and containerd's config_path (and, with
-    ``state``, the directory the agent sees copies of the hosts.toml files in)."""
-
-    def __init__(self, root: Path, rendered: Rendered, *, state: bool = False) -> None:
-        self.source = root / "etc-p2p-mirror"
-        self.certs = root / "certs.d"
-        self.certs.mkdir()
-        self.state = root / "mirror-state" if state else None
-        if self.state is not None:
-            self.state.mkdir()
-        self.rendered = rendered
-        materialise(rendered, self.source)
-
-    def env(self, interval: str = "60") -> dict[str, str]:
-        env = {
-            "PATH": os.environ["PATH"],
-            "P2P_MIRROR_SOURCE": str(self.source),
-            "P2P_MIRROR_TARGET": str(self.certs),
-            "P2P_MIRROR_INTERVAL": interval,
-        }
-        if self.state is not None:
-            env["P2P_MIRROR_STATE"] = str(self.state)
-        return env
-
-    def run(self, mode: str) -> str:
-        done = subprocess.run(
-            ["/bin/sh", str(self.source / "mirror.sh"), mode],
-            env=self.env(),
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        )
-        return done.stdout + done.stderr
-
-    def files(self) -> dict[str, str]:
-        return {
-            str(p.relative_to(self.certs)): p.read_text()
-            for p in sorted(self.certs.rglob("*"))
-            if p.is_file()
-        }
 
 
 # --- what the chart renders -----------------------------------------------------------------
@@ -165,7 +103,7 @@ def test_hosts_toml_follows_the_agent_port(render: Render, tmp_path: Path) -> No
     (path,) = tmp_path.glob("*/hosts.toml")
     assert path.parent.name == "registry.internal:5000"
     hosts = tomllib.loads(path.read_text())
-    assert list(hosts["host"]) == ["http://127.0.0.1:15004"]
+    assert list(hosts["host"]) == ["http://[::1]:15004"]  # agent.loopback ::1
 
 
 # --- what the scripts do on a node ----------------------------------------------------------
@@ -185,8 +123,10 @@ def test_sync_writes_every_file_and_is_idempotent(render: Render, tmp_path: Path
     assert "wrote" not in node.run("sync")
 
 
-def test_sync_leaves_a_hosts_toml_it_did_not_write(render: Render, tmp_path: Path) -> None:
-    node = Node(tmp_path, render(MIRROR))
+def test_without_merging_sync_leaves_a_hosts_toml_it_did_not_write(
+    render: Render, tmp_path: Path
+) -> None:
+    node = Node(tmp_path, render(merged(MIRROR, {"mirror": {"mergeExisting": False}})))
     own = node.certs / "registry.example.com" / "hosts.toml"
     own.parent.mkdir()
     own.write_text('server = "https://registry.example.com"\n')
@@ -213,7 +153,7 @@ def test_sync_copies_what_containerd_reads_for_the_agents_status(
     render: Render, tmp_path: Path
 ) -> None:
     rendered = render(MIRROR)
-    node = Node(tmp_path, rendered, state=True)
+    node = Node(tmp_path, rendered, state=True, merge=False)
     assert node.state is not None
     foreign = node.certs / "registry.example.com" / "hosts.toml"
     foreign.parent.mkdir()
@@ -292,6 +232,280 @@ def test_watch_keeps_the_files_and_removes_them_on_sigterm(render: Render, tmp_p
     assert keeper.returncode == 0, output
     assert node.files() == {}
     assert list(node.certs.iterdir()) == []
+
+
+# --- someone else's hosts.toml: merged, kept and put back ------------------------------------
+
+FOREIGN = """# Our bootstrap's mirror for registry.example.com.
+server = "https://registry.example.com"
+ca = "/etc/certs/corp.pem"
+
+[host."https://mirror.corp.example"]
+  capabilities = ["pull", "resolve"]
+"""
+AGENT_HOST = "http://127.0.0.1:5004"
+
+
+def foreign_file(node: Node, name: str = "registry.example.com", text: str = FOREIGN) -> Path:
+    path = node.certs / name / "hosts.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o640)
+    return path
+
+
+def test_mirror_values_reach_the_mirror_containers(render: Render) -> None:
+    rendered = render(MIRROR)
+    spec = rendered.pod_spec("DaemonSet", "p2p-agent")
+    volumes = by_name(spec["volumes"])
+    assert volumes["containerd-config"]["hostPath"] == {
+        "path": "/etc/containerd",
+        "type": "DirectoryOrCreate",
+    }
+    for c in (
+        by_name(spec["initContainers"])["mirror-setup"],
+        by_name(spec["containers"])["mirror-config"],
+    ):
+        env = {e["name"]: e["value"] for e in c["env"]}
+        mounts = by_name(c["volumeMounts"])
+        assert env["P2P_MIRROR_MERGE"] == "1"  # mergeExisting defaults to true
+        assert env["P2P_MIRROR_HOST_PATH"] == "/etc/containerd/certs.d"
+        assert env["P2P_CONTAINERD_CONFIG_HOST"] == "/etc/containerd/config.toml"
+        assert env["P2P_CONTAINERD_CONFIG"] == "/host/containerd-config/config.toml"
+        assert mounts["containerd-config"] == {
+            "name": "containerd-config",
+            "mountPath": "/host/containerd-config",
+            "readOnly": True,
+        }
+    # The agent sees neither containerd directory.
+    agent_mounts = by_name(by_name(spec["containers"])["agent"]["volumeMounts"])
+    assert "containerd-config" not in agent_mounts
+    k3s = render(
+        merged(
+            MIRROR,
+            {
+                "mirror": {
+                    "configPath": "/var/lib/rancher/k3s/agent/etc/containerd/certs.d",
+                    "mergeExisting": False,
+                }
+            },
+        )
+    ).pod_spec("DaemonSet", "p2p-agent")
+    env = {e["name"]: e["value"] for e in by_name(k3s["containers"])["mirror-config"]["env"]}
+    assert env["P2P_MIRROR_MERGE"] == "0"
+    assert env["P2P_CONTAINERD_CONFIG_HOST"] == (
+        "/var/lib/rancher/k3s/agent/etc/containerd/config.toml"
+    )
+    explicit = render(
+        merged(MIRROR, {"mirror": {"containerdConfig": "/etc/containerd-custom/main.toml"}})
+    ).pod_spec("DaemonSet", "p2p-agent")
+    assert by_name(explicit["volumes"])["containerd-config"]["hostPath"]["path"] == (
+        "/etc/containerd-custom"
+    )
+    env = {e["name"]: e["value"] for e in by_name(explicit["containers"])["mirror-config"]["env"]}
+    assert env["P2P_CONTAINERD_CONFIG"] == "/host/containerd-config/main.toml"
+
+
+def test_sync_merges_the_agent_first_keeps_the_original_and_remove_puts_it_back(
+    render: Render, tmp_path: Path
+) -> None:
+    node = Node(tmp_path, render(MIRROR), state=True)
+    assert node.state is not None
+    target = foreign_file(node)
+    before = target.stat()
+    output = node.run("sync")
+    assert f"merged the p2p agent into {target}" in output
+    backup = target.with_name("hosts.toml.p2p-orig")
+    assert backup.read_text() == FOREIGN
+    assert stat.S_IMODE(backup.stat().st_mode) == 0o640  # kept with its mode and times
+    assert backup.stat().st_mtime == before.st_mtime
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640  # the merged file too
+    text = target.read_text()
+    assert text.splitlines()[0] == MARKER
+    doc = tomllib.loads(text)
+    assert list(doc["host"]) == [AGENT_HOST, "https://mirror.corp.example"]
+    assert doc["server"] == "https://registry.example.com"
+    assert doc["ca"] == "/etc/certs/corp.pem"
+    # Idempotent: nothing changes at the next sync.
+    assert "merged" not in node.run("sync")
+    assert target.read_text() == text
+    # The agent's status sees the merged file through the state copy.
+    found = read_hosts_toml(node.state, "registry.example.com", 5004)
+    assert (found["state"], found["merged"]) == ("mirrored", True)
+    assert found["hosts"] == [AGENT_HOST, "https://mirror.corp.example"]
+    # Removal puts the original back exactly and leaves no backup.
+    output = node.run("remove")
+    assert f"restored {target}" in output
+    assert target.read_text() == FOREIGN
+    assert not backup.exists()
+    assert set(node.files()) == {"registry.example.com/hosts.toml"}
+
+
+def test_an_owner_who_replaces_the_merged_file_or_edits_the_original_is_respected(
+    render: Render, tmp_path: Path
+) -> None:
+    node = Node(tmp_path, render(MIRROR))
+    target = foreign_file(node)
+    node.run("sync")
+    backup = target.with_name("hosts.toml.p2p-orig")
+    # The owner's configuration management writes its (new) file over ours.
+    replaced = FOREIGN.replace("mirror.corp.example", "mirror2.corp.example")
+    target.write_text(replaced)
+    assert "merged" in node.run("sync")
+    assert backup.read_text() == replaced
+    assert list(tomllib.loads(target.read_text())["host"]) == [
+        AGENT_HOST,
+        "https://mirror2.corp.example",
+    ]
+    # Someone edits the kept original: merged again from it.
+    edited = replaced + '\n[host."https://mirror3.corp.example"]\n  capabilities = ["pull"]\n'
+    backup.write_text(edited)
+    assert "merged" in node.run("sync")
+    assert list(tomllib.loads(target.read_text())["host"]) == [
+        AGENT_HOST,
+        "https://mirror2.corp.example",
+        "https://mirror3.corp.example",
+    ]
+    node.run("remove")
+    assert target.read_text() == edited
+    # The owner deletes the merged file: the registry gets p2p's own file, the stale backup goes.
+    node.run("sync")
+    target.unlink()
+    output = node.run("sync")
+    assert "was deleted" in output
+    assert not backup.exists()
+    assert target.read_text() == (node.source / "registry.example.com" / "hosts.toml").read_text()
+
+
+def test_turning_merging_off_puts_the_original_back(render: Render, tmp_path: Path) -> None:
+    node = Node(tmp_path, render(MIRROR))
+    target = foreign_file(node)
+    node.run("sync")
+    node.merge = False
+    output = node.run("sync")
+    assert f"restored {target}" in output
+    assert "mirror.mergeExisting is off" in output
+    assert target.read_text() == FOREIGN
+    assert not target.with_name("hosts.toml.p2p-orig").exists()
+    node.run("sync")
+    assert target.read_text() == FOREIGN
+
+
+def test_files_that_cannot_be_merged_or_need_no_merge_are_left_alone(
+    render: Render, tmp_path: Path
+) -> None:
+    node = Node(tmp_path, render(MIRROR))
+    broken = foreign_file(node, "registry.example.com", "server = [\n")
+    mirrored = foreign_file(
+        node, "ghcr.example.org", '[host."http://localhost:5004"]\n  capabilities = ["pull"]\n'
+    )
+    output = node.run("sync")
+    assert "cannot merge the p2p agent into" in output
+    assert "not valid TOML" in output
+    assert "already names the p2p agent" in output
+    assert broken.read_text() == "server = [\n"
+    assert not broken.with_name("hosts.toml.p2p-orig").exists()
+    assert mirrored.read_text() == '[host."http://localhost:5004"]\n  capabilities = ["pull"]\n'
+    node.run("remove")
+    assert broken.exists()
+    assert mirrored.exists()
+
+
+def test_without_python_tools_foreign_files_are_left_alone(render: Render, tmp_path: Path) -> None:
+    node = Node(tmp_path, render(MIRROR))
+    target = foreign_file(node)
+    env = node.env() | {"P2P_MIRROR_PYTHON": "/nonexistent/python3"}
+    done = subprocess.run(
+        ["/bin/sh", str(node.source / "mirror.sh"), "sync"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert "this image cannot merge it" in done.stdout
+    assert target.read_text() == FOREIGN
+    assert len(node.files()) == 3
+
+
+# --- the catch-all ------------------------------------------------------------------------------
+
+
+def test_the_catch_all_writes_default_hosts_toml_without_a_server(
+    render: Render, tmp_path: Path
+) -> None:
+    assert "_default" not in {p.parent.name for p in tmp_path.glob("*/hosts.toml")}
+    node = Node(tmp_path, render(merged(MIRROR, {"mirror": {"allRegistries": True}})))
+    node.run("sync")
+    default = tomllib.loads(node.files()["_default/hosts.toml"])
+    assert default == {"host": {AGENT_HOST: {"capabilities": ["pull", "resolve"]}}}
+    assert node.files()["_default/hosts.toml"].splitlines()[0] == MARKER
+    # Turned off again: the file goes.
+    materialise(render(MIRROR), node.source)
+    assert "removed" in node.run("sync")
+    assert "_default/hosts.toml" not in node.files()
+
+
+# --- containerd's own config --------------------------------------------------------------------
+
+
+def test_the_keeper_says_whether_containerd_reads_the_hosts_toml_files(
+    render: Render, tmp_path: Path
+) -> None:
+    node = Node(tmp_path, render(MIRROR), state=True)
+    assert node.state is not None
+    output = node.run("sync")
+    assert "cannot check containerd's config: /etc/containerd/config.toml does not exist" in output
+    node.containerd_config.write_text("version = 2\n")
+    output = node.run("sync")
+    assert "containerd ignores hosts.toml files" in output
+    assert (
+        'Fix: add config_path = "/etc/containerd/certs.d" to the '
+        '[plugins."io.containerd.grpc.v1.cri".registry] table of /etc/containerd/config.toml '
+        "and restart containerd" in output
+    )
+    assert read_containerd_verdict(node.state)["state"] == "unset"
+    node.containerd_config.write_text(
+        'version = 3\n[plugins."io.containerd.cri.v1.images".registry]\n'
+        '  config_path = "/etc/containerd/certs.d"\n'
+    )
+    output = node.run("sync")
+    assert "mirror mode is active" in output
+    verdict = read_containerd_verdict(node.state)
+    assert (verdict["state"], verdict["config_path"]) == ("matches", ["/etc/containerd/certs.d"])
+
+
+def test_watch_logs_a_lasting_condition_once(render: Render, tmp_path: Path) -> None:
+    node = Node(tmp_path, render(MIRROR), merge=False)
+    foreign_file(node)
+    node.containerd_config.write_text("version = 2\n")
+    keeper = subprocess.Popen(
+        ["/bin/sh", str(node.source / "mirror.sh"), "watch"],
+        env=node.env(interval="0.1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        # Wait for several resyncs: each rewrites a file deleted before it.
+        deadline = time.monotonic() + 20
+        victim = node.certs / "ghcr.example.org" / "hosts.toml"
+        for _ in range(3):
+            while not victim.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert victim.exists()
+            victim.unlink()
+        while not victim.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        keeper.send_signal(signal.SIGTERM)
+        output, _ = keeper.communicate(timeout=20)
+    finally:
+        if keeper.poll() is None:
+            keeper.kill()
+            keeper.wait()
+    assert output.count("wrote " + str(victim)) >= 4
+    assert output.count("mirror.mergeExisting is off") == 1
+    assert output.count("containerd ignores hosts.toml files") == 1
 
 
 # --- the data directory owner -----------------------------------------------------------------

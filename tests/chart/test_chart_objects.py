@@ -487,7 +487,7 @@ def test_recommended_labels_everywhere(render: Render, value_set: tuple) -> None
         labels = obj["metadata"]["labels"]
         assert labels["app.kubernetes.io/name"] == "p2p"
         assert labels["app.kubernetes.io/instance"] == "p2p"
-        assert labels["app.kubernetes.io/component"] in {"agent", "proxy", "tracker"}
+        assert labels["app.kubernetes.io/component"] in {"agent", "proxy", "tracker", "prefetch"}
         assert labels["app.kubernetes.io/version"] == "0.1.0"
         assert labels["app.kubernetes.io/managed-by"] == "Helm"
         assert labels["app.kubernetes.io/part-of"] == "p2p"

@@ -23,7 +23,7 @@ def test_udp_on_reaches_the_tracker_the_services_and_the_metainfo(
     render: Render, tmp_path: Path
 ) -> None:
     tracker = load(render, UDP, "tracker", tmp_path)
-    assert tracker.udp_listen == "0.0.0.0:6969"  # type: ignore[attr-defined]
+    assert tracker.udp_listen == ":6969"  # type: ignore[attr-defined]
     proxy = load(render, UDP, "proxy", tmp_path)
     assert proxy.trackers == [f"udp://{HOST}:6969", f"http://{HOST}:6969/announce"]  # type: ignore[attr-defined]
     rendered = render(UDP)

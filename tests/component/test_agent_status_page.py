@@ -83,10 +83,24 @@ async def test_the_status_page_shows_a_finished_pull_in_a_browser(
 ) -> None:
     registry, image = origin
     layer = image.layers[0]
+    # What the chart's mirror-config container leaves for the agent: its verdict on
+    # containerd's config and the catch-all's hosts.toml (none for the registry itself).
+    state = tmp_path / "mirror-state"
+    (state / "_default").mkdir(parents=True)
+    (state / "_default" / "hosts.toml").write_text('[host."http://127.0.0.1:5004"]\n')
+    (state / "containerd.json").write_text(
+        '{"state": "unset", "message": "containerd ignores hosts.toml files: fix it"}'
+    )
     async with (
         run_tracker() as announce,
         run_proxy(tmp_path / "proxy", [registry.url], [announce]) as proxy,
-        run_agent(tmp_path / "agent", [registry.url], [proxy.url], download_rate=0) as agent,
+        run_agent(
+            tmp_path / "agent",
+            [registry.url],
+            [proxy.url],
+            download_rate=0,
+            mirror_config_path=state,
+        ) as agent,
     ):
         response = await agent.http.get(f"/v2/team/page/blobs/{layer.digest}")
         assert response.content == layer.data
@@ -99,7 +113,9 @@ async def test_the_status_page_shows_a_finished_pull_in_a_browser(
     assert "answering" in seen["proxies"]
     assert announce in seen["trackers"]  # the tracker the proxy put into the metainfo
     assert registry.host in seen["mirror"]
-    assert "unknown" in seen["mirror"]  # no mirrorConfigPath here
+    assert "missing" in seen["mirror"]  # no hosts.toml for the registry
+    assert "containerd unset containerd ignores hosts.toml files: fix it" in seen["mirror"]
+    assert "(every other registry)" in seen["mirror"]
     assert "blobs" in seen["cache"]
     assert seen["rates"] == "unlimited / unlimited"
     assert seen["last"].endswith("s ago")

@@ -398,14 +398,15 @@ async def test_a_peer_that_goes_silent_is_worked_around(
 
 
 async def test_a_running_connection_is_not_also_counted_as_a_dial() -> None:
-    """``max_peers`` counts each peer once: with two connections running, a third peer learnt
-    later is still dialled under a limit of three (the simulator found that an agent dialled
-    only half its limit: a running outgoing connection counted as a dial as well)."""
+    """A dialled peer counts once: with two connections running, a third peer learnt later is
+    still dialled under a dial limit of three (``max_peers`` 6; the simulator found that an
+    agent dialled only half its limit: a running outgoing connection counted as a dial as
+    well)."""
     content = make_content(4 * MiB)
     meta = metainfo_for(content)
     async with (
         running_engines(3, role="proxy", upload_rate=64 * 1024) as seeds,
-        running_engines(1, max_peers_per_torrent=3) as (leech,),
+        running_engines(1, max_peers_per_torrent=6) as (leech,),
     ):
         for seed in seeds:
             await seed.add_torrent(meta, MemoryPieceStore(meta, content))
@@ -417,3 +418,73 @@ async def test_a_running_connection_is_not_also_counted_as_a_dial() -> None:
         with trio.fail_after(30):
             await wait_until(lambda: len(torrent.connections) == 3)
         assert not torrent.core.complete  # all three while the download still runs
+
+
+async def test_a_torrent_dials_half_its_max_peers_and_keeps_the_rest_for_peers_dialling_it() -> (
+    None
+):
+    content = make_content(4 * MiB)
+    meta = metainfo_for(content)
+    async with (
+        running_engines(4, role="proxy", upload_rate=64 * 1024) as seeds,
+        running_engines(1, max_peers_per_torrent=4) as (leech,),
+    ):
+        for seed in seeds:
+            await seed.add_torrent(meta, MemoryPieceStore(meta, content))
+        torrent = await leech.add_torrent(
+            meta, MemoryPieceStore(meta), peers=[("127.0.0.1", seed.port) for seed in seeds]
+        )
+        with trio.fail_after(30):
+            await wait_until(lambda: len(torrent.connections) == 2)
+        for _ in range(20):  # a few dialling rounds: no third dial
+            await trio.sleep(0.05)
+            assert len(torrent.connections) + len(torrent._connecting) == 2
+        # ... and peers that dial us still get in, up to max_peers
+        async with contextlib.AsyncExitStack() as open_streams:
+            for n in range(2):
+                stream = await trio.open_tcp_stream("127.0.0.1", leech.port)
+                await open_streams.enter_async_context(stream)
+                await stream.send_all(
+                    wire.encode_handshake(
+                        meta.info_hash, b"-XX0001-%012d" % n, wire.reserved_bytes()
+                    )
+                )
+                with trio.fail_after(10):
+                    assert (await stream.receive_some(68)).startswith(wire.PSTR)
+                    await wait_until(lambda n=n: len(torrent.connections) == 3 + n)
+            assert not torrent.core.complete
+
+
+async def test_a_bug_in_one_incoming_connection_ends_only_that_connection(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    content = make_content(256 * 1024)
+    meta = metainfo_for(content)
+    async with running_engines(1) as (engine,):
+        torrent = await engine.add_torrent(meta, MemoryPieceStore(meta, content))
+        real = torrent.run_connection
+        calls = 0
+
+        async def buggy(*args: object, **kwargs: object) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise KeyError("a bug")
+            await real(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(torrent, "run_connection", buggy)
+        for n in range(2):
+            stream = await trio.open_tcp_stream("127.0.0.1", engine.port)
+            async with stream:
+                await stream.send_all(
+                    wire.encode_handshake(
+                        meta.info_hash, b"-XX0001-%012d" % n, wire.reserved_bytes()
+                    )
+                )
+                with trio.fail_after(10):
+                    assert (await stream.receive_some(68)).startswith(wire.PSTR)
+                    if n == 1:  # the engine still serves: this one is a real connection
+                        await wait_until(lambda: len(torrent.connections) == 1)
+        assert calls == 2
+        assert "connection.failed" in caplog.text
+        assert "KeyError" in caplog.text

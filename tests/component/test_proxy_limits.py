@@ -267,7 +267,9 @@ async def test_the_global_cap_on_fetches_holds_and_a_fetch_without_a_slot_is_503
     blobs = origin.layers[6:10]
     before = origin.registry.blob_gets()
     # Loopback keeps its default exemption: one client, no per-client limit, only the cap.
-    async with gated_proxy(tmp_path, origin, max_origin_fetches=2, origin_queue_timeout=1.0) as (
+    # originQueueTimeout long enough that the two waiting fetches are seen waiting before they
+    # give up, however loaded the machine (a 1 s timeout lost that race under a load of 5).
+    async with gated_proxy(tmp_path, origin, max_origin_fetches=2, origin_queue_timeout=5.0) as (
         proxy,
         gate,
     ):
@@ -286,7 +288,7 @@ async def test_the_global_cap_on_fetches_holds_and_a_fetch_without_a_slot_is_503
             for blob in blobs:
                 nursery.start_soon(ask, blob)
             await until_metric(proxy, "p2p_proxy_origin_fetches_running", 2)
-            assert await proxy.metric("p2p_proxy_origin_fetches_waiting") == 2
+            await until_metric(proxy, "p2p_proxy_origin_fetches_waiting", 2)
             # The two without a slot give up after originQueueTimeout, the others still held.
             await until(two_answered)
             assert await proxy.metric("p2p_proxy_origin_fetches_running") == 2

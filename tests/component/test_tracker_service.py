@@ -364,6 +364,30 @@ async def test_ipv6_peers_go_to_peers6(nursery: trio.Nursery, client: httpx.Asyn
     assert {p.ip for p in parse_announce_response(body).peers} == {"::1"}
 
 
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback")
+async def test_a_dual_stack_tracker_lists_each_family_where_it_belongs(
+    nursery: trio.Nursery, client: httpx.AsyncClient
+) -> None:
+    # ":0": one socket for IPv6 and IPv4; the IPv4 client arrives as ::ffff:127.0.0.1.
+    settings = TrackerSettings.load(None, environ={}, listen=":0")
+    port: int = await nursery.start(serve, settings)
+    four, six = f"http://127.0.0.1:{port}", f"http://[::1]:{port}"
+    await announce(client, four, AnnounceRequest(H1, pid(1), 6881, left=1))
+    await announce(client, six, AnnounceRequest(H1, pid(2), 6882, left=1))
+    # An IPv6 announcer gets the IPv4 peer in peers (listed as 127.0.0.1, not as a mapped
+    # address) and the IPv6 one in peers6 (BEP 7).
+    _, body = await announce(client, six, AnnounceRequest(H1, pid(3), 6883, left=1))
+    doc = bencoding.decode_dict(body)
+    assert doc[b"peers"] == bytes([127, 0, 0, 1]) + (6881).to_bytes(2, "big")
+    assert doc[b"peers6"] == b"\x00" * 15 + b"\x01" + (6882).to_bytes(2, "big")
+    _, body = await announce(client, four, AnnounceRequest(H1, pid(4), 6884, compact=False))
+    assert {(p.ip, p.port) for p in parse_announce_response(body).peers} == {
+        ("127.0.0.1", 6881),
+        ("::1", 6882),
+        ("::1", 6883),
+    }
+
+
 async def test_graceful_stop_and_cancellation(client: httpx.AsyncClient) -> None:
     stop = trio.Event()
     settings = TrackerSettings.load(None, environ={}, listen="127.0.0.1:0")

@@ -200,7 +200,10 @@ async def test_a_caller_without_rights_cannot_obtain_a_blob_already_cached_on_th
         got = await agent.http.get(path, headers=basic(*ALICE))
         assert got.status_code == 200
         assert sha256(got.content) == layer.digest
-        assert (agent.settings.data_dir / "blobs" / "sha256" / layer.digest[7:]).exists()
+        cached = agent.settings.data_dir / "blobs" / "sha256" / layer.digest[7:]
+        with trio.fail_after(30):  # published (verified, renamed) a moment after the last byte
+            while not cached.exists():  # noqa: ASYNC110 - a file, no event to wait for
+                await trio.sleep(0.02)
         for headers in (basic(*BOB), {}):
             for method in ("GET", "HEAD"):
                 refused = await agent.http.request(method, path, headers=headers)

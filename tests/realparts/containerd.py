@@ -96,6 +96,11 @@ class Containerd:
     namespace: str = DEFAULT_NAMESPACE
 
     @property
+    def config_file(self) -> Path:
+        """The config.toml containerd was started with."""
+        return self.base / "config.toml"
+
+    @property
     def config_path(self) -> Path:
         """The CRI registry ``config_path`` (``<registry>/hosts.toml`` files go here)."""
         return self.base / "certs.d"

@@ -14,8 +14,10 @@ leave the host through a configured proxy.
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -91,24 +93,67 @@ def require(binary: str) -> str:
     return os.path.abspath(path)
 
 
+_RECENT_PORTS: collections.deque[int] = collections.deque(maxlen=1024)
+"""Ports :func:`free_port` handed out lately: not handed out again while their caller may not
+have bound them yet (the kernel may offer a port again as soon as the probe closes it)."""
+
+
+def _wildcard_socket(kind: int) -> socket.socket:
+    """A socket on every address of both families (one IPv4 socket where IPv6 is missing)."""
+    try:
+        sock = socket.socket(socket.AF_INET6, kind)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        return sock
+    except OSError:
+        return socket.socket(socket.AF_INET, kind)
+
+
+def _outside_ephemeral_range() -> range | None:
+    """Ports below the kernel's range for outgoing connections' source ports (from 10000 on),
+    or None when that leaves too few."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return range(10000, low) if low - 10000 >= 2000 else None
+
+
+_PICK = random.Random()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """Return a port on ``host`` that is currently free for both TCP and UDP.
+    """Return a port that is currently free for both TCP and UDP on every address (the services
+    bind ``:port``, every address), that this process was not given by an earlier call lately
+    (a plan of several services asks for many ports before any of them is bound), and, where the
+    kernel's settings allow, that lies below the range the kernel takes source ports of outgoing
+    connections from: a port from that range can be taken by any connection the machine opens
+    between this check and the service's bind (a busy test run opens hundreds a second).
+    ``host`` is where the caller will bind; the check covers it.
 
     Both protocols are checked because libtorrent opens a UDP socket (uTP) on its listen port.
-    There is an unavoidable race between this check and the real part binding the port; callers
-    see it as a start-up failure with a clear log, which is rare on a test machine.
+    Another test run on the same machine may still pick the same port in the same moment;
+    callers see that as a start-up failure with a clear log.
     """
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind((host, 0))
+    del host  # every address is checked, this one included
+    outside = _outside_ephemeral_range()
+    for _ in range(200):
+        with _wildcard_socket(socket.SOCK_STREAM) as tcp:
+            wildcard = "::" if tcp.family == socket.AF_INET6 else "0.0.0.0"
+            try:
+                tcp.bind((wildcard, _PICK.choice(outside) if outside else 0))
+            except OSError:
+                continue
             port: int = tcp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            if port in _RECENT_PORTS:
+                continue
+            with _wildcard_socket(socket.SOCK_DGRAM) as udp:
                 try:
-                    udp.bind((host, port))
+                    udp.bind(("::" if udp.family == socket.AF_INET6 else "0.0.0.0", port))
                 except OSError:
                     continue
+                _RECENT_PORTS.append(port)
                 return port
-    raise RuntimeError(f"could not find a port free for TCP and UDP on {host}")
+    raise RuntimeError("could not find a port free for TCP and UDP on every address")
 
 
 def port_accepts(port: int, host: str = "127.0.0.1", timeout: float = 0.2) -> bool:

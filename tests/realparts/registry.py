@@ -9,7 +9,8 @@ port) with a fresh storage root in one of three auth modes:
   (or passed in).
 
 Optionally with TLS (``tls=True``): a throw-away CA signs a certificate for 127.0.0.1;
-:attr:`Registry.ca_file` is that CA.
+:attr:`Registry.ca_file` is that CA. In token mode the token server then serves https with the
+same certificate (an https registry's realm must be https for the p2p proxy).
 
 The registry writes an Apache "combined" access log line to stdout for every request
 (its own JSON log goes to stderr; both land in ``registry.log``);
@@ -390,7 +391,7 @@ def run_registry(
         ca_file, cert, key = make_tls_files(workdir)
         tls_files = (cert, key)
 
-    with _token_server(workdir, auth, users, rights, token_server) as tokens:
+    with _token_server(workdir, auth, users, rights, token_server, tls_files) as tokens:
         auth_section: dict[str, Any] | None = None
         if auth == "htpasswd":
             htpasswd = workdir / "htpasswd"
@@ -417,12 +418,15 @@ def _token_server(
     users: Mapping[str, str],
     rights: Rights | None,
     given: TokenServer | None,
+    tls_files: tuple[Path, Path] | None = None,
 ) -> Iterator[TokenServer | None]:
     if auth != "token":
         yield None
     elif given is not None:
         yield given
     else:
-        server = TokenServer(users=users, rights=DEFAULT_RIGHTS if rights is None else rights)
+        server = TokenServer(
+            users=users, rights=DEFAULT_RIGHTS if rights is None else rights, tls_files=tls_files
+        )
         with server.running(workdir / "token-server"):
             yield server

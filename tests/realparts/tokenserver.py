@@ -32,6 +32,7 @@ import fnmatch
 import hashlib
 import json
 import secrets
+import ssl
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -123,6 +124,8 @@ class TokenServer:
     requests: list[TokenRequest] = field(default_factory=list)
     port: int = 0
     cert_path: Path | None = None
+    tls_files: tuple[Path, Path] | None = None
+    """(certificate chain, key) in PEM: serve https instead of http."""
     _key: ec.EllipticCurvePrivateKey = field(
         init=False, repr=False, default_factory=lambda: ec.generate_private_key(ec.SECP256R1())
     )
@@ -130,7 +133,8 @@ class TokenServer:
 
     @property
     def realm(self) -> str:
-        return f"http://127.0.0.1:{self.port}/token"
+        scheme = "http" if self.tls_files is None else "https"
+        return f"{scheme}://127.0.0.1:{self.port}/token"
 
     @property
     def key_id(self) -> str:
@@ -232,13 +236,18 @@ class TokenServer:
 
     @contextmanager
     def running(self, workdir: Path) -> Iterator[TokenServer]:
-        """Serve on 127.0.0.1 (a free port) in a thread; writes the certificate bundle."""
+        """Serve on 127.0.0.1 (a free port) in a thread, https with ``tls_files``; writes the
+        certificate bundle."""
         workdir.mkdir(parents=True, exist_ok=True)
         cert = self_signed_certificate(self._key, self.issuer)
         self.cert_path = workdir / "token-root.pem"
         self.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         server = ThreadingHTTPServer(("127.0.0.1", self.port), _handler_for(self))
         server.daemon_threads = True
+        if self.tls_files is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*self.tls_files)
+            server.socket = context.wrap_socket(server.socket, server_side=True)
         self.port = server.server_address[1]
         thread = threading.Thread(
             target=server.serve_forever, args=(0.05,), name="token-server", daemon=True

@@ -19,7 +19,9 @@ from pathlib import Path
 from tests.sim.scenario import Scenario, simulate
 
 
-def parse(argv: list[str] | None = None) -> tuple[Scenario, Path | None, bool]:
+def parse(
+    argv: list[str] | None = None,
+) -> tuple[Scenario, Path | None, Path | None, bool]:
     parser = argparse.ArgumentParser(prog="python -m tests.sim", description=__doc__.split("\n")[0])
     parser.add_argument("--nodes", type=int, default=8)
     parser.add_argument("--size-mb", type=float, default=160.0, help="image size, MB (10^6 bytes)")
@@ -60,6 +62,9 @@ def parse(argv: list[str] | None = None) -> tuple[Scenario, Path | None, bool]:
         help="a lost tracker refuses connections (its node is up) or lets them time out",
     )
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument(
+        "--png", type=Path, help="plot the completion CDF and bytes by source here (matplotlib)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no summary on stdout")
     args = parser.parse_args(argv)
     try:
@@ -87,7 +92,7 @@ def parse(argv: list[str] | None = None) -> tuple[Scenario, Path | None, bool]:
         )
     except ValueError as exc:
         parser.error(str(exc))
-    return scenario, args.json, args.quiet
+    return scenario, args.json, args.png, args.quiet
 
 
 def summary(results: dict[str, object]) -> str:
@@ -145,10 +150,14 @@ def summary(results: dict[str, object]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    scenario, out, quiet = parse(argv)
+    scenario, out, png, quiet = parse(argv)
     results = simulate(scenario)
     if out is not None:
         out.write_text(json.dumps(results, indent=1) + "\n")
+    if png is not None:
+        from tests.sim.plots import plot  # noqa: PLC0415 - matplotlib only when asked
+
+        plot(results, png)
     if not quiet:
         print(summary(results))
     return 0 if results["unfinished"] == 0 else 1

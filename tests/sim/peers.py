@@ -39,7 +39,7 @@ from p2p_common.bitfield import Bitfield
 from p2p_common.engine.announce import NUMWANT
 from p2p_common.engine.engine import CHOKE_ROUND, CLIENT_NAME, DEFAULT_MAX_BLOCK
 from p2p_common.engine.flusher import HAVE_DELAY
-from p2p_common.engine.shared import ConnectionSlots
+from p2p_common.engine.shared import ConnectionSlots, may_dial
 from p2p_common.engine.torrent import RECONNECT_DELAY, _backoff
 from p2p_common.errors import RemoteError
 from p2p_common.session import LocalPeer, PeerSession, PieceReady, Upload, Window
@@ -339,14 +339,14 @@ class SimTorrent:
         """Connect to candidates that are due, up to ``max_peers`` connections."""
         if self.core.complete:
             return  # seeds wait for leechers to connect
-        # As in torrent.py, an outgoing connection stays in `connecting` while it runs (the
-        # dialling task runs it), so it counts twice against max_peers.
+        # As in torrent.py: a dial counts in `connecting` until its connection is established
+        # (Scenario._establish), then in `conns`; engine.shared.may_dial decides.
         limit = self.proc.max_peers
-        if len(self.conns) + len(self.connecting) >= limit:
-            return
+        dialled = sum(1 for conn in self.conns.values() if conn.dialer is self)
         busy = {conn.session_of(self).address for conn in self.conns.values()}
         for address, candidate in self.candidates.items():
-            if len(self.conns) + len(self.connecting) >= limit:
+            connecting = len(self.connecting)
+            if not may_dial(dialled + connecting, len(self.conns) + connecting, limit):
                 break
             if address in busy or address in self.connecting or candidate.next_attempt > now:
                 continue

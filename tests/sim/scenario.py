@@ -268,6 +268,8 @@ class Simulation:
             target.slots.release()
             torrent.attempt_ended(address, connected=True)
             return
+        # A connection now, counted in conns: no longer a dial in progress (torrent.py).
+        torrent.connecting.pop(address, None)
         Connection(self, torrent, remote, address)
 
     def node_finished(self) -> None:

@@ -161,7 +161,7 @@ def test_hosts_toml_says_whether_containerd_pulls_through_the_agent(tmp_path: Pa
     assert found["managed_by"] == "p2p release kube-system/p2p"
     assert found["path"] == str(tmp_path / "registry.example.com" / "hosts.toml")
     assert found["modified_at"] is not None
-    assert "127.0.0.1:5004" in found["detail"]
+    assert "loopback port 5004" in found["detail"]
     # The same file, but the agent listens elsewhere: containerd does not reach it.
     assert read_hosts_toml(tmp_path, "registry.example.com", 5005)["state"] == "other"
 
@@ -245,8 +245,13 @@ def test_the_document_and_the_terminal_show_trackers_and_mirror_state(tmp_path: 
         OSError("no route to host"),
     )
     hosts_file(tmp_path / "certs.d", "registry.example.com", CHART_HOSTS_TOML)
+    hosts_file(tmp_path / "certs.d", "_default", '[host."http://127.0.0.1:5004"]\n')
+    (tmp_path / "certs.d" / "containerd.json").write_text(
+        '{"state": "unset", "message": "containerd ignores hosts.toml files: add it"}'
+    )
     use = RegistryUse()
     use.seen("registry.example.com", mirror=True)
+    use.refuse()
     view = StatusView(
         version="9.9",
         pulls=PullLog(),
@@ -288,6 +293,9 @@ def test_the_document_and_the_terminal_show_trackers_and_mirror_state(tmp_path: 
         "mirrored: containerd pulls through this agent",
         "missing: no hosts.toml",
         "1 mirror",
+        "unset: containerd ignores hosts.toml files: add it",
+        "(every other registry)",
+        "1 answered 404",
     ):
         assert expected in text, expected
 

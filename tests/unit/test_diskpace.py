@@ -8,7 +8,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2p_common.diskpace import DECREASE, INCREASE, DiskPace
+from p2p_common.diskpace import (
+    DECREASE,
+    INCREASE,
+    MAX_FLUSH_BYTES,
+    MIN_FLUSH_BYTES,
+    DiskPace,
+)
 
 MB = 10**6
 
@@ -154,3 +160,11 @@ def test_the_rate_stays_between_the_floor_and_download_rate(
             assert pace.rate <= before  # a slow disk never speeds the download up
         if kind == "measured" and seconds <= limit and before:
             assert pace.rate == 0 or pace.rate >= before  # a fast disk never slows it down
+
+
+def test_a_flush_too_quick_to_time_sets_a_bounded_early_flush() -> None:
+    pace = DiskPace(limit=1.0, floor=1, configured=0)
+    pace.measured(latency=1e-308, throughput=0, flushed=4 * 1024 * 1024)
+    assert MIN_FLUSH_BYTES <= pace.flush_bytes <= MAX_FLUSH_BYTES
+    pace.measured(latency=0.5, throughput=0, flushed=8 * 1024 * 1024)
+    assert pace.flush_bytes == 16 * 1024 * 1024  # what the disk wrote in the limit's second

@@ -180,6 +180,12 @@ def test_parse_api_path_routes() -> None:
         "blob", "team/app", SHA512
     )
     assert oci.parse_api_path("/v2/team/app/tags/list") == oci.ApiRoute("tags", "team/app")
+    assert oci.parse_api_path(f"/v2/team/app/referrers/{SHA256}") == oci.ApiRoute(
+        "referrers", "team/app", SHA256
+    )
+    with pytest.raises(OCIError) as refused:
+        oci.parse_api_path("/v2/team/app/referrers/latest")
+    assert refused.value.code is ErrorCode.DIGEST_INVALID
     # A repository may be called "manifests" or "blobs".
     assert oci.parse_api_path("/v2/blobs/manifests/latest") == oci.ApiRoute(
         "manifest", "blobs", "latest"
@@ -202,7 +208,7 @@ def test_parse_api_path_routes() -> None:
         ("/v2/team/app/blobs/latest", ErrorCode.DIGEST_INVALID),
         ("/v2/team/app/blobs/uploads/", ErrorCode.NAME_INVALID),
         ("/v2/_catalog", ErrorCode.UNSUPPORTED),
-        ("/v2/team/app/referrers/" + SHA256, ErrorCode.UNSUPPORTED),
+        ("/v2/team/app/referrers/", ErrorCode.NAME_INVALID),
         ("/v1/team/app", ErrorCode.UNSUPPORTED),
         ("/v2/team/app/manifests/latest\x00", ErrorCode.NAME_INVALID),
         ("/v2/" + "a/" * 600 + "manifests/latest", ErrorCode.UNSUPPORTED),

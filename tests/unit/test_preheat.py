@@ -12,10 +12,10 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
+from p2p_common.dockerconfig import UsageError, credentials, split_image
 from p2p_common.errors import P2PError
 from p2p_common.oci import ErrorCode, OCIError
 from p2p_proxy.preheat import MAX_JOBS, Preheater, image_blobs, manifest_children, parse_request
-from p2p_proxy.preheat_cli import UsageError, credentials, split_image
 
 D1, D2, D3 = ("sha256:" + c * 64 for c in "abc")
 

@@ -59,7 +59,7 @@ def test_registry_is_one_or_a_list_and_the_first_is_the_default() -> None:
 
 def test_defaults() -> None:
     settings = ProxySettings.load(None, environ={}, registry="r.example.com")
-    assert settings.listen == "0.0.0.0:5005"
+    assert settings.listen == ":5005"
     assert settings.peer_port == 6882
     assert settings.data_dir == Path("/p2p_proxy_data")
     assert settings.cache_size == 50 * 10**9

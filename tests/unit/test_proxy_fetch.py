@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import errno
 import hashlib
+import logging
 import random
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ from p2p_common import metainfo as mi
 from p2p_common.blobcache import BlobCache
 from p2p_common.blobinfo import CHUNK_PIECES
 from p2p_common.ingest import BATCH_BYTES, Ingest
+from p2p_common.logs import MAX_PULL_IDS, pull_context
 from p2p_common.oci import ErrorCode, OCIError
 from p2p_common.registry_auth import Credentials
 from p2p_proxy.authz import Authorizer, Decision, DecisionCache
@@ -546,3 +548,44 @@ async def test_a_tag_resolved_as_its_body_arrives_does_not_fetch_the_body_again(
         inner.start_soon(ask, 0.5)
     assert [a.body for a in answers] == [origin.body] * 2
     assert (origin.heads, origin.gets) == (2, 1)
+
+
+async def test_a_shared_fetch_lists_the_pulls_it_serves(
+    nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="p2p")
+    data = make_random(2 * CHUNK)
+    digest = digest_of(data)
+    origin = FakeOrigin({digest: data})
+    origin.hold_after = PIECE  # every pull arrives while the origin still sends
+    fetcher, _, _ = make_fetcher(nursery, tmp_path)
+    pulls = [f"pull-{n}" for n in range(MAX_PULL_IDS + 3)]
+
+    async def pull(pull_id: str) -> None:
+        with pull_context(pull_id):
+            await fetcher.ensure(client, REPO, digest, None, len(data))
+
+    async with origin.client() as client, trio.open_nursery() as inner:
+        inner.start_soon(pull, pulls[0])
+        with trio.fail_after(10):
+            while not fetcher.log.in_flight:  # noqa: ASYNC110 - the fetch's own record
+                await trio.sleep(0.01)
+        for pull_id in pulls[1:]:
+            inner.start_soon(pull, pull_id)
+        await trio.testing.wait_all_tasks_blocked()
+        origin.release.set()
+    assert origin.gets == [digest]
+    events = [(r.getMessage(), getattr(r, "p2p_fields", {})) for r in caplog.records]
+    (fetched,) = [fields for name, fields in events if name == "proxy.fetched"]
+    assert fetched["pull_id"] == pulls[0]  # the fetch runs as the pull that started it
+    listed = fetched["pull_ids"]
+    assert listed[0] == pulls[0]
+    assert len(listed) == len(set(listed)) == MAX_PULL_IDS
+    assert set(listed) <= set(pulls)
+    assert fetched["pull_ids_more"] == 3
+    joined = [fields for name, fields in events if name == "proxy.fetch_joined"]
+    assert sorted(f["pull_id"] for f in joined) == sorted(pulls[1:])
+    assert {f["fetch_pull_id"] for f in joined} == {pulls[0]}
+    (record,) = fetcher.log.recent
+    view = record.view(0.0)
+    assert (view["pull_ids"], view["pulls"]) == (listed, len(pulls))

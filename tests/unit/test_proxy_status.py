@@ -24,6 +24,7 @@ from p2p_common.tracker_proto import Event
 from p2p_proxy.fetch import BlobFetcher
 from p2p_proxy.limits import OriginLimits
 from p2p_proxy.metrics import ProxyMetrics
+from p2p_proxy.origin.egress import EgressRoutes
 from p2p_proxy.preheat import Preheater
 from p2p_proxy.seeding import Seeder
 from p2p_proxy.status import FetchLog, Limits, StatusView
@@ -231,6 +232,7 @@ async def test_a_failed_fetch_is_recent_with_its_reason(
         "fetches_done": 0,
         "fetches_failed": 1,
         "last_fetch_done_at": None,
+        "egress_proxy": None,
     }
     assert doc["cache"]["blobs"] == 0
     assert doc["seeding"] == {"blobs": 0, "bytes": 0, "top": []}
@@ -357,3 +359,25 @@ async def test_trackers_show_their_last_answers_without_secrets(
     assert "answering" in shown
     assert "failing" in shown
     assert "connection refused" in shown
+
+
+async def test_the_egress_proxy_shows_without_its_credentials(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    proxy = Proxy(nursery, tmp_path)
+    async with proxy.http:
+        proxy.view.egress = EgressRoutes.explicit(
+            "http://p2p:hunter2-egress@proxy.corp:3128", ["registry.internal", "10.0.0.0/8"]
+        )
+        doc = proxy.document()
+    assert doc["origin"]["egress_proxy"] == {
+        "source": "originProxy",
+        "https_proxy": "http://***@proxy.corp:3128",
+        "http_proxy": "http://***@proxy.corp:3128",
+        "no_proxy": ["registry.internal", "10.0.0.0/8"],
+    }
+    console = Console(record=True, width=200)
+    console.print(render(doc))
+    text = console.export_text()
+    assert "origin through http://***@proxy.corp:3128 (originProxy)" in text
+    assert "hunter2" not in text + json.dumps(doc)

@@ -1,6 +1,7 @@
 """Entry point: ``p2p-agent --config FILE`` (see :mod:`p2p_common.service_main`),
-``p2p-agent status`` (see :mod:`p2p_agent.status_cli`) and ``p2p-agent cache ls | rm |
-prune`` (see :mod:`p2p_agent.cache_cli`).
+``p2p-agent status`` (see :mod:`p2p_agent.status_cli`), ``p2p-agent cache ls | rm |
+prune`` (see :mod:`p2p_agent.cache_cli`) and ``p2p-agent prefetch IMAGE...`` (see
+:mod:`p2p_agent.prefetch_cli`).
 
 A graceful stop closes the registry API to new requests, lets pulls in progress finish
 (bounded) and announces ``stopped`` for every torrent. The config file is watched for new
@@ -35,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         from p2p_agent.cache_cli import main as cache_main  # noqa: PLC0415 - only here: rich
 
         return cache_main(args[1:])
+    if args[:1] == ["prefetch"]:
+        from p2p_agent.prefetch_cli import main as prefetch_main  # noqa: PLC0415 - a tool
+
+        return prefetch_main(args[1:])
     return run_service(
         "agent",
         description="p2p node agent",

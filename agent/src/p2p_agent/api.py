@@ -1,10 +1,12 @@
 """The registry API on 127.0.0.1:5004: what containerd and kubelet pull from.
 
 OCI distribution pull API: ``GET /v2/``, ``GET``/``HEAD`` manifests and blobs (blobs
-with ``Range``). Rewrite mode (``localhost:5004/<repo>:<tag>``) serves the first
-configured registry; mirror mode (``?ns=<registry>`` from containerd's hosts.toml)
-serves any configured registry and answers 404 at once for any other, so containerd
-falls back to the origin. The caller's Basic credentials (its imagePullSecret for
+with ``Range``), tag lists (``n``/``last``, ``Link``) and referrers (``artifactType``), the
+last two passed through a proxy as the origin answers them, for signature tools. Rewrite
+mode (``localhost:5004/<repo>:<tag>``) serves the first configured registry; mirror mode
+(``?ns=<registry>`` from containerd's hosts.toml) serves any configured registry and answers
+404 at once for any other (before looking at anything else), so containerd falls back to the
+origin. The caller's Basic credentials (its imagePullSecret for
 localhost:5004) go to the origin through a proxy; they are never stored or logged.
 
 A blob is sent only after the origin authorized this caller for this repository and
@@ -26,6 +28,7 @@ from p2p_agent.mirror import RegistryUse
 from p2p_agent.proxies import ProxyClient
 from p2p_agent.status import PullLog
 from p2p_common.asgi import (
+    Message,
     Receive,
     Request,
     Scope,
@@ -41,8 +44,9 @@ from p2p_common.asgi import (
 )
 from p2p_common.blobcache import BlobCache, CacheFullError
 from p2p_common.errors import LocalError, collapse
-from p2p_common.logs import event
-from p2p_common.oci import ErrorCode, OCIError, merge_accept, parse_api_path
+from p2p_common.listing import ListingKind, listing_params, next_link
+from p2p_common.logs import PULL_ID_HEADER, event, new_pull_id, pull_context
+from p2p_common.oci import ApiRoute, ErrorCode, OCIError, merge_accept, parse_api_path
 from p2p_common.ranges import RangeNotSatisfiableError, parse_range
 from p2p_common.registry_auth import (
     AuthSyntaxError,
@@ -95,6 +99,18 @@ class AuthCache:
         self._entries.set(key, size, expires=now + ttl, now=now)
 
 
+def _answer_with_pull_id(send: Send, pull_id: str) -> Send:
+    """``send`` that adds the pull id header to the response."""
+    header = (PULL_ID_HEADER.lower().encode(), pull_id.encode())
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), header]}
+        await send(message)
+
+    return sending
+
+
 class RegistryApp:
     def __init__(
         self,
@@ -127,16 +143,21 @@ class RegistryApp:
         self.metrics.requests.inc()
         request = Request.from_scope(scope)
         head = request.method == "HEAD"
-        tracked = TrackedSend(send)
-        try:
-            await self._handle(request, receive, tracked)
-        except OCIError as exc:
-            await self._error(tracked, exc, head=head)
-        except CacheFullError as exc:
-            await self._error(tracked, OCIError(ErrorCode.UNKNOWN, str(exc), status=507), head=head)
-        except LocalError as exc:
-            event(log, "request.failed", logging.ERROR, path=request.path, error=str(exc))
-            await self._error(tracked, OCIError(ErrorCode.UNKNOWN, str(exc), status=500), head=head)
+        # Every request is a pull of its own: an id of ours (never one a client sends), in
+        # every log line of it, in the proxy's for it (the header) and in the answer.
+        with pull_context(new_pull_id()) as pull_id:
+            tracked = TrackedSend(_answer_with_pull_id(send, pull_id))
+            try:
+                await self._handle(request, receive, tracked)
+            except OCIError as exc:
+                await self._error(tracked, exc, head=head)
+            except CacheFullError as exc:
+                error = OCIError(ErrorCode.UNKNOWN, str(exc), status=507)
+                await self._error(tracked, error, head=head)
+            except LocalError as exc:
+                event(log, "request.failed", logging.ERROR, path=request.path, error=str(exc))
+                error = OCIError(ErrorCode.UNKNOWN, str(exc), status=500)
+                await self._error(tracked, error, head=head)
 
     async def _error(self, send: TrackedSend, exc: OCIError, *, head: bool) -> None:
         self.metrics.errors.labels(exc.code.value, str(exc.status)).inc()
@@ -157,7 +178,11 @@ class RegistryApp:
             self.use.seen(self.namespaces[0], mirror=False)
             return self.namespaces[0]
         if ns.lower() not in self.namespaces:
-            raise OCIError(ErrorCode.NAME_UNKNOWN, f"registry {ns!r} is not accelerated here")
+            # Fast, and before anything else is looked at: with the chart's catch-all
+            # (_default/hosts.toml) containerd asks here for every registry, and falls back to
+            # the registry itself on this 404.
+            self.use.refuse()
+            raise OCIError(ErrorCode.NAME_UNKNOWN, f"registry {ns[:255]!r} is not accelerated here")
         self.use.seen(ns.lower(), mirror=True)
         return ns.lower()
 
@@ -173,10 +198,10 @@ class RegistryApp:
             raise OCIError(ErrorCode.UNAUTHORIZED, "only Basic credentials are accepted") from None
 
     async def _handle(self, request: Request, receive: Receive, send: Send) -> None:
+        ns = self._namespace(request)
         if request.method not in ("GET", "HEAD"):
             raise OCIError(ErrorCode.UNSUPPORTED, "this registry is read-only", status=405)
         route = parse_api_path(request.path)
-        ns = self._namespace(request)
         authorization = self._authorization(request)
         head = request.method == "HEAD"
         if route.kind == "ping":
@@ -224,7 +249,46 @@ class RegistryApp:
                 authorization=authorization,
             )
         else:
-            raise OCIError(ErrorCode.UNSUPPORTED, "tag listing is not served", status=405)
+            await self._listing(request, send, ns=ns, route=route, authorization=authorization)
+
+    async def _listing(
+        self,
+        request: Request,
+        send: Send,
+        *,
+        ns: str,
+        route: ApiRoute,
+        authorization: str | None,
+    ) -> None:
+        """Tag lists and referrers (OCI distribution 1.1): the origin's answer through a proxy,
+        with the caller's credentials (the origin decides, as for manifests), its next-page
+        ``Link`` pointing back here; nothing is cached. A 404 stays a 404 (a registry without
+        the referrers API: clients then use the tag schema)."""
+        kind: ListingKind = "tags" if route.kind == "tags" else "referrers"
+        params = listing_params(kind, request.query)
+        accept = merge_accept(request.headers.get("accept", []))
+        found = await self.proxies.listing(
+            ns,
+            route.name,
+            route.reference if kind == "referrers" else None,
+            params,
+            authorization=authorization,
+            accept=accept or None,
+        )
+        headers = []
+        if found.filters_applied:
+            headers.append(("oci-filters-applied", found.filters_applied[:256]))
+        link = next_link(found.links, request.path, ns if "ns" in request.query else None)
+        if link is not None:
+            headers.append(("link", link))
+        await send_bytes(
+            send,
+            found.status,
+            found.body,
+            content_type=found.content_type,
+            headers=headers,
+            head=request.method == "HEAD",
+        )
 
     async def _authorize(self, ns: str, name: str, digest: str, authorization: str | None) -> int:
         credentials = parse_basic_authorization(authorization) if authorization else None
@@ -351,7 +415,7 @@ class RegistryApp:
         try:
             return await until_disconnect(receive, body)
         except BaseExceptionGroup as group:
-            raise collapse(group) from None
+            raise collapse(group, dropping=(trio.Cancelled,)) from None
 
     def _pulled(self, length: int, started: float, whole: bool) -> None:
         self.metrics.pulled()

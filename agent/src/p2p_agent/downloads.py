@@ -47,7 +47,7 @@ from p2p_common.engine import Engine, Torrent, TorrentFailedError
 from p2p_common.engine.torrent import RESEED_ANNOUNCE_SPREAD
 from p2p_common.errors import LocalError
 from p2p_common.ingest import Ingest, IngestError, OrderedHasher
-from p2p_common.logs import event
+from p2p_common.logs import current_pull_id, event
 from p2p_common.oci import ErrorCode, OCIError
 from p2p_common.sendmem import SEND_MEMORY
 from p2p_common.singleflight import FlightCancelledError, FlightError, SingleFlight
@@ -123,6 +123,8 @@ class Download:
     size: int
     started: float
     done: trio.Event = field(default_factory=trio.Event, init=False)
+    pull_id: str | None = field(default_factory=current_pull_id, init=False)
+    """The pull that started it (its log lines and proxy requests carry this id)."""
     error: BaseException | None = field(default=None, init=False)
 
     def failure(self) -> OCIError:
@@ -334,6 +336,8 @@ class Downloads:
             return None
         download = self.active.get(digest)
         if download is not None:
+            # This pull's lines lead to the download's through started_by.
+            event(log, "download.joined", digest=digest, started_by=download.pull_id)
             return download
         assert self._starts is not None, "Downloads.run() has not started"
         assert self._nursery is not None

@@ -15,12 +15,20 @@ container of the agent pod does, see docs/install.md). What the agent can know:
   the state is ``unknown``.
 
 Only ``hosts.toml`` is read (at most :data:`MAX_HOSTS_TOML` bytes, at most every
-:data:`RECHECK_SECONDS` per registry), never the certificates or keys beside it.
+:data:`RECHECK_SECONDS` per registry), never the certificates or keys beside it. A file the chart
+merged the agent into (someone else's ``hosts.toml``, see :mod:`p2p_agent.mirror_files`) says so
+in its second line; ``hosts`` lists the hosts containerd tries, in order.
+
+Two more things come from the ``mirror-config`` container through the same directory:
+``containerd.json``, its verdict on containerd's own config (does containerd read ``hosts.toml``
+files from the directory p2p writes to at all? :func:`read_containerd_verdict`), and the copy of
+``_default/hosts.toml`` when the chart's catch-all (``mirror.allRegistries``) is on.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import time
 import tomllib
@@ -30,12 +38,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MirrorStatus", "RegistryUse", "read_hosts_toml"]
+__all__ = [
+    "MirrorStatus",
+    "RegistryUse",
+    "names_agent",
+    "read_containerd_verdict",
+    "read_hosts_toml",
+]
 
 MAX_HOSTS_TOML = 64 * 1024
 RECHECK_SECONDS = 5.0
 MARKER = "# managed-by:"
 """The first line of the files the chart writes (``# managed-by: p2p release NS/NAME``)."""
+MERGED_MARK = "# p2p-merged:"
+"""The second line of a file the chart merged the agent into."""
+CATCH_ALL = "_default"
+"""containerd's fallback host namespace: its hosts.toml applies to every registry without one."""
+CONTAINERD_VERDICT = "containerd.json"
+MAX_VERDICT_BYTES = 16 * 1024
+MAX_HOSTS_SHOWN = 16
+CONTAINERD_STATES = frozenset({"matches", "other", "unset", "unknown"})
 DEFAULT_CAPABILITIES = ("pull", "resolve", "push")
 """containerd's capabilities of a host entry that names none."""
 
@@ -55,6 +77,19 @@ class RegistryUse:
     def __init__(self, *, wall: Callable[[], float] = time.time) -> None:
         self.wall = wall
         self.by_registry: dict[str, _Use] = {}
+        self.refused = 0
+        """Mirror-mode requests for registries not accelerated here (answered 404 at once)."""
+        self.last_refused_at: float | None = None
+
+    def refuse(self) -> None:
+        self.refused += 1
+        self.last_refused_at = self.wall()
+
+    def refused_view(self) -> dict[str, Any]:
+        return {
+            "refused_requests": self.refused,
+            "last_refused_request_at": _round(self.last_refused_at),
+        }
 
     def seen(self, registry: str, *, mirror: bool) -> None:
         use = self.by_registry.get(registry)
@@ -90,7 +125,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _names_agent(key: str, port: int) -> bool:
+def names_agent(key: str, port: int) -> bool:
     """Whether a ``[host."..."]`` key of hosts.toml is this agent (loopback, our port)."""
     parts = urllib.parse.urlsplit(key if "://" in key else f"https://{key}")
     try:
@@ -104,7 +139,13 @@ def read_hosts_toml(config_path: Path, registry: str, port: int) -> dict[str, An
     """(Blocking, a small file.) What ``<config_path>/<registry>/hosts.toml`` does for
     ``registry``, with the agent's registry API on loopback port ``port``."""
     path = config_path / registry / "hosts.toml"
-    found: dict[str, Any] = {"path": str(path), "managed_by": None, "modified_at": None}
+    found: dict[str, Any] = {
+        "path": str(path),
+        "managed_by": None,
+        "modified_at": None,
+        "merged": False,
+        "hosts": [],
+    }
     try:
         with open(path, "rb") as file:
             stat = os.fstat(file.fileno())
@@ -117,9 +158,12 @@ def read_hosts_toml(config_path: Path, registry: str, port: int) -> dict[str, An
     except OSError as exc:
         return found | {"state": "unreadable", "detail": exc.strerror or str(exc)}
     found["modified_at"] = round(stat.st_mtime, 3)
-    first = data.split(b"\n", 1)[0].decode("utf-8", "replace").strip()
+    head = data.split(b"\n", 2)
+    first = head[0].decode("utf-8", "replace").strip()
     if first.startswith(MARKER):
         found["managed_by"] = first.removeprefix(MARKER).strip()[:200]
+        second = head[1].decode("utf-8", "replace") if len(head) > 1 else ""
+        found["merged"] = second.startswith(MERGED_MARK)
     if len(data) > MAX_HOSTS_TOML:
         return found | {"state": "invalid", "detail": f"larger than {MAX_HOSTS_TOML} bytes"}
     try:
@@ -129,8 +173,9 @@ def read_hosts_toml(config_path: Path, registry: str, port: int) -> dict[str, An
     hosts = doc.get("host")
     ours = None
     if isinstance(hosts, dict):
-        ours = next((v for k, v in hosts.items() if _names_agent(k, port)), None)
-    agent = f"127.0.0.1:{port}"
+        ours = next((v for k, v in hosts.items() if names_agent(k, port)), None)
+        found["hosts"] = [str(k)[:200] for k in list(hosts)[:MAX_HOSTS_SHOWN]]
+    agent = f"loopback port {port}"
     if not isinstance(ours, dict):
         return found | {
             "state": "other",
@@ -143,10 +188,64 @@ def read_hosts_toml(config_path: Path, registry: str, port: int) -> dict[str, An
             "state": "other",
             "detail": f"hosts.toml names this agent ({agent}) without the pull capability",
         }
-    detail = f"containerd pulls through this agent ({agent}) first"
+    others = [h for h in found["hosts"] if not names_agent(h, port)]
+    agent_first = bool(found["hosts"]) and names_agent(found["hosts"][0], port)
+    detail = f"containerd pulls through this agent ({agent}) {'first' if agent_first else 'too'}"
+    if found["merged"]:
+        detail += f", then the {len(others)} other host(s) of the file p2p merged it into"
     if "resolve" not in capabilities:
         detail += "; tags are resolved at the registry (no resolve capability)"
     return found | {"state": "mirrored", "detail": detail}
+
+
+def read_containerd_verdict(config_path: Path) -> dict[str, Any]:
+    """(Blocking, a small file.) The mirror-config container's verdict on containerd's config
+    (``<config_path>/containerd.json``, see :mod:`p2p_agent.mirror_files`): ``state``
+    (``matches``, ``other``, ``unset``, ``unknown``), ``message`` (with the fix), ``config_file``,
+    ``key``, ``config_path``, ``expected``, ``checked_at``."""
+    path = config_path / CONTAINERD_VERDICT
+    empty: dict[str, Any] = {
+        "config_file": None,
+        "key": None,
+        "config_path": [],
+        "expected": None,
+        "checked_at": None,
+    }
+    try:
+        with open(path, "rb") as file:
+            stat = os.fstat(file.fileno())
+            data = file.read(MAX_VERDICT_BYTES + 1)
+    except FileNotFoundError:
+        return empty | {
+            "state": "unknown",
+            "message": "containerd's config was not checked (yet): the mirror-config container "
+            "writes its verdict here at each resync",
+        }
+    except OSError as exc:
+        return empty | {"state": "unknown", "message": f"cannot read {path}: {exc.strerror}"}
+    try:
+        doc = json.loads(data) if len(data) <= MAX_VERDICT_BYTES else None
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict) or doc.get("state") not in CONTAINERD_STATES:
+        return empty | {"state": "unknown", "message": f"{path} is not a verdict"}
+
+    def text(key: str) -> str | None:
+        value = doc.get(key)
+        return value[:1000] if isinstance(value, str) else None
+
+    dirs = doc.get("config_path")
+    return {
+        "state": doc["state"],
+        "message": text("message") or "",
+        "config_file": text("config_file"),
+        "key": text("key"),
+        "config_path": [d[:500] for d in dirs[:8] if isinstance(d, str)]
+        if isinstance(dirs, list)
+        else [],
+        "expected": text("expected"),
+        "checked_at": round(stat.st_mtime, 3),
+    }
 
 
 class MirrorStatus:
@@ -168,6 +267,16 @@ class MirrorStatus:
         self.clock = clock
         self._files: dict[str, tuple[float, dict[str, Any]]] = {}
 
+    def _cached(self, key: str, read: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+        assert self.config_path is not None
+        now = self.clock()
+        cached = self._files.get(key)
+        if cached is not None and now - cached[0] < RECHECK_SECONDS:
+            return cached[1]
+        found = read(self.config_path)
+        self._files[key] = (now, found)
+        return found
+
     def _file(self, registry: str) -> dict[str, Any]:
         if self.config_path is None:
             return {
@@ -177,20 +286,24 @@ class MirrorStatus:
                 "path": None,
                 "managed_by": None,
                 "modified_at": None,
+                "merged": False,
+                "hosts": [],
             }
-        now = self.clock()
-        cached = self._files.get(registry)
-        if cached is not None and now - cached[0] < RECHECK_SECONDS:
-            return cached[1]
-        found = read_hosts_toml(self.config_path, registry, self.port())
-        self._files[registry] = (now, found)
-        return found
+        return self._cached(registry, lambda path: read_hosts_toml(path, registry, self.port()))
 
     def snapshot(self) -> dict[str, Any]:
+        containerd = catch_all = None
+        if self.config_path is not None:
+            containerd = self._cached(" containerd", read_containerd_verdict)
+            catch_all = self._cached(
+                CATCH_ALL, lambda path: read_hosts_toml(path, CATCH_ALL, self.port())
+            )
         return {
             "config_path": None if self.config_path is None else str(self.config_path),
+            "containerd": containerd,
             "registries": [
                 {"registry": registry, **self._file(registry), **self.use.view(registry)}
                 for registry in self.registries
             ],
+            "catch_all": None if catch_all is None else catch_all | self.use.refused_view(),
         }

@@ -50,6 +50,7 @@ class Pacer:
         self.on_change = on_change
         self.observe = observe
         self.disk.tracking = bool(limit)
+        self._was_adaptive = False
 
     @property
     def rate(self) -> float:
@@ -66,10 +67,12 @@ class Pacer:
         if not pace.changed:
             return
         self.engine.download_limiter.set_rate(pace.rate)
-        event(
+        toggled = pace.adaptive != self._was_adaptive
+        self._was_adaptive = pace.adaptive
+        event(  # INFO when the adaptive limit starts or ends holding the rate; each step DEBUG
             log,
             "rates.adaptive",
-            logging.INFO if pace.adaptive else logging.DEBUG,
+            logging.INFO if toggled else logging.DEBUG,
             downloadRate=round(pace.rate),
             adaptive=pace.adaptive,
             latency=round(self.core.last_latency, 3),

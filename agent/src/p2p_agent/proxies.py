@@ -5,7 +5,8 @@ all proxy instances (a headless Service name expands to one instance per address
 when that proxy cannot be reached or answers 5xx, the next one is tried. Answers
 that speak for the origin (401, 403, 404, ...) are final and come back as
 :class:`~p2p_common.oci.OCIError`. The caller's ``Authorization`` header is passed
-through unchanged and never stored.
+through unchanged and never stored. Every request carries the pull id of the task that sends
+it (``X-P2P-Pull-Id``, :mod:`p2p_common.logs`), so the proxy's log lines name the same pull.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import trio
 from p2p_common import metainfo as mi
 from p2p_common.blobinfo import BlobMetainfo, FrameParser
 from p2p_common.discovery import Resolver
-from p2p_common.logs import event
+from p2p_common.listing import MAX_LISTING_BYTES
+from p2p_common.logs import PULL_ID_HEADER, current_pull_id, event
 from p2p_common.oci import ErrorCode, OCIError, known_code, parse_error_body
 from p2p_common.registry_auth import AUTH_MAX_AGE_HEADER
 
@@ -112,6 +114,17 @@ def _bad(message: str) -> OCIError:
     return OCIError(ErrorCode.UNKNOWN, message, status=502)
 
 
+@dataclass(frozen=True)
+class Listing:
+    """A tag list or referrers index as a proxy answered it."""
+
+    status: int
+    content_type: str
+    filters_applied: str | None
+    links: list[str]
+    body: bytes
+
+
 @dataclass
 class SwarmSource:
     """A blob to get from the swarm: its chunks so far (more may follow on ``feed``), and the
@@ -123,6 +136,12 @@ class SwarmSource:
     @property
     def blob(self) -> BlobMetainfo:
         return self.feed.blob
+
+
+def _pull_id_header() -> list[tuple[str, str]]:
+    """The pull this request is for (the proxy logs it with everything it does for it)."""
+    pull_id = current_pull_id()
+    return [] if pull_id is None else [(PULL_ID_HEADER, pull_id)]
 
 
 def _check_length(response: httpx.Response, size: int) -> None:
@@ -167,7 +186,7 @@ class ProxyClient:
         path: str,
         *,
         key: bytes,
-        params: dict[str, str],
+        params: dict[str, str] | httpx.QueryParams,
         headers: Iterable[tuple[str, str]] = (),
     ) -> httpx.Response:
         last: str = "no proxy instances"
@@ -177,7 +196,7 @@ class ProxyClient:
                     method,
                     base + path,
                     params=params,
-                    headers=list(headers),
+                    headers=[*headers, *_pull_id_header()],
                     extensions=self._tls_name(base),
                 )
             except httpx.HTTPError as exc:
@@ -233,6 +252,44 @@ class ProxyClient:
             raise OCIError(ErrorCode.MANIFEST_INVALID, "manifest too large", status=502)
         passed = {k: v for k, v in response.headers.items() if k.lower() in _PASS_HEADERS}
         return response.status_code, passed, response.content
+
+    async def listing(
+        self,
+        ns: str,
+        name: str,
+        digest: str | None,
+        params: Sequence[tuple[str, str]],
+        *,
+        authorization: str | None,
+        accept: str | None,
+    ) -> Listing:
+        """The origin's tag list of ``name`` (``digest`` None) or referrers of ``digest``, as a
+        proxy passes it on (its ``Link`` lines still name the proxy's API)."""
+        headers = self._auth(authorization)
+        if accept:
+            headers.append(("accept", accept))
+        path = f"/v2/{name}/tags/list" if digest is None else f"/v2/{name}/referrers/{digest}"
+        response = await self._send(
+            "GET",
+            path,
+            key=f"{ns}/{name}".encode(),
+            params=httpx.QueryParams([("ns", ns), *params]),
+            headers=headers,
+        )
+        what = "tag list" if digest is None else "referrers"
+        if response.status_code >= 400:
+            raise _error_from(response, what)
+        if len(response.content) > MAX_LISTING_BYTES:
+            raise OCIError(
+                ErrorCode.UNKNOWN, f"{what} larger than {MAX_LISTING_BYTES} bytes", status=502
+            )
+        return Listing(
+            status=response.status_code,
+            content_type=response.headers.get("content-type", "application/json"),
+            filters_applied=response.headers.get("oci-filters-applied"),
+            links=response.headers.get_list("link"),
+            body=response.content,
+        )
 
     async def authorize_blob(
         self, ns: str, name: str, digest: str, *, authorization: str | None
@@ -376,7 +433,7 @@ class ProxyClient:
                 "GET",
                 base + path,
                 params=params,
-                headers=[*self._auth(authorization), *extra_headers],
+                headers=[*self._auth(authorization), *extra_headers, *_pull_id_header()],
                 extensions=self._tls_name(base),
             )
             try:

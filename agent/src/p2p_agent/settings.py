@@ -13,10 +13,13 @@ from p2p_common.settings import (
     ByteSize,
     Duration,
     HostPort,
+    ListenAddress,
     RegistryList,
     ServiceSettings,
     StrList,
+    join_host_port,
     split_host_port,
+    split_listen,
 )
 
 
@@ -29,10 +32,22 @@ def _loopback(value: str) -> str:
             return value
     except ValueError:
         pass
-    raise ValueError(f"{value!r} is not a loopback address (use 127.0.0.1:5004)")
+    raise ValueError(
+        f"{value!r} is not a loopback address (use 127.0.0.1:5004, [::1]:5004 or localhost:5004)"
+    )
 
 
 LoopbackHostPort = Annotated[HostPort, AfterValidator(_loopback)]
+
+
+def _bind_host(value: str) -> str:
+    """An address or name to bind (``[v6]`` brackets dropped), or empty for every address."""
+    host = value.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host:
+        split_listen(join_host_port(host, 0))
+    return host
 
 
 def _percent(value: object) -> object:
@@ -54,13 +69,13 @@ class AgentSettings(ServiceSettings):
     """The registry API containerd pulls from. Only a loopback address is accepted: the API
     serves cached private layers to callers the origin authorized, and forwards their
     credentials; nothing off the node may reach it."""
-    metrics_listen: HostPort = "0.0.0.0:5014"
-    """``/metrics``, ``/healthz`` and ``/readyz``."""
+    metrics_listen: ListenAddress = ":5014"
+    """``/metrics``, ``/healthz`` and ``/readyz`` (``:5014``: every address, IPv6 and IPv4)."""
     peer_port: int = Field(6881, ge=1, le=65535)
     """BitTorrent peer port."""
-    peer_host: str = "0.0.0.0"
-    """Address the BitTorrent listener binds (all interfaces by default; other nodes connect
-    to the address the tracker saw the agent announce from)."""
+    peer_host: Annotated[str, AfterValidator(_bind_host)] = ""
+    """Address the BitTorrent listener binds; empty (the default): every address, IPv6 and
+    IPv4 (other nodes connect to the address the tracker saw the agent announce from)."""
     data_dir: Path = Path("/p2p_agent_data")
     """Blob cache, partial downloads and their bitfields."""
     registry: RegistryList

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -22,9 +23,12 @@ from typing import Any
 
 from p2p_agent.mirror import MirrorStatus
 from p2p_common.engine.announce import TrackerLog
+from p2p_common.logs import current_pull_id, event, new_pull_id
 from p2p_common.metrics import filesystem_usage
 
 __all__ = ["PullLog", "PullRecord", "Rates", "StatusView", "page"]
+
+log = logging.getLogger("p2p.agent.pulls")
 
 RECENT = 50
 """Finished pulls kept for the status view."""
@@ -34,7 +38,8 @@ RECENT = 50
 class PullRecord:
     """One blob response of the registry API."""
 
-    id: int
+    id: str
+    """The request's pull id (in the agent's and the proxies' log lines for it)."""
     repository: str
     digest: str
     size: int
@@ -88,15 +93,18 @@ class PullLog:
         self.clock = clock
         self.wall = wall
         self.in_flight: dict[int, PullRecord] = {}
+        """By a sequence number of their own (two responses may share a pull id)."""
         self.recent: collections.deque[PullRecord] = collections.deque(maxlen=keep)
         self.last_success_at: float | None = None
         self._ids = itertools.count(1)
 
-    def begin(self, repository: str, digest: str, size: int, source: str) -> PullRecord:
-        record = PullRecord(
-            next(self._ids), repository, digest, size, source, self.clock(), self.wall()
-        )
-        self.in_flight[record.id] = record
+    def begin(
+        self, repository: str, digest: str, size: int, source: str, *, pull_id: str | None = None
+    ) -> PullRecord:
+        """A blob response starts; its id is ``pull_id``, or the current pull's."""
+        pid = pull_id or current_pull_id() or new_pull_id()
+        record = PullRecord(pid, repository, digest, size, source, self.clock(), self.wall())
+        self.in_flight[next(self._ids)] = record
         return record
 
     def add(self, record: PullRecord, count: int) -> None:
@@ -107,10 +115,25 @@ class PullLog:
             return
         record.ended = self.clock()
         record.outcome = outcome
-        self.in_flight.pop(record.id, None)
+        for key, found in list(self.in_flight.items()):
+            if found is record:
+                del self.in_flight[key]
         self.recent.appendleft(record)
         if outcome == "done":
             self.last_success_at = self.wall()
+        event(
+            log,
+            "pull.finished",
+            logging.WARNING if outcome == "failed" else logging.INFO,
+            pull_id=record.id,
+            repository=record.repository,
+            digest=record.digest,
+            source=record.source,
+            bytes=record.sent,
+            size=record.size,
+            seconds=round(record.ended - record.started, 3),
+            outcome=outcome,
+        )
 
 
 @dataclass

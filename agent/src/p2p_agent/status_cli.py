@@ -91,6 +91,7 @@ def render(status: dict[str, Any]) -> RenderableType:
             "MB/s": "right",
             "first byte": "left",
             "from": "left",
+            "pull id": "left",
         },
     )
     for pull in status["pulls"]:
@@ -103,6 +104,7 @@ def render(status: dict[str, Any]) -> RenderableType:
             f"{pull['bytes_per_second'] / 1e6:.1f}",
             "-" if first is None else f"{first:.2f} s",
             pull["source"],
+            str(pull["id"]),
         )
     if not status["pulls"]:
         none_row(pulls, "none")
@@ -166,6 +168,7 @@ def render(status: dict[str, Any]) -> RenderableType:
             "seconds": "right",
             "MB/s": "right",
             "from": "left",
+            "pull id": "left",
         },
     )
     for pull in status["recent"][:10]:
@@ -177,15 +180,27 @@ def render(status: dict[str, Any]) -> RenderableType:
             f"{pull['seconds']:.2f}",
             f"{pull['bytes_per_second'] / 1e6:.1f}",
             pull["source"],
+            str(pull["id"]),
         )
     return Group(head, pulls, downloads, proxies, *extra, recent)
 
 
+CONTAINERD_STYLES = {"matches": "green", "unknown": "dim"}
+
+
 def _mirror(mirror: dict[str, Any], now: float) -> Table:
-    """Per registry: the hosts.toml state and the requests containerd sent each way."""
+    """Per registry: the hosts.toml state and the requests containerd sent each way; whether
+    containerd reads hosts.toml files at all; the catch-all, when there is one."""
     found = table(
         "registries (mirror mode)", {"registry": "left", "hosts.toml": "left", "requests": "left"}
     )
+    # Agents from before the containerd check and the catch-all answer without them.
+    containerd = mirror.get("containerd")
+    if containerd is not None:
+        state = containerd["state"]
+        shown = Text(state, style=CONTAINERD_STYLES.get(state, "red"))
+        shown.append(f": {containerd['message']}", style="")
+        found.add_row("containerd", shown, f"checked {ago(containerd['checked_at'], now)}")
     for entry in mirror["registries"]:
         state = entry["state"]
         shown = Text(state, style=MIRROR_STYLES.get(state, "red"))
@@ -196,6 +211,17 @@ def _mirror(mirror: dict[str, Any], now: float) -> Table:
             f"{entry['rewrite_requests']} rewrite"
         )
         found.add_row(entry["registry"], shown, requests)
+    catch_all = mirror.get("catch_all")
+    if catch_all is not None and catch_all["state"] != "missing":
+        state = catch_all["state"]
+        shown = Text(state, style=MIRROR_STYLES.get(state, "red"))
+        shown.append(f": {catch_all['detail']}", style="")
+        found.add_row(
+            "(every other registry)",
+            shown,
+            f"{catch_all['refused_requests']} answered 404 "
+            f"({ago(catch_all['last_refused_request_at'], now)})",
+        )
     return found
 
 

@@ -23,9 +23,10 @@ from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 from hypercorn.trio.tcp_server import TCPServer
 
+from p2p_common.listen import hypercorn_binds
 from p2p_common.oci import ErrorCode, OCIError
 from p2p_common.sendmem import SEND_MEMORY
-from p2p_common.settings import split_host_port
+from p2p_common.settings import split_listen, unmapped
 from p2p_common.storage import StorageError
 
 Scope = MutableMapping[str, Any]
@@ -50,6 +51,7 @@ class Request:
     headers: dict[str, list[str]]
     """Lower-case names; every line of a repeated header is kept."""
     client: tuple[str, int] | None
+    """(address, port); an IPv4 client of a dual-stack socket with its IPv4 address."""
 
     @classmethod
     def from_scope(cls, scope: Scope) -> Request:
@@ -66,7 +68,7 @@ class Request:
             path=raw_path.decode("latin-1").split("?", 1)[0],
             query=query,
             headers=headers,
-            client=(str(client[0]), int(client[1])) if client else None,
+            client=(unmapped(str(client[0])), int(client[1])) if client else None,
         )
 
     def header(self, name: str) -> str | None:
@@ -299,9 +301,9 @@ async def serve_app(
     tls: tuple[os.PathLike[str], os.PathLike[str]] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``app`` on ``listen`` (``host:port``; port 0 picks one) and report the port;
-    or on a unix socket, ``unix:PATH`` (mode 0600, replacing a stale socket at ``PATH``),
-    and report 0.
+    """Serve ``app`` on ``listen`` (``host:port``, ``[v6]:port`` or ``:port`` for every address,
+    see :mod:`p2p_common.listen`; port 0 picks one) and report the port; or on a unix socket,
+    ``unix:PATH`` (mode 0600, replacing a stale socket at ``PATH``), and report 0.
 
     Returns after ``shutdown_trigger`` returns and in-flight requests finished (bounded by
     ``graceful_timeout``, and for a client that stopped reading by ``send_timeout``);
@@ -310,6 +312,7 @@ async def serve_app(
     config = hypercorn_config(
         listen, graceful_timeout=graceful_timeout, send_timeout=send_timeout, tls=tls
     )
+    config.bind = hypercorn_binds(listen)  # p2p_common.listen: IPv4, IPv6, dual-stack
     use_closing_tcp_server()
 
     async def trigger() -> None:
@@ -325,7 +328,7 @@ async def serve_app(
             )
         )
         address = binds[0].partition("://")[2]
-        task_status.started(0 if address.startswith("unix:") else split_host_port(address)[1])
+        task_status.started(0 if address.startswith("unix:") else split_listen(address)[1])
 
 
 async def stream_to(send: Send, chunks: AsyncIterator[bytes]) -> None:

@@ -37,6 +37,8 @@ DECREASE = 0.7
 """Factor the rate drops by when the disk is too slow."""
 MIN_FLUSH_BYTES = 4 * 1024 * 1024
 """The least written before a flush that is early (before a ``period`` is over)."""
+MAX_FLUSH_BYTES = 1 << 30
+"""... and the most (a fast disk: a flush a second, by the clock, long before this)."""
 INCREASE = 1.25
 """Most the rate grows by in one measurement (with the flush far below the limit)."""
 
@@ -119,7 +121,8 @@ class DiskPace:
         if not self.limit:
             return self._pace(before)
         if flushed >= MIN_FLUSH_BYTES and latency > 0:
-            self.flush_bytes = max(MIN_FLUSH_BYTES, int(flushed / latency * self.limit))
+            worth = flushed / max(latency, 1e-6) * self.limit  # what the disk writes in ``limit``
+            self.flush_bytes = int(min(MAX_FLUSH_BYTES, max(MIN_FLUSH_BYTES, worth)))
         latency = self._per_period(latency, interval)
         if latency > self.limit:
             if not overdue:  # a flush that ran overdue was accounted for while it ran

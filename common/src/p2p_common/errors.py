@@ -26,14 +26,20 @@ class ProtocolError(RemoteError):
     """A message broke the rules of its protocol (framing, syntax, sizes, ordering)."""
 
 
-def collapse(group: BaseExceptionGroup[BaseException]) -> BaseException:
+def collapse(
+    group: BaseExceptionGroup[BaseException],
+    *,
+    dropping: tuple[type[BaseException], ...] = (),
+) -> BaseException:
     """One exception standing for a nursery's exception group of p2p errors.
 
     When sibling tasks fail together (a connection's reader and writer both see the
     socket break), the caller wants one verdict: a local error wins over a remote one
     (our bug or disk matters more), and among remote errors a specific violation wins
     over a broken connection. A group holding anything else is returned unchanged, so
-    bugs are never hidden.
+    bugs are never hidden. ``dropping`` (``trio.Cancelled``) is left out beside p2p errors:
+    a connection closed by us while the peer closed it too ends either way, and the p2p
+    error is its verdict (left in, the group would escape every ``except RemoteError``).
     """
     leaves: list[BaseException] = []
 
@@ -41,7 +47,7 @@ def collapse(group: BaseExceptionGroup[BaseException]) -> BaseException:
         if isinstance(exc, BaseExceptionGroup):
             for inner in exc.exceptions:
                 walk(inner)
-        else:
+        elif not isinstance(exc, dropping):
             leaves.append(exc)
 
     walk(group)

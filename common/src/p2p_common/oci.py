@@ -319,10 +319,11 @@ class ApiRoute:
     """A parsed ``/v2/...`` request path.
 
     ``kind`` is ``ping`` (``/v2/``), ``manifest`` (``/v2/<name>/manifests/<reference>``),
-    ``blob`` (``/v2/<name>/blobs/<digest>``) or ``tags`` (``/v2/<name>/tags/list``).
+    ``blob`` (``/v2/<name>/blobs/<digest>``), ``tags`` (``/v2/<name>/tags/list``) or
+    ``referrers`` (``/v2/<name>/referrers/<digest>``, OCI distribution 1.1).
     """
 
-    kind: Literal["ping", "manifest", "blob", "tags"]
+    kind: Literal["ping", "manifest", "blob", "tags", "referrers"]
     name: str = ""
     reference: str = ""
 
@@ -356,6 +357,9 @@ def parse_api_path(path: str) -> ApiRoute:
     if len(segments) >= 3 and segments[-2] == "blobs":
         name = validate_name("/".join(segments[:-2]))
         return ApiRoute("blob", name, validate_digest(segments[-1]))
+    if len(segments) >= 3 and segments[-2] == "referrers":
+        name = validate_name("/".join(segments[:-2]))
+        return ApiRoute("referrers", name, validate_digest(segments[-1]))
     raise OCIError(ErrorCode.UNSUPPORTED, "not a pull API path", status=404)
 
 

@@ -13,6 +13,7 @@ live reload (the agent's rates) calls :meth:`ServiceSettings.load` again.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -157,13 +158,61 @@ def split_host_port(value: str) -> tuple[str, int]:
     return host, number
 
 
+def join_host_port(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 address in brackets (``[fd00::1]:6881``): the inverse of
+    :func:`split_host_port` (and the form URLs need)."""
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    return f"[{bare}]:{port}" if ":" in bare else f"{bare}:{port}"
+
+
+def unmapped(host: str) -> str:
+    """An address as its own family spells it: an IPv4-mapped IPv6 address (``::ffff:10.0.0.1``,
+    how a dual-stack socket shows an IPv4 peer) as the IPv4 address; anything else unchanged."""
+    if host[:7].lower() != "::ffff:":
+        return host
+    if "." in host:
+        return host[7:]  # as the kernel spells it (inet_ntop)
+    try:
+        mapped = ipaddress.IPv6Address(host).ipv4_mapped
+    except ValueError:
+        return host
+    return host if mapped is None else str(mapped)
+
+
+def split_listen(value: str) -> tuple[str, int]:
+    """Split a listen address: ``host:port``, ``[v6]:port``, or ``:port`` (host ``""``: every
+    address, IPv6 and IPv4; see :mod:`p2p_common.listen`)."""
+    if value.startswith(":") and not value.startswith("::"):
+        port = value[1:]
+        if not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
+            raise ValueError(f"{value!r} is not :port, host:port or [v6]:port")
+        return "", int(port)
+    return split_host_port(value)
+
+
 def _check_host_port(value: str) -> str:
     split_host_port(value)
     return value
 
 
+def _check_listen(value: str) -> str:
+    split_listen(value)
+    return value
+
+
 HostPort = Annotated[str, AfterValidator(_check_host_port)]
 """A ``host:port`` string to bind or connect to."""
+
+ListenAddress = Annotated[str, AfterValidator(_check_listen)]
+"""Where a service listens: ``:port`` (every address, both IP families where the node has
+IPv6), ``[::]:port`` (the same, IPv6 socket), ``0.0.0.0:port`` (IPv4 only), an address, or a
+name (each of its addresses: ``localhost`` is 127.0.0.1 and ::1)."""
+
+
+class Sensitive:
+    """Marks a setting whose value may hold a secret (``Annotated[..., Sensitive()]``): a
+    configuration error about it never quotes the value."""
+
 
 LogFormat = Literal["text", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -312,13 +361,16 @@ def _describe(exc: ValidationError, source: str, fields: Mapping[str, FieldInfo]
         # A default that fails a check against another key is reported by its field name.
         loc[0] = fields[loc[0]].alias or loc[0]
     key = ".".join(str(part) for part in loc) or "(top level)"
+    where = str(first["loc"][0]) if first["loc"] else ""
+    field = next((f for n, f in fields.items() if where in (n, f.alias)), None)
+    sensitive = field is not None and any(isinstance(m, Sensitive) for m in field.metadata)
     if first["type"] == "extra_forbidden":
         problem = "not a known setting (see docs/configuration.md)"
     else:
         problem = first["msg"]
         if problem.startswith("Value error, "):
             problem = problem[len("Value error, ") :]
-        if "input" in first and first["type"] != "missing":
+        if "input" in first and first["type"] != "missing" and not sensitive:
             problem += f" (got {first['input']!r})"
     more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
     return f"{key}: {problem} [from {source}]{more}"

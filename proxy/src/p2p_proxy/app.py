@@ -35,7 +35,8 @@ from p2p_common.asgi import (
 )
 from p2p_common.blobcache import BlobCache
 from p2p_common.errors import collapse
-from p2p_common.logs import event
+from p2p_common.listing import ListingKind, listing_params, next_link
+from p2p_common.logs import PULL_ID_HEADER, event, new_pull_id, pull_context, valid_pull_id
 from p2p_common.oci import ApiRoute, ErrorCode, OCIError, merge_accept, parse_api_path
 from p2p_common.registry_auth import AUTH_MAX_AGE_HEADER, Credentials
 from p2p_common.storage import StorageError
@@ -101,16 +102,20 @@ class ProxyApp:
         if scope["type"] != "http":
             return
         request = Request.from_scope(scope)
-        tracked = TrackedSend(send)
-        try:
-            await self._route(request, receive, tracked)
-        except OCIError as exc:
-            await self._fail(request, tracked, exc)
-        except StorageError as exc:
-            await self._fail(request, tracked, storage_error(exc, "opening a cached blob"))
-        except Exception as exc:
-            log.error("proxy.request_crashed path=%s", request.path, exc_info=exc)
-            await self._fail(request, tracked, OCIError(ErrorCode.UNKNOWN, "internal error"))
+        # The agent's pull id (a well-formed one), else one of our own: in every log line of
+        # this request and of the origin work it starts.
+        pull_id = valid_pull_id(request.header(PULL_ID_HEADER)) or new_pull_id()
+        with pull_context(pull_id):
+            tracked = TrackedSend(send)
+            try:
+                await self._route(request, receive, tracked)
+            except OCIError as exc:
+                await self._fail(request, tracked, exc)
+            except StorageError as exc:
+                await self._fail(request, tracked, storage_error(exc, "opening a cached blob"))
+            except Exception as exc:
+                log.error("proxy.request_crashed path=%s", request.path, exc_info=exc)
+                await self._fail(request, tracked, OCIError(ErrorCode.UNKNOWN, "internal error"))
 
     async def _fail(self, request: Request, send: TrackedSend, error: OCIError) -> None:
         self.metrics.errors.labels(code=str(error.code)).inc()
@@ -171,9 +176,7 @@ class ProxyApp:
         elif route.kind == "blob":
             await self._blob_get(request, receive, send, origin, route)
         else:
-            raise OCIError(
-                ErrorCode.UNSUPPORTED, "tag listing is not served by the proxy", status=404
-            )
+            await self._listing(request, send, origin, route)
 
     # --- preheat ----------------------------------------------------------------------------
 
@@ -271,6 +274,47 @@ class ProxyApp:
             content_length=found.size if head else None,
         )
 
+    # --- tag lists and referrers ------------------------------------------------------------
+
+    async def _listing(
+        self, request: Request, send: Send, origin: OriginClient, route: ApiRoute
+    ) -> None:
+        """``GET /v2/<name>/tags/list`` and ``/v2/<name>/referrers/<digest>``: the origin's
+        answer for the caller's credentials (the origin decides, as for manifests), passed on
+        with its next-page ``Link`` rewritten to this API; never cached."""
+        kind: ListingKind = "tags" if route.kind == "tags" else "referrers"
+        params = listing_params(kind, request.query)
+        credentials = credentials_from(request.headers)
+        accept = request.headers.get("accept")
+        admission = self._admission(request)
+        ended = None if admission is None else admission.admit()
+        try:
+            self.metrics.listing_requests.labels(kind=kind).inc()
+            found = await origin.get_listing(
+                route.name,
+                route.reference if kind == "referrers" else None,
+                credentials,
+                params,
+                accept=merge_accept(accept) if accept else None,
+            )
+        finally:
+            if ended is not None:
+                ended()
+        headers = []
+        if found.filters_applied:
+            headers.append(("OCI-Filters-Applied", found.filters_applied[:256]))
+        link = next_link(found.links, request.path, origin.name if "ns" in request.query else None)
+        if link is not None:
+            headers.append(("Link", link))
+        await send_bytes(
+            send,
+            found.status,
+            found.body,
+            content_type=found.content_type or "application/json",
+            headers=headers,
+            head=request.method == "HEAD",
+        )
+
     # --- blobs ------------------------------------------------------------------------------
 
     async def _authorize(
@@ -365,7 +409,7 @@ class ProxyApp:
         try:
             await until_disconnect(receive, body)
         except BaseExceptionGroup as group:
-            raise collapse(group) from None
+            raise collapse(group, dropping=(trio.Cancelled,)) from None
 
     # --- metainfo ---------------------------------------------------------------------------
 
@@ -409,7 +453,7 @@ class ProxyApp:
             try:
                 await until_disconnect(receive, body)
             except BaseExceptionGroup as group:
-                raise collapse(group) from None
+                raise collapse(group, dropping=(trio.Cancelled,)) from None
         finally:
             os.close(fd)
 
@@ -458,7 +502,7 @@ class ProxyApp:
         try:
             await until_disconnect(receive, body)
         except BaseExceptionGroup as group:
-            raise collapse(group) from None
+            raise collapse(group, dropping=(trio.Cancelled,)) from None
 
     async def _metainfo(self, request: Request, receive: Receive, send: Send) -> None:
         if request.method != "GET":

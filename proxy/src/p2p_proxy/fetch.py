@@ -21,6 +21,11 @@ chunks. On any failure the scratch file is deleted, the listener is told (the bl
 seeded) and the caller gets a registry error: 502 for an origin that sent wrong or short data,
 507 when the disk or the quota is full. Every fetch from an origin is recorded in the fetcher's
 :class:`~p2p_proxy.status.FetchLog` (bytes received, outcome) for the status view.
+
+A fetch runs with the pull id of the request that started it (its lines carry it as
+``pull_id``); requests that join it log ``proxy.fetch_joined`` naming that id, and the fetch's
+own ``proxy.fetched`` (or ``proxy.fetch_failed``) and its status record list every pull it
+served (the first 16 ids, and how many more: :class:`~p2p_common.logs.PullIds`).
 """
 
 from __future__ import annotations
@@ -29,8 +34,8 @@ import collections
 import errno
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Protocol
 
@@ -41,7 +46,7 @@ from p2p_common.blobcache import BlobCache, CacheFullError
 from p2p_common.blobinfo import BlobMetainfo, ChunkBuilder
 from p2p_common.engine.disk import DiskRunner
 from p2p_common.ingest import Ingest, IngestError
-from p2p_common.logs import event
+from p2p_common.logs import PullIds, current_pull_id, event
 from p2p_common.oci import ErrorCode, OCIError
 from p2p_common.registry_auth import Credentials
 from p2p_proxy.flight import Admission, SingleFlight, registry_error
@@ -151,6 +156,8 @@ class BlobFetcher:
         # Metainfo is a pure function of the content (and the trackers): what was built or
         # loaded once stays right for as long as the digest is cached, or cached again.
         self._known: collections.OrderedDict[str, BlobMetainfo] = collections.OrderedDict()
+        self._pulls: dict[tuple[str, str], PullIds] = {}
+        """The pulls each fetch in flight serves (the one that started it first)."""
         self.in_flight: dict[str, Fetch] = {}
         """Fetches whose bytes are arriving, by digest (for chunk and progressive streams)."""
         self._in_flight_changed = trio.Event()
@@ -178,11 +185,12 @@ class BlobFetcher:
                 self.cache.touch(digest)
                 return meta
         self.metrics.cache_misses.inc()
-        return await self._fetches.run(
-            (origin.name, digest),
-            self._work(origin, repository, digest, credentials, size),
-            admission=admission,
-        )
+        key = (origin.name, digest)
+        with self._joining(key):
+            flight = self._fetches.start(
+                key, self._work(origin, repository, digest, credentials, size), admission=admission
+            )
+        return await self._fetches.wait(flight)
 
     async def cached(self, digest: str) -> BlobMetainfo | None:
         """The chunks of ``digest`` if it is cached (rebuilt from the file if need be)."""
@@ -204,7 +212,10 @@ class BlobFetcher:
     ) -> Callable[[], Awaitable[BlobMetainfo]]:
         """The single-flight work that gets ``digest`` into the cache."""
 
+        key = (origin.name, digest)
+
         async def fetch() -> BlobMetainfo:
+            pulls = self._pulls.get(key) or PullIds(current_pull_id())
             try:
                 meta = await self._present(digest)  # fetched meanwhile (another registry's)
                 if meta is not None:
@@ -212,10 +223,14 @@ class BlobFetcher:
                 async with self._slot():
                     meta = await self._present(digest)  # fetched while this one waited
                     if meta is None:
-                        meta = await self._fetch(origin, repository, digest, credentials, size)
+                        meta = await self._fetch(
+                            origin, repository, digest, credentials, size, pulls=pulls
+                        )
                         self._remember(digest, meta)
                 return meta
             finally:
+                if self._pulls.get(key) is pulls:
+                    del self._pulls[key]
                 self._wake_in_flight_waiters()
 
         return fetch
@@ -246,7 +261,8 @@ class BlobFetcher:
         flight = None
         if digest not in self.cache:
             work = self._work(origin, repository, digest, credentials, size)
-            flight = self._fetches.start(key, work, admission=admission)
+            with self._joining(key):
+                flight = self._fetches.start(key, work, admission=admission)
         while True:
             fetch = self.in_flight.get(digest)
             if fetch is not None:
@@ -256,6 +272,34 @@ class BlobFetcher:
             if digest in self.cache or not self._fetches.in_flight(key):
                 return None
             await self._in_flight_changed.wait()
+
+    @contextmanager
+    def _joining(self, key: tuple[str, str]) -> Iterator[None]:
+        """Record the current pull as one the fetch for ``key`` serves (the one that starts it,
+        or one more joining it), around the single flight's ``start``."""
+        pull_id = current_pull_id()
+        joins = self._fetches.in_flight(key)
+        pulls = self._pulls.get(key)
+        if joins:
+            if pulls is not None:
+                pulls.add(pull_id)
+                event(
+                    log,
+                    "proxy.fetch_joined",
+                    logging.DEBUG,
+                    registry=key[0],
+                    digest=key[1],
+                    fetch_pull_id=pulls.first,
+                )
+            yield
+            return
+        pulls = self._pulls[key] = PullIds(pull_id)
+        try:
+            yield
+        except BaseException:  # refused: no fetch starts for it
+            if self._pulls.get(key) is pulls:
+                del self._pulls[key]
+            raise
 
     def _wake_in_flight_waiters(self) -> None:
         self._in_flight_changed.set()
@@ -317,9 +361,12 @@ class BlobFetcher:
         digest: str,
         credentials: Credentials | None,
         size: int | None,
+        *,
+        pulls: PullIds,
     ) -> BlobMetainfo:
         started = trio.current_time()
-        record = self.log.begin(origin.name, repository, digest, size)
+        record = self.log.begin(origin.name, repository, digest, size, pulls=pulls)
+        event(log, "proxy.fetching", registry=origin.name, repository=repository, digest=digest)
 
         async def consume(head: BlobHead, chunks: AsyncIterator[bytes]) -> BlobMetainfo:
             length = head.size if head.size is not None else size
@@ -359,6 +406,7 @@ class BlobFetcher:
                 digest=digest,
                 status=exc.status,
                 error=exc.message,
+                **pulls.fields(),
             )
             raise
         except Exception:
@@ -377,6 +425,7 @@ class BlobFetcher:
             size=meta.length,
             chunks=len(meta.chunks),
             seconds=round(trio.current_time() - started, 3),
+            **pulls.fields(),
         )
         return meta
 

@@ -131,6 +131,12 @@ class ProxyMetrics:
         self.manifest_requests = Counter(
             "p2p_proxy_manifest_requests_total", "Manifest requests from agents.", registry=r
         )
+        self.listing_requests = Counter(
+            "p2p_proxy_listing_requests_total",
+            "Tag list and referrers requests from agents (each one an origin request), by kind.",
+            ["kind"],
+            registry=r,
+        )
         self.manifest_origin_requests = Counter(
             "p2p_proxy_manifest_origin_requests_total",
             "Manifest requests sent to an origin, by method.",

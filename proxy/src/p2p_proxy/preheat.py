@@ -9,7 +9,8 @@ when no platform is given), then gets each config and layer blob into the cache 
 agent's request would (single flight, the caller's limits on origin work) and seeds it. A blob
 already cached costs nothing. ``p2p-proxy preheat IMAGE`` (p2p_proxy.preheat_cli) drives it.
 
-:func:`manifest_children` and :func:`image_blobs` are pure; :class:`Preheater` is the shell.
+:func:`~p2p_common.imagewalk.manifest_children` and :func:`~p2p_common.imagewalk.image_blobs`
+(pure, shared with the agent's ``prefetch``) walk the image; :class:`Preheater` is the shell.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
+from p2p_common.imagewalk import image_blobs, invalid_document, manifest_children
 from p2p_common.logs import event
 from p2p_common.oci import (
     DEFAULT_MANIFEST_ACCEPT,
@@ -50,63 +52,6 @@ MAX_RUNNING = 4
 BLOBS_AT_ONCE = 3
 """Blobs one job fetches at once (what containerd does for one image)."""
 MAX_REQUEST_BYTES = 16 * 1024
-
-
-def _bad(message: str) -> OCIError:
-    return OCIError(ErrorCode.MANIFEST_INVALID, message, status=502)
-
-
-def _document(body: bytes) -> dict[str, Any]:
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        raise _bad("the origin's manifest is not JSON") from None
-    if not isinstance(doc, dict):
-        raise _bad("the origin's manifest is not a JSON object")
-    return doc
-
-
-def _descriptor(entry: object, what: str) -> tuple[str, int]:
-    if not isinstance(entry, dict):
-        raise _bad(f"a {what} descriptor is not an object")
-    digest, size = entry.get("digest"), entry.get("size")
-    if not isinstance(digest, str) or not is_valid_digest(digest):
-        raise _bad(f"a {what} descriptor has no valid digest")
-    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-        raise _bad(f"a {what} descriptor has no valid size")
-    return digest, size
-
-
-def manifest_children(body: bytes, platforms: Sequence[str]) -> list[str]:
-    """The digests of an index's manifests for ``platforms`` (``os/arch[/variant]``; all of
-    them when empty)."""
-    doc = _document(body)
-    entries = doc.get("manifests")
-    if not isinstance(entries, list):
-        raise _bad("the origin's index has no manifests list")
-    wanted = set(platforms)
-    found = []
-    for entry in entries:
-        digest, _ = _descriptor(entry, "manifest")
-        platform = entry.get("platform") if isinstance(entry, dict) else None
-        if wanted:
-            if not isinstance(platform, dict):
-                continue
-            name = f"{platform.get('os')}/{platform.get('architecture')}"
-            variant = platform.get("variant")
-            if name not in wanted and f"{name}/{variant}" not in wanted:
-                continue
-        found.append(digest)
-    return found
-
-
-def image_blobs(body: bytes) -> list[tuple[str, int]]:
-    """(digest, size) of an image manifest's config and layers, in that order."""
-    doc = _document(body)
-    config, layers = doc.get("config"), doc.get("layers")
-    if not isinstance(layers, list):
-        raise _bad("the origin's manifest has no layers list")
-    return [_descriptor(config, "config"), *(_descriptor(layer, "layer") for layer in layers)]
 
 
 def parse_request(body: bytes) -> tuple[str, str, list[str]]:
@@ -279,12 +224,12 @@ class Preheater:
             for child in children:
                 child_type, child_body = await get_manifest(job.repository, child, credentials)
                 if child_type not in MANIFEST_MEDIA_TYPES:
-                    raise _bad(f"the index names a {child_type or 'typeless'} document")
+                    raise invalid_document(f"the index names a {child_type or 'typeless'} document")
                 blobs.extend(image_blobs(child_body))
             return blobs
         if media_type in MANIFEST_MEDIA_TYPES:
             return image_blobs(body)
-        raise _bad(f"the origin answered a {media_type or 'typeless'} document")
+        raise invalid_document(f"the origin answered a {media_type or 'typeless'} document")
 
     @staticmethod
     async def _blob(

@@ -16,70 +16,16 @@ from __future__ import annotations
 
 import argparse
 import base64
-import binascii
 import json
-import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
 
+from p2p_common.dockerconfig import UsageError, credentials, docker_config_path, split_image
+
 DEFAULT_PROXY = "http://127.0.0.1:5005"
-
-
-class UsageError(Exception):
-    """A bad command line or credentials file (exit code 2)."""
-
-
-def split_image(image: str) -> tuple[str | None, str]:
-    """(registry host[:port] or None for the proxy's default, the rest: ``name[:tag|@digest]``)."""
-    first, slash, rest = image.partition("/")
-    if slash and ("." in first or ":" in first or first == "localhost"):
-        return first, rest
-    return None, image
-
-
-def docker_config_path(given: str | None) -> Path:
-    if given:
-        return Path(given)
-    if os.environ.get("DOCKER_CONFIG"):
-        return Path(os.environ["DOCKER_CONFIG"]) / "config.json"
-    return Path.home() / ".docker" / "config.json"
-
-
-def credentials(registry: str | None, config: Path) -> tuple[str, str] | None:
-    """(user, password) from the environment or the Docker config's entry for ``registry``."""
-    user, password = os.environ.get("P2P_PREHEAT_USERNAME"), os.environ.get("P2P_PREHEAT_PASSWORD")
-    if user is not None and password is not None:
-        return user, password
-    if registry is None or not config.is_file():
-        return None
-    try:
-        doc = json.loads(config.read_text())
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{config}: not a readable Docker config file ({exc})") from None
-    auths = doc.get("auths") if isinstance(doc, dict) else None
-    if not isinstance(auths, dict):
-        return None
-    for key in (registry, f"https://{registry}", f"http://{registry}", f"https://{registry}/v1/"):
-        entry = auths.get(key)
-        if not isinstance(entry, dict):
-            continue
-        if isinstance(entry.get("auth"), str):
-            try:
-                raw = base64.b64decode(entry["auth"], validate=True).decode()
-            except (binascii.Error, UnicodeDecodeError):
-                raise UsageError(
-                    f"{config}: the auth of {key} is not base64 user:password"
-                ) from None
-            name, colon, secret = raw.partition(":")
-            if colon:
-                return name, secret
-        if isinstance(entry.get("username"), str) and isinstance(entry.get("password"), str):
-            return entry["username"], entry["password"]
-    return None
 
 
 def _line(job: dict[str, Any]) -> str:

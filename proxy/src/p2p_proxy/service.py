@@ -10,6 +10,7 @@ seconds, then the engine stops (announcing ``stopped`` to the trackers).
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -72,6 +73,9 @@ async def serve(
         max_connections=settings.max_connections,
         super_seed=settings.super_seed,
     )
+    egress = settings.egress_routes(os.environ)
+    if egress is not None:
+        event(log, "proxy.origin_egress", logging.INFO, **egress.describe())
     async with AsyncExitStack() as stack:
         origins: dict[str, OriginClient] = {}
         for url in settings.registry:
@@ -82,6 +86,7 @@ async def serve(
                     user_agent="p2p-proxy/0.1",
                     token_max_age=settings.auth_cache_ttl,
                     token_realm_hosts=settings.token_realm_hosts,
+                    egress=egress,
                 )
             )
         async with trio.open_nursery() as nursery:
@@ -137,6 +142,7 @@ async def serve(
                 trackers=settings.trackers,
                 data_dir=settings.data_dir,
                 ready=lambda: app.ready,
+                egress=egress,
             )
             metrics.watch(
                 lambda: {

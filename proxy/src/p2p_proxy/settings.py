@@ -2,20 +2,69 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from ipaddress import ip_network
 from pathlib import Path
 from typing import Annotated, ClassVar
 
-from pydantic import BeforeValidator, Field, IPvAnyNetwork, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    IPvAnyNetwork,
+    PlainSerializer,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+)
 
-from p2p_common.settings import ByteSize, HostPort, RegistryList, ServiceSettings, StrList
+from p2p_common.settings import (
+    ByteSize,
+    ConfigError,
+    ListenAddress,
+    RegistryList,
+    Sensitive,
+    ServiceSettings,
+    StrList,
+)
+from p2p_proxy.origin.egress import EgressRoutes, parse_no_proxy, parse_proxy_url, redact
+
+
+def _proxy_url(value: object) -> object:
+    """``""`` or None: no proxy; else a proxy URL, kept as a secret (it may hold a password)."""
+    if value is None:
+        return None
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if not isinstance(value, str):
+        raise ValueError("expected a URL such as http://proxy.example.com:3128")
+    if not value.strip():
+        return None
+    return SecretStr(parse_proxy_url(value))
+
+
+ProxyURL = Annotated[
+    SecretStr | None,
+    BeforeValidator(_proxy_url),
+    Sensitive(),
+    PlainSerializer(
+        lambda v: None if v is None else redact(v.get_secret_value()), return_type=str | None
+    ),
+]
+"""An HTTP(S) proxy URL, maybe with credentials: shown (repr, dumps, errors) without them."""
+
+
+def _no_proxy(values: list[str]) -> list[str]:
+    parse_no_proxy(values)
+    return values
 
 
 class ProxySettings(ServiceSettings):
     ENV_PREFIX: ClassVar[str] = "P2P_PROXY_"
 
-    listen: HostPort = "0.0.0.0:5005"
-    """The HTTP API for agents (manifests, metainfo, blob fallback), health and metrics."""
+    listen: ListenAddress = ":5005"
+    """The HTTP API for agents (manifests, metainfo, blob fallback), health and metrics
+    (``:5005``: every address, IPv6 and IPv4)."""
     peer_port: int = Field(6882, ge=1, le=65535)
     """BitTorrent peer port the proxy seeds from."""
     data_dir: Path = Path("/p2p_proxy_data")
@@ -34,6 +83,18 @@ class ProxySettings(ServiceSettings):
     token_realm_hosts: StrList = Field(default_factory=list)
     """Hosts besides the registry's own (and its parent domain's, e.g. auth.docker.io for
     registry-1.docker.io) whose token realm the proxy may send credentials to."""
+    origin_proxy: ProxyURL = None
+    """Outbound HTTP proxy for the origin traffic only (registries, their token realms, their
+    blob redirects): ``http://[user:password@]host:port`` (``https://`` for TLS to the proxy).
+    Trackers, agents and peers are never reached through it. Empty: direct."""
+    origin_no_proxy: Annotated[StrList, AfterValidator(_no_proxy)] = Field(default_factory=list)
+    """Origin hosts reached directly despite ``originProxy`` (or the environment's proxy):
+    ``NO_PROXY`` entries, Go's rules (``registry.internal``, ``.example.com``, ``10.0.0.0/8``,
+    ``10.1.2.3:5000``, ``*``)."""
+    origin_proxy_from_env: bool = False
+    """Take the origin's proxy from the environment: ``HTTPS_PROXY`` for https origins,
+    ``HTTP_PROXY`` for http ones, ``NO_PROXY`` (plus ``originNoProxy``) for exceptions. Off by
+    default: the variables are then ignored by every client of the proxy."""
     trackers: StrList = Field(default_factory=list)
     """Tracker announce URLs written into every metainfo (``http://p2p-tracker:6969/announce``)."""
     cache_size: ByteSize = 50 * 10**9
@@ -71,6 +132,26 @@ class ProxySettings(ServiceSettings):
         if (key is None) != (info.data.get("tls_cert_file") is None):
             raise ValueError("tlsCertFile and tlsKeyFile go together: give both or neither")
         return key
+
+    @field_validator("origin_proxy_from_env")
+    @classmethod
+    def _one_proxy_source(cls, from_env: bool, info: ValidationInfo) -> bool:
+        if from_env and info.data.get("origin_proxy") is not None:
+            raise ValueError("give originProxy or originProxyFromEnv, not both")
+        return from_env
+
+    def egress_routes(self, environ: Mapping[str, str]) -> EgressRoutes | None:
+        """Which origin requests go through which proxy (None: all direct). ``environ`` is
+        read only with ``originProxyFromEnv``; a bad variable is a :class:`ConfigError` naming
+        it (never its value)."""
+        if self.origin_proxy is not None:
+            return EgressRoutes.explicit(self.origin_proxy.get_secret_value(), self.origin_no_proxy)
+        if not self.origin_proxy_from_env:
+            return None
+        try:
+            return EgressRoutes.from_environment(environ, self.origin_no_proxy)
+        except ValueError as exc:
+            raise ConfigError(f"originProxyFromEnv: {exc}") from None
 
     @property
     def default_registry(self) -> str:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from p2p_common.logs import PullIds
 from p2p_common.metrics import filesystem_usage
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from p2p_common.engine import Engine
     from p2p_common.engine.torrent import Torrent, TorrentStatistics
     from p2p_proxy.limits import OriginLimits
+    from p2p_proxy.origin.egress import EgressRoutes
     from p2p_proxy.preheat import Job
 
 __all__ = ["RECENT", "FetchLog", "FetchRecord", "Limits", "StatusView"]
@@ -60,6 +62,8 @@ class FetchRecord:
     """``running``, ``done`` (verified and cached), ``failed`` or ``cancelled`` (the proxy
     stopped)."""
     error: str | None = None
+    pulls: PullIds | None = None
+    """The pulls this fetch serves (the one that started it first)."""
 
     def view(self, now: float) -> dict[str, Any]:
         end = self.ended if self.ended is not None else now
@@ -80,6 +84,8 @@ class FetchRecord:
             "started_at": round(self.started_at, 3),
             "outcome": self.outcome,
             "error": self.error,
+            "pull_ids": [] if self.pulls is None else list(self.pulls.ids),
+            "pulls": 0 if self.pulls is None else self.pulls.count,
         }
 
 
@@ -104,10 +110,19 @@ class FetchLog:
         self.last_done_at: float | None = None
         self._ids = itertools.count(1)
 
-    def begin(self, registry: str, repository: str, digest: str, size: int | None) -> FetchRecord:
+    def begin(
+        self,
+        registry: str,
+        repository: str,
+        digest: str,
+        size: int | None,
+        *,
+        pulls: PullIds | None = None,
+    ) -> FetchRecord:
         record = FetchRecord(
             next(self._ids), registry, repository, digest, size, self.clock(), self.wall()
         )
+        record.pulls = pulls
         self.in_flight[record.id] = record
         return record
 
@@ -162,6 +177,7 @@ class StatusView:
         data_dir: os.PathLike[str] | str,
         ready: Callable[[], bool] = lambda: True,
         started_at: float | None = None,
+        egress: EgressRoutes | None = None,
     ) -> None:
         self.version = version
         self.registries = list(registries)
@@ -175,6 +191,7 @@ class StatusView:
         self.trackers = list(trackers)
         self.data_dir = data_dir
         self.ready = ready
+        self.egress = egress
         self.started_at = time.time() if started_at is None else started_at
 
     def snapshot(self) -> dict[str, Any]:
@@ -197,6 +214,7 @@ class StatusView:
                 "fetches_done": self.fetches.outcomes["done"],
                 "fetches_failed": self.fetches.outcomes["failed"],
                 "last_fetch_done_at": _round(self.fetches.last_done_at),
+                "egress_proxy": None if self.egress is None else self.egress.describe(),
             },
             "cache": self._cache(),
             "seeding": self._seeds(stats),

@@ -68,6 +68,14 @@ def _head(status: dict[str, Any]) -> Table:
         f"cache {size(cache['used_bytes'])}{quota}, {cache['blobs']} blobs",
         f"disk free {size(cache['disk_free_bytes'])}",
     )
+    egress = origin.get("egress_proxy")
+    if egress:
+        proxies = {egress.get("https_proxy"), egress.get("http_proxy")} - {None}
+        exempt = len(egress.get("no_proxy") or [])
+        head.add_row(
+            f"origin through {', '.join(sorted(proxies)) or 'no proxy'} ({egress.get('source')})",
+            f"{exempt} NO_PROXY entries",
+        )
     roles = ", ".join(f"{n} {role}" for role, n in peers["by_role"].items())
     head.add_row(
         f"seeding {seeding['blobs']} blobs ({size(seeding['bytes'])})",

@@ -27,6 +27,7 @@ from p2p_common.batch_proto import (
 )
 from p2p_common.logs import event
 from p2p_common.metrics import render, service_registry
+from p2p_common.settings import unmapped
 from p2p_common.tracker_proto import (
     AnnounceRequest,
     AnnounceResponse,
@@ -270,7 +271,8 @@ class Tracker:
         if path == "/announce":
             if method != "GET":
                 return _BAD_METHOD
-            return self.announce(query, client, now)
+            # An IPv4 client of a dual-stack listener is listed (and capped) as its IPv4 address.
+            return self.announce(query, None if client is None else unmapped(client), now)
         if path == "/scrape":
             if method != "GET":
                 return _BAD_METHOD
@@ -465,8 +467,7 @@ class Tracker:
         get no answer at all. An announce answer holds peers of the client's own address
         family only (an IPv4-mapped IPv6 client counts as IPv4), at most ``maxNumwant``.
         """
-        if client.startswith("::ffff:") and "." in client:
-            client = client[7:]  # a dual-stack socket's IPv4 client
+        client = unmapped(client)  # a dual-stack socket's IPv4 client
         try:
             cid, action, tid = udp.parse_header(data)
         except udp.UdpTrackerProtocolError:

@@ -24,8 +24,9 @@ from hypercorn.trio import serve as hypercorn_serve
 from p2p_common import udp_tracker_proto
 from p2p_common.asgi import lifespan, use_closing_tcp_server
 from p2p_common.batch_proto import BATCH_PATH, MAX_BATCH_BODY
+from p2p_common.listen import hypercorn_binds, listen_addresses
 from p2p_common.logs import event
-from p2p_common.settings import split_host_port
+from p2p_common.settings import split_listen
 from p2p_common.tracker_proto import encode_failure
 from p2p_tracker.core import Reply, Tracker
 from p2p_tracker.settings import TrackerSettings
@@ -153,11 +154,12 @@ def hypercorn_config(settings: TrackerSettings) -> Config:
 
 
 def udp_socket(family: int, sockaddr: Any) -> socket.socket:
-    """A bound, non-blocking UDP socket (an IPv6 one takes IPv4 clients too)."""
+    """A bound, non-blocking UDP socket (an IPv6 one on ``::`` takes IPv4 clients too)."""
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            wildcard = sockaddr[0] == "::"
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if wildcard else 1)
         with contextlib.suppress(OSError):  # some sandboxes refuse it; the default works
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
         sock.bind(sockaddr)
@@ -184,13 +186,10 @@ async def serve_udp(
     (full send buffer) is dropped and counted: a UDP client retransmits. A bug hit by one
     datagram is logged and costs that datagram only (as a 500 does over HTTP).
     """
-    host, port = split_host_port(address)
-    infos = await trio.socket.getaddrinfo(
-        host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE
-    )
-    family, _type, _proto, _name, sockaddr = infos[0]
+    host, port = split_listen(address)
     try:
-        sock = udp_socket(family, sockaddr)
+        family, bind_host = listen_addresses(address, socket.SOCK_DGRAM)[0]
+        sock = udp_socket(family, (bind_host, port))
     except OSError as exc:
         raise OSError(exc.errno, f"udpListen {address}: {exc.strerror}") from None
     with sock:
@@ -265,6 +264,7 @@ async def serve(
     udp_scope = trio.CancelScope()
     app = TrackerApp(tracker)
     config = hypercorn_config(settings)
+    config.bind = hypercorn_binds(settings.listen)  # IPv4, IPv6, dual-stack: p2p_common.listen
     use_closing_tcp_server()  # a connection its client closed while idle is closed at once
 
     async def trigger() -> None:
@@ -292,7 +292,7 @@ async def serve(
                     cast(Any, app), config, shutdown_trigger=trigger, task_status=task_status
                 )
             )
-            host, port = split_host_port(binds[0].partition("://")[2])
+            host, port = split_listen(binds[0].partition("://")[2])
             tracker.ready = True
             event(log, "tracker.listening", address=host, port=port)
             task_status.started(port)

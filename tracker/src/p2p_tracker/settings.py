@@ -7,7 +7,7 @@ from typing import Annotated, ClassVar
 
 from pydantic import AfterValidator, BeforeValidator, Field, IPvAnyNetwork
 
-from p2p_common.settings import HostPort, ServiceSettings, split_host_port
+from p2p_common.settings import ListenAddress, ServiceSettings, split_listen
 
 
 def _as_list(value: object) -> object:
@@ -19,18 +19,19 @@ def _as_list(value: object) -> object:
 def _optional_host_port(value: str) -> str:
     value = value.strip()
     if value:
-        split_host_port(value)
+        split_listen(value)
     return value
 
 
 class TrackerSettings(ServiceSettings):
     ENV_PREFIX: ClassVar[str] = "P2P_TRACKER_"
 
-    listen: HostPort = "0.0.0.0:6969"
-    """Where the HTTP announce, scrape, health and metrics endpoints listen."""
+    listen: ListenAddress = ":6969"
+    """Where the HTTP announce, scrape, health and metrics endpoints listen (``:6969``: every
+    address, IPv6 and IPv4)."""
     udp_listen: Annotated[str, AfterValidator(_optional_host_port)] = ""
     """Where the UDP tracker (BEP 15, ``udp://`` announce URLs) listens; empty (the default)
-    turns it off. The conventional value is the HTTP port on UDP, ``0.0.0.0:6969``: then
+    turns it off. The conventional value is the HTTP port on UDP, ``:6969``: then
     ``udp://host:6969`` and ``http://host:6969/announce`` rank alike (docs/tracker.md)."""
     announce_interval: int = Field(300, ge=1, le=3600)
     """Seconds a peer should wait between regular announces (the ``interval`` answer)."""

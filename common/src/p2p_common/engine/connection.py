@@ -78,7 +78,7 @@ class Connection:
                     await self._reader()
                     nursery.cancel_scope.cancel()
             except BaseExceptionGroup as group:
-                raise collapse(group) from None
+                raise collapse(group, dropping=(trio.Cancelled,)) from None
 
     async def _writer(self) -> None:
         session = self.session

@@ -31,9 +31,12 @@ from p2p_common.engine.shared import Bans, ConnectionSlots, EngineShared, Pendin
 from p2p_common.engine.torrent import HANDSHAKE_TIMEOUT, Torrent, TorrentInfo, read_handshake
 from p2p_common.engine.transport import make_transport
 from p2p_common.errors import LocalError, RemoteError
+from p2p_common.listen import trio_listeners
+from p2p_common.logs import detached
 from p2p_common.logs import event as log_event
 from p2p_common.ratelimit import RateLimiter
 from p2p_common.session import LocalPeer, Window
+from p2p_common.settings import join_host_port, unmapped
 from p2p_common.storage import PieceStore
 
 log = logging.getLogger("p2p.engine")
@@ -60,7 +63,7 @@ class Engine:
     def __init__(
         self,
         *,
-        host: str = "0.0.0.0",
+        host: str = "",
         port: int = 0,
         role: str = "agent",
         peer_id: bytes | None = None,
@@ -128,7 +131,9 @@ class Engine:
     async def serve(
         self, *, task_status: trio.TaskStatus[Engine] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        listeners = await trio.open_tcp_listeners(self.port, host=self.host or None)
+        listeners = trio_listeners(
+            join_host_port(self.host, self.port) if self.host else f":{self.port}"
+        )
         self.port = listeners[0].socket.getsockname()[1]
         self.shared.local = LocalPeer(self.client_name, self.port, self.max_block, self.role)
         self.shared.announcer.port = self.port
@@ -217,7 +222,8 @@ class Engine:
                 self._forget(torrent)
 
         try:
-            await self._nursery.start(run)
+            with detached():  # the torrent outlives the pull that added it: it serves all
+                await self._nursery.start(run)
         except RuntimeError:  # the engine's nursery closed: it is stopping
             self._forget(torrent)
             raise EngineStoppedError("the peer engine has stopped") from None
@@ -271,7 +277,13 @@ class Engine:
         except OSError:
             await stream.aclose()
             return
-        await self.attach_stream(stream, address=(str(host), int(port)))
+        # An IPv4 peer of the dual-stack listener as its IPv4 address (bans compare addresses).
+        try:
+            await self.attach_stream(stream, address=(unmapped(str(host)), int(port)))
+        except Exception:
+            # A bug in one connection ends that connection, loudly, never the listener (and
+            # with it every other connection and torrent of the process).
+            log.exception("connection.failed: a bug ended an incoming connection")
 
     async def attach_stream(
         self,

@@ -24,7 +24,7 @@ import trio
 
 from p2p_common import wire
 from p2p_common.engine.connection import Connection
-from p2p_common.engine.shared import EngineShared, admits_incoming
+from p2p_common.engine.shared import EngineShared, admits_incoming, may_dial
 from p2p_common.engine.transport import PeerGoneError, Transport, make_transport
 from p2p_common.errors import LocalError, RemoteError
 from p2p_common.logs import event as log_event
@@ -343,8 +343,17 @@ class Torrent:
         """Run an established connection until it ends; cleans up after it. ``window``: the
         pieces the peer sees (all of them, or one chunk's for a standard client)."""
         if self._stopped or handshake.peer_id in self.connections:
+            log_event(
+                log,
+                "peer.refused",
+                logging.DEBUG,
+                peer=f"{address[0]}:{address[1]}",
+                reason="torrent stopped" if self._stopped else "already connected",
+            )
             return
         if self.engine.bans.is_banned(handshake.peer_id, address[0]):
+            peer = f"{address[0]}:{address[1]}"
+            log_event(log, "peer.refused", logging.DEBUG, peer=peer, reason="banned")
             return
         info = self.info
         end = min(info.length, (window.first + window.count) * info.piece_length)
@@ -392,12 +401,17 @@ class Torrent:
         self.core.uploaded += count
 
     def dial(self, now: float) -> None:
-        """Start connecting to candidates that are due, up to ``max_peers`` connections."""
+        """Start connecting to candidates that are due: up to half of ``max_peers`` connections
+        that we dialled, the other half left for peers dialling us (``shared.may_dial``)."""
         if self._nursery is None or self._stopped or self.core.complete:
             return  # seeds wait for leechers to connect
         busy = {conn.session.address for conn in self.connections.values()} | self._connecting
+        dialled = sum(1 for conn in self.connections.values() if conn.session.outgoing)
         for address, candidate in self.candidates.items():
-            if len(self.connections) + len(self._connecting) >= self.max_peers:
+            connecting = len(self._connecting)
+            if not may_dial(
+                dialled + connecting, len(self.connections) + connecting, self.max_peers
+            ):
                 break
             if (
                 address in busy
@@ -447,6 +461,9 @@ class Torrent:
                     )
             except (OSError, RemoteError, trio.TooSlowError):
                 pass
+            except Exception:
+                # A bug in one connection ends that connection, loudly, not the torrent.
+                log.exception("connection.failed: a bug ended an outgoing connection")
             finally:
                 engine.slots.release()
         finally:
@@ -459,6 +476,15 @@ class Torrent:
                     candidate.failures += 1
                     delay = _backoff(candidate.failures)
                 candidate.next_attempt = trio.current_time() + delay
+                log_event(
+                    log,
+                    "peer.dial_ended",
+                    logging.DEBUG,
+                    peer=f"{address[0]}:{address[1]}",
+                    connected=connected,
+                    failures=candidate.failures,
+                    retry_in=round(delay, 2),
+                )
 
     # -- pieces ----------------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """The origin registry client: manifests and blobs from one registry, with its own auth.
 
 ``client`` (:class:`OriginClient`), ``auth`` (challenges and tokens), ``responses`` (the
-result types and the mapping of origin answers to registry errors).
+result types and the mapping of origin answers to registry errors). Besides manifests and blobs,
+the client gets tag lists and referrers (:meth:`OriginClient.get_listing`), never cached.
 
 A trio + httpx shell over :mod:`p2p_common.oci` and :mod:`p2p_common.registry_auth`.
 :class:`OriginClient` talks only to the registry it was made for, to the token realm that
@@ -23,13 +24,20 @@ timeouts here are only safety nets against a silent origin.
 
 from p2p_common.registry_auth import Credentials
 from p2p_proxy.origin.client import OriginClient
-from p2p_proxy.origin.responses import MAX_MANIFEST_BYTES, BlobConsumer, BlobHead, ManifestResponse
+from p2p_proxy.origin.responses import (
+    MAX_MANIFEST_BYTES,
+    BlobConsumer,
+    BlobHead,
+    ListingResponse,
+    ManifestResponse,
+)
 
 __all__ = [
     "MAX_MANIFEST_BYTES",
     "BlobConsumer",
     "BlobHead",
     "Credentials",
+    "ListingResponse",
     "ManifestResponse",
     "OriginClient",
 ]

@@ -5,18 +5,20 @@ from __future__ import annotations
 import math
 import os
 import ssl
-from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
 from contextlib import aclosing
 from types import TracebackType
 from typing import Literal, Self
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urlencode, urljoin, urlsplit
 
 import httpx
 import trio
 
 from p2p_common.httpclient import tune_reads
+from p2p_common.listing import MAX_LISTING_BYTES
 from p2p_common.oci import (
     DEFAULT_MANIFEST_ACCEPT,
+    OCI_INDEX,
     ErrorCode,
     OCIError,
     compute_digest,
@@ -30,11 +32,14 @@ from p2p_common.oci import (
 from p2p_common.registry_auth import Credentials
 from p2p_common.settings import normalise_registry, registry_name
 from p2p_proxy.origin.auth import OriginAuth
+from p2p_proxy.origin.egress import EgressRoutes
 from p2p_proxy.origin.responses import (
+    ERROR_BODY_LIMIT,
     MAX_MANIFEST_BYTES,
     MAX_REDIRECTS,
     BlobConsumer,
     BlobHead,
+    ListingResponse,
     ManifestResponse,
     T,
     aclose_iterator,
@@ -43,11 +48,13 @@ from p2p_proxy.origin.responses import (
     header_dict,
     header_digest,
     parse_content_range,
+    raise_for_listing,
     raise_for_status,
     raise_for_status_streamed,
     read_bounded,
     transport_failure,
 )
+from p2p_proxy.origin.transport import origin_transport
 
 
 class OriginClient:
@@ -55,7 +62,9 @@ class OriginClient:
 
     ``registry_url`` is what :data:`~p2p_common.settings.RegistryURL` accepts
     (``host[:port]`` means https). https certificates are verified, against the system
-    store or ``ca_file``; ``verify=False`` turns that off (tests only).
+    store or ``ca_file``; ``verify=False`` turns that off (tests only). ``egress`` routes
+    requests through an outbound HTTP proxy (:mod:`p2p_proxy.origin.egress`): the registry,
+    its token realm and its blob redirects alike, each unless a ``NO_PROXY`` rule exempts it.
     """
 
     def __init__(
@@ -73,6 +82,7 @@ class OriginClient:
         transport: httpx.AsyncBaseTransport | None = None,
         token_max_age: float = math.inf,
         token_realm_hosts: Iterable[str] = (),
+        egress: EgressRoutes | None = None,
     ) -> None:
         tune_reads()
         self.registry_url = normalise_registry(registry_url)
@@ -86,17 +96,21 @@ class OriginClient:
             tls = ssl.create_default_context(cafile=os.fspath(ca_file))
         else:
             tls = ssl.create_default_context()
+        limits = httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        )
+        self.egress = egress
+        """The egress proxy routes (None: every request goes direct)."""
+        if transport is None:
+            transport = origin_transport(tls, limits, egress)
         self._http = httpx.AsyncClient(
-            verify=tls,
+            # The environment is never read here: an egress proxy comes only from ``egress``.
             trust_env=False,  # no proxy variables, no .netrc credentials
             follow_redirects=False,
             # No pool timeout: waiting for a free connection is bounded by the caller's
             # cancel scope; connect and read timeouts guard against a silent origin.
             timeout=httpx.Timeout(
                 connect=connect_timeout, read=read_timeout, write=read_timeout, pool=None
-            ),
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
             ),
             # identity: digests are over the stored bytes, never a re-encoding of them.
             headers={"User-Agent": user_agent, "Accept-Encoding": "identity"},
@@ -215,6 +229,52 @@ class OriginClient:
             )
             async with aclosing(self._chunks(response)) as chunks:
                 return await consume(head, chunks)
+        finally:
+            await response.aclose()
+
+    async def get_listing(
+        self,
+        repository: str,
+        digest: str | None,
+        credentials: Credentials | None,
+        params: Sequence[tuple[str, str]] = (),
+        *,
+        accept: str | None = None,
+    ) -> ListingResponse:
+        """GET the tag list of ``repository`` (``digest`` None) or the referrers of ``digest``
+        (OCI distribution 1.1), with the query parameters ``params``; the body is bounded.
+        Refusals raise :class:`OCIError` (a 404 stays a 404: see
+        :func:`~p2p_proxy.origin.responses.raise_for_listing`)."""
+        name = validate_name(repository)
+        if digest is None:
+            kind: Literal["tags", "referrers"] = "tags"
+            path = f"/v2/{name}/tags/list"
+        else:
+            kind = "referrers"
+            path = f"/v2/{name}/referrers/{validate_digest(digest)}"
+        if params:
+            path += "?" + urlencode(list(params), quote_via=quote)
+        default = "application/json" if kind == "tags" else OCI_INDEX
+        headers = {"Accept": accept or default}
+        response = await self._authorized(
+            "GET", path, repository, credentials, headers, stream=True
+        )
+        try:
+            if response.status_code >= 300:
+                try:
+                    body = await read_bounded(response, ERROR_BODY_LIMIT, "error body")
+                except OCIError:
+                    body = b""
+                raise_for_listing(response, kind, body)
+            if response.status_code != 200:
+                raise failure(f"origin answered a {kind} listing with {response.status_code}")
+            return ListingResponse(
+                status=200,
+                content_type=response.headers.get("content-type", ""),
+                links=response.headers.get_list("link"),
+                filters_applied=response.headers.get("oci-filters-applied"),
+                body=await read_bounded(response, MAX_LISTING_BYTES, f"{kind} listing"),
+            )
         finally:
             await response.aclose()
 

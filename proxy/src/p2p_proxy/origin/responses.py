@@ -57,6 +57,21 @@ class BlobHead:
     content_range: tuple[int, int, int | None] | None = None
 
 
+@dataclass(frozen=True)
+class ListingResponse:
+    """A tag list or a referrers index from the origin (OCI distribution 1.1).
+
+    ``links`` are the origin's ``Link`` header lines as sent (the caller rewrites the next-page
+    link for its own clients); ``filters_applied`` is its ``OCI-Filters-Applied``.
+    """
+
+    status: int
+    content_type: str
+    links: list[str]
+    filters_applied: str | None
+    body: bytes
+
+
 BlobConsumer = Callable[[BlobHead, AsyncIterator[bytes]], Awaitable[T]]
 """Receives the head and the body chunks of a blob GET; what it returns is returned."""
 
@@ -194,3 +209,28 @@ def raise_for_status(
     if 300 <= status < 400:
         raise failure(f"origin redirected a {kind} request ({status})")
     raise failure(f"origin answered {status}")
+
+
+def raise_for_listing(
+    response: httpx.Response, kind: Literal["tags", "referrers"], body: bytes
+) -> None:
+    """The registry error for a listing the origin refused: its 4xx passes on with its code
+    (the client must see a 404 as a 404: without the referrers API a registry answers 404, and
+    clients then use the tag schema), anything else is the origin's failure."""
+    status = response.status_code
+    if status < 300:
+        return
+    code = known_code(parse_error_body(body))
+    if status == 404:
+        fallback = ErrorCode.NAME_UNKNOWN if kind == "tags" else ErrorCode.UNSUPPORTED
+        message = None
+        if kind == "referrers" and code is None:
+            message = "the registry does not offer the referrers API (use the tag schema)"
+        raise OCIError(code or fallback, message, status=404)
+    if status in (401, 403, 429, 405):
+        raise_for_status(response, "manifest", body)
+    if status == 400:
+        entries = parse_error_body(body)
+        message = entries[0].message if entries else "the registry refused the listing request"
+        raise OCIError(code or ErrorCode.UNSUPPORTED, message or None, status=400)
+    raise_for_status(response, "manifest", body)
