@@ -292,6 +292,9 @@ class _Seed:
     """Announced alone: its tracker has no batch endpoint, or is a ``udp://`` one."""
     due: float = 0.0
     """When announced alone: when next."""
+    ranked: list[str] | None = None
+    """Its tracker instances, most preferred first (for the expansion in ``expanded_from``)."""
+    expanded_from: tuple[str, ...] = ()
 
 
 @dataclass(eq=False)
@@ -349,8 +352,13 @@ class Announcer:
         self.key = secrets.token_bytes(8)
         """Our ``key`` in batches (keeps our entries if our address changes)."""
         self._seeds: dict[bytes, _Seed] = {}
+        self._alone: dict[bytes, _Seed] = {}
+        """The seeds announced alone (scanned for the due ones)."""
+        self._unplaced: dict[bytes, _Seed] = {}
+        """Seeds added since the last placement (placed without looking at the others)."""
         self._instances: dict[str, _Instance] = {}
         self._replan = False
+        """Place every seed again (a tracker went down or came back)."""
         self._wake = trio.Event()
         self._stopping: dict[str, _Stopping] = {}
         self._rng = random.Random()
@@ -475,8 +483,8 @@ class Announcer:
         seed = self._seeds.get(info_hash)
         if seed is not None:
             self._forget(seed)
-        self._seeds[info_hash] = _Seed(info_hash, trackers, stats, on_peers, event)
-        self._replan = True
+        seed = self._seeds[info_hash] = _Seed(info_hash, trackers, stats, on_peers, event)
+        self._unplaced[info_hash] = seed
         self._wake.set()
 
     async def remove_seed(self, info_hash: bytes) -> None:
@@ -489,6 +497,7 @@ class Announcer:
         seed = self._seeds.pop(info_hash, None)
         if seed is None:
             return
+        self._unplaced.pop(info_hash, None)
         self._forget(seed)
         if seed.at is None:  # announced alone, or not announced by us yet
             uploaded, downloaded = seed.stats()
@@ -514,6 +523,7 @@ class Announcer:
             stopping.done.set()
 
     def _forget(self, seed: _Seed) -> None:
+        self._alone.pop(seed.info_hash, None)
         if seed.at is not None:
             instance = self._instances.get(seed.at)
             if instance is not None:
@@ -545,7 +555,9 @@ class Announcer:
                         i.batch is False and now >= i.no_batch_until
                         for i in self._instances.values()
                     ):
-                        await self._plan(now)
+                        await self._plan(now, everything=True)
+                    elif self._unplaced:
+                        await self._plan(now, everything=False)
                     self._start_sends(nursery, now)
                     wake = self._next_wake(trio.current_time())
                     if wake > 0:
@@ -556,21 +568,31 @@ class Announcer:
         finally:
             self.batching = False
 
-    async def _plan(self, now: float) -> None:
-        """Place every seed at its tracker: the first one ranked for its infohash that is
-        not down; a batch there if it has the endpoint, else the seed goes alone."""
-        self._replan = False
+    async def _plan(self, now: float, *, everything: bool) -> None:
+        """Place seeds at their tracker: the first one ranked for the infohash that is not
+        down; a batch there if it has the endpoint, else the seed goes alone. ``everything``
+        after a tracker went down or came back, else only the seeds added since (a reseed
+        adds thousands one by one)."""
+        seeds = list((self._seeds if everything else self._unplaced).values())
+        self._unplaced.clear()
         expansions: dict[tuple[str, ...], dict[str, str]] = {}
-        for instance in self._instances.values():
-            instance.preferred = 0
-            if instance.batch is False and now >= instance.no_batch_until:
-                instance.batch = None  # ask again: it may have been upgraded
-        for seed in list(self._seeds.values()):
+        if everything:
+            self._replan = False
+            for instance in self._instances.values():
+                instance.preferred = 0
+                if instance.batch is False and now >= instance.no_batch_until:
+                    instance.batch = None  # ask again: it may have been upgraded
+        for seed in seeds:
             expanded = expansions.get(seed.trackers)
             if expanded is None:
                 expanded = expansions[seed.trackers] = await self._expanded(seed.trackers)
-            ranked = rank_trackers(seed.info_hash, expanded)
-            if not ranked or self._seeds.get(seed.info_hash) is not seed:
+            if self._seeds.get(seed.info_hash) is not seed:
+                continue
+            key = tuple(expanded)
+            if seed.ranked is None or seed.expanded_from != key:
+                seed.ranked, seed.expanded_from = rank_trackers(seed.info_hash, expanded), key
+            ranked = seed.ranked
+            if not ranked:
                 continue
             first = _rank_identity(ranked[0])  # the HTTP twin of a udp:// one, if listed
             self._instance(first if first in expanded else ranked[0], "").preferred += 1
@@ -604,6 +626,7 @@ class Announcer:
                 if seed.at is not None and seed.event is None:
                     seed.event = Event.STARTED
                 seed.at, seed.alone, seed.due = None, True, now
+                self._alone[seed.info_hash] = seed
 
     def _instance(self, url: str, listed: str) -> _Instance:
         instance = self._instances.get(url)
@@ -664,8 +687,8 @@ class Announcer:
             instance.last_request = now
             instance.busy = True
             nursery.start_soon(self._send_round, instance, entries, now)
-        for seed in self._seeds.values():
-            if seed.alone and seed.due <= now:
+        for seed in self._alone.values():
+            if seed.due <= now:
                 seed.due = math.inf  # set when its announce ends
                 nursery.start_soon(self._announce_alone, seed)
 
@@ -685,10 +708,9 @@ class Announcer:
             wake = min(wake, self._due(instance))
             if instance.batch is False:
                 wake = min(wake, instance.no_batch_until)
-        for seed in self._seeds.values():
-            if seed.alone:
-                wake = min(wake, seed.due)
-        return 0.0 if self._replan else max(0.0, wake - now)
+        for seed in self._alone.values():
+            wake = min(wake, seed.due)
+        return 0.0 if self._replan or self._unplaced else max(0.0, wake - now)
 
     async def _send_round(
         self, instance: _Instance, entries: list[tuple[bytes, Event]], now: float
@@ -799,6 +821,7 @@ class Announcer:
             if seed is not None and seed.at == instance.url:
                 seed.at = None
                 seed.alone, seed.due = True, trio.current_time()
+                self._alone[info_hash] = seed
                 if seed.event is None:
                     seed.event = Event.STARTED
         instance.seeds.clear()
