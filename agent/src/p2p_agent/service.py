@@ -197,19 +197,21 @@ async def serve(
     origin = source
     rates = Rates(settings.download_rate, settings.upload_rate, origin)
 
-    def paced(pace: Pace) -> None:
-        """The adaptive limit changed the download rate in force."""
-        rates.download, rates.changed_at = round(pace.rate), time.time()
-        rates.source = "adaptive (disk writes too slow)" if pace.adaptive else origin
-        metrics.download_rate.set(pace.rate)
-        metrics.download_rate_adaptive.set(1 if pace.adaptive else 0)
+    def show_download_rate(_pace: Pace | None = None) -> None:
+        """The download rate in force (downloadRate, or the adaptive limit below it) into the
+        status view and the metrics: when the adaptive limit changes it, and on a reload."""
+        adaptive = pacer.core.adaptive is not None
+        rates.download, rates.changed_at = round(pacer.rate), time.time()
+        rates.source = "adaptive (disk writes too slow)" if adaptive else origin
+        metrics.download_rate.set(pacer.rate)
+        metrics.download_rate_adaptive.set(1 if adaptive else 0)
 
     pacer = Pacer(
         engine,
         limit=settings.disk_write_latency_limit,
         floor=settings.disk_min_download_rate,
         configured=settings.download_rate,
-        on_change=paced,
+        on_change=show_download_rate,
         observe=metrics.disk_flush_seconds.observe,
     )
 
@@ -246,11 +248,9 @@ async def serve(
             floor=fresh.disk_min_download_rate,
             configured=fresh.download_rate,
         )
-        rates.download, rates.upload = round(pacer.rate), fresh.upload_rate
-        rates.source = "adaptive (disk writes too slow)" if pacer.core.adaptive else origin
-        rates.changed_at = time.time()
+        rates.upload = fresh.upload_rate
+        show_download_rate()
         engine.set_rates(pacer.rate, fresh.upload_rate)
-        metrics.download_rate.set(pacer.rate)
         metrics.upload_rate.set(fresh.upload_rate)
         event(
             log,

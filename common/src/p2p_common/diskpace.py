@@ -66,8 +66,7 @@ class DiskPace:
     def __init__(
         self, *, limit: float, floor: float, configured: float, period: float = 1.0
     ) -> None:
-        if limit < 0 or floor <= 0 or configured < 0:
-            raise ValueError("limit >= 0, floor > 0 and configured >= 0 are required")
+        _check(limit, floor, configured)
         self.limit = limit
         self.floor = floor
         self.configured = configured
@@ -97,8 +96,7 @@ class DiskPace:
     def reconfigure(self, *, limit: float, floor: float, configured: float) -> Pace:
         """New settings (a live reload). Turning the limit off, or a ``downloadRate`` below the
         adaptive limit, ends the adaptive limit."""
-        if limit < 0 or floor <= 0 or configured < 0:
-            raise ValueError("limit >= 0, floor > 0 and configured >= 0 are required")
+        _check(limit, floor, configured)
         before = self.rate
         self.limit, self.floor, self.configured = limit, floor, configured
         if self.adaptive is not None and (
@@ -178,3 +176,8 @@ class DiskPace:
     def _pace(self, before: float) -> Pace:
         rate = self.rate
         return Pace(rate=rate, adaptive=self.adaptive is not None, changed=rate != before)
+
+
+def _check(limit: float, floor: float, configured: float) -> None:
+    if limit < 0 or floor <= 0 or configured < 0:
+        raise ValueError("limit >= 0, floor > 0 and configured >= 0 are required")

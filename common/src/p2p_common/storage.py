@@ -76,8 +76,9 @@ class PieceFile:
         bitfield_path: Path | None = None,
         *,
         complete: bool = False,
+        create: bool = True,
     ) -> None:
-        """Open (creating if needed) ``data_path``.
+        """Open (creating if needed, unless ``create=False``) ``data_path``.
 
         ``complete=True`` opens an existing, already verified blob read-only for seeding.
         Otherwise the file is created empty (it grows as pieces arrive: on this kind of
@@ -104,7 +105,8 @@ class PieceFile:
                     raise BlobDamagedError(f"{data_path}: {size} bytes, expected {metainfo.length}")
                 self.have = Bitfield(metainfo.num_pieces, full=True)
                 return
-            self._fd = os.open(data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+            self._fd = os.open(data_path, flags, 0o640)
             if os.fstat(self._fd).st_size > metainfo.length:
                 os.ftruncate(self._fd, metainfo.length)  # never longer than the blob
             self.have = Bitfield(metainfo.num_pieces)

@@ -107,6 +107,10 @@ class Fetch:
         self.changed.set()
         self.changed = trio.Event()
 
+    async def wait_ended(self) -> None:
+        while not self.ended:
+            await self.changed.wait()
+
     def end(self, *, failed: bool) -> None:
         self.ended = True
         self.failed = failed

@@ -17,6 +17,7 @@ import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import trio
 
@@ -89,20 +90,46 @@ class Seeder:
                 self._stop(fetch.digest)
 
     async def _start_ingest(self, fetch: Fetch) -> None:
-        """Seed a blob from its first published chunk on, while the rest is fetched."""
+        """Seed a blob from its first published chunk on, while the rest is fetched.
+
+        The fetch may end while this task waits (for the lock, for the file, for the engine):
+        the scratch file is opened without creating it (opening the path after the rename once
+        created an empty file there and seeded its zeros as the blob), so the descriptor is the
+        fetch's own file (renamed into the cache once verified) or none; a fetch that ended by
+        then is seeded from the cache instead, a failed one not at all.
+        """
         digest = fetch.digest
         try:
             lock = self._locks.setdefault(digest, trio.Lock())
             async with lock:
-                if digest in self._seeds or fetch.ended:
+                if digest in self._seeds:
                     return
-                store = await trio.to_thread.run_sync(PieceFile, fetch.blob, fetch.path)
+                if fetch.ended:
+                    if not fetch.failed:
+                        await self._seed_cached(digest, fetch.blob)
+                    return
+                try:
+                    store = await trio.to_thread.run_sync(
+                        partial(PieceFile, fetch.blob, fetch.path, create=False)
+                    )
+                except StorageError as exc:
+                    # Renamed into the cache before its fetch has ended (the rename's thread
+                    # may report after ours), or the file cannot be opened now: seed it from
+                    # the cache once the fetch ends.
+                    event(log, "proxy.seed_deferred", logging.DEBUG, digest=digest, error=str(exc))
+                    await fetch.wait_ended()
+                    if not fetch.failed:
+                        await self._seed_cached(digest, fetch.blob)
+                    return
                 try:
                     torrent = await self.engine.add_torrent(fetch.blob, store, ingest=True)
                 except BaseException:
                     store.close()
                     raise
                 self._seeds[digest] = _Seed(torrent, store)
+                if fetch.failed:  # its fetch_ended came before the torrent was known
+                    self._stop(digest)
+                    return
                 for index in range(fetch.pieces):
                     torrent.piece_arrived(index)
                 self.engine.chunks_added(torrent)
@@ -120,26 +147,30 @@ class Seeder:
         lock = self._locks.setdefault(digest, trio.Lock())
         try:
             async with lock:
-                seed = self._seeds.get(digest)
-                if seed is not None:
-                    if self._alive(seed) and seed.torrent.info_hash == meta.info_hash:
-                        return
-                    self._stop(digest)  # failed, or built from other metainfo
-                path = self.cache.blob_path(digest)
-                info = meta.with_trackers(self.trackers)
-                store = await trio.to_thread.run_sync(lambda: PieceFile(info, path, complete=True))
-                try:
-                    torrent = await self.engine.add_torrent(
-                        info, store, announce_delay=announce_delay
-                    )
-                except BaseException:
-                    store.close()
-                    raise
-                self._seeds[digest] = _Seed(torrent, store)
-                # By digest: the infohash is a capability for the swarm, never logged.
-                event(log, "proxy.seeding", logging.DEBUG, digest=digest, chunks=len(meta.chunks))
+                await self._seed_cached(digest, meta, announce_delay=announce_delay)
         finally:
             self._drop_lock(digest)
+
+    async def _seed_cached(
+        self, digest: str, meta: BlobMetainfo, *, announce_delay: float = 0.0
+    ) -> None:
+        """:meth:`seed`, with ``digest``'s lock held."""
+        seed = self._seeds.get(digest)
+        if seed is not None:
+            if self._alive(seed) and seed.torrent.info_hash == meta.info_hash:
+                return
+            self._stop(digest)  # failed, or built from other metainfo
+        path = self.cache.blob_path(digest)
+        info = meta.with_trackers(self.trackers)
+        store = await trio.to_thread.run_sync(lambda: PieceFile(info, path, complete=True))
+        try:
+            torrent = await self.engine.add_torrent(info, store, announce_delay=announce_delay)
+        except BaseException:
+            store.close()
+            raise
+        self._seeds[digest] = _Seed(torrent, store)
+        # By digest: the infohash is a capability for the swarm, never logged.
+        event(log, "proxy.seeding", logging.DEBUG, digest=digest, chunks=len(meta.chunks))
 
     def _drop_lock(self, digest: str) -> None:
         lock = self._locks.get(digest)
