@@ -10,6 +10,8 @@ tracker-udp    UDP (BEP 15) announces/s: p2p-tracker versus opentracker, one gen
 tracker-load   5,000 peers on 16 source addresses: p2p-tracker (per-address caps on) versus
                opentracker, announces/s, p50/p99 and peak RSS (bench_tracker_load)
 tracker-flood  the tracker's pure core under floods, and its memory per peer (bench_tracker_flood)
+tracker-scale  5,000 nodes x 2,000 cached blobs announced in batches, a 1,000-node rollout on
+               top, against seeds announcing alone: tracker CPU, p99, memory (bench_tracker_scale)
 pull     one 1 GiB blob with curl: direct, cold and warm through the agent (bench_pull)
 rollout  8 emulated nodes (network namespaces, 100 Mbit/s links) pull one image at once, from
          the origin and through their agents (bench_rollout; needs root)
@@ -30,6 +32,7 @@ BENCHMARKS = {
     "tracker-udp": "tests.bench.bench_tracker_udp",
     "tracker-load": "tests.bench.bench_tracker_load",
     "tracker-flood": "tests.bench.bench_tracker_flood",
+    "tracker-scale": "tests.bench.bench_tracker_scale",
     "pull": "tests.bench.bench_pull",
     "rollout": "tests.bench.bench_rollout",
     "idle": "tests.bench.bench_idle",

@@ -112,9 +112,15 @@ async def pull(
 
 
 async def announces(tracker: httpx.AsyncClient) -> float:
-    """Announces the tracker answered, every event."""
+    """Announces the tracker answered, every event and protocol (seeds come in batches)."""
     events = ("none", "started", "completed", "stopped", "paused")
-    return sum([await metric(tracker, "p2p_tracker_announces_total", event=e) for e in events])
+    return sum(
+        [
+            await metric(tracker, "p2p_tracker_announces_total", event=e, protocol=p)
+            for e in events
+            for p in ("http", "udp", "batch")
+        ]
+    )
 
 
 def assert_no_p2p_traffic(egress: TinyProxy, parts: dict[str, str]) -> None:

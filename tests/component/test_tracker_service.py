@@ -13,6 +13,13 @@ import pytest
 import trio
 
 from p2p_common import bencoding
+from p2p_common.batch_proto import (
+    BATCH_PATH,
+    MAX_BATCH_BODY,
+    BatchRequest,
+    encode_batch_request,
+    parse_batch_response,
+)
 from p2p_common.tracker_proto import (
     AnnounceRequest,
     Event,
@@ -398,3 +405,104 @@ async def test_graceful_stop_and_cancellation(client: httpx.AsyncClient) -> None
         async with trio.open_nursery() as nursery:
             await nursery.start(serve, settings)
             nursery.cancel_scope.cancel()
+
+
+# --- batched announces of seeds (POST /p2p/v1/announce-batch) ---------------------------------
+
+
+async def batch(http: httpx.AsyncClient, base: str, request: BatchRequest) -> tuple[int, bytes]:
+    response = await http.post(f"{base}{BATCH_PATH}", content=encode_batch_request(request))
+    return response.status_code, response.content
+
+
+async def test_a_batch_lists_seeds_that_single_announces_hand_out(
+    base: str, client: httpx.AsyncClient
+) -> None:
+    hashes = [bytes([n]) * 20 for n in range(1, 41)]
+    status, body = await batch(
+        client, base, BatchRequest(pid(1), 6881, tuple((h, Event.STARTED) for h in hashes))
+    )
+    assert status == 200
+    answer = parse_batch_response(body)
+    assert (answer.interval, answer.heartbeat) == (1800, 42)  # seedAnnounceInterval, interval
+    assert answer.peers == {}
+    # a standard client's announce for any of them gets the batched seed, unchanged BEP 3
+    status, body = await announce(client, base, AnnounceRequest(hashes[7], pid(2), 7000, left=5))
+    assert status == 200
+    assert parse_announce_response(body).peers == (Peer("127.0.0.1", 6881),)
+    # and the seed, asking for peers, gets that leecher (only where there is one)
+    status, body = await batch(
+        client,
+        base,
+        BatchRequest(pid(1), 6881, tuple((h, Event.NONE) for h in hashes), numwant=10),
+    )
+    again = parse_batch_response(body)
+    assert again.instance == answer.instance
+    assert again.peers == {hashes[7]: (Peer("127.0.0.1", 7000),)}
+    scrape = await client.get(f"{base}/scrape?{scrape_query(hashes[:2])}")
+    assert parse_scrape_response(scrape.content)[hashes[0]] == ScrapeStats(complete=1)
+    text = (await client.get(f"{base}/metrics")).text
+    assert "p2p_tracker_batches_total 2.0" in text
+    assert 'p2p_tracker_announces_total{event="started",protocol="batch"} 40.0' in text
+    assert 'p2p_tracker_announces_total{event="none",protocol="batch"} 40.0' in text
+    assert "p2p_tracker_batch_seeds 40.0" in text
+    # stopping them in a batch removes them
+    status, _ = await batch(
+        client, base, BatchRequest(pid(1), 6881, tuple((h, Event.STOPPED) for h in hashes))
+    )
+    assert status == 200
+    assert "p2p_tracker_batch_seeds 0.0" in (await client.get(f"{base}/metrics")).text
+
+
+async def test_bad_batches_are_refused_whole_with_a_reason(
+    base: str, client: httpx.AsyncClient
+) -> None:
+    url = f"{base}{BATCH_PATH}"
+    good = bencoding.encode({"peer id": pid(1), "port": 6881, "started": H1})
+    duplicate = bencoding.encode({"peer id": pid(1), "port": 6881, "started": H1, "stopped": H1})
+    for body, status, reason in [
+        (b"not bencoded", 400, b"not bencoded"),
+        (duplicate, 400, b"more than once"),
+        (good[:-1], 400, b"not bencoded"),
+        (b"d" + b"0" * (MAX_BATCH_BODY + 10) + b"e", 413, b"larger than"),
+    ]:
+        response = await client.post(url, content=body)
+        assert response.status_code == status
+        assert reason in bencoding.decode_dict(response.content)[b"failure reason"]
+    # nothing of the refused batches was recorded
+    text = (await client.get(f"{base}/metrics")).text
+    assert "p2p_tracker_peers 0.0" in text
+    assert 'p2p_tracker_failures_total{protocol="batch",reason="bad_request"} 3.0' in text
+    assert (await client.get(url)).status_code == 405
+
+    # a chunked body beyond the bound is cut off too
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(20):
+            yield b"0" * 4096
+
+    assert (await client.post(url, content=chunks())).status_code == 413
+
+
+async def test_a_batch_is_held_to_the_per_address_caps_over_http(
+    nursery: trio.Nursery, client: httpx.AsyncClient
+) -> None:
+    base = await start(
+        nursery, uncapped_addresses="", max_torrents_per_address=10, max_peers_per_address=1
+    )
+    hashes = [bytes([n]) * 20 for n in range(1, 16)]
+    status, body = await batch(
+        client, base, BatchRequest(pid(1), 6881, tuple((h, Event.STARTED) for h in hashes))
+    )
+    answer = parse_batch_response(body)
+    assert status == 200
+    assert answer.unlisted == 5
+    assert answer.warning is not None
+    assert "too many torrents" in answer.warning
+    status, body = await batch(
+        client, base, BatchRequest(pid(2), 6882, ((hashes[0], Event.STARTED),))
+    )
+    assert parse_batch_response(body).unlisted == 1  # a second peer id of the address
+    text = (await client.get(f"{base}/metrics")).text
+    assert "p2p_tracker_peers 10.0" in text
+    assert 'p2p_tracker_unlisted_total{protocol="batch",reason="address_torrents"} 5.0' in text
+    assert 'p2p_tracker_unlisted_total{protocol="batch",reason="address_peers"} 1.0' in text

@@ -51,6 +51,16 @@ def parse(
         default=1.0,
         help="virtual seconds between exact max-min solves (0: local re-solves only)",
     )
+    parser.add_argument(
+        "--kill-tracker-at", type=float, help="virtual second at which a tracker is lost"
+    )
+    parser.add_argument("--kill-tracker", type=int, default=0, help="which tracker (0-based)")
+    parser.add_argument(
+        "--tracker-loss",
+        choices=("refused", "timeout"),
+        default="refused",
+        help="a lost tracker refuses connections (its node is up) or lets them time out",
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument(
         "--png", type=Path, help="plot the completion CDF and bytes by source here (matplotlib)"
@@ -76,6 +86,9 @@ def parse(
             seed=args.seed,
             max_time=args.max_time,
             exact_interval=args.exact_interval,
+            kill_tracker_at=args.kill_tracker_at,
+            kill_tracker=args.kill_tracker,
+            tracker_loss=args.tracker_loss,
         )
     except ValueError as exc:
         parser.error(str(exc))
@@ -113,7 +126,23 @@ def summary(results: dict[str, object]) -> str:
         "  nodes got "
         + ", ".join(f"{k} {v / total:.0%}" for k, v in by_source.items() if v)
         + f"   fallbacks {r['fallbacks']}",
-        f"  tracker: {tracker['announces']} announces, peak {tracker['peak_per_second']}/s",
+        f"  tracker: {tracker['announces']} announces ({tracker['batches']} of them batches of "
+        f"seeds), peak {tracker['peak_per_second']}/s",
+    ]
+    failover = tracker.get("failover")
+    if isinstance(failover, dict):
+        worst = failover["max_s"]
+        lines.append(
+            f"  tracker {failover['tracker']} lost at {failover['at_s']:g} s: "
+            f"{failover['swarms']} swarms on it, "
+            + (
+                f"every peer of them listed at their next tracker {worst:.1f} s later "
+                f"(heartbeat {failover['heartbeat_s']:g} s)"
+                if worst is not None
+                else "NOT every peer listed again by the end"
+            )
+        )
+    lines += [
         f"  simulated {sim['virtual_s']:.1f} s in {sim['wall_s']:.1f} s wall, "
         f"{sim['events']:,} events, peak RSS {sim['peak_rss_mb']:.0f} MB",
     ]

@@ -9,7 +9,9 @@ in the same order, at the same moments (in virtual time):
   that holds HAVEs back :data:`~p2p_common.engine.flusher.HAVE_DELAY`.
 - :class:`SimTorrent` is ``torrent.py``: the :class:`~p2p_common.swarm.SwarmCore`, the dialler
   (``max_peers``, backoff, :data:`~p2p_common.engine.torrent.RECONNECT_DELAY`), the announce
-  loop (fast re-announces while the swarm is young, ``completed`` at once), the verifier and
+  loop (fast re-announces while the swarm is young; once it has everything, ``completed`` or
+  ``started`` in the process's batches of seeds, :class:`~tests.sim.tracker.SeedBatches`), the
+  verifier and
   ``chunks_added`` / ``piece_arrived``. The verifier accepts a piece by its index: no bytes
   exist (:class:`FakeBlock`), so a piece is never bad and nobody is banned.
 - :class:`Connection` / :class:`Channel` are ``connection.py``: a writer per direction that
@@ -44,6 +46,7 @@ from p2p_common.session import LocalPeer, PeerSession, PieceReady, Upload, Windo
 from p2p_common.swarm import SwarmCore
 from p2p_common.tracker_proto import Event as AnnounceEvent
 from tests.sim.network import Flow, Link
+from tests.sim.tracker import SeedBatches
 
 if TYPE_CHECKING:
     from tests.sim.scenario import Simulation
@@ -148,6 +151,8 @@ class Process:
         self.slots = ConnectionSlots(max_connections)
         self.max_peers = max_peers
         self.torrents: dict[bytes, SimTorrent] = {}
+        self.seeds = SeedBatches(self)
+        """The announcer's batches of this process's seeds."""
         self._flush: list[Channel] = []
         self._rounds = False
         self._last_round = 0.0
@@ -245,6 +250,8 @@ class SimTorrent:
         self._was_complete = self.core.complete
         self._waiting = False
         self._wait_version = 0
+        self._young_wait = False
+        self._regular_at = 0.0
         proc.add_torrent(self)
 
     # -- what a service uses ---------------------------------------------------------------------
@@ -367,6 +374,9 @@ class SimTorrent:
         self.sim.loop.after(delay, self._announce)
 
     def _announce(self) -> None:
+        if self.core.complete:  # announced in the process's batches from now on
+            self.proc.seeds.add(self, self._event)
+            return
         self.sim.tracker.announce(self, self._event, NUMWANT, self._announced)
 
     def _announced(self, response: tuple[float, list[tuple[str, int]]] | None) -> None:
@@ -377,7 +387,9 @@ class SimTorrent:
             interval = response[0]
             self.add_peers(response[1])
         wait = interval
-        young = len(self.conns) < min(self.proc.max_peers, 8) and not self.core.complete
+        self._regular_at = self.sim.loop.now + interval
+        young = self._young()
+        self._young_wait = young and response is not None
         if young or response is None:
             wait = min(interval, self._young_delay)
             self._young_delay = min(self._young_delay * 2, MAX_YOUNG_DELAY)
@@ -394,7 +406,18 @@ class SimTorrent:
         if self.core.complete and not self._was_complete:
             self._was_complete = True
             self._event = AnnounceEvent.COMPLETED
+        elif self._young_wait and not self._young():
+            # Torrent._announce_loop: the swarm found its peers during the quick wait, so
+            # the next announce is the regular one.
+            self._young_wait = False
+            self._waiting = True
+            self._wait_version += 1
+            self.sim.loop.at(self._regular_at, self._wait_over, self._wait_version)
+            return
         self._announce()
+
+    def _young(self) -> bool:
+        return len(self.conns) < min(self.proc.max_peers, 8) and not self.core.complete
 
 
 class Connection:

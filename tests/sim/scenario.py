@@ -93,10 +93,20 @@ class Scenario:
     """Virtual seconds after which the run stops, finished or not."""
     exact_interval: float = 1.0
     """Virtual seconds between exact global max-min solves (0: local re-solves only)."""
+    kill_tracker_at: float | None = None
+    """Virtual second at which tracker ``kill_tracker`` is lost (None: never)."""
+    kill_tracker: int = 0
+    tracker_loss: str = "refused"
+    """How a lost tracker fails a request: ``refused`` (one round trip: the node is up, the
+    tracker is not) or ``timeout`` (the announcer's timeout: the node is gone)."""
 
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.layers < 1 or self.proxies < 1 or self.trackers < 1:
             raise ValueError("nodes, layers, proxies and trackers must be at least 1")
+        if self.kill_tracker_at is not None and not 0 <= self.kill_tracker < self.trackers:
+            raise ValueError("kill_tracker must name one of the trackers")
+        if self.tracker_loss not in ("refused", "timeout"):
+            raise ValueError("tracker_loss is refused or timeout")
         if self.size_mb <= 0 or self.rate <= 0 or self.concurrency < 1:
             raise ValueError("size, rate and concurrency must be positive")
         if not 0 < self.goodput <= 1:
@@ -264,7 +274,12 @@ class Simulation:
 
     def node_finished(self) -> None:
         self.finished += 1
-        if self.finished == len(self.clients):
+        self.maybe_stop()
+
+    def maybe_stop(self) -> None:
+        """Stop once every node has its image (and, after a tracker loss, every peer of its
+        swarms is listed again elsewhere)."""
+        if self.finished == len(self.clients) and self.tracker.failover_done():
             self.loop.stopped = True
 
     # -- running ---------------------------------------------------------------------------------
@@ -294,6 +309,14 @@ class Simulation:
                 proxy.preheat([blob for blob, _ in self.blobs if self.proxy_for(blob) is proxy])
         for client in self.clients:
             self.loop.at(client.start_at, client.start)
+        if self.scenario.kill_tracker_at is not None:
+            self.tracker.kill_pending = True
+            self.loop.at(
+                self.scenario.kill_tracker_at,
+                self.tracker.kill,
+                self.scenario.kill_tracker,
+                self.scenario.tracker_loss == "timeout",
+            )
         self.loop.soon(self._sample)
         self.loop.run(self.scenario.max_time)
         wall = time.perf_counter() - started
@@ -366,6 +389,8 @@ class Simulation:
                 "mean_per_second": (
                     sum(per_second.values()) / (max(per_second) + 1) if per_second else 0.0
                 ),
+                "batches": sum(self.tracker.batches.values()),
+                "failover": self.tracker.failover(),
             },
             "connections": {
                 "dialled": self.stats.connects,

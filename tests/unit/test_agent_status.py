@@ -16,7 +16,7 @@ from p2p_agent.status import PullLog, Rates, StatusView
 from p2p_agent.status_cli import render
 from p2p_common.blobcache import BlobCache
 from p2p_common.cachepolicy import CachePolicy
-from p2p_common.engine.announce import TrackerLog
+from p2p_common.engine.tracker_log import TrackerLog
 from p2p_common.tracker_proto import AnnounceResponse, Peer
 
 DIGEST = "sha256:" + "ab" * 32

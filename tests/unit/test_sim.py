@@ -164,3 +164,38 @@ def test_the_command_line_writes_the_promised_json(
     assert doc["image_bytes"] == 6 * MB
     assert doc["origin_bytes"] == 0
     assert "p50" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("loss", ["refused", "timeout"])
+@pytest.mark.parametrize("kill_at", [3.0, 8.0])
+def test_losing_one_of_three_trackers_mid_rollout_costs_at_most_one_interval(
+    loss: str, kill_at: float
+) -> None:
+    """Issue 9: a tracker lost mid-rollout (3 s: while every node downloads; 8 s: once the
+    seeds' first batches went out, so that only their heartbeat can notice) costs its
+    swarms at most one announce interval: every peer they had is listed at each swarm's
+    next tracker by then, and the rollout finishes as without the loss."""
+    options: dict[str, Any] = {
+        "nodes": 12,
+        "size_mb": 40,
+        "layers": 4,
+        "rate": 100,
+        "origin_rate": 0,
+        "trackers": 3,
+    }
+    calm = run(**options)
+    lost = run(**options, kill_tracker_at=kill_at, tracker_loss=loss)
+    failover = lost["tracker"]["failover"]
+    assert failover["swarms"] >= 1
+    assert failover["max_s"] is not None
+    assert failover["max_s"] <= failover["heartbeat_s"]
+    assert lost["unfinished"] == 0
+    assert lost["max_s"] <= calm["max_s"] * 1.05
+    assert calm["tracker"]["failover"] is None
+    assert calm["tracker"]["batches"] > 0  # the seeds are announced in batches
+
+
+def test_seeds_are_announced_in_batches_not_one_by_one() -> None:
+    results = run(nodes=8, size_mb=40, layers=4, rate=100, origin_rate=0)
+    # each node's four completed layers: a batch or two, not four announces each
+    assert results["tracker"]["batches"] <= 2 * 8 + 2

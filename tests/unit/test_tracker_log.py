@@ -1,11 +1,11 @@
 """The announce outcomes the engine keeps per tracker instance for status views
-(p2p_common.engine.announce.TrackerLog): bounded, and free of secrets."""
+(p2p_common.engine.tracker_log.TrackerLog): bounded, and free of secrets."""
 
 from __future__ import annotations
 
 import httpx
 
-from p2p_common.engine.announce import TrackerLog, redact_url
+from p2p_common.engine.tracker_log import TrackerLog, redact_url
 from p2p_common.tracker_proto import AnnounceResponse, TrackerRefusedError
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import random
 
@@ -15,6 +16,7 @@ from p2p_tracker.swarm import (
     LEFT,
     PACKED,
     PEER_ID,
+    SEEN,
     Network,
     PeerConflictError,
     Swarm,
@@ -169,9 +171,10 @@ def test_slots_stay_consistent(ops: list[tuple[int, int, Event, int, int]]) -> N
         if event is not Event.STOPPED:
             assert len(outcome.peers) == min(numwant, pool)
         assert len(torrent.seeds) + len(torrent.leechers) == len(torrent.peers)
+        assert len(torrent.seen) == len(torrent.seeds)
         for group in (torrent.seeds, torrent.leechers):
             for slot, peer in enumerate(group):
-                assert peer[6] == slot
+                assert peer[-1] == slot
                 assert torrent.peers[peer[PEER_ID]] is peer
         assert all(p[LEFT] == 0 for p in torrent.seeds)
         assert all(p[LEFT] > 0 for p in torrent.leechers)
@@ -689,5 +692,202 @@ def test_per_address_counters_always_equal_a_recount(
             for h2 in hashes:
                 assert swarm.peers_from(h2, capped) <= caps["max_peers_per_address"]
     swarm.expire(now + 41)
+    recount(swarm, hashes, addresses)
+    assert (swarm.peer_count, swarm.torrent_count, swarm.address_count) == (0, 0, 0)
+
+
+# --- batched seeds (POST /p2p/v1/announce-batch) ----------------------------------------------
+
+
+def seeds(n: int, hashes: list[bytes], event: Event = Event.NONE) -> list[tuple[bytes, Event]]:
+    return [(h, event) for h in hashes]
+
+
+def test_a_batched_seed_expires_after_its_own_longer_expiry() -> None:
+    """Per-peer expiry: peers announcing alone after ``peer_expiry``, batched seeds after
+    ``seed_expiry``, in the same torrent."""
+    swarm = make(peer_expiry=100, seed_expiry=1000)
+    swarm.announce(req(1), "10.0.0.1", now=0)  # a leecher, alone
+    swarm.announce_seeds(pid(2), 10002, seeds(2, [H1]), "10.0.0.2", now=0)
+    assert swarm.batch_seed_count == 1
+    assert swarm.peer_count == 2
+    assert swarm.expire(now=101) == 1  # the leecher
+    assert ids(swarm.peers_of(H1)) == {pid(2)}
+    assert not swarm.expiry_due(now=999)
+    assert swarm.expire(now=999) == 0
+    assert swarm.expiry_due(now=1001)
+    assert swarm.expire(now=1001) == 1
+    assert swarm.torrent_count == 0
+    assert (swarm.peer_count, swarm.batch_seed_count, swarm.seeder_count) == (0, 0, 0)
+
+
+def test_a_batch_refreshes_its_seeds_and_older_batches_expire_nothing_then() -> None:
+    swarm = make(seed_expiry=1000)
+    swarm.announce_seeds(pid(1), 10001, seeds(1, [H1, H2, H3], Event.STARTED), "10.0.0.1", now=0)
+    swarm.announce_seeds(pid(1), 10001, seeds(1, [H1, H2]), "10.0.0.1", now=600)
+    assert swarm.expire(now=1001) == 1  # H3, not announced since 0
+    assert swarm.peers_of(H3) == []
+    assert {h for h in (H1, H2) if swarm.peers_of(h)} == {H1, H2}
+    assert swarm.expire(now=1601) == 2
+    assert swarm.peer_count == 0
+
+
+def test_expiring_batches_works_in_bounded_steps() -> None:
+    swarm = make(seed_expiry=10, max_torrents=100, max_torrents_per_address=100)
+    hashes = [ih(n) for n in range(25)]
+    swarm.announce_seeds(pid(1), 10001, seeds(1, hashes), "10.0.0.1", now=0)
+    swarm.announce_seeds(pid(1), 10001, seeds(1, hashes[:10]), "10.0.0.1", now=5)
+    # the first batch: 25 entries to look at, 15 of them expired
+    assert swarm.expire(now=11, limit=10) == 0  # looked at the 10 refreshed ones
+    assert swarm.expiry_due(now=11)
+    assert swarm.expire(now=11, limit=10) == 10
+    assert swarm.expire(now=11, limit=10) == 5
+    assert not swarm.expiry_due(now=11)
+    assert swarm.peer_count == 10
+    assert swarm.expire(now=16) == 10
+
+
+def test_seeds_move_between_announcing_alone_and_in_batches() -> None:
+    swarm = make(peer_expiry=100, seed_expiry=1000)
+    swarm.announce(req(1, left=100, event=Event.STARTED), "10.0.0.1", now=0)  # downloading
+    outcome = swarm.announce_seeds(pid(1), 10001, seeds(1, [H1], Event.COMPLETED), "10.0.0.1", 50)
+    assert outcome.events == {Event.COMPLETED: 1}
+    assert swarm.scrape(H1) == ScrapeStats(complete=1, downloaded=1, incomplete=0)
+    assert swarm.batch_seed_count == 1
+    assert swarm.expire(now=500) == 0  # beyond peer_expiry: it is a batched seed now
+    # it announces alone again (a restart without batches): peer_expiry again
+    swarm.announce(req(1, left=0), "10.0.0.1", now=600)
+    assert swarm.batch_seed_count == 0
+    assert swarm.peer_count == 1
+    swarm.announce(req(1, left=0), "10.0.0.1", now=1000)
+    assert swarm.expire(now=1060) == 0  # the batch of 50 expired; the peer is not batched
+    assert swarm.expire(now=1101) == 1
+
+
+def test_a_leecher_gets_the_batched_seeds_and_a_batch_gets_leechers_only() -> None:
+    swarm = make()
+    for n in range(5):
+        swarm.announce_seeds(pid(n), 10000 + n, seeds(n, [H1, H2]), f"10.0.0.{n}", now=0)
+    leecher = swarm.announce(req(10, numwant=20), "10.0.1.10", now=1)
+    assert ids(leecher.peers) == {pid(n) for n in range(5)}
+    # a seed asking for peers gets the leecher of H1, nothing for H2 (nobody downloads it)
+    out = swarm.announce_seeds(pid(0), 10000, seeds(0, [H1, H2]), "10.0.0.0", now=2, numwant=5)
+    assert out.peers4 == {H1: b"\x0a\x00\x01\x0a" + (10010).to_bytes(2, "big")}
+    assert out.peers6 == {}
+    none = swarm.announce_seeds(pid(0), 10000, seeds(0, [H1]), "10.0.0.0", now=3)
+    assert none.peers4 == {}  # numwant 0: seeds wait for leechers
+
+
+def test_a_batch_is_held_to_the_per_address_caps() -> None:
+    swarm = make(max_torrents_per_address=3, max_peers_per_address=2, max_torrents=50)
+    hashes = [ih(n) for n in range(5)]
+    out = swarm.announce_seeds(pid(1), 10001, seeds(1, hashes), "10.0.0.1", now=0)
+    assert out.unlisted == {Unlisted.ADDRESS_TORRENTS: 2}
+    assert swarm.torrents_of("10.0.0.1") == 3
+    # more peer ids from the same address in one swarm: two at most
+    for n in (2, 3):
+        out = swarm.announce_seeds(pid(n), 10000 + n, seeds(n, hashes[:1]), "10.0.0.1", now=0)
+    assert out.unlisted == {Unlisted.ADDRESS_PEERS: 1}
+    assert swarm.peers_from(hashes[0], "10.0.0.1") == 2
+    recount(swarm, hashes, ["10.0.0.1"])
+
+
+def test_a_batch_entry_refused_costs_only_itself() -> None:
+    swarm = make(max_torrents=2, max_batch_seeds=100)
+    for h in (H1, H2):  # two swarms of two addresses: nothing to evict
+        swarm.announce(req(8, info_hash=h), "10.0.0.8", now=0)
+        swarm.announce(req(9, info_hash=h), "10.0.0.9", now=0)
+    swarm.announce(req(1, info_hash=H1, key=b"k"), "10.0.0.1", now=0)
+    out = swarm.announce_seeds(pid(1), 10001, seeds(1, [H1, H2, H3]), "10.0.0.2", now=1)
+    assert out.failed[H1][0] == "conflict"  # pid(1) is 10.0.0.1's, and no key
+    assert out.failed[H3][0] == "tracker_full"
+    assert H2 not in out.failed
+    assert pid(1) in ids(swarm.peers_of(H2))
+    # with the key, the entry moves to the new address
+    out = swarm.announce_seeds(pid(1), 10001, seeds(1, [H1]), "10.0.0.2", now=2, key=b"k")
+    assert out.failed == {}
+    assert [p[IP] for p in swarm.peers_of(H1) if p[PEER_ID] == pid(1)] == ["10.0.0.2"]
+
+
+def test_max_batch_seeds_evicts_then_leaves_seeds_unlisted() -> None:
+    swarm = make(max_batch_seeds=3, max_torrents=10)
+    swarm.announce_seeds(pid(1), 10001, seeds(1, [ih(1), ih(2)]), "10.0.0.1", now=0)
+    # a two-address swarm that cannot be evicted
+    swarm.announce_seeds(pid(2), 10002, seeds(2, [ih(3)]), "10.0.0.2", now=1)
+    swarm.announce(req(3, info_hash=ih(3)), "10.0.0.3", now=1)
+    out = swarm.announce_seeds(pid(4), 10004, seeds(4, [ih(3), ih(4)]), "10.0.0.4", now=2)
+    assert out.evicted == 2  # ih(1), then ih(2): single-address torrents, oldest first
+    assert swarm.batch_seed_count == 3
+    assert swarm.peers_of(ih(1)) == []
+    out = swarm.announce_seeds(pid(5), 10005, seeds(5, [ih(3)]), "10.0.0.5", now=3)
+    assert out.unlisted == {Unlisted.TRACKER_FULL: 1} or out.evicted == 1
+    assert swarm.batch_seed_count <= 3
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 8),  # peer: three per address
+            st.booleans(),  # in a batch (else alone)
+            st.lists(st.integers(0, 4), min_size=1, max_size=4, unique=True),  # infohashes
+            st.sampled_from([Event.NONE, Event.STARTED, Event.COMPLETED, Event.STOPPED]),
+            st.integers(0, 1),  # left (alone only)
+            st.sampled_from([0] * 4 + [1, 5, 20, 45, 150]),  # time step
+        ),
+        min_size=5,
+        max_size=120,
+    )
+)
+def test_batches_and_single_announces_keep_every_counter_exact(
+    steps: list[tuple[int, bool, list[int], Event, int, int]],
+) -> None:
+    """Batches, single announces, stops, mode changes and both expiries in any order: the
+    counters equal a recount after every step, batched seeds outlive ``peer_expiry`` and
+    every peer is gone after both expiries."""
+    addresses = ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+    hashes = [ih(n) for n in range(5)]
+    swarm = make(
+        peer_expiry=40,
+        seed_expiry=200,
+        max_torrents=4,
+        max_peers=9,
+        max_batch_seeds=8,
+        max_peers_per_torrent=5,
+        max_torrents_per_address=4,
+        max_peers_per_address=2,
+    )
+    now = 0
+    for n, batched, which, event, left, step in steps:
+        now += step
+        swarm.expire(now, limit=3)
+        while swarm.expiry_due(now):
+            swarm.expire(now, limit=3)
+        ip = addresses[n % 3]
+        if batched:
+            out = swarm.announce_seeds(
+                pid(n), 10000 + n, [(hashes[h], event) for h in which], ip, now
+            )
+            for h in which:
+                mine = [p for p in swarm.peers_of(hashes[h]) if p[PEER_ID] == pid(n)]
+                if event is Event.STOPPED or hashes[h] in out.failed:
+                    assert mine == [] or hashes[h] in out.failed
+                elif mine:  # a peer that announced alone stays so at the cap
+                    if Unlisted.TRACKER_FULL not in out.unlisted:
+                        assert swarm.seen_of(hashes[h], pid(n)) == now
+                    assert mine[0][LEFT] == 0
+        else:
+            with contextlib.suppress(SwarmFullError, PeerConflictError):
+                swarm.announce(req(n, info_hash=hashes[which[0]], left=left, event=event), ip, now)
+        recount(swarm, hashes, addresses)
+        for torrent in swarm._torrents.values():
+            assert len(torrent.seen) == len(torrent.seeds)
+        batched_now = sum(1 for h in hashes for p in swarm.peers_of(h) if p[SEEN] is not None)
+        assert swarm.batch_seed_count == batched_now <= 8
+        assert swarm.peer_count - batched_now <= 9
+        assert swarm.torrent_count <= 4
+    swarm.expire(now + 41)
+    assert swarm.batch_seed_count == swarm.peer_count  # only batched seeds outlive peerExpiry
+    swarm.expire(now + 201)
     recount(swarm, hashes, addresses)
     assert (swarm.peer_count, swarm.torrent_count, swarm.address_count) == (0, 0, 0)

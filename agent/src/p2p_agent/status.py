@@ -22,7 +22,7 @@ from importlib import resources
 from typing import Any
 
 from p2p_agent.mirror import MirrorStatus
-from p2p_common.engine.announce import TrackerLog
+from p2p_common.engine.tracker_log import TrackerLog
 from p2p_common.logs import current_pull_id, event, new_pull_id
 from p2p_common.metrics import filesystem_usage
 

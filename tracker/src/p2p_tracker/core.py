@@ -3,8 +3,9 @@
 The HTTP shell (:mod:`p2p_tracker.service`) only moves bytes between hypercorn and
 :meth:`Tracker.handle`, and its UDP shell between a datagram socket and
 :meth:`Tracker.datagram` (BEP 15); everything a test wants to check about answers lives
-here. Both protocols share one swarm table, one set of caps and one set of metrics (with a
-``protocol`` label).
+here. Both protocols, and the batched announces of p2p services
+(``POST /p2p/v1/announce-batch``, :mod:`p2p_common.batch_proto`), share one swarm table,
+one set of caps and one set of metrics (with a ``protocol`` label).
 """
 
 from __future__ import annotations
@@ -18,6 +19,12 @@ from dataclasses import dataclass
 from prometheus_client import Counter, Gauge
 
 from p2p_common import udp_tracker_proto as udp
+from p2p_common.batch_proto import (
+    BATCH_PATH,
+    MAX_BATCH_NUMWANT,
+    encode_batch_response,
+    parse_batch_request,
+)
 from p2p_common.logs import event
 from p2p_common.metrics import render, service_registry
 from p2p_common.settings import unmapped
@@ -77,6 +84,7 @@ class Reply:
 
 
 _NOT_FOUND = Reply(404, encode_failure("not found: use /announce or /scrape"))
+_BATCH_METHOD = Reply(405, encode_failure("method not allowed: POST a batch"))
 _BAD_METHOD = Reply(405, encode_failure("method not allowed"))
 _OK = Reply(200, b"ok\n")
 _READY = Reply(200, b"ready\n")
@@ -84,7 +92,10 @@ _NOT_READY = Reply(503, b"not ready\n")
 
 
 PROTOCOLS = ("http", "udp")
-"""Values of the ``protocol`` label of the request metrics."""
+"""Values of the ``protocol`` label of the scrape metrics."""
+ANNOUNCE_PROTOCOLS = ("http", "udp", "batch")
+"""Values of the ``protocol`` label of the announce metrics (``batch``: per infohash of a
+batched announce)."""
 
 _STATUS = {"bad_request": 400, "conflict": 403, "not_found": 404, "tracker_full": 503}
 """The HTTP status of each failure reason."""
@@ -103,7 +114,9 @@ class Tracker:
     """The swarm registry behind the HTTP and UDP endpoints, with its metrics.
 
     ``secret`` keys the stateless BEP 15 connection ids (random per process by default:
-    a restarted tracker refuses the old ids and clients connect again).
+    a restarted tracker refuses the old ids and clients connect again). ``instance`` is
+    what batch answers name this tracker process by (random by default: a restarted
+    tracker has another, and p2p services announce all their seeds to it again).
     """
 
     def __init__(
@@ -112,6 +125,7 @@ class Tracker:
         *,
         rng: random.Random | None = None,
         secret: bytes | None = None,
+        instance: bytes | None = None,
     ) -> None:
         self.settings = settings
         self.swarm = Swarm(
@@ -125,6 +139,8 @@ class Tracker:
             default_numwant=settings.default_numwant,
             max_numwant=settings.max_numwant,
             rng=rng,
+            seed_expiry=settings.seed_expiry,
+            max_batch_seeds=settings.max_batch_seeds,
         )
         self.ready = False
         """Set by the shell once it listens, cleared when it starts to stop."""
@@ -132,6 +148,8 @@ class Tracker:
         self._min_interval = min(settings.min_announce_interval, settings.announce_interval)
         self._trust_ip = settings.trust_ip_param
         self._ids = udp.ConnectionIds(secret if secret is not None else secrets.token_bytes(32))
+        self.instance = instance if instance is not None else secrets.token_bytes(8)
+        self._seed_interval = settings.seed_announce_interval
 
         self.registry = service_registry("tracker", __version__)
         announces = Counter(
@@ -142,7 +160,7 @@ class Tracker:
         )
         self._announces = {
             proto: {e: announces.labels(e.name.lower(), proto) for e in Event}
-            for proto in PROTOCOLS
+            for proto in ANNOUNCE_PROTOCOLS
         }
         failures = Counter(
             "p2p_tracker_failures",
@@ -153,10 +171,11 @@ class Tracker:
         reasons = {
             "http": ("bad_request", "tracker_full", "conflict", "not_found"),
             "udp": ("bad_request", "tracker_full", "conflict", "bad_connection_id"),
+            "batch": ("bad_request", "tracker_full", "conflict"),
         }
         self._failures = {
             proto: {reason: failures.labels(reason, proto) for reason in reasons[proto]}
-            for proto in PROTOCOLS
+            for proto in ANNOUNCE_PROTOCOLS
         }
         unlisted = Counter(
             "p2p_tracker_unlisted",
@@ -166,8 +185,13 @@ class Tracker:
         )
         self._unlisted = {
             proto: {reason: unlisted.labels(reason.value, proto) for reason in Unlisted}
-            for proto in PROTOCOLS
+            for proto in ANNOUNCE_PROTOCOLS
         }
+        self._batches = Counter(
+            "p2p_tracker_batches",
+            "Batched announces (POST /p2p/v1/announce-batch) answered, empty ones included",
+            registry=self.registry,
+        )
         self._evicted = Counter(
             "p2p_tracker_evicted_torrents",
             "Single-address torrents forgotten to make room for new ones",
@@ -211,6 +235,11 @@ class Tracker:
             "p2p_tracker_seeders", "Peers with nothing left", registry=self.registry
         ).set_function(lambda: swarm.seeder_count)
         Gauge(
+            "p2p_tracker_batch_seeds",
+            "Peers listed by batched announces (expiring after seedExpiry)",
+            registry=self.registry,
+        ).set_function(lambda: swarm.batch_seed_count)
+        Gauge(
             "p2p_tracker_addresses", "Addresses with at least one peer", registry=self.registry
         ).set_function(lambda: swarm.address_count)
         Gauge(
@@ -230,9 +259,15 @@ class Tracker:
         now: float,
         *,
         accept: str | None = None,
+        body: bytes = b"",
     ) -> Reply:
         """Answer one request. ``client`` is the TCP source address (None if unknown);
-        ``accept`` is the ``Accept`` header (it chooses the format of ``/metrics``)."""
+        ``accept`` is the ``Accept`` header (it chooses the format of ``/metrics``);
+        ``body`` the request body (read by the shell, at most ``MAX_BATCH_BODY``)."""
+        if path == BATCH_PATH:
+            if method != "POST":
+                return _BATCH_METHOD
+            return self.announce_batch(body, client, now)
         if path == "/announce":
             if method != "GET":
                 return _BAD_METHOD
@@ -343,6 +378,73 @@ class Tracker:
             )
         return Reply(200, body)
 
+    def announce_batch(self, body: bytes, client: str | None, now: float) -> Reply:
+        """``POST /p2p/v1/announce-batch``: record a process's seeds, answer with the
+        seed interval, the heartbeat, this tracker's instance and the leechers of swarms
+        that have some (when asked for).
+
+        A malformed body is refused whole (400) before anything is recorded; an entry the
+        swarm table refuses (full, another address's peer id) is reported in ``failed``
+        and costs only itself. The per-address, per-torrent and global caps apply to
+        each entry as to an announce of its own.
+        """
+        try:
+            request = parse_batch_request(body)
+        except TrackerProtocolError as exc:
+            self._refused("batch", "bad_request", str(exc))
+            return Reply(400, encode_failure(str(exc)))
+        ip = client
+        if self._trust_ip and request.ip is not None and _is_ip(request.ip):
+            ip = request.ip
+        if ip is None:
+            self._refused("batch", "bad_request", "cannot tell the peer's address")
+            return Reply(400, encode_failure("cannot tell the peer's address"))
+        try:
+            outcome = self.swarm.announce_seeds(
+                request.peer_id,
+                request.port,
+                request.entries,
+                ip,
+                now,
+                key=request.key,
+                numwant=min(request.numwant, MAX_BATCH_NUMWANT),
+            )
+        except ValueError:
+            message = "the peer's address is not an IP address"
+            self._refused("batch", "bad_request", message)
+            return Reply(400, encode_failure(message))
+        self._batches.inc()
+        counters = self._announces["batch"]
+        for announce_event, count in outcome.events.items():
+            counters[announce_event].inc(count)
+        if outcome.evicted:
+            self._evicted.inc(outcome.evicted)
+        failed: dict[bytes, str] = {}
+        for info_hash, (reason, message) in outcome.failed.items():
+            self._failures["batch"][reason].inc()
+            failed[info_hash] = message
+        if failed:
+            event(log, "tracker.batch_refused", logging.DEBUG, entries=len(failed))
+        unlisted = 0
+        warning = None
+        for cap, count in outcome.unlisted.items():
+            self._unlisted["batch"][cap].inc(count)
+            unlisted += count
+            warning = _WARNINGS[cap]
+        return Reply(
+            200,
+            encode_batch_response(
+                interval=self._seed_interval,
+                heartbeat=self._interval,
+                instance=self.instance,
+                peers4=outcome.peers4,
+                peers6=outcome.peers6,
+                failed=failed,
+                unlisted=unlisted,
+                warning=warning,
+            ),
+        )
+
     def scrape(self, query: bytes) -> Reply:
         """``GET /scrape?info_hash=...``: counters for the named infohashes only."""
         try:
@@ -418,11 +520,16 @@ class Tracker:
     # --- housekeeping ------------------------------------------------------------------------
 
     def expire(self, now: float, *, limit: int | None = None) -> int:
-        """Forget silent peers, at most ``limit`` (the shell calls this periodically)."""
+        """Forget silent peers, with at most ``limit`` steps of work (the shell calls this
+        periodically, and again at once while :meth:`expiry_due`)."""
         removed = self.swarm.expire(now, limit=limit)
         if removed:
             self._expired.inc(removed)
         return removed
+
+    def expiry_due(self, now: float) -> bool:
+        """Whether :meth:`expire` has more to do at ``now``."""
+        return self.swarm.expiry_due(now)
 
 
 def _is_ip(value: str) -> bool:

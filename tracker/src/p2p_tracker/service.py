@@ -23,10 +23,12 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from p2p_common import udp_tracker_proto
 from p2p_common.asgi import lifespan, use_closing_tcp_server
+from p2p_common.batch_proto import BATCH_PATH, MAX_BATCH_BODY
 from p2p_common.listen import hypercorn_binds, listen_addresses
 from p2p_common.logs import event
 from p2p_common.settings import split_listen
-from p2p_tracker.core import Tracker
+from p2p_common.tracker_proto import encode_failure
+from p2p_tracker.core import Reply, Tracker
 from p2p_tracker.settings import TrackerSettings
 
 __all__ = ["TrackerApp", "hypercorn_config", "serve", "serve_udp", "sweep_interval"]
@@ -45,7 +47,8 @@ READ_TIMEOUT = 10
 KEEP_ALIVE_TIMEOUT = 10
 """Seconds an idle keep-alive connection is kept."""
 EXPIRE_BATCH = 5000
-"""Most peers one expiry step removes before letting requests through (a few ms)."""
+"""Most peers one expiry step removes (or batched seeds it looks at) before letting requests
+through (a few ms)."""
 GRACEFUL_TIMEOUT = 3.0
 """Seconds in-flight requests get to finish after a graceful stop begins."""
 UDP_BATCH = 64
@@ -67,29 +70,67 @@ class TrackerApp:
         if kind == "http":
             client = scope.get("client")
             method = scope["method"]
+            path = scope["path"]
+            body = b""
+            if method == "POST" and path == BATCH_PATH:
+                try:
+                    read = await _read_body(scope, receive, MAX_BATCH_BODY)
+                except _ClientGoneError:
+                    return  # nothing of a cut request is used
+                if read is None:
+                    await _send(send, _TOO_LARGE, method)
+                    return
+                body = read
             reply = self.tracker.handle(
                 method,
-                scope["path"],
+                path,
                 scope["query_string"],
                 client[0] if client else None,
                 trio.current_time(),
                 accept=_accept(scope),
+                body=body,
             )
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": reply.status,
-                    "headers": [
-                        (b"content-type", reply.content_type),
-                        (b"content-length", b"%d" % len(reply.body)),
-                    ],
-                }
-            )
-            await send(
-                {"type": "http.response.body", "body": b"" if method == "HEAD" else reply.body}
-            )
+            await _send(send, reply, method)
         elif kind == "lifespan":
             await lifespan(receive, send)
+
+
+_TOO_LARGE = Reply(413, encode_failure(f"request body larger than {MAX_BATCH_BODY} bytes"))
+
+
+class _ClientGoneError(Exception):
+    """The client went away before the whole request body arrived."""
+
+
+async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
+    """The request body, or None when it is (or says it will be) longer than ``limit``."""
+    for name, value in scope.get("headers", []):
+        if name == b"content-length" and (not value.isdigit() or int(value) > limit):
+            return None
+    body = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise _ClientGoneError
+        body += message.get("body", b"")
+        if len(body) > limit:
+            return None
+        if not message.get("more_body", False):
+            return bytes(body)
+
+
+async def _send(send: Send, reply: Reply, method: str) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": reply.status,
+            "headers": [
+                (b"content-type", reply.content_type),
+                (b"content-length", b"%d" % len(reply.body)),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": b"" if method == "HEAD" else reply.body})
 
 
 def _accept(scope: Scope) -> str:
@@ -184,8 +225,9 @@ async def serve_udp(
 
 
 def sweep_interval(settings: TrackerSettings) -> float:
-    """How often expired peers are swept: a quarter of ``peerExpiry``, between 1 and 30 s."""
-    return float(max(1, min(30, settings.peer_expiry // 4)))
+    """How often expired peers are swept: a quarter of ``peerExpiry`` (or of ``seedExpiry``
+    when shorter), between 1 and 30 s."""
+    return float(max(1, min(30, min(settings.peer_expiry, settings.seed_expiry) // 4)))
 
 
 async def _sweep(tracker: Tracker, every: float) -> None:
@@ -194,11 +236,10 @@ async def _sweep(tracker: Tracker, every: float) -> None:
         now = trio.current_time()
         total = 0
         while True:
-            removed = tracker.expire(now, limit=EXPIRE_BATCH)
-            total += removed
-            if removed < EXPIRE_BATCH:
+            total += tracker.expire(now, limit=EXPIRE_BATCH)
+            if not tracker.expiry_due(now):
                 break
-            await trio.lowlevel.checkpoint()  # let announces through between batches
+            await trio.lowlevel.checkpoint()  # let announces through between steps
         if total:
             event(log, "tracker.expired", logging.DEBUG, peers=total)
 

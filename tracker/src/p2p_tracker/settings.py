@@ -39,6 +39,16 @@ class TrackerSettings(ServiceSettings):
     """Seconds a peer must wait at least between announces (``min interval``)."""
     peer_expiry: int = Field(900, ge=1, le=86400)
     """Seconds after its last announce that a silent peer is forgotten."""
+    seed_announce_interval: int = Field(1800, ge=1, le=86400)
+    """Seconds between the batched announces of a seed (the ``interval`` of a batch answer,
+    ``POST /p2p/v1/announce-batch``): a seed only needs to be findable, so p2p services
+    announce the blobs they seed this rarely, all in one request per tracker."""
+    seed_expiry: int = Field(5400, ge=1, le=7 * 86400)
+    """Seconds after its last batched announce that a seed is forgotten."""
+    max_batch_seeds: int = Field(10_500_000, ge=1)
+    """Most seeds from batched announces kept in all torrents together (about 250 bytes
+    each: with ``max_peers`` full too, about 3.7 GB, inside the chart's 4 GB limit); beyond
+    it, like ``max_peers``."""
     max_torrents: int = Field(100_000, ge=1)
     """Most infohashes tracked at once. Beyond it a torrent whose peers all share one address
     is evicted (least recently announced first); a new infohash is refused only when there is

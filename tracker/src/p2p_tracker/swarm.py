@@ -58,9 +58,10 @@ from __future__ import annotations
 import enum
 import ipaddress
 import random
-from collections import OrderedDict
+from array import array
+from collections import OrderedDict, deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from p2p_common.errors import LocalError, RemoteError
@@ -73,7 +74,9 @@ __all__ = [
     "PACKED",
     "PEER_ID",
     "PORT",
+    "SEEN",
     "AnnounceOutcome",
+    "BatchOutcome",
     "Network",
     "PeerConflictError",
     "Swarm",
@@ -106,18 +109,26 @@ class Unlisted(enum.Enum):
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-SwarmPeer = tuple[bytes, str, int, bytes, int, bytes | None, int]
-"""One peer of one torrent: (peer_id, ip, port, packed, left, key, slot)."""
+SwarmPeer = tuple[bytes, str, int, bytes, int, bytes | None, float | None, int]
+"""One peer of one torrent: (peer_id, ip, port, packed, left, key, seen, slot)."""
 
 # Indices into SwarmPeer. PACKED is the compact form: 6 bytes (IPv4, BEP 23) or 18 bytes
-# (IPv6, BEP 7); _SLOT is the peer's index in its torrent's seed or leecher list.
+# (IPv6, BEP 7); SEEN is None for a peer that announces alone (its time is kept in the expiry
+# order) and, for a seed from batched announces, the time it was listed (the time of its
+# last batch is in its torrent's ``seen`` array); _SLOT is the peer's index in its torrent's
+# seed or leecher list.
 PEER_ID: Final = 0
 IP: Final = 1
 PORT: Final = 2
 PACKED: Final = 3
 LEFT: Final = 4
 KEY: Final = 5
-_SLOT: Final = 6
+SEEN: Final = 6
+_SLOT: Final = 7
+
+_EVICTION_TRIES: Final = 8
+"""Torrents evicted at most to make room for one new torrent (an evicted torrent may hold
+peers of the other kind than the one at its cap)."""
 
 _UNCAPPED_CACHE: Final = 4096
 """Addresses whose ``uncapped`` answer is remembered (all forgotten when full)."""
@@ -136,20 +147,30 @@ class _Torrent:
     __slots__ = (
         "addresses",
         "downloaded",
+        "info_hash",
         "leechers",
         "leechers4",
         "peers",
         "seeds",
         "seeds4",
+        "seen",
         "wide",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, info_hash: bytes) -> None:
+        self.info_hash = info_hash
+        """The key of this torrent in the table (the one object the expiry order refers to)."""
         self.peers: dict[bytes, SwarmPeer] = {}
         self.seeds: list[SwarmPeer] = []
         self.leechers: list[SwarmPeer] = []
         self.seeds4 = bytearray()
         self.leechers4 = bytearray()
+        self.seen = array("d")
+        """When each member of ``seeds`` was last announced in a batch, in the same order
+        (0 for a seed announcing alone): a batch refreshes a seed by writing one number here,
+        without a new tuple, so that the peers table is not handed back to the cycle
+        collector's youngest generation on every refresh (a gen-0 pass would then walk every
+        swarm a batch touched: 100+ ms with 10 million seeds)."""
         """The 6-byte compact form of each member of ``seeds``/``leechers``, in the same
         order (:data:`_HOLE` for an IPv6 peer): an answer to an IPv4 client is slices of it,
         without touching a peer tuple."""
@@ -186,6 +207,25 @@ class AnnounceOutcome:
         return self.unlisted is not None
 
 
+@dataclass(slots=True)
+class BatchOutcome:
+    """What a batch of seed announces gets back (:meth:`Swarm.announce_seeds`)."""
+
+    peers4: dict[bytes, bytes] = field(default_factory=dict)
+    """Compact IPv4 peers (6 bytes each) per infohash, only where there are some."""
+    peers6: dict[bytes, bytes] = field(default_factory=dict)
+    """Compact IPv6 peers (18 bytes each) per infohash, only where there are some."""
+    failed: dict[bytes, tuple[str, str]] = field(default_factory=dict)
+    """Entries refused, not recorded: infohash -> (reason label, message); the reasons are
+    ``conflict`` (the peer id belongs to another address) and ``tracker_full``."""
+    unlisted: dict[Unlisted, int] = field(default_factory=dict)
+    """Entries answered but not remembered, per cap."""
+    events: dict[Event, int] = field(default_factory=dict)
+    """Entries recorded (or stopped), per event."""
+    evicted: int = 0
+    """Torrents evicted to make room."""
+
+
 class Swarm:
     """Peers per infohash with expiry, caps, eviction and random peer selection."""
 
@@ -202,11 +242,16 @@ class Swarm:
         max_peers_per_address: int,
         uncapped: Iterable[Network] = (),
         rng: random.Random | None = None,
+        seed_expiry: float | None = None,
+        max_batch_seeds: int | None = None,
     ) -> None:
         self.peer_expiry = peer_expiry
+        self.seed_expiry = peer_expiry if seed_expiry is None else seed_expiry
+        """Seconds a seed from a batched announce stays without announcing again."""
         self.max_torrents = max_torrents
         self.max_peers_per_torrent = max_peers_per_torrent
         self.max_peers = max_peers
+        self.max_batch_seeds = max_peers if max_batch_seeds is None else max_batch_seeds
         self.max_torrents_per_address = max_torrents_per_address
         self.max_peers_per_address = max_peers_per_address
         self.uncapped = tuple(uncapped)
@@ -215,9 +260,17 @@ class Swarm:
         self.max_numwant = max_numwant
         self._rng = rng or random.Random()
         self._torrents: dict[bytes, _Torrent] = {}
-        # Last-seen time of every peer of every torrent, least recent first (key:
+        # Last-seen time of every peer that announces alone, least recent first (key:
         # info_hash + peer_id), so that expiry costs only what it removes.
         self._by_age: OrderedDict[bytes, float] = OrderedDict()
+        # The batched seeds' expiry order: one record per batch (its time, the peer id and
+        # the infohashes it listed), oldest first. A record's entries expire when it does,
+        # unless a later announce refreshed them (their SEEN is later then): a few pointers
+        # per seed instead of an ordered-dictionary entry each.
+        self._batches: deque[tuple[float, bytes, list[bytes]]] = deque()
+        self._batch_cursor = 0
+        """Entries of the oldest record already looked at (expiry works in bounded steps)."""
+        self._batch_peers = 0
         # Torrents a peer of, per address (only addresses with at least one).
         self._address_torrents: dict[str, int] = {}
         # The eviction candidates: torrents whose peers all share one address, least recently
@@ -236,7 +289,12 @@ class Swarm:
 
     @property
     def peer_count(self) -> int:
-        return len(self._by_age)
+        return len(self._by_age) + self._batch_peers
+
+    @property
+    def batch_seed_count(self) -> int:
+        """Peers listed by batched announces (the rest announce alone)."""
+        return self._batch_peers
 
     @property
     def seeder_count(self) -> int:
@@ -266,6 +324,14 @@ class Swarm:
         torrent = self._torrents.get(info_hash)
         return [] if torrent is None else list(torrent.peers.values())
 
+    def seen_of(self, info_hash: bytes, peer_id: bytes) -> float | None:
+        """When a batched seed was last announced (None: not a batched seed; for tests)."""
+        torrent = self._torrents.get(info_hash)
+        peer = None if torrent is None else torrent.peers.get(peer_id)
+        if torrent is None or peer is None or peer[SEEN] is None:
+            return None
+        return torrent.seen[peer[_SLOT]]
+
     def eviction_order(self) -> list[bytes]:
         """The single-address torrents, next victim first (a copy; for tests and tools)."""
         return list(self._single)
@@ -291,7 +357,7 @@ class Swarm:
         from another address with a different (or no) key, and ``ValueError`` when ``ip`` is
         not an IP address.
         """
-        recorded = self._record(request, ip, now)
+        recorded = self._record_request(request, ip, now)
         if isinstance(recorded, AnnounceOutcome):
             return recorded
         torrent, unlisted, evicted, windows = recorded
@@ -310,7 +376,7 @@ class Swarm:
         copied from the group buffers, which costs a few slices instead of a look at every
         chosen peer.
         """
-        recorded = self._record(request, ip, now)
+        recorded = self._record_request(request, ip, now)
         if isinstance(recorded, AnnounceOutcome):
             return recorded
         torrent, unlisted, evicted, windows = recorded
@@ -323,55 +389,197 @@ class Swarm:
             [], len(torrent.seeds), len(torrent.leechers), unlisted, evicted, packed
         )
 
-    def _record(
+    def announce_seeds(
+        self,
+        peer_id: bytes,
+        port: int,
+        entries: Iterable[tuple[bytes, Event]],
+        ip: str,
+        now: float,
+        *,
+        key: bytes | None = None,
+        numwant: int = 0,
+    ) -> BatchOutcome:
+        """Record a batched announce: ``peer_id`` at ``ip``:``port`` seeds every infohash of
+        ``entries`` (each with its event; ``STOPPED`` removes it).
+
+        Every entry goes through the same rules as an announce of its own: the per-address
+        and per-torrent caps, the global caps (``max_batch_seeds``) with eviction, the
+        ``key`` ownership rule. An entry the tracker refuses (``tracker is full``, a peer id
+        registered from another address) is reported in :attr:`BatchOutcome.failed` and
+        costs only itself. The recorded seeds expire ``seed_expiry`` seconds after their
+        last announce (:meth:`expire`). A seed gets leechers only, at most ``numwant`` per
+        infohash (capped at ``max_numwant``), for infohashes that have some.
+
+        Raises ``ValueError`` when ``ip`` is not an IP address (before recording anything).
+        """
+        packed = pack_peer(ip, port)
+        want = min(numwant, self.max_numwant)
+        out = BatchOutcome()
+        listed: list[bytes] = []
+        seen = float(now)  # one object for every entry of the batch
+        events, unlisted_counts = out.events, out.unlisted
+        torrents, single = self._torrents, self._single
+        for info_hash, event in entries:
+            recorded: AnnounceOutcome | tuple[_Torrent, Unlisted | None, int, list[Window]]
+            torrent = torrents.get(info_hash)
+            old = None if torrent is None else torrent.peers.get(peer_id)
+            if (
+                old is not None
+                and old[SEEN] is not None
+                and (event is Event.NONE or event is Event.STARTED)
+                and old[IP] == ip
+                and old[PORT] == port
+                and (key is None or key == old[KEY])
+            ):
+                # The usual case, a seed announced again from where it was: a new time,
+                # nothing else changes (no reshuffle: the order is random since the seed
+                # joined, and leechers announcing keep shuffling it).
+                assert torrent is not None
+                torrent.seen[old[_SLOT]] = seen
+                if len(torrent.addresses) == 1:
+                    single.move_to_end(info_hash)
+                events[event] = events.get(event, 0) + 1
+                listed.append(torrent.info_hash)
+                if not want or not torrent.leechers:
+                    continue
+                recorded = (torrent, None, 0, self._pick(torrent, peer_id, seed=True, want=want))
+            else:
+                try:
+                    recorded = self._record(
+                        info_hash,
+                        peer_id,
+                        port,
+                        0,
+                        event,
+                        key=key,
+                        ip=ip,
+                        packed=packed,
+                        now=now,
+                        seen=seen,
+                        numwant=want,
+                    )
+                except PeerConflictError as exc:
+                    out.failed[info_hash] = ("conflict", str(exc))
+                    continue
+                except SwarmFullError as exc:
+                    out.failed[info_hash] = ("tracker_full", str(exc))
+                    continue
+                events[event] = events.get(event, 0) + 1
+                if isinstance(recorded, AnnounceOutcome):  # stopped, or not taken in
+                    if recorded.unlisted is not None:
+                        unlisted_counts[recorded.unlisted] = (
+                            unlisted_counts.get(recorded.unlisted, 0) + 1
+                        )
+                    continue
+                if recorded[1] is None:
+                    listed.append(recorded[0].info_hash)
+            torrent, unlisted, evicted, windows = recorded
+            out.evicted += evicted
+            if unlisted is not None:
+                unlisted_counts[unlisted] = unlisted_counts.get(unlisted, 0) + 1
+            if not any(w[2] for w in windows):
+                continue
+            if not torrent.wide:
+                four = b"".join([_window_bytes(torrent.buffer(w[0]), *w) for w in windows])
+                six = b""
+            else:
+                chosen = _materialize(windows)
+                four = b"".join([p[PACKED] for p in chosen if len(p[PACKED]) == 6])
+                six = b"".join([p[PACKED] for p in chosen if len(p[PACKED]) == 18])
+            if four:
+                out.peers4[info_hash] = four
+            if six:
+                out.peers6[info_hash] = six
+        if listed:
+            self._batches.append((seen, peer_id, listed))
+        return out
+
+    def _record_request(
         self, request: AnnounceRequest, ip: str, now: float
     ) -> AnnounceOutcome | tuple[_Torrent, Unlisted | None, int, list[Window]]:
-        """Record an announce; an early answer, or what to choose the peers from."""
-        info_hash = request.info_hash
-        peer_id = request.peer_id
+        return self._record(
+            request.info_hash,
+            request.peer_id,
+            request.port,
+            request.left,
+            request.event,
+            key=request.key,
+            ip=ip,
+            packed=None,
+            now=now,
+            seen=None,
+            numwant=request.numwant,
+        )
+
+    def _record(
+        self,
+        info_hash: bytes,
+        peer_id: bytes,
+        port: int,
+        left: int,
+        event: Event,
+        *,
+        key: bytes | None,
+        ip: str,
+        packed: bytes | None,
+        now: float,
+        seen: float | None,
+        numwant: int | None,
+    ) -> AnnounceOutcome | tuple[_Torrent, Unlisted | None, int, list[Window]]:
+        """Record an announce; an early answer, or what to choose the peers from.
+
+        ``seen`` is None for an announce of its own (the peer joins the expiry order) and
+        the batch's time for a batched seed; ``packed`` the compact address if known.
+        """
         torrent = self._torrents.get(info_hash)
-        if request.event is Event.STOPPED:
+        if event is Event.STOPPED:
             if torrent is None:
                 return AnnounceOutcome([], 0, 0)
             old = torrent.peers.get(peer_id)
             if old is not None:
-                _check_owner(old, ip, request.key)
+                _check_owner(old, ip, key)
                 self._remove(info_hash, torrent, old)
             return AnnounceOutcome([], len(torrent.seeds), len(torrent.leechers))
 
         old = None if torrent is None else torrent.peers.get(peer_id)
-        if old is not None and old[IP] == ip and old[PORT] == request.port:
+        if old is not None and old[IP] == ip and old[PORT] == port:
             packed = old[PACKED]  # the usual re-announce: nothing to pack
-        else:
-            packed = pack_peer(ip, request.port)
+        elif packed is None:
+            packed = pack_peer(ip, port)
         evicted_before = self.evicted_torrents
         unlisted: Unlisted | None = None
+        fields = (peer_id, ip, port, packed, left, key, seen)
         if torrent is None:
             at_cap = self._address_torrents.get(ip, 0) >= self.max_torrents_per_address
             if at_cap and not self._is_uncapped(ip):
                 return AnnounceOutcome([], 0, 0, Unlisted.ADDRESS_TORRENTS)
-            # One eviction frees one torrent and at least one peer: the loop runs once.
-            while len(self._torrents) >= self.max_torrents or len(self._by_age) >= self.max_peers:
-                if not self._evict(None):
+            tries = 0
+            while len(self._torrents) >= self.max_torrents or self._full(seen):
+                if tries >= _EVICTION_TRIES or not self._evict(None):
                     what = (
                         f"{self.max_torrents} torrents"
                         if len(self._torrents) >= self.max_torrents
                         else f"{self.max_peers} peers"
+                        if seen is None
+                        else f"{self.max_batch_seeds} batched seeds"
                     )
                     raise SwarmFullError(f"tracker is full ({what})")
-            torrent = self._torrents[info_hash] = _Torrent()
-            self._add(torrent, request, ip=ip, packed=packed, now=now)
+                tries += 1
+            torrent = self._torrents[info_hash] = _Torrent(info_hash)
+            self._add(torrent, fields, event, now)
         elif old is None:
             unlisted = self._address_cap(torrent, ip)
             if unlisted is None and len(torrent.peers) >= self.max_peers_per_torrent:
                 unlisted = Unlisted.SWARM_FULL
-            full = unlisted is None and len(self._by_age) >= self.max_peers
-            if full and not self._evict(info_hash):
-                unlisted = Unlisted.TRACKER_FULL
+            if unlisted is None and self._full(seen):
+                self._evict(info_hash)
+                if self._full(seen):
+                    unlisted = Unlisted.TRACKER_FULL
             if unlisted is None:
-                self._add(torrent, request, ip=ip, packed=packed, now=now)
+                self._add(torrent, fields, event, now)
         else:
-            _check_owner(old, ip, request.key)
+            _check_owner(old, ip, key)
             if old[IP] != ip:  # moved, with its key
                 unlisted = self._address_cap(torrent, ip)
                 if unlisted is not None:  # its old entry is stale: forget it
@@ -382,13 +590,25 @@ class Swarm:
                     self._join(info_hash, torrent, ip)
                     self._leave(info_hash, torrent, old[IP])
             if unlisted is None:
-                self._refresh(torrent, request, old, ip=ip, packed=packed, now=now)
+                if seen is not None and old[SEEN] is None and self._full(seen):
+                    # from announcing alone to batches, at the batched seeds' cap: it stays
+                    # a peer announcing alone (the cap holds, and it is not dropped)
+                    self._evict(info_hash)
+                    if self._full(seen):
+                        fields = (*fields[:SEEN], None)
+                        unlisted = Unlisted.TRACKER_FULL
+                self._refresh(torrent, fields, event, old, now)
 
-        numwant = self.default_numwant if request.numwant is None else request.numwant
-        windows = self._pick(
-            torrent, peer_id, seed=not request.left, want=min(numwant, self.max_numwant)
-        )
+        if numwant is None:
+            numwant = self.default_numwant
+        windows = self._pick(torrent, peer_id, seed=not left, want=min(numwant, self.max_numwant))
         return torrent, unlisted, self.evicted_torrents - evicted_before, windows
+
+    def _full(self, seen: float | None) -> bool:
+        """Whether the global cap of this kind of peer (alone or batched) is reached."""
+        if seen is None:
+            return len(self._by_age) >= self.max_peers
+        return self._batch_peers >= self.max_batch_seeds
 
     def _address_cap(self, torrent: _Torrent, ip: str) -> Unlisted | None:
         """The per-address cap a new peer at ``ip`` in ``torrent`` would exceed, if any."""
@@ -460,36 +680,38 @@ class Swarm:
 
     # --- bookkeeping -------------------------------------------------------------------------
 
-    def _add(
-        self, torrent: _Torrent, request: AnnounceRequest, *, ip: str, packed: bytes, now: float
-    ) -> None:
-        info_hash, peer_id, left = request.info_hash, request.peer_id, request.left
+    def _add(self, torrent: _Torrent, fields: tuple[Any, ...], event: Event, now: float) -> None:
+        """Add a peer: ``fields`` is its tuple without the slot."""
+        info_hash, peer_id, left = torrent.info_hash, fields[PEER_ID], fields[LEFT]
         group = torrent.leechers if left else torrent.seeds
-        self._insert(torrent, group, (peer_id, ip, request.port, packed, left, request.key))
-        self._by_age[info_hash + peer_id] = now
+        self._insert(torrent, group, fields)
+        if fields[SEEN] is None:
+            self._by_age[info_hash + peer_id] = now
+        else:
+            self._batch_peers += 1
         if not left:
             self._seeders += 1
-        if request.event is Event.COMPLETED:
+        if event is Event.COMPLETED:
             torrent.downloaded += 1
-        self._join(info_hash, torrent, ip)
+        self._join(info_hash, torrent, fields[IP])
         if len(torrent.addresses) == 1:
             self._single.move_to_end(info_hash)
 
     def _refresh(
         self,
         torrent: _Torrent,
-        request: AnnounceRequest,
+        fields: tuple[Any, ...],
+        event: Event,
         old: SwarmPeer,
-        *,
-        ip: str,
-        packed: bytes,
         now: float,
     ) -> None:
-        info_hash, peer_id, left = request.info_hash, request.peer_id, request.left
-        if request.event is Event.COMPLETED and old[LEFT]:
+        """Refresh a known peer with the fields of its new announce (alone or batched:
+        a peer may move between the two expiry orders)."""
+        info_hash, peer_id, left = torrent.info_hash, fields[PEER_ID], fields[LEFT]
+        if event is Event.COMPLETED and old[LEFT]:
             torrent.downloaded += 1
-        key = old[KEY] if request.key is None else request.key
-        fields = (peer_id, ip, request.port, packed, left, key)
+        if fields[KEY] is None and old[KEY] is not None:
+            fields = (*fields[:KEY], old[KEY], fields[SEEN])
         if bool(old[LEFT]) == bool(left):
             self._reinsert(torrent, torrent.leechers if left else torrent.seeds, fields, old)
         else:  # became a seed, or a leecher again
@@ -503,8 +725,14 @@ class Swarm:
                 self._seeders += 1
             self._insert(torrent, group, fields)
         age_key = info_hash + peer_id
-        self._by_age[age_key] = now
-        self._by_age.move_to_end(age_key)
+        if fields[SEEN] is None:
+            if old[SEEN] is not None:
+                self._batch_peers -= 1
+            self._by_age[age_key] = now
+            self._by_age.move_to_end(age_key)
+        elif old[SEEN] is None:
+            del self._by_age[age_key]
+            self._batch_peers += 1
         if len(torrent.addresses) == 1:
             self._single.move_to_end(info_hash)
 
@@ -519,10 +747,14 @@ class Swarm:
             torrent.wide += 1
             compact = _HOLE
         j = int(self._rng.random() * (n + 1))
+        seen = torrent.seen if group is torrent.seeds else None
+        when = fields[SEEN] or 0.0
         if j >= n:
             peer: SwarmPeer = (*fields, n)
             group.append(peer)
             buffer += compact
+            if seen is not None:
+                seen.append(when)
         else:
             other = group[j]
             moved: SwarmPeer = (*other[:_SLOT], n)
@@ -533,6 +765,9 @@ class Swarm:
             at = 6 * j
             buffer += buffer[at : at + 6]
             buffer[at : at + 6] = compact
+            if seen is not None:
+                seen.append(seen[j])
+                seen[j] = when
         torrent.peers[fields[PEER_ID]] = peer
 
     def _reinsert(
@@ -550,10 +785,14 @@ class Swarm:
             torrent.wide -= 1
         j = int(self._rng.random() * len(group))
         at = 6 * slot
+        seen = torrent.seen if group is torrent.seeds else None
+        when = fields[SEEN] or 0.0
         if j == slot or j >= len(group):
             peer: SwarmPeer = (*fields, slot)
             group[slot] = peer
             buffer[at : at + 6] = compact
+            if seen is not None:
+                seen[slot] = when
         else:
             other = group[j]
             moved: SwarmPeer = (*other[:_SLOT], slot)
@@ -564,6 +803,9 @@ class Swarm:
             there = 6 * j
             buffer[at : at + 6] = buffer[there : there + 6]
             buffer[there : there + 6] = compact
+            if seen is not None:
+                seen[slot] = seen[j]
+                seen[j] = when
         torrent.peers[fields[PEER_ID]] = peer
 
     def _join(self, info_hash: bytes, torrent: _Torrent, ip: str) -> None:
@@ -611,8 +853,11 @@ class Swarm:
             return False
         torrent = self._torrents.pop(victim)
         del self._single[victim]
-        for peer_id in torrent.peers:
-            del self._by_age[victim + peer_id]
+        for peer_id, peer in torrent.peers.items():
+            if peer[SEEN] is None:
+                del self._by_age[victim + peer_id]
+            else:
+                self._batch_peers -= 1
         self._seeders -= len(torrent.seeds)
         for ip in torrent.addresses:  # just one
             count = self._address_torrents[ip] - 1
@@ -629,18 +874,25 @@ class Swarm:
         buffer = torrent.buffer(group)
         last = group.pop()
         slot = peer[_SLOT]
+        seen = torrent.seen if group is torrent.seeds else None
+        last_seen = seen.pop() if seen is not None else 0.0
         if slot != len(group):
-            moved = (last[0], last[1], last[2], last[3], last[4], last[5], slot)
+            moved = (last[0], last[1], last[2], last[3], last[4], last[5], last[6], slot)
             group[slot] = moved
             torrent.peers[last[PEER_ID]] = moved
             buffer[6 * slot : 6 * slot + 6] = buffer[-6:]
+            if seen is not None:
+                seen[slot] = last_seen
         del buffer[-6:]
         if len(peer[PACKED]) != 6:
             torrent.wide -= 1
 
     def _remove(self, info_hash: bytes, torrent: _Torrent, peer: SwarmPeer) -> None:
         del torrent.peers[peer[PEER_ID]]
-        self._by_age.pop(info_hash + peer[PEER_ID], None)
+        if peer[SEEN] is None:
+            self._by_age.pop(info_hash + peer[PEER_ID], None)
+        else:
+            self._batch_peers -= 1
         if peer[LEFT]:
             self._unslot(torrent, torrent.leechers, peer)
         else:
@@ -651,24 +903,58 @@ class Swarm:
             del self._torrents[info_hash]
 
     def expire(self, now: float, *, limit: int | None = None) -> int:
-        """Forget peers last seen more than ``peer_expiry`` seconds before ``now``.
+        """Forget peers that announced alone more than ``peer_expiry`` seconds before
+        ``now``, and batched seeds not announced for ``seed_expiry`` seconds.
 
-        Returns how many were forgotten: all of them, or at most ``limit`` (the caller
-        calls again while it gets ``limit`` back, so that a mass expiry does not stall the
-        event loop). Costs only what it removes.
+        Returns how many were forgotten. ``limit`` bounds the work of one call (peers
+        removed plus batched entries looked at), so that a mass expiry does not stall the
+        event loop: the caller calls again while :meth:`expiry_due` says so. Costs what it
+        removes, plus one look per entry of each expired batch (an entry announced again
+        since is in a later batch and stays).
         """
+        removed = work = 0
         cutoff = now - self.peer_expiry
-        removed = 0
         by_age = self._by_age
-        while by_age and (limit is None or removed < limit):
+        torrents = self._torrents
+        while by_age and (limit is None or work < limit):
             key, seen = next(iter(by_age.items()))
             if seen >= cutoff:
                 break
             info_hash, peer_id = key[:20], key[20:]
-            torrent = self._torrents[info_hash]
+            torrent = torrents[info_hash]
             self._remove(info_hash, torrent, torrent.peers[peer_id])
             removed += 1
+            work += 1
+        cutoff = now - self.seed_expiry
+        batches = self._batches
+        while batches and (limit is None or work < limit):
+            seen, peer_id, hashes = batches[0]
+            if seen >= cutoff:
+                break
+            start = self._batch_cursor
+            end = len(hashes) if limit is None else min(len(hashes), start + limit - work)
+            for info_hash in hashes[start:end]:
+                holder = torrents.get(info_hash)
+                if holder is None:
+                    continue
+                peer = holder.peers.get(peer_id)
+                if peer is not None and peer[SEEN] is not None and holder.seen[peer[_SLOT]] <= seen:
+                    self._remove(info_hash, holder, peer)
+                    removed += 1
+            work += end - start
+            if end >= len(hashes):
+                batches.popleft()
+                self._batch_cursor = 0
+            else:
+                self._batch_cursor = end
         return removed
+
+    def expiry_due(self, now: float) -> bool:
+        """Whether :meth:`expire` has work at ``now``."""
+        by_age, batches = self._by_age, self._batches
+        if by_age and next(iter(by_age.values())) < now - self.peer_expiry:
+            return True
+        return bool(batches) and batches[0][0] < now - self.seed_expiry
 
 
 def _materialize(windows: list[Window]) -> list[SwarmPeer]:

@@ -140,6 +140,7 @@ class Engine:
         try:
             async with self.shared.announcer.client, trio.open_nursery() as nursery:
                 self._nursery = nursery
+                await nursery.start(self.shared.announcer.run)
                 nursery.start_soon(trio.serve_listeners, self._handle_incoming, listeners)
                 nursery.start_soon(self._choke_rounds)
                 nursery.start_soon(self.shared.flusher.run)
