@@ -12,8 +12,6 @@ reached (the message says why).
 
 from __future__ import annotations
 
-import argparse
-import sys
 from typing import Any
 
 from rich.console import Group, RenderableType
@@ -21,14 +19,15 @@ from rich.table import Table
 from rich.text import Text
 
 from p2p_agent.settings import AgentSettings
-from p2p_common.settings import ConfigError, format_duration
+from p2p_common.settings import format_duration
 from p2p_common.status_cli import (
     ago,
     bar,
+    command,
+    local_url,
     none_row,
     rate,
     short,
-    show,
     size,
     table,
     trackers_table,
@@ -225,31 +224,18 @@ def _mirror(mirror: dict[str, Any], now: float) -> Table:
     return found
 
 
-def _url(args: argparse.Namespace) -> str:
-    if args.url:
-        return str(args.url).rstrip("/")
-    if args.config:
-        settings = AgentSettings.load(args.config)
-        host, _, port = settings.metrics_listen.rpartition(":")
-        if host in ("0.0.0.0", "", "::", "[::]"):
-            host = "127.0.0.1"
-        return f"http://{host}:{port}"
-    return DEFAULT_URL
+def _url_from_config(path: str) -> str:
+    return local_url(AgentSettings.load(path).metrics_listen)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog=PROG, description="Show what the agent on this node is doing."
+    return command(
+        PROG,
+        "Show what the agent on this node is doing.",
+        render,
+        default_url=DEFAULT_URL,
+        url_help="the agent's metrics address",
+        config_help="the agent's config file (its metricsListen is used)",
+        url_from_config=_url_from_config,
+        argv=argv,
     )
-    parser.add_argument("--url", help=f"the agent's metrics address (default {DEFAULT_URL})")
-    parser.add_argument("--config", help="the agent's config file (its metricsListen is used)")
-    parser.add_argument("--json", action="store_true", help="print the JSON document once")
-    parser.add_argument("--once", action="store_true", help="print the tables once")
-    parser.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
-    args = parser.parse_args(argv)
-    try:
-        url = _url(args)
-    except ConfigError as exc:
-        print(f"{PROG}: configuration error: {exc}", file=sys.stderr)
-        return 2
-    return show(PROG, url, render, as_json=args.json, once=args.once, interval=args.interval)

@@ -7,6 +7,7 @@ status commands lazily, so a service that never shows a terminal view never load
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -19,6 +20,8 @@ from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
+
+from p2p_common.settings import ConfigError
 
 __all__ = [
     "ago",
@@ -151,3 +154,62 @@ def show(
                         live.update(Text(f"cannot read {url}/status: {exc}", style="red"))
         except KeyboardInterrupt:
             return 0
+
+
+def local_url(listen: str, *, scheme: str = "http") -> str:
+    """The URL to reach a service on this host from its ``host:port`` listen setting (a
+    wildcard address is reached on 127.0.0.1)."""
+    host, _, port = listen.rpartition(":")
+    if host in ("0.0.0.0", "", "::", "[::]"):
+        host = "127.0.0.1"
+    return f"{scheme}://{host}:{port}"
+
+
+def command(
+    prog: str,
+    description: str,
+    render: Render,
+    *,
+    default_url: str,
+    url_help: str,
+    config_help: str,
+    url_from_config: Callable[[str], str],
+    tls: bool = False,
+    argv: list[str] | None = None,
+) -> int:
+    """A service's ``status`` command: ``--url``, ``--config`` (``url_from_config`` turns the
+    config file's path into the URL; a bad file exits 2), ``--json``, ``--once``,
+    ``--interval`` and, with ``tls``, ``--cacert`` and ``--insecure``; then :func:`show`."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--url", help=f"{url_help} (default {default_url})")
+    parser.add_argument("--config", help=config_help)
+    if tls:
+        parser.add_argument("--cacert", help="CA bundle that verifies an https service")
+        parser.add_argument(
+            "--insecure", action="store_true", help="do not verify an https service's certificate"
+        )
+    parser.add_argument("--json", action="store_true", help="print the JSON document once")
+    parser.add_argument("--once", action="store_true", help="print the tables once")
+    parser.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    args = parser.parse_args(argv)
+    url = default_url
+    if args.url:
+        url = str(args.url).rstrip("/")
+    elif args.config:
+        try:
+            url = url_from_config(args.config)
+        except ConfigError as exc:
+            print(f"{prog}: configuration error: {exc}", file=sys.stderr)
+            return 2
+    verify: Any = True
+    if tls:
+        verify = False if args.insecure else (args.cacert or True)
+    return show(
+        prog,
+        url,
+        render,
+        as_json=args.json,
+        once=args.once,
+        interval=args.interval,
+        verify=verify,
+    )

@@ -15,22 +15,20 @@ the command sends none). Exit code 0, or 1 when the proxy cannot be read (the me
 
 from __future__ import annotations
 
-import argparse
-import sys
 from typing import Any
 
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from p2p_common.settings import ConfigError
 from p2p_common.status_cli import (
     ago,
     bar,
+    command,
+    local_url,
     none_row,
     rate,
     short,
-    show,
     size,
     table,
     trackers_table,
@@ -199,43 +197,21 @@ def render(status: dict[str, Any]) -> RenderableType:
     )
 
 
-def _url(args: argparse.Namespace) -> str:
-    if args.url:
-        return str(args.url).rstrip("/")
-    if args.config:
-        settings = ProxySettings.load(args.config)
-        host, _, port = settings.listen.rpartition(":")
-        if host in ("0.0.0.0", "", "::", "[::]"):
-            host = "127.0.0.1"
-        scheme = "https" if settings.tls_cert_file is not None else "http"
-        return f"{scheme}://{host}:{port}"
-    return DEFAULT_URL
+def _url_from_config(path: str) -> str:
+    settings = ProxySettings.load(path)
+    scheme = "https" if settings.tls_cert_file is not None else "http"
+    return local_url(settings.listen, scheme=scheme)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description="Show what this proxy is doing.")
-    parser.add_argument("--url", help=f"the proxy's API address (default {DEFAULT_URL})")
-    parser.add_argument("--config", help="the proxy's config file (its listen is used)")
-    parser.add_argument("--cacert", help="CA bundle that verifies an https proxy")
-    parser.add_argument(
-        "--insecure", action="store_true", help="do not verify an https proxy's certificate"
-    )
-    parser.add_argument("--json", action="store_true", help="print the JSON document once")
-    parser.add_argument("--once", action="store_true", help="print the tables once")
-    parser.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
-    args = parser.parse_args(argv)
-    try:
-        url = _url(args)
-    except ConfigError as exc:
-        print(f"{PROG}: configuration error: {exc}", file=sys.stderr)
-        return 2
-    verify: Any = False if args.insecure else (args.cacert or True)
-    return show(
+    return command(
         PROG,
-        url,
+        "Show what this proxy is doing.",
         render,
-        as_json=args.json,
-        once=args.once,
-        interval=args.interval,
-        verify=verify,
+        default_url=DEFAULT_URL,
+        url_help="the proxy's API address",
+        config_help="the proxy's config file (its listen is used)",
+        url_from_config=_url_from_config,
+        tls=True,
+        argv=argv,
     )
