@@ -12,7 +12,7 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2p_common.dockerconfig import UsageError, credentials, split_image
+from p2p_common.dockerconfig import UsageError, authorization, credentials, split_image
 from p2p_common.errors import P2PError
 from p2p_common.oci import ErrorCode, OCIError
 from p2p_proxy.preheat import MAX_JOBS, Preheater, image_blobs, manifest_children, parse_request
@@ -163,3 +163,23 @@ async def test_unfinished_jobs_are_bounded_and_finished_ones_make_room() -> None
         start(preheater)  # a finished job made room
         assert len(preheater.jobs) == MAX_JOBS
         nursery.cancel_scope.cancel()
+
+
+def test_the_authorization_header_is_basic_and_refuses_what_basic_cannot_carry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"auths": {"r.example": {"username": "bob", "password": "p:w"}}}))
+    monkeypatch.delenv("P2P_PREHEAT_USERNAME", raising=False)
+    monkeypatch.delenv("P2P_PREHEAT_PASSWORD", raising=False)
+    header = authorization("r.example", config)
+    assert header == "Basic " + base64.b64encode(b"bob:p:w").decode()
+    assert authorization("unknown.example", config) is None
+    monkeypatch.setenv("P2P_PREHEAT_USERNAME", "team:ci")  # RFC 7617: no ':' in a user-id
+    monkeypatch.setenv("P2P_PREHEAT_PASSWORD", "x")
+    with pytest.raises(UsageError, match=r"the login for r\.example: .*':'"):
+        authorization("r.example", config)
+    monkeypatch.setenv("P2P_PREHEAT_USERNAME", "carol")
+    monkeypatch.setenv("P2P_PREHEAT_PASSWORD", "line\nbreak")
+    with pytest.raises(UsageError, match=r"the login for r\.example"):
+        authorization("r.example", config)

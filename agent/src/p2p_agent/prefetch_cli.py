@@ -21,7 +21,6 @@ file.
 from __future__ import annotations
 
 import argparse
-import base64
 import hashlib
 import json
 import platform
@@ -34,7 +33,7 @@ from typing import Any
 
 import httpx
 
-from p2p_common.dockerconfig import UsageError, credentials, docker_config_path, split_image
+from p2p_common.dockerconfig import UsageError, authorization, docker_config_path, split_image
 from p2p_common.imagewalk import image_blobs, manifest_children
 from p2p_common.oci import (
     DEFAULT_MANIFEST_ACCEPT,
@@ -130,15 +129,15 @@ class Prefetcher:
             raise PrefetchError.answer(answer.status_code, answer.content)
         return answer
 
-    def image(self, image: str, login: tuple[str, str] | None) -> Outcome:
+    def image(self, image: str, login: str | None) -> Outcome:
+        """Prefetch ``image``; ``login``: its ``Authorization`` header value, if any."""
         outcome = Outcome(image)
         registry, name = split_image(image)
         repository, reference = split_reference(name)
         params = {} if registry is None else {"ns": registry}
         headers = {"Accept": DEFAULT_MANIFEST_ACCEPT}
         if login is not None:
-            token = base64.b64encode(f"{login[0]}:{login[1]}".encode()).decode()
-            headers["Authorization"] = f"Basic {token}"
+            headers["Authorization"] = login
         try:
             blobs = self._blobs(repository, reference, params, headers)
         except (PrefetchError, OCIError, httpx.HTTPError) as exc:
@@ -249,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--platform all goes alone")
     try:  # every login first: a bad credentials file is known before anything is fetched
         config = docker_config_path(args.docker_config)
-        logins = [credentials(split_image(image)[0], config) for image in args.images]
+        logins = [authorization(split_image(image)[0], config) for image in args.images]
     except UsageError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2

@@ -15,7 +15,9 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["UsageError", "credentials", "docker_config_path", "split_image"]
+from p2p_common.registry_auth import AuthSyntaxError, Credentials, basic_authorization
+
+__all__ = ["UsageError", "authorization", "credentials", "docker_config_path", "split_image"]
 
 
 class UsageError(Exception):
@@ -69,3 +71,16 @@ def credentials(registry: str | None, config: Path) -> tuple[str, str] | None:
         if isinstance(entry.get("username"), str) and isinstance(entry.get("password"), str):
             return entry["username"], entry["password"]
     return None
+
+
+def authorization(registry: str | None, config: Path) -> str | None:
+    """The ``Authorization`` header (HTTP Basic) for :func:`credentials`, or None without a
+    login; a login HTTP Basic cannot carry (a ``:`` in the username, control characters) is
+    a :class:`UsageError` here, before anything is sent."""
+    login = credentials(registry, config)
+    if login is None:
+        return None
+    try:
+        return basic_authorization(Credentials(*login))
+    except AuthSyntaxError as exc:
+        raise UsageError(f"the login for {registry or 'the default registry'}: {exc}") from None

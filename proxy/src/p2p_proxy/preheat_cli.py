@@ -15,7 +15,6 @@ cannot be reached, 2 for a bad command line or credentials file.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import sys
 import time
@@ -23,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from p2p_common.dockerconfig import UsageError, credentials, docker_config_path, split_image
+from p2p_common.dockerconfig import UsageError, authorization, docker_config_path, split_image
 
 DEFAULT_PROXY = "http://127.0.0.1:5005"
 
@@ -55,14 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     registry, name = split_image(args.image)
     try:
-        login = credentials(registry, docker_config_path(args.docker_config))
+        login = authorization(registry, docker_config_path(args.docker_config))
     except UsageError as exc:
         print(f"p2p-proxy preheat: {exc}", file=sys.stderr)
         return 2
-    headers = {}
-    if login is not None:
-        token = base64.b64encode(f"{login[0]}:{login[1]}".encode()).decode()
-        headers["Authorization"] = f"Basic {token}"
+    headers = {} if login is None else {"Authorization": login}
     params = {} if registry is None else {"ns": registry}
     base = args.proxy.rstrip("/")
     verify: Any = args.cacert or True
