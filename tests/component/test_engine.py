@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from pathlib import Path
 
@@ -488,3 +489,30 @@ async def test_a_bug_in_one_incoming_connection_ends_only_that_connection(
         assert calls == 2
         assert "connection.failed" in caplog.text
         assert "KeyError" in caplog.text
+
+
+async def test_a_seed_whose_file_lost_its_bytes_says_so_and_keeps_serving(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A seed's file cut short under it (a local fault) ends the connection that asked for a
+    missing piece with a warning: nothing is sent that is not in the file, the engine lives
+    on."""
+    content = make_content(4 * MiB)
+    meta = metainfo_for(content)
+    source = tmp_path / "seed.bin"
+    source.write_bytes(content)
+    async with running_engines(1, role="proxy") as (seed,), running_engines(1) as (leech,):
+        store = PieceFile(meta, source, complete=True)
+        await seed.add_torrent(meta, store)
+        os.truncate(source, 0)
+        torrent = await leech.add_torrent(
+            meta, MemoryPieceStore(meta), peers=[("127.0.0.1", seed.port)]
+        )
+        with trio.fail_after(20):
+            while "upload.short_file" not in caplog.text:  # noqa: ASYNC110 - log from the seed
+                await trio.sleep(0.02)
+        assert torrent.core.picker.have.count == 0
+        assert seed.port is not None  # the listener still serves
+        stream = await trio.open_tcp_stream("127.0.0.1", seed.port)
+        await stream.aclose()
+        store.close()

@@ -10,6 +10,7 @@ other side goes away.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from typing import Protocol
@@ -17,7 +18,10 @@ from typing import Protocol
 import trio
 
 from p2p_common.errors import RemoteError
+from p2p_common.logs import event
 from p2p_common.storage import PieceStore
+
+log = logging.getLogger("p2p.engine")
 
 
 class PeerGoneError(RemoteError):
@@ -88,6 +92,9 @@ class SocketTransport:
                     await trio.lowlevel.wait_writable(self.sock)
                     continue
                 if sent == 0:
+                    # Our file ends before a piece we offer: a local fault, not the peer's,
+                    # and every peer that asks for the piece would meet it.
+                    event(log, "upload.short_file", logging.WARNING, offset=offset, length=length)
                     raise PeerGoneError("sendfile made no progress (file truncated?)")
                 offset += sent
                 length -= sent
