@@ -150,6 +150,36 @@ def test_a_growing_seed_offers_only_published_pieces() -> None:
     assert not seed.core.picker.wanted(0)  # the proxy never asks peers for anything
 
 
+def test_a_growing_seed_spreads_new_pieces_over_every_peer_in_turn() -> None:
+    """Pieces arriving from the origin a few at a time go one per peer, the peers with the
+    fewest undelivered offers first, not all to the peers connected first (which concentrated
+    an origin fetch's first copies on two or three agents: docs/scale.md, finding 4)."""
+    content = make_content(40 * PIECE)
+    meta = metainfo_for(content, piece_length=PIECE)
+    seed = Node.make("seed", meta, role="proxy", super_seed=True, known=0, published=0)
+    leeches = [Node.make(f"l{i}", meta, known=0) for i in range(5)]
+    pairs = [Pair(seed, leech) for leech in leeches]
+    for pair in pairs:
+        pair.pump()
+    seed.core.second_copies = False  # still fed by its origin fetch
+    for index in range(40):  # one piece stored and published at a time, nothing delivered
+        seed.store.write_piece(index, content[index * PIECE : (index + 1) * PIECE])
+        seed.core.piece_stored(index, 0.0)
+        seed.core.set_published(index + 1)
+        offers = sorted(len(pair.a.offers) for pair in pairs)
+        assert offers[-1] - offers[0] <= 1, (index, offers)  # in turn
+    revealed = [pair.a.offers for pair in pairs]
+    assert all(len(r) == SUPER_SEED_OFFERS for r in revealed)  # 40 pieces, 5 x 8 offers
+    assert len(set().union(*revealed)) == 40  # each piece to one peer
+    # A chunk published at once (8 pieces) goes round the peers too.
+    seed2 = Node.make("seed2", meta, content, role="proxy", super_seed=True, published=0)
+    others = [Pair(seed2, Node.make(f"m{i}", meta, known=0)) for i in range(4)]
+    for pair in others:
+        pair.pump()
+    seed2.core.set_published(8)
+    assert [len(pair.a.offers) for pair in others] == [2, 2, 2, 2]
+
+
 def test_a_piece_that_fails_its_hash_blames_its_only_contributor() -> None:
     seed, leech, _content = seed_and_leech(pieces=2, seed_role="agent")
     pair = Pair(seed, leech)

@@ -84,6 +84,7 @@ class SwarmCore:
         self._readers: dict[object, int] = {}
         self._first_pass = 0
         self._offer_cursor = 0
+        self._spread_turn = 0
         self._offered_now = [0] * num_pieces
         """Per piece: to how many peers it is revealed and not yet delivered."""
         self._in_flight: set[int] = set()
@@ -201,11 +202,11 @@ class SwarmCore:
             self._update_priority()
         endgame = picker.known - picker.have.count < ENDGAME_PIECES
         super_seeding = self.super_seeding
-        for session in list(self.sessions.values()):
-            if super_seeding and session.full_window:
-                if index < self.published and len(session.offers) < SUPER_SEED_OFFERS:
-                    self.offer(session, 1)
-            else:
+        sessions = list(self.sessions.values())
+        if super_seeding and index < self.published:
+            self._spread_offers()
+        for session in sessions:
+            if not (super_seeding and session.full_window):
                 session.we_have(index)
             if endgame:
                 for key, block in list(session.outstanding.items()):
@@ -268,9 +269,7 @@ class SwarmCore:
             return
         self.published = min(published, self.num_pieces)
         if self.super_seeding:
-            for session in list(self.sessions.values()):
-                if session.full_window and len(session.offers) < SUPER_SEED_OFFERS:
-                    self.offer(session, SUPER_SEED_OFFERS - len(session.offers))
+            self._spread_offers()
 
     # -- readers -----------------------------------------------------------------------------------
 
@@ -345,6 +344,35 @@ class SwarmCore:
             return
         for index in fallback[:count]:
             self._reveal(session, index)
+
+    def _spread_offers(self) -> None:
+        """Reveal what may be revealed now (pieces just stored or published), one piece per
+        peer in turn: the peers with the fewest pieces revealed and not yet delivered first,
+        ties in an order that rotates from call to call.
+
+        Handing a peer all the free offers it has room for, in connection order, gave the
+        first copies of an origin fetch to the first few peers connected: new pieces arrive a
+        few at a time, and those peers always had room (docs/scale.md, finding 4). Spread
+        over every peer, each first copy leaves through a different uplink.
+        """
+        sessions = [
+            session
+            for session in self.sessions.values()
+            if session.full_window and len(session.offers) < SUPER_SEED_OFFERS
+        ]
+        if len(sessions) > 1:
+            start = self._spread_turn % len(sessions)
+            self._spread_turn += 1
+            sessions = sessions[start:] + sessions[:start]
+            sessions.sort(key=lambda session: len(session.offers))
+        while sessions:
+            still = []
+            for session in sessions:
+                before = len(session.offers)
+                self.offer(session, 1)
+                if before < len(session.offers) < SUPER_SEED_OFFERS:
+                    still.append(session)
+            sessions = still
 
     def _reveal(self, session: PeerSession, index: int) -> None:
         self._offered_now[index] += 1
