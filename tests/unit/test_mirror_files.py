@@ -228,6 +228,8 @@ def hosts_files(draw: st.DrawFn) -> str:
 @settings(max_examples=300, deadline=None)
 @given(hosts_files())
 @example('server = "https://r"\n\n[host."https://m:1"]\n')
+@example("\n")  # blank lines only: kept (found by a CI run)
+@example('server = "https://r"\n\n\n')
 def test_any_hosts_toml_merges_into_the_same_file_with_the_agent_first(original: str) -> None:
     tomllib.loads(original)  # the strategy makes valid files only
     check_merge(original)

@@ -165,11 +165,9 @@ def merge_hosts_toml(ours: str, original: str) -> str:
     candidates = [i for i, line in enumerate(lines) if line.lstrip().startswith("[")]
     for split in [*candidates, len(lines)]:
         top, rest = lines[:split], lines[split:]
-        while top and not top[-1].strip():
-            top = top[:-1]
         parts = _header(marker)
-        if top:
-            parts += [*top, "\n"]
+        if top:  # every line kept, blank ones too; one blank line before the agent's table
+            parts += top if not top[-1].strip() else [*top, "\n"]
         parts += block
         if rest:
             parts += ["\n", *rest]
