@@ -33,10 +33,12 @@ class Measured:
 
 
 MEASURED = [
-    # docs/rollout.md, runs of 2026-12-07 (commit 524d0f5 or the tree just before it).
-    Measured("8 x 100 Mbit/s, 160 MB / 4, cold", 8, 160, 4, 100, False, 1.43, 1.44, 1.06, "cpu"),
-    Measured("16 x 50 Mbit/s, 80 MB / 4, cold", 16, 80, 4, 50, False, 1.94, 2.02, 1.17, "cpu"),
-    Measured("16 x 25 Mbit/s, 100 MB / 1, cold", 16, 100, 1, 25, False, 1.52, 1.55, 1.21),
+    # docs/rollout.md. Cold rows: the runs of 2026-12-07 14:32-14:43 after the super-seed's
+    # offers were spread over every peer (means of 3, 2 and 2 runs); warm rows: the runs of
+    # 2026-12-07 06:35-06:52 (commit 524d0f5 or the tree just before it).
+    Measured("8 x 100 Mbit/s, 160 MB / 4, cold", 8, 160, 4, 100, False, 1.35, 1.36, 1.00, "cpu"),
+    Measured("16 x 50 Mbit/s, 80 MB / 4, cold", 16, 80, 4, 50, False, 1.77, 1.78, 1.09, "cpu"),
+    Measured("16 x 25 Mbit/s, 100 MB / 1, cold", 16, 100, 1, 25, False, 1.36, 1.37, 1.04),
     Measured("16 x 25 Mbit/s, 100 MB / 1, warm", 16, 100, 1, 25, True, 1.35, 1.36, 1.03),
     Measured("32 x 25 Mbit/s, 100 MB / 1, warm", 32, 100, 1, 25, True, 1.66, 1.67, 1.15, "cpu"),
 ]
