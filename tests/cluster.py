@@ -132,7 +132,14 @@ async def run_agent(
     host: str = "127.0.0.1",
     **overrides: object,
 ) -> AsyncIterator[AgentHandle]:
-    """An agent with every port on ``host`` (``::1``: IPv6 only)."""
+    """An agent with every port on ``host`` (``::1``: IPv6 only).
+
+    Without a config file the disk watermarks are off unless a test sets them: the data
+    directory is on the machine's shared disk, and an agent on a disk more than 85% full
+    (``cacheHighWatermark``) rightly evicts the blobs a test has just pulled (a CI run on a
+    disk at 84% failed six tests that way)."""
+    if config_file is None:
+        overrides.setdefault("cache_high_watermark", 0)
     settings = AgentSettings.load(
         config_file,
         environ={},

@@ -186,7 +186,7 @@ async def test_new_rates_in_the_mounted_configmap_apply_without_a_restart(
         run_proxy(tmp_path / "proxy", [registry.url], [announce]) as proxy,
     ):
         volume = ConfigMapVolume(tmp_path / "configmap", "agent.yaml")
-        base = f"registry: {registry.url}\nproxies: [{proxy.url}]\n"
+        base = f"registry: {registry.url}\nproxies: [{proxy.url}]\ncacheHighWatermark: 0\n"
         volume.publish(base + "downloadRate: 1MB\nuploadRate: 2MB\n")
         async with run_agent(
             tmp_path / "agent", [registry.url], [proxy.url], config_file=volume.file

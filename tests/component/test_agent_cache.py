@@ -88,7 +88,14 @@ async def test_ls_rm_and_prune_act_through_the_running_agent(
     async with (
         run_tracker() as announce,
         run_proxy(tmp_path / "proxy", [registry.url], [announce]) as proxy,
-        run_agent(tmp_path / "agent", [registry.url], [proxy.url]) as agent,
+        # Watermarks the shared disk does not reach (it may be above the default 85%).
+        run_agent(
+            tmp_path / "agent",
+            [registry.url],
+            [proxy.url],
+            cache_high_watermark=99,
+            cache_low_watermark=98,
+        ) as agent,
     ):
         socket = tmp_path / "agent" / "admin.sock"
         # The admin API is a private unix socket, not on the network-facing metrics port.
@@ -110,13 +117,13 @@ async def test_ls_rm_and_prune_act_through_the_running_agent(
         assert [b["digest"] for b in doc["blobs"]] == small
         assert [b["size"] for b in doc["blobs"]] == [layer.size for layer in image.layers[:3]]
         assert doc["used_bytes"] == sum(layer.size for layer in image.layers[:3])
-        assert doc["policy"]["high_watermark_percent"] == 85
-        assert doc["policy"]["low_watermark_percent"] == 80
+        assert doc["policy"]["high_watermark_percent"] == 99
+        assert doc["policy"]["low_watermark_percent"] == 98
         assert doc["disk"]["total_bytes"] > 0
 
         table = await cache_cli("ls", "--socket", str(socket))
         assert table.returncode == 0, table.stderr
-        for expected in [d[7:19] for d in small] + ["seeding", "evict above 85% down to 80%"]:
+        for expected in [d[7:19] for d in small] + ["seeding", "evict above 99% down to 98%"]:
             assert expected in table.stdout, expected
 
         # A client in the middle of the big blob: rm refuses it and the pull completes intact.
@@ -186,7 +193,11 @@ async def test_a_new_cache_policy_in_the_mounted_configmap_applies_without_a_res
         run_proxy(tmp_path / "proxy", [registry.url], [announce]) as proxy,
     ):
         volume = ConfigMapVolume(tmp_path / "configmap", "agent.yaml")
-        base = f"registry: {registry.url}\nproxies: [{proxy.url}]\n"
+        # Watermarks the shared disk does not reach (it may be above the default 85%).
+        base = (
+            f"registry: {registry.url}\nproxies: [{proxy.url}]\n"
+            "cacheHighWatermark: 99\ncacheLowWatermark: 98\n"
+        )
         volume.publish(base)
         async with run_agent(
             tmp_path / "agent", [registry.url], [proxy.url], config_file=volume.file
@@ -220,12 +231,15 @@ async def test_a_new_cache_policy_in_the_mounted_configmap_applies_without_a_res
             assert (blobs / small[0][7:]).exists()
 
             # A file that no longer validates is refused; the policy in force stays.
-            volume.publish(base + "cacheSize: 5MiB\ncacheLowWatermark: 90\n")
+            volume.publish(base + "cacheSize: 5MiB\ncacheLowWatermark: 99\n")
             await trio.sleep(3)  # two config polls: nothing may change, so nothing to wait for
-            assert (await policy())["policy"]["low_watermark_percent"] == 80
+            assert (await policy())["policy"]["low_watermark_percent"] == 98
 
             # Expiry, live: both blobs were last used more than a second ago.
-            volume.publish(base + "cacheSize: 5MiB\ncacheMaxUnused: 1s\ncacheHighWatermark: 0\n")
+            volume.publish(
+                f"registry: {registry.url}\nproxies: [{proxy.url}]\n"
+                "cacheSize: 5MiB\ncacheMaxUnused: 1s\ncacheHighWatermark: 0\n"
+            )
 
             async def expired() -> bool:
                 return (await policy())["blobs"] == 0

@@ -286,6 +286,9 @@ def plan_cluster(
                 "proxies": proxy_urls,
                 "downloadRate": 0,
                 "uploadRate": 0,
+                # The demo's blobs stay whatever else fills this machine's disk (an agent
+                # evicts above 85% of its filesystem by default).
+                "cacheHighWatermark": 0,
             },
         )
         for n in range(1, agents + 1)

@@ -71,6 +71,7 @@ async def test_sigterm_lets_a_pull_in_flight_finish_then_exits_zero(tmp_path: Pa
                 f"listen: 127.0.0.1:{api}\nmetricsListen: 127.0.0.1:{status}\n"
                 f"peerHost: 127.0.0.1\npeerPort: {free_port()}\ndataDir: {tmp_path / 'data'}\n"
                 f"registry: {registry.url}\nproxies: [{proxy.url}]\nlogFormat: json\n"
+                "cacheHighWatermark: 0\n"  # the shared disk may be above 85%
             )
             agent = ManagedProcess(
                 [binary(), "--config", str(config)],

@@ -209,6 +209,7 @@ def test_a_pull_in_an_ipv6_only_cluster(tmp_path: Path) -> None:
                 "dataDir": str(tmp_path / f"{node}-data"),
                 "registry": [registry_url],
                 "proxies": [proxy_url],
+                "cacheHighWatermark": 0,  # the shared disk may be above 85%
             }
             agent = service(
                 net, stack, node, "agent", write(tmp_path / f"{node}.yaml", agent_config), tmp_path
