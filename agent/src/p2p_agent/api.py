@@ -44,7 +44,7 @@ from p2p_common.asgi import (
 )
 from p2p_common.blobcache import BlobCache, CacheFullError
 from p2p_common.errors import LocalError, collapse
-from p2p_common.listing import ListingKind, listing_params, next_link
+from p2p_common.listing import ListingKind, listing_headers, listing_params
 from p2p_common.logs import PULL_ID_HEADER, event, new_pull_id, pull_context
 from p2p_common.oci import ApiRoute, ErrorCode, OCIError, merge_accept, parse_api_path
 from p2p_common.ranges import RangeNotSatisfiableError, parse_range
@@ -275,12 +275,9 @@ class RegistryApp:
             authorization=authorization,
             accept=accept or None,
         )
-        headers = []
-        if found.filters_applied:
-            headers.append(("oci-filters-applied", found.filters_applied[:256]))
-        link = next_link(found.links, request.path, ns if "ns" in request.query else None)
-        if link is not None:
-            headers.append(("link", link))
+        headers = listing_headers(
+            found.filters_applied, found.links, request.path, ns if "ns" in request.query else None
+        )
         await send_bytes(
             send,
             found.status,

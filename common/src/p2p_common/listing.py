@@ -29,6 +29,7 @@ __all__ = [
     "MAX_LISTING_BYTES",
     "Link",
     "ListingKind",
+    "listing_headers",
     "listing_params",
     "next_link",
     "parse_link_header",
@@ -188,6 +189,21 @@ def parse_link_header(values: Iterable[str]) -> list[Link]:
         if len(links) > MAX_LINKS:
             raise ValueError("too many links")
         i += 1
+
+
+def listing_headers(
+    filters_applied: str | None, links: Iterable[str], path: str, ns: str | None
+) -> list[tuple[str, str]]:
+    """The headers a tag list or referrers answer passes on: the origin's
+    ``OCI-Filters-Applied`` (at most 256 characters) and a next-page ``Link`` back to ``path``
+    (:func:`next_link`)."""
+    headers = []
+    if filters_applied:
+        headers.append(("oci-filters-applied", filters_applied[:256]))
+    link = next_link(links, path, ns)
+    if link is not None:
+        headers.append(("link", link))
+    return headers
 
 
 def next_link(values: Iterable[str], path: str, ns: str | None) -> str | None:

@@ -35,7 +35,7 @@ from p2p_common.asgi import (
 )
 from p2p_common.blobcache import BlobCache
 from p2p_common.errors import collapse
-from p2p_common.listing import ListingKind, listing_params, next_link
+from p2p_common.listing import ListingKind, listing_headers, listing_params
 from p2p_common.logs import PULL_ID_HEADER, event, new_pull_id, pull_context, valid_pull_id
 from p2p_common.oci import ApiRoute, ErrorCode, OCIError, merge_accept, parse_api_path
 from p2p_common.registry_auth import AUTH_MAX_AGE_HEADER, Credentials
@@ -300,12 +300,8 @@ class ProxyApp:
         finally:
             if ended is not None:
                 ended()
-        headers = []
-        if found.filters_applied:
-            headers.append(("OCI-Filters-Applied", found.filters_applied[:256]))
-        link = next_link(found.links, request.path, origin.name if "ns" in request.query else None)
-        if link is not None:
-            headers.append(("Link", link))
+        ns = origin.name if "ns" in request.query else None
+        headers = listing_headers(found.filters_applied, found.links, request.path, ns)
         await send_bytes(
             send,
             found.status,
