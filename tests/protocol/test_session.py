@@ -10,6 +10,7 @@ from p2p_common.session import (
     MAX_AVAILABILITY_MESSAGES,
     MAX_OUTBOX_BYTES,
     MAX_REFUSED,
+    QUEUE_SECONDS,
     SNUB_AFTER,
     SUPER_SEED_OFFERS,
     PeerSession,
@@ -332,3 +333,37 @@ def test_a_piece_the_peer_reports_is_never_revealed_to_it_again() -> None:
         session.receive(wire.Have(index), 0.0)
     assert not session.offers & set(session.peer_bits)
     assert session.offers == set(range(SUPER_SEED_OFFERS)) - {3, 5}
+
+
+def test_a_peer_slower_than_a_block_per_queue_time_gets_one_request_at_a_time() -> None:
+    seed, leech, _ = seed_and_leech(pieces=64, seed_role="agent")
+    pair = Pair(seed, leech)
+    pair.to_b.silent = True
+    pair.pump()
+    assert len(pair.b.outstanding) > 2  # before any rate is known: the whole in-flight budget
+    pair.tick()
+    assert pair.b.download_rate == 0
+    assert pair.b.queue_target == 1
+    pair.to_b.silent = False
+    for _ in range(200):  # one block at a time until the early requests are answered
+        pair._move(pair.to_b, uploads=1)
+        pair._move(pair.to_a, uploads=0)
+        if len(pair.b.outstanding) <= 1:
+            break
+    pair._move(pair.to_b, uploads=1)
+    pair._move(pair.to_a, uploads=0)
+    assert len(pair.b.outstanding) == 1  # refilled to one, not two
+    assert not leech.core.complete
+
+
+def test_a_peer_that_delivers_gets_its_rate_worth_of_whole_piece_requests() -> None:
+    seed, leech, _ = seed_and_leech(pieces=64, seed_role="agent")
+    pair = Pair(seed, leech)
+    pair.to_b.silent = True
+    pair.pump()
+    pair.to_b.silent = False
+    pair._move(pair.to_b, uploads=8)  # 8 blocks in the first second
+    pair.tick()
+    expected = int(pair.b.download_rate * QUEUE_SECONDS / PIECE) + 1  # whole-piece requests
+    assert expected >= 2
+    assert pair.b.queue_target == expected

@@ -59,9 +59,14 @@ HAVE_ALLOWANCE = 1024
 IN_FLIGHT_BYTES = 8 * 1024 * 1024
 """Request bytes we keep outstanding per p2p peer (bandwidth-delay product headroom)."""
 FOREIGN_IN_FLIGHT_BYTES = 2 * 1024 * 1024
-QUEUE_SECONDS = 2.0
-"""Seconds of a peer's measured rate we keep requested from it."""
-MIN_QUEUE = 2
+QUEUE_SECONDS = 0.5
+"""Seconds of a p2p peer's measured rate we keep requested from it (in requests of the
+size we ask for: a whole piece, 256 KiB for blobs up to 2 GiB), plus one request."""
+FOREIGN_QUEUE_SECONDS = 2.0
+"""The same for a standard BitTorrent peer (16 KiB blocks)."""
+MIN_QUEUE = 1
+"""Requests kept outstanding at a peer that has not shown a request's worth of rate per
+queue time: one at a time (docs/scale.md, finding 6)."""
 SUPER_SEED_OFFERS = 8
 """Pieces a super-seed reveals to a peer at a time."""
 SNUB_AFTER = 20.0
@@ -636,11 +641,16 @@ class PeerSession:
         self.upload_rate = 0.7 * self.upload_rate + 0.3 * (self.uploaded - up) / interval
         self._rate_marks = (self.downloaded, self.uploaded)
         if self.outstanding:
-            # Keep about QUEUE_SECONDS of this peer's measured rate requested (plus two blocks
-            # so the rate can grow): a deep fixed queue on a slow or shared link means requests
-            # chosen on stale information and pieces stuck behind others at busy peers.
-            rate_blocks = int(self.download_rate * QUEUE_SECONDS / self.block_size)
-            self.queue_target = max(MIN_QUEUE, min(self.max_queue, rate_blocks + 2))
+            # Keep about a queue time of this peer's measured rate requested (plus one request
+            # so the rate can grow): a deep queue on a slow or shared link means requests
+            # chosen on stale information and pieces stuck behind others at busy peers. A
+            # peer slower than that gets one request at a time: a second one would wait
+            # behind the first at its busy uplink while another peer that has the piece
+            # idles (docs/scale.md, finding 6).
+            request = min(self.block_size, self.swarm.piece_length)
+            seconds = QUEUE_SECONDS if self.cooperative else FOREIGN_QUEUE_SECONDS
+            rate_requests = int(self.download_rate * seconds / request)
+            self.queue_target = max(MIN_QUEUE, min(self.max_queue, rate_requests + 1))
             if now - self.last_piece > SNUB_AFTER:
                 # Asked and not answered for long: its requests go to other peers; it keeps
                 # one at a time, so it can prove itself again.
