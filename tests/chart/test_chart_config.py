@@ -82,7 +82,7 @@ def test_proxy_config_carries_the_values(render: Render, value_set: tuple, tmp_p
 
     assert settings.registry == [normalise_registry(r) for r in registries(values)]
     host = f"p2p-tracker-headless.{namespace}.svc.{domain}:{tracker_port}"
-    udp = [f"udp://{host}"] if values.get("tracker", {}).get("udp") else []
+    udp = [f"udp://{host}"] if values.get("tracker", {}).get("udp", True) else []
     assert settings.trackers == [*udp, f"http://{host}/announce"]
     assert settings.listen == f":{ports['http']}"
     assert settings.peer_port == ports["peer"]
@@ -113,7 +113,8 @@ def test_the_namespace_reaches_the_headless_names(render: Render, tmp_path: Path
     proxy = load(rendered, "proxy", tmp_path)
     assert agent.proxies == ["http://p2p-proxy-headless.p2p-system.svc.cluster.local:5005"]
     assert proxy.trackers == [
-        "http://p2p-tracker-headless.p2p-system.svc.cluster.local:6969/announce"
+        "udp://p2p-tracker-headless.p2p-system.svc.cluster.local:6969",
+        "http://p2p-tracker-headless.p2p-system.svc.cluster.local:6969/announce",
     ]
 
 

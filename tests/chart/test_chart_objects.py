@@ -239,8 +239,11 @@ def test_tracker_is_an_ordinary_pod_on_6969(render: Render) -> None:
     spec = render(REQUIRED).pod_spec("Deployment", "p2p-tracker")
     assert not spec.get("hostNetwork", False)
     ports = container(spec, "tracker")["ports"]
-    assert [(p["name"], p["containerPort"]) for p in ports] == [("http", 6969)]
-    assert "hostPort" not in ports[0]
+    assert [(p["name"], p["containerPort"], p.get("protocol", "TCP")) for p in ports] == [
+        ("http", 6969, "TCP"),
+        ("udp", 6969, "UDP"),  # BEP 15 beside HTTP (tracker.udp, on by default)
+    ]
+    assert not any("hostPort" in p for p in ports)
 
 
 def test_services_and_headless_services(render: Render, value_set: tuple) -> None:

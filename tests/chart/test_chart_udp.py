@@ -9,6 +9,7 @@ from p2p_tracker.settings import TrackerSettings
 from tests.chart.conftest import REQUIRED, Render, merged
 
 UDP = merged(REQUIRED, {"tracker": {"udp": True}})
+NO_UDP = merged(REQUIRED, {"tracker": {"udp": False}})
 HOST = "p2p-tracker-headless.kube-system.svc.cluster.local"
 
 
@@ -34,12 +35,18 @@ def test_udp_on_reaches_the_tracker_the_services_and_the_metainfo(
         assert {"name": "udp", "port": 6969, "targetPort": "udp", "protocol": "UDP"} in ports
 
 
-def test_udp_is_off_by_default(render: Render, tmp_path: Path) -> None:
-    tracker = load(render, REQUIRED, "tracker", tmp_path)
+def test_udp_is_on_by_default(render: Render) -> None:
+    # What a rollout's announce latency needs at the chart's defaults (docs/tracker.md).
+    assert render(REQUIRED).config_file("tracker") == render(UDP).config_file("tracker")
+    assert render(REQUIRED).config_file("proxy") == render(UDP).config_file("proxy")
+
+
+def test_udp_off_leaves_http_alone(render: Render, tmp_path: Path) -> None:
+    tracker = load(render, NO_UDP, "tracker", tmp_path)
     assert not tracker.udp_listen  # type: ignore[attr-defined]
-    proxy = load(render, REQUIRED, "proxy", tmp_path)
+    proxy = load(render, NO_UDP, "proxy", tmp_path)
     assert proxy.trackers == [f"http://{HOST}:6969/announce"]  # type: ignore[attr-defined]
-    rendered = render(REQUIRED)
+    rendered = render(NO_UDP)
     for name in ("p2p-tracker", "p2p-tracker-headless"):
         ports = rendered.get("Service", name)["spec"]["ports"]
         assert all(port["protocol"] == "TCP" for port in ports)
