@@ -104,19 +104,21 @@ class Seeder:
             async with lock:
                 if digest in self._seeds:
                     return
-                if fetch.ended:
-                    if not fetch.failed:
-                        await self._seed_cached(digest, fetch.blob)
-                    return
-                try:
-                    store = await trio.to_thread.run_sync(
-                        partial(PieceFile, fetch.blob, fetch.path, create=False)
-                    )
-                except StorageError as exc:
-                    # Renamed into the cache before its fetch has ended (the rename's thread
-                    # may report after ours), or the file cannot be opened now: seed it from
-                    # the cache once the fetch ends.
-                    event(log, "proxy.seed_deferred", logging.DEBUG, digest=digest, error=str(exc))
+                store = None
+                if not fetch.ended:
+                    try:
+                        store = await trio.to_thread.run_sync(
+                            partial(PieceFile, fetch.blob, fetch.path, create=False)
+                        )
+                    except StorageError as exc:
+                        # Renamed into the cache before its fetch has ended (the rename's
+                        # thread may report after ours), or not to be opened now.
+                        event(
+                            log, "proxy.seed_deferred", logging.DEBUG, digest=digest, error=str(exc)
+                        )
+                if store is None:
+                    # The fetch ended before this task ran, or its file is not there: seed the
+                    # blob from the cache once the fetch has ended, unless it failed.
                     await fetch.wait_ended()
                     if not fetch.failed:
                         await self._seed_cached(digest, fetch.blob)
