@@ -8,8 +8,8 @@ yields a handle with an httpx client, and stops it through the service's gracefu
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -26,7 +26,9 @@ from p2p_proxy.service import serve as serve_proxy
 from p2p_proxy.settings import ProxySettings
 from p2p_tracker.service import serve as serve_tracker
 from p2p_tracker.settings import TrackerSettings
+from tests.realparts import images
 from tests.realparts.procs import free_port
+from tests.realparts.registry import AuthMode, Registry, run_registry
 
 
 def basic(user: str, password: str) -> dict[str, str]:
@@ -169,3 +171,34 @@ async def run_agent(
         ):
             yield AgentHandle(settings, ports, http, status, host)
         stop.set()
+
+
+def push(
+    workdir: Path,
+    registry: Registry,
+    repository: str,
+    *,
+    creds: tuple[str, str] | None = None,
+    **options: object,
+) -> images.Image:
+    """Build an image (see ``images.make_image``) and push it to ``registry``."""
+    layout = workdir / f"layout-{repository.replace('/', '-')}-{options.get('seed', 'x')}"
+    image = images.build_image(layout, **options)  # type: ignore[arg-type]
+    images.push_image(layout, image, registry.host, repository, creds=creds)
+    return image
+
+
+@contextmanager
+def origin_with_image(
+    workdir: Path,
+    *,
+    repository: str = "team/app",
+    auth: AuthMode = "none",
+    creds: tuple[str, str] | None = None,
+    **options: object,
+) -> Iterator[tuple[Registry, images.Image]]:
+    """A real registry (``auth``: ``none`` or ``token``) holding one image built with
+    ``images.build_image(**options)`` under ``repository``: the origin of most component
+    tests' modules."""
+    with run_registry(workdir / "registry", auth=auth) as registry:
+        yield registry, push(workdir, registry, repository, creds=creds, **options)

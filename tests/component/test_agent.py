@@ -13,10 +13,18 @@ import trio
 from p2p_agent import downloads
 from p2p_common.blobcache import BlobCache
 from p2p_common.storage import PieceFile, StorageError
-from tests.cluster import AgentHandle, basic, metric, run_agent, run_proxy, run_tracker
+from tests.cluster import (
+    AgentHandle,
+    basic,
+    metric,
+    origin_with_image,
+    run_agent,
+    run_proxy,
+    run_tracker,
+)
 from tests.engine_helpers import wait_until
 from tests.realparts import images
-from tests.realparts.registry import Registry, run_registry
+from tests.realparts.registry import Registry
 from tests.services import ConfigMapVolume
 
 pytestmark = pytest.mark.realparts
@@ -26,13 +34,13 @@ MiB = 1024 * 1024
 
 @pytest.fixture(scope="module")
 def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Registry, images.Image]]:
-    workdir = tmp_path_factory.mktemp("origin")
-    with run_registry(workdir / "registry", auth="none") as registry:
-        image = images.build_image(
-            workdir / "layout", seed="agent", tag="1.0", layer_sizes=(6 * MiB, 3 * MiB, 1 * MiB)
-        )
-        images.push_image(workdir / "layout", image, registry.host, "team/app")
-        yield registry, image
+    with origin_with_image(
+        tmp_path_factory.mktemp("origin"),
+        seed="agent",
+        tag="1.0",
+        layer_sizes=(6 * MiB, 3 * MiB, 1 * MiB),
+    ) as origin:
+        yield origin
 
 
 def blob_path(image: images.Image, index: int) -> str:

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import trio
 
-from tests.cluster import AgentHandle, run_agent, run_proxy, run_tracker
+from tests.cluster import AgentHandle, origin_with_image, run_agent, run_proxy, run_tracker
 from tests.realparts import images
-from tests.realparts.registry import Registry, run_registry
+from tests.realparts.registry import Registry
 from tests.services import ConfigMapVolume, service_binary, service_env
 
 pytestmark = pytest.mark.realparts
@@ -28,16 +28,13 @@ BIG = 24 * MiB
 
 @pytest.fixture(scope="module")
 def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Registry, images.Image]]:
-    workdir = tmp_path_factory.mktemp("cache")
-    with run_registry(workdir / "registry", auth="none") as registry:
-        image = images.build_image(
-            workdir / "layout",
-            seed="cache-cli",
-            tag="1.0",
-            layer_sizes=(2 * MiB, 2 * MiB, 2 * MiB, BIG),
-        )
-        images.push_image(workdir / "layout", image, registry.host, "team/app")
-        yield registry, image
+    with origin_with_image(
+        tmp_path_factory.mktemp("cache"),
+        seed="cache-cli",
+        tag="1.0",
+        layer_sizes=(2 * MiB, 2 * MiB, 2 * MiB, BIG),
+    ) as origin:
+        yield origin
 
 
 def blob_path(image: images.Image, index: int) -> str:

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.cluster import run_agent, run_proxy, run_tracker
+from tests.cluster import origin_with_image, run_agent, run_proxy, run_tracker
 from tests.realparts import images
-from tests.realparts.registry import Registry, run_registry
+from tests.realparts.registry import Registry
 from tests.services import service_binary, service_env
 
 pytestmark = pytest.mark.realparts
@@ -23,13 +23,13 @@ MiB = 1024 * 1024
 
 @pytest.fixture(scope="module")
 def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Registry, images.Image]]:
-    workdir = tmp_path_factory.mktemp("status")
-    with run_registry(workdir / "registry", auth="none") as registry:
-        image = images.build_image(
-            workdir / "layout", seed="status", tag="1.0", layer_sizes=(6 * MiB, 200 * 1024)
-        )
-        images.push_image(workdir / "layout", image, registry.host, "team/app")
-        yield registry, image
+    with origin_with_image(
+        tmp_path_factory.mktemp("status"),
+        seed="status",
+        tag="1.0",
+        layer_sizes=(6 * MiB, 200 * 1024),
+    ) as origin:
+        yield origin
 
 
 def status_cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:

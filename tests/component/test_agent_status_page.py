@@ -15,9 +15,9 @@ from selenium.webdriver.chrome.service import Service as ChromeService
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.cluster import run_agent, run_proxy, run_tracker
+from tests.cluster import origin_with_image, run_agent, run_proxy, run_tracker
 from tests.realparts import images
-from tests.realparts.registry import Registry, run_registry
+from tests.realparts.registry import Registry
 
 pytestmark = pytest.mark.realparts
 
@@ -26,13 +26,14 @@ MiB = 1024 * 1024
 
 @pytest.fixture(scope="module")
 def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Registry, images.Image]]:
-    workdir = tmp_path_factory.mktemp("status-page")
-    with run_registry(workdir / "registry", auth="none") as registry:
-        image = images.build_image(
-            workdir / "layout", seed="page", tag="1.0", layer_sizes=(3 * MiB,)
-        )
-        images.push_image(workdir / "layout", image, registry.host, "team/page")
-        yield registry, image
+    with origin_with_image(
+        tmp_path_factory.mktemp("status-page"),
+        repository="team/page",
+        seed="page",
+        tag="1.0",
+        layer_sizes=(3 * MiB,),
+    ) as origin:
+        yield origin
 
 
 def browser() -> webdriver.Chrome:

@@ -21,10 +21,10 @@ from p2p_common import bencoding
 from p2p_common.blobinfo import BlobMetainfo
 from p2p_common.listen import has_ipv6
 from p2p_common.tracker_proto import AnnounceRequest, announce_url, parse_announce_response
-from tests.cluster import run_agent, run_proxy, run_tracker
+from tests.cluster import origin_with_image, run_agent, run_proxy, run_tracker
 from tests.engine_helpers import wait_until
 from tests.realparts import images
-from tests.realparts.registry import Registry, run_registry
+from tests.realparts.registry import Registry
 
 pytestmark = pytest.mark.realparts
 
@@ -46,11 +46,10 @@ def ipv6_loopback() -> bool:
 def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Registry, images.Image]]:
     if not ipv6_loopback():
         pytest.fail("this test needs the IPv6 loopback (::1)")
-    workdir = tmp_path_factory.mktemp("origin")
-    with run_registry(workdir / "registry", auth="none") as registry:
-        image = images.build_image(workdir / "layout", seed="ipv6", layer_sizes=(3 * MiB,))
-        images.push_image(workdir / "layout", image, registry.host, "team/app")
-        yield registry, image
+    with origin_with_image(
+        tmp_path_factory.mktemp("origin"), seed="ipv6", layer_sizes=(3 * MiB,)
+    ) as origin:
+        yield origin
 
 
 async def test_a_pull_through_the_swarm_over_ipv6(

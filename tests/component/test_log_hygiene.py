@@ -16,11 +16,11 @@ import pytest
 import trio
 
 from p2p_common.blobinfo import BlobMetainfo
-from tests.cluster import basic, run_agent, run_proxy, run_tracker
+from tests.cluster import basic, origin_with_image, run_agent, run_proxy, run_tracker
 from tests.engine_helpers import wait_until
 from tests.realparts import images
 from tests.realparts.procs import free_port
-from tests.realparts.registry import Registry, run_registry
+from tests.realparts.registry import Registry
 
 pytestmark = pytest.mark.realparts
 
@@ -32,11 +32,10 @@ URLs and response headers, announces included."""
 
 @pytest.fixture(scope="module")
 def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Registry, images.Image]]:
-    workdir = tmp_path_factory.mktemp("origin")
-    with run_registry(workdir / "registry", auth="none") as registry:
-        image = images.build_image(workdir / "layout", seed="logs", layer_sizes=(6 * MiB,))
-        images.push_image(workdir / "layout", image, registry.host, "team/app")
-        yield registry, image
+    with origin_with_image(
+        tmp_path_factory.mktemp("origin"), seed="logs", layer_sizes=(6 * MiB,)
+    ) as origin:
+        yield origin
 
 
 @pytest.fixture

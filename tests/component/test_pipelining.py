@@ -15,11 +15,10 @@ import pytest
 import trio
 
 from p2p_common.blobinfo import CHUNK_PIECES
-from tests.cluster import metric, run_agent, run_proxy, run_tracker
-from tests.component.test_proxy_harness import push
+from tests.cluster import metric, origin_with_image, run_agent, run_proxy, run_tracker
 from tests.realparts import images
 from tests.realparts.gate import gated_forwarder
-from tests.realparts.registry import Registry, run_registry
+from tests.realparts.registry import Registry
 
 pytestmark = pytest.mark.realparts
 
@@ -29,10 +28,13 @@ CHUNK = CHUNK_PIECES * 256 * 1024
 
 @pytest.fixture(scope="module")
 def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Registry, images.Image]]:
-    base = tmp_path_factory.mktemp("pipelining")
-    with run_registry(base / "registry", auth="none") as registry:
-        image = push(base, registry, "team/big", seed="pipe", layer_sizes=[24 * MiB])
-        yield registry, image
+    with origin_with_image(
+        tmp_path_factory.mktemp("pipelining"),
+        repository="team/big",
+        seed="pipe",
+        layer_sizes=[24 * MiB],
+    ) as origin:
+        yield origin
 
 
 async def test_agents_stream_and_trade_the_first_chunks_while_the_origin_still_sends(

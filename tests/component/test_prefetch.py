@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 
 from p2p_agent.prefetch_cli import main as prefetch
 from p2p_agent.prefetch_cli import node_platform, split_reference
-from tests.cluster import AgentHandle, run_agent, run_proxy, run_tracker
+from tests.cluster import AgentHandle, origin_with_image, run_agent, run_proxy, run_tracker
 from tests.realparts import images
-from tests.realparts.registry import Registry, run_registry
+from tests.realparts.registry import Registry
 
 pytestmark = pytest.mark.realparts
 
@@ -26,19 +26,17 @@ MiB = 1024 * 1024
 
 @pytest.fixture(scope="module")
 def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Registry, images.Image]]:
-    workdir = tmp_path_factory.mktemp("prefetch")
-    with run_registry(workdir / "registry", auth="token") as registry:
-        image = images.build_image(
-            workdir / "layout",
-            seed="prefetch",
-            tag="1.0",
-            layer_sizes=(3 * MiB, 64 * 1024),
-            platforms=["linux/amd64", "linux/arm64"],
-        )
-        images.push_image(
-            workdir / "layout", image, registry.host, "private/app", creds=("alice", "alice-secret")
-        )
-        yield registry, image
+    with origin_with_image(
+        tmp_path_factory.mktemp("prefetch"),
+        repository="private/app",
+        auth="token",
+        creds=("alice", "alice-secret"),
+        seed="prefetch",
+        tag="1.0",
+        layer_sizes=(3 * MiB, 64 * 1024),
+        platforms=["linux/amd64", "linux/arm64"],
+    ) as origin:
+        yield origin
 
 
 def docker_config(path: Path, registry: str, user: str, password: str) -> Path:

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import trio
 
-from tests.cluster import ProxyHandle, basic, run_agent, run_proxy, run_tracker
+from tests.cluster import ProxyHandle, basic, origin_with_image, run_agent, run_proxy, run_tracker
 from tests.realparts import images
-from tests.realparts.registry import DEFAULT_USERS, Registry, run_registry
+from tests.realparts.registry import DEFAULT_USERS, Registry
 from tests.services import service_binary, service_env
 
 pytestmark = pytest.mark.realparts
@@ -26,19 +26,17 @@ ALICE = basic("alice", DEFAULT_USERS["alice"])
 
 @pytest.fixture(scope="module")
 def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Registry, images.Image]]:
-    workdir = tmp_path_factory.mktemp("preheat")
-    with run_registry(workdir / "registry", auth="token") as registry:
-        image = images.build_image(
-            workdir / "layout",
-            seed="preheat",
-            tag="1.0",
-            layer_sizes=(3 * MiB, 2 * MiB),
-            platforms=["linux/amd64", "linux/arm64"],
-        )
-        images.push_image(
-            workdir / "layout", image, registry.host, "private/app", creds=("alice", "alice-secret")
-        )
-        yield registry, image
+    with origin_with_image(
+        tmp_path_factory.mktemp("preheat"),
+        repository="private/app",
+        auth="token",
+        creds=("alice", "alice-secret"),
+        seed="preheat",
+        tag="1.0",
+        layer_sizes=(3 * MiB, 2 * MiB),
+        platforms=["linux/amd64", "linux/arm64"],
+    ) as origin:
+        yield origin
 
 
 async def preheat(

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.cluster import push
 from tests.component.test_proxy_harness import (
     basic,
     chunks_of,
     origin_requests,
-    push,
     run_proxy,
 )
 from tests.realparts import images

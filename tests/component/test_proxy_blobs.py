@@ -13,10 +13,10 @@ import pytest
 import trio
 
 from p2p_common.asgi import FILE_CHUNK
+from tests.cluster import push
 from tests.component.test_proxy_harness import (
     chunks_of,
     origin_requests,
-    push,
     raw_get,
     run_proxy,
 )

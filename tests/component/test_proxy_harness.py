@@ -26,6 +26,7 @@ from p2p_common.storage import Info, PieceFile
 from p2p_proxy.app import CHUNKS_CONTENT_TYPE
 from p2p_proxy.service import serve
 from p2p_proxy.settings import ProxySettings
+from tests.cluster import push
 from tests.engine_helpers import running_engines
 from tests.realparts import images
 from tests.realparts.registry import AccessEntry, Registry, free_port, run_registry
@@ -169,21 +170,6 @@ async def leech(meta: Info, peer_port: int, target: Path) -> bytes:
         finally:
             store.close()
     return await trio.Path(target).read_bytes()
-
-
-def push(
-    workdir: Path,
-    registry: Registry,
-    repository: str,
-    *,
-    creds: tuple[str, str] | None = None,
-    **options: object,
-) -> images.Image:
-    """Build an image (see ``images.make_image``) and push it to ``registry``."""
-    layout = workdir / f"layout-{repository.replace('/', '-')}-{options.get('seed', 'x')}"
-    image = images.build_image(layout, **options)  # type: ignore[arg-type]
-    images.push_image(layout, image, registry.host, repository, creds=creds)
-    return image
 
 
 # --- self-tests -------------------------------------------------------------------------------

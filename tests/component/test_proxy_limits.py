@@ -20,12 +20,12 @@ import httpx
 import pytest
 import trio
 
+from tests.cluster import push
 from tests.component.test_proxy_harness import (
     ACCEPT_LINES,
     Proxy,
     accept,
     chunks_of,
-    push,
     run_proxy,
 )
 from tests.realparts import images

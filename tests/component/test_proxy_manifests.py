@@ -13,12 +13,12 @@ import pytest
 import trio
 
 from p2p_common.registry_auth import Credentials
+from tests.cluster import push
 from tests.component.test_proxy_harness import (
     ACCEPT_LINES,
     accept,
     basic,
     origin_requests,
-    push,
     raw_get,
     run_proxy,
 )

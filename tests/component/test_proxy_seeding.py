@@ -13,13 +13,13 @@ import trio
 
 from p2p_common import metainfo as mi
 from p2p_common.storage import PieceFile
+from tests.cluster import push
 from tests.component.test_proxy_harness import (
     TRACKERS,
     chunks_of,
     expected_chunks,
     leech,
     origin_requests,
-    push,
     run_proxy,
 )
 from tests.engine_helpers import running_engines

@@ -15,10 +15,9 @@ import trio
 
 from p2p_common.settings import ConfigError
 from p2p_proxy.settings import ProxySettings
-from tests.cluster import run_agent, run_proxy, run_tracker
-from tests.component.test_proxy_harness import push
+from tests.cluster import origin_with_image, run_agent, run_proxy, run_tracker
 from tests.realparts import images
-from tests.realparts.registry import Registry, make_tls_files, run_registry
+from tests.realparts.registry import Registry, make_tls_files
 
 pytestmark = pytest.mark.realparts
 
@@ -27,10 +26,10 @@ MiB = 1024 * 1024
 
 @pytest.fixture(scope="module")
 def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Registry, images.Image]]:
-    base = tmp_path_factory.mktemp("tls")
-    with run_registry(base / "registry", auth="none") as registry:
-        image = push(base / "push", registry, "team/app", seed="tls", layer_sizes=[3 * MiB, 500])
-        yield registry, image
+    with origin_with_image(
+        tmp_path_factory.mktemp("tls"), seed="tls", layer_sizes=[3 * MiB, 500]
+    ) as origin:
+        yield origin
 
 
 async def test_an_agent_pulls_through_an_https_proxy_named_by_host(

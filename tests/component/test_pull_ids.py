@@ -14,10 +14,10 @@ import pytest
 import trio
 
 from p2p_common.logs import JsonFormatter, valid_pull_id
-from tests.cluster import run_agent, run_proxy, run_tracker
+from tests.cluster import origin_with_image, run_agent, run_proxy, run_tracker
 from tests.engine_helpers import wait_until
 from tests.realparts import images
-from tests.realparts.registry import Registry, run_registry
+from tests.realparts.registry import Registry
 
 pytestmark = pytest.mark.realparts
 
@@ -26,11 +26,10 @@ MiB = 1024 * 1024
 
 @pytest.fixture(scope="module")
 def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Registry, images.Image]]:
-    workdir = tmp_path_factory.mktemp("origin")
-    with run_registry(workdir / "registry", auth="none") as registry:
-        image = images.build_image(workdir / "layout", seed="pull-ids", layer_sizes=(3 * MiB,))
-        images.push_image(workdir / "layout", image, registry.host, "team/app")
-        yield registry, image
+    with origin_with_image(
+        tmp_path_factory.mktemp("origin"), seed="pull-ids", layer_sizes=(3 * MiB,)
+    ) as origin:
+        yield origin
 
 
 def json_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.cluster import basic, metric, run_agent, run_proxy, run_tracker
+from tests.cluster import basic, metric, origin_with_image, run_agent, run_proxy, run_tracker
 from tests.realparts import images
-from tests.realparts.registry import Registry, run_registry
+from tests.realparts.registry import Registry
 
 pytestmark = pytest.mark.realparts
 
@@ -23,13 +23,10 @@ TTFB = "p2p_agent_blob_time_to_first_byte_seconds_count"
 
 @pytest.fixture(scope="module")
 def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Registry, images.Image]]:
-    workdir = tmp_path_factory.mktemp("origin")
-    with run_registry(workdir / "registry", auth="none") as registry:
-        image = images.build_image(
-            workdir / "layout", seed="metrics", tag="1.0", layer_sizes=(4 * MiB,)
-        )
-        images.push_image(workdir / "layout", image, registry.host, "team/app")
-        yield registry, image
+    with origin_with_image(
+        tmp_path_factory.mktemp("origin"), seed="metrics", tag="1.0", layer_sizes=(4 * MiB,)
+    ) as origin:
+        yield origin
 
 
 async def until(read: Callable[[str], Awaitable[float]], name: str, least: float) -> float:

@@ -16,8 +16,7 @@ import httpx
 import pytest
 import trio
 
-from tests.cluster import basic, run_agent, run_proxy
-from tests.component.test_proxy_harness import push
+from tests.cluster import basic, push, run_agent, run_proxy
 from tests.realparts import images
 from tests.realparts.registry import DEFAULT_USERS, Registry, run_registry
 
