@@ -19,6 +19,8 @@ idle     the CPU an agent spends seeding 5,000 cached blobs while nobody pulls (
 hostile  what request, bitfield and HAVE floods and silent sockets cost a seed (bench_hostile)
 disk     a pull onto a throttled disk with the adaptive download limit off and on, and what a
          neighbouring writer waits meanwhile (bench_disk; needs root)
+sim-validate   the rollout scenarios of docs/scale.md emulated now and simulated, side by side
+               (tests.sim.validate --measure; needs root)
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHMARKS = {
+BENCHMARKS: dict[str, str | list[str]] = {
     "peer": "tests.bench.bench_peer",
     "tracker": "tests.bench.bench_tracker",
     "tracker-udp": "tests.bench.bench_tracker_udp",
@@ -38,7 +40,9 @@ BENCHMARKS = {
     "idle": "tests.bench.bench_idle",
     "hostile": "tests.bench.bench_hostile",
     "disk": "tests.bench.bench_disk",
+    "sim-validate": ["tests.sim.validate", "--measure"],
 }
+"""Module to run with ``python -m``, or the module and its arguments."""
 
 
 def main() -> int:
@@ -49,8 +53,10 @@ def main() -> int:
         return 2
     failed = 0
     for name in chosen:
-        print(f"=== {name} ({BENCHMARKS[name]})", flush=True)
-        failed |= subprocess.run([sys.executable, "-m", BENCHMARKS[name]], check=False).returncode
+        target = BENCHMARKS[name]
+        argv = [target] if isinstance(target, str) else target
+        print(f"=== {name} ({' '.join(argv)})", flush=True)
+        failed |= subprocess.run([sys.executable, "-m", *argv], check=False).returncode
     return 1 if failed else 0
 
 

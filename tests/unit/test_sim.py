@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from tests.sim import validate
 from tests.sim.__main__ import main
 from tests.sim.peers import FakeBlock
 from tests.sim.scenario import Scenario, simulate
@@ -199,3 +200,17 @@ def test_seeds_are_announced_in_batches_not_one_by_one() -> None:
     results = run(nodes=8, size_mb=40, layers=4, rate=100, origin_rate=0)
     # each node's four completed layers: a batch or two, not four announces each
     assert results["tracker"]["batches"] <= 2 * 8 + 2
+
+
+def test_the_validation_compares_a_chosen_row_with_its_simulation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "validate.json"
+    assert validate.main(["--rows", "2", "--json", str(out)]) == 0
+    (run,) = json.loads(out.read_text())
+    row = validate.MEASURED[2]
+    assert run["label"] == row.label
+    assert run["measured"] == {"p50": row.p50, "max": row.slowest, "proxy_copies": row.proxy_copies}
+    (simulated,) = run["simulated"]
+    assert 1.0 < simulated["max"] < 3.0  # a 16-node cold rollout: slower than size/R, finished
+    assert row.label in capsys.readouterr().out
