@@ -57,7 +57,9 @@ a batch of HAVEs (aria2 sends one instead of 20 or more HAVEs) and is charged to
 HAVE_ALLOWANCE = 1024
 """HAVEs a peer may send beyond two per piece of its window (redundant HAVEs included)."""
 IN_FLIGHT_BYTES = 8 * 1024 * 1024
-"""Request bytes we keep outstanding per p2p peer (bandwidth-delay product headroom)."""
+"""Bounds the requests outstanding at one p2p peer to this over the negotiated block size: 8
+with the 1 MiB block, so 8 whole pieces (2 MiB of 256 KiB pieces) at most, enough for the
+bandwidth-delay product of a cluster network."""
 FOREIGN_IN_FLIGHT_BYTES = 2 * 1024 * 1024
 QUEUE_SECONDS = 0.5
 """Seconds of a p2p peer's measured rate we keep requested from it (in requests of the
