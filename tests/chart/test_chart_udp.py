@@ -37,8 +37,9 @@ def test_udp_on_reaches_the_tracker_the_services_and_the_metainfo(
 
 def test_udp_is_on_by_default(render: Render) -> None:
     # What a rollout's announce latency needs at the chart's defaults (docs/tracker.md).
-    assert render(REQUIRED).config_file("tracker") == render(UDP).config_file("tracker")
-    assert render(REQUIRED).config_file("proxy") == render(UDP).config_file("proxy")
+    default, udp = render(REQUIRED), render(UDP)
+    for name in ("tracker", "proxy"):
+        assert default.config_file(name) == udp.config_file(name), name
 
 
 def test_udp_off_leaves_http_alone(render: Render, tmp_path: Path) -> None:

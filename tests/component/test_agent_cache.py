@@ -190,11 +190,9 @@ async def test_a_new_cache_policy_in_the_mounted_configmap_applies_without_a_res
         run_proxy(tmp_path / "proxy", [registry.url], [announce]) as proxy,
     ):
         volume = ConfigMapVolume(tmp_path / "configmap", "agent.yaml")
+        head = f"registry: {registry.url}\nproxies: [{proxy.url}]\n"
         # Watermarks the shared disk does not reach (it may be above the default 85%).
-        base = (
-            f"registry: {registry.url}\nproxies: [{proxy.url}]\n"
-            "cacheHighWatermark: 99\ncacheLowWatermark: 98\n"
-        )
+        base = head + "cacheHighWatermark: 99\ncacheLowWatermark: 98\n"
         volume.publish(base)
         async with run_agent(
             tmp_path / "agent", [registry.url], [proxy.url], config_file=volume.file
@@ -228,15 +226,14 @@ async def test_a_new_cache_policy_in_the_mounted_configmap_applies_without_a_res
             assert (blobs / small[0][7:]).exists()
 
             # A file that no longer validates is refused; the policy in force stays.
-            volume.publish(base + "cacheSize: 5MiB\ncacheLowWatermark: 99\n")
+            volume.publish(
+                head + "cacheSize: 5MiB\ncacheHighWatermark: 99\ncacheLowWatermark: 99\n"
+            )
             await trio.sleep(3)  # two config polls: nothing may change, so nothing to wait for
             assert (await policy())["policy"]["low_watermark_percent"] == 98
 
             # Expiry, live: both blobs were last used more than a second ago.
-            volume.publish(
-                f"registry: {registry.url}\nproxies: [{proxy.url}]\n"
-                "cacheSize: 5MiB\ncacheMaxUnused: 1s\ncacheHighWatermark: 0\n"
-            )
+            volume.publish(head + "cacheSize: 5MiB\ncacheMaxUnused: 1s\ncacheHighWatermark: 0\n")
 
             async def expired() -> bool:
                 return (await policy())["blobs"] == 0
