@@ -7,6 +7,7 @@ import pytest
 from p2p_common import wire
 from p2p_common.bitfield import Bitfield
 from p2p_common.session import (
+    FIRST_OFFERS,
     MAX_AVAILABILITY_MESSAGES,
     MAX_OUTBOX_BYTES,
     MAX_REFUSED,
@@ -113,7 +114,7 @@ def test_a_super_seed_reveals_a_few_pieces_at_a_time_and_each_once_first() -> No
     for pair in pairs:
         pair._move(pair.to_b, uploads=0)  # the opening messages only
     revealed = [set(pair.b.peer_bits) for pair in pairs]
-    assert all(len(r) == SUPER_SEED_OFFERS for r in revealed)
+    assert all(len(r) == FIRST_OFFERS for r in revealed)  # no rate measured yet
     assert not (revealed[0] & revealed[1])
     assert not (revealed[1] & revealed[2])
     pairs[0].pump(uploads_per_round=1)
@@ -162,6 +163,7 @@ def test_a_growing_seed_spreads_new_pieces_over_every_peer_in_turn() -> None:
     pairs = [Pair(seed, leech) for leech in leeches]
     for pair in pairs:
         pair.pump()
+        pair.a.offer_target = SUPER_SEED_OFFERS  # fast peers: room for eight offers each
     seed.core.second_copies = False  # still fed by its origin fetch
     for index in range(40):  # one piece stored and published at a time, nothing delivered
         seed.store.write_piece(index, content[index * PIECE : (index + 1) * PIECE])
@@ -178,7 +180,8 @@ def test_a_growing_seed_spreads_new_pieces_over_every_peer_in_turn() -> None:
     for pair in others:
         pair.pump()
     seed2.core.set_published(8)
-    assert [len(pair.a.offers) for pair in others] == [2, 2, 2, 2]
+    assert [len(pair.a.offers) for pair in others] == [FIRST_OFFERS] * 4
+    assert len(set().union(*(pair.a.offers for pair in others))) == 4 * FIRST_OFFERS
 
 
 def test_a_piece_that_fails_its_hash_blames_its_only_contributor() -> None:
@@ -326,13 +329,54 @@ def test_a_piece_the_peer_reports_is_never_revealed_to_it_again() -> None:
     seed, leech, _ = seed_and_leech(pieces=SUPER_SEED_OFFERS)
     seed.core.super_seed = True
     pair = Pair(seed, leech)
-    pair._move(pair.to_b, uploads=0)  # the opening: every piece revealed once
     session = pair.a
+    session.offer_target = SUPER_SEED_OFFERS  # a fast peer
+    seed.core.offer(session, SUPER_SEED_OFFERS - len(session.offers))
+    pair._move(pair.to_b, uploads=0)  # the opening: every piece revealed once
     assert session.offers == set(range(SUPER_SEED_OFFERS))
     for index in (3, 5):
         session.receive(wire.Have(index), 0.0)
     assert not session.offers & set(session.peer_bits)
     assert session.offers == set(range(SUPER_SEED_OFFERS)) - {3, 5}
+
+
+def test_a_super_seed_reveals_about_a_queue_time_of_what_it_sends_a_peer() -> None:
+    """A peer that takes our pieces fast gets several revealed at once (so the round trip
+    between a piece and the next reveal does not idle it); a peer that gets less than a piece
+    per queue time, one (a second would wait behind the first while nobody else may fetch
+    it from us: docs/rollout.md, "One offer at a time")."""
+    seed, leech, _ = seed_and_leech(pieces=64)
+    seed.core.super_seed = True
+    pair = Pair(seed, leech)
+    session = pair.a
+    pair._move(pair.to_b, uploads=0)
+    assert len(session.offers) == FIRST_OFFERS
+    for _ in range(8):  # pieces go out as fast as they are asked for
+        pair.step()
+    sent = session.uploaded
+    assert sent >= 4 * PIECE
+    pair.tick(0.05)
+    expected = min(SUPER_SEED_OFFERS, int(0.3 * sent / 0.05 * QUEUE_SECONDS / PIECE) + 1)
+    assert expected == SUPER_SEED_OFFERS
+    assert session.offer_target == expected
+    pair._move(pair.to_b, uploads=0)
+    assert len(session.offers) == SUPER_SEED_OFFERS  # topped up by the round, not later
+    assert set(pair.b.peer_bits) >= session.offers
+
+    # A peer it sent nothing to for a second: one piece at a time.
+    seed, slow, _ = seed_and_leech(pieces=64)
+    seed.core.super_seed = True
+    slow_pair = Pair(seed, slow)
+    slow_pair._move(slow_pair.to_b, uploads=0)
+    assert len(slow_pair.a.offers) == FIRST_OFFERS
+    slow_pair.tick(1.0)  # nothing sent to it in that second
+    assert slow_pair.a.offer_target == 1
+    most = 0
+    while slow_pair.step():  # it fetches what it was shown; a delivery reveals the next
+        if slow.core.picker.have.count >= FIRST_OFFERS:
+            most = max(most, len(slow_pair.a.offers))
+    assert slow.core.complete
+    assert most == 1
 
 
 def test_a_peer_slower_than_a_block_per_queue_time_gets_one_request_at_a_time() -> None:

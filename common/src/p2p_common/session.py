@@ -70,7 +70,9 @@ MIN_QUEUE = 1
 """Requests kept outstanding at a peer that has not shown a request's worth of rate per
 queue time: one at a time (docs/scale.md, finding 6)."""
 SUPER_SEED_OFFERS = 8
-"""Pieces a super-seed reveals to a peer at a time."""
+"""The most pieces a super-seed keeps revealed to one peer (:attr:`PeerSession.offer_target`)."""
+FIRST_OFFERS = 2
+"""Pieces revealed to a peer before its rate is measured: one to send, one requested behind it."""
 SNUB_AFTER = 20.0
 """Seconds without a block while requests are outstanding before a peer counts as snubbing."""
 IDLE_TIMEOUT = 180.0
@@ -198,6 +200,9 @@ class PeerSession:
         """Requests we sent and that are not answered yet, by (global index, begin)."""
         self.offers: set[int] = set()
         """Pieces revealed to this peer while super-seeding and not yet delivered."""
+        self.offer_target = FIRST_OFFERS
+        """How many pieces a super-seed keeps revealed to this peer: about a queue time of
+        what we upload to it, in pieces, plus one (:meth:`tick`)."""
         self.uploads: collections.deque[wire.Request] = collections.deque()
         """Requests the peer sent that we will serve (window-relative)."""
         self.refused = 0
@@ -328,7 +333,7 @@ class PeerSession:
             # BEP 16: reveal a few pieces at a time instead of everything (SwarmCore.offer).
             if self.fast:
                 self.send(wire.ENCODED_HAVE_NONE)
-            swarm.offer(self, SUPER_SEED_OFFERS)
+            swarm.offer(self, self.offer_target)
         else:
             bits = have if self.full_window else self._window_bits(have)
             if self.fast and bits.complete:
@@ -642,6 +647,15 @@ class PeerSession:
         self.download_rate = 0.7 * self.download_rate + 0.3 * (self.downloaded - down) / interval
         self.upload_rate = 0.7 * self.upload_rate + 0.3 * (self.uploaded - up) / interval
         self._rate_marks = (self.downloaded, self.uploaded)
+        if self.swarm.super_seeding:
+            # As deep as the request queue a peer keeps at us, and for the same reason: a
+            # piece revealed to a peer whose share of our uplink is slow waits behind the
+            # others revealed to it, while nobody else may fetch it from us (it is revealed
+            # once); at the end of a rollout that queue is what everyone waits for. A fast
+            # peer gets more, so the round trip between one piece and the next reveal does
+            # not idle it (docs/rollout.md, "One offer at a time").
+            rate_pieces = int(self.upload_rate * QUEUE_SECONDS / self.swarm.piece_length)
+            self.offer_target = max(1, min(SUPER_SEED_OFFERS, rate_pieces + 1))
         if self.outstanding:
             # Keep about a queue time of this peer's measured rate requested (plus one request
             # so the rate can grow): a deep queue on a slow or shared link means requests

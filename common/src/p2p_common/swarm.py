@@ -27,7 +27,6 @@ from p2p_common.bitfield import Bitfield
 from p2p_common.choker import Choker, PeerStats
 from p2p_common.picker import Block, PiecePicker
 from p2p_common.session import (
-    SUPER_SEED_OFFERS,
     Contribution,
     LocalPeer,
     PeerSession,
@@ -358,7 +357,7 @@ class SwarmCore:
         sessions = [
             session
             for session in self.sessions.values()
-            if session.full_window and len(session.offers) < SUPER_SEED_OFFERS
+            if session.full_window and len(session.offers) < session.offer_target
         ]
         if len(sessions) > 1:
             start = self._spread_turn % len(sessions)
@@ -370,7 +369,7 @@ class SwarmCore:
             for session in sessions:
                 before = len(session.offers)
                 self.offer(session, 1)
-                if before < len(session.offers) < SUPER_SEED_OFFERS:
+                if before < len(session.offers) < session.offer_target:
                     still.append(session)
             sessions = still
 
@@ -392,7 +391,7 @@ class SwarmCore:
             if not self._offered_now[index]:
                 self._in_flight.discard(index)
         if not session.closed:
-            self.offer(session, 1)
+            self.offer(session, session.offer_target - len(session.offers))
 
     # -- time --------------------------------------------------------------------------------------
 
@@ -411,10 +410,12 @@ class SwarmCore:
                 # downloading needs (docs/scale.md, finding 1). Neither side redials: a
                 # complete torrent dials nobody.
                 reason = "both seeds"
-            if super_seeding and not session.offers and not session.peer_bits.complete:
-                # Nothing revealed (nothing was free to reveal then): try again. Interest is
-                # no condition: a peer shown nothing it lacks has no reason to be interested.
-                self.offer(session, SUPER_SEED_OFFERS)
+            room = session.offer_target - len(session.offers)
+            if super_seeding and room > 0 and not session.peer_bits.complete:
+                # Fewer revealed than the peer's target (nothing was free to reveal then, or
+                # the target grew with its rate): reveal more. Interest is no condition: a
+                # peer shown nothing it lacks has no reason to be interested.
+                self.offer(session, room)
             if reason is not None:
                 closing.append((session, reason))
                 continue
