@@ -3,6 +3,7 @@ agent, warm through the agent; CPU and memory of the agent and the proxy. Same r
 
     python -m tests.bench.bench_pull                 # 1 GiB blob, 2 rounds
     python -m tests.bench.bench_pull --size-mib 256 --rounds 3 --workdir /dev/shm
+    python -m tests.bench.bench_pull --rounds 1 --profile /tmp/prof   # py-spy, cold pull
 
 The origin is the CNCF distribution registry (no auth); the blob is one uncompressed
 layer pushed with skopeo. Tracker, proxy and agent run as processes with their console
@@ -21,7 +22,9 @@ pulls, and the agent's peak resident memory (VmHWM).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -84,6 +87,45 @@ class Round:
     agent_rss_mib: float
 
 
+@contextlib.contextmanager
+def profiled(processes: dict[str, ManagedProcess], directory: Path | None, tag: str):
+    """While inside: py-spy samples each process into ``<name>-<tag>.txt`` (collapsed stacks).
+    The sampler takes CPU from the pull, so a profiled round's speeds are not results."""
+    if directory is None:
+        yield
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    spy = str(Path(sys.executable).parent / "py-spy")
+    samplers = [
+        subprocess.Popen(
+            [
+                spy,
+                "record",
+                "--pid",
+                str(process.pid),
+                "--rate",
+                "200",
+                "--nonblocking",
+                "--format",
+                "raw",
+                "--output",
+                str(directory / f"{name}-{tag}.txt"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for name, process in processes.items()
+    ]
+    time.sleep(1.0)  # py-spy attaches
+    try:
+        yield
+    finally:
+        for sampler in samplers:
+            sampler.send_signal(signal.SIGINT)
+        for sampler in samplers:
+            sampler.wait(timeout=60)
+
+
 def services(work: Path, registry_url: str, index: int) -> tuple[list[ManagedProcess], int]:
     """Tracker, proxy and agent as processes; returns them and the agent's API port."""
     tracker_port, proxy_port, agent_port = free_port(), free_port(), free_port()
@@ -115,6 +157,9 @@ def main() -> None:
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--workdir", default=default_workdir(), help="where the files go")
+    parser.add_argument(
+        "--profile", type=Path, help="py-spy the agent and proxy during the cold pulls, into here"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="p2p-bench-pull-") as tmp:
         work = Path(tmp)
@@ -145,16 +190,19 @@ def main() -> None:
                 processes, port = services(work, registry.url, index)
                 _tracker, proxy, agent = processes
                 try:
-                    agent_cpu, proxy_cpu = agent.cpu_seconds(), proxy.cpu_seconds()
-                    cold, got = curl(f"http://127.0.0.1:{port}{path}")
-                    assert got == size
-                    time.sleep(1.0)  # let the agent finish publishing (SHA-256 of the whole blob)
-                    agent_cold = agent.cpu_seconds() - agent_cpu
-                    proxy_cold = proxy.cpu_seconds() - proxy_cpu
-                    agent_cpu = agent.cpu_seconds()
-                    warm, got = curl(f"http://127.0.0.1:{port}{path}")
-                    assert got == size
-                    agent_warm = agent.cpu_seconds() - agent_cpu
+                    spied = args.profile / f"round{index + 1}" if args.profile else None
+                    with profiled({"agent": agent, "proxy": proxy}, spied, "cold"):
+                        agent_cpu, proxy_cpu = agent.cpu_seconds(), proxy.cpu_seconds()
+                        cold, got = curl(f"http://127.0.0.1:{port}{path}")
+                        assert got == size
+                        time.sleep(1.0)  # let the agent finish publishing (SHA-256 of the blob)
+                        agent_cold = agent.cpu_seconds() - agent_cpu
+                        proxy_cold = proxy.cpu_seconds() - proxy_cpu
+                    with profiled({"agent": agent}, spied, "warm"):
+                        agent_cpu = agent.cpu_seconds()
+                        warm, got = curl(f"http://127.0.0.1:{port}{path}")
+                        assert got == size
+                        agent_warm = agent.cpu_seconds() - agent_cpu
                     rss = peak_rss_mib(agent)
                 finally:
                     for process in reversed(processes):
