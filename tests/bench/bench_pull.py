@@ -3,7 +3,7 @@ agent, warm through the agent; CPU and memory of the agent and the proxy. Same r
 
     python -m tests.bench.bench_pull                 # 1 GiB blob, 2 rounds
     python -m tests.bench.bench_pull --size-mib 256 --rounds 3 --workdir /dev/shm
-    python -m tests.bench.bench_pull --rounds 1 --profile /tmp/prof   # py-spy, cold pull
+    python -m tests.bench.bench_pull --rounds 1 --profile /tmp/prof   # py-spy samples
 
 The origin is the CNCF distribution registry (no auth); the blob is one uncompressed
 layer pushed with skopeo. Tracker, proxy and agent run as processes with their console
@@ -158,7 +158,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--workdir", default=default_workdir(), help="where the files go")
     parser.add_argument(
-        "--profile", type=Path, help="py-spy the agent and proxy during the cold pulls, into here"
+        "--profile",
+        type=Path,
+        help="py-spy the agent and proxy during the cold pull, the agent during the warm one",
     )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="p2p-bench-pull-") as tmp:
