@@ -81,6 +81,12 @@ KEEPALIVE_INTERVAL = 60.0
 """Seconds without sending anything before we send a keep-alive."""
 
 
+def _queue_depth(rate: float, seconds: float, unit: int, *, least: int, most: int) -> int:
+    """About ``seconds`` of ``rate`` (bytes per second) in units of ``unit`` bytes, plus one
+    so the rate can grow, within ``least`` .. ``most``."""
+    return max(least, min(most, int(rate * seconds / unit) + 1))
+
+
 def _noop() -> None:
     pass
 
@@ -654,8 +660,13 @@ class PeerSession:
             # once); at the end of a rollout that queue is what everyone waits for. A fast
             # peer gets more, so the round trip between one piece and the next reveal does
             # not idle it (docs/rollout.md, "One offer at a time").
-            rate_pieces = int(self.upload_rate * QUEUE_SECONDS / self.swarm.piece_length)
-            self.offer_target = max(1, min(SUPER_SEED_OFFERS, rate_pieces + 1))
+            self.offer_target = _queue_depth(
+                self.upload_rate,
+                QUEUE_SECONDS,
+                self.swarm.piece_length,
+                least=1,
+                most=SUPER_SEED_OFFERS,
+            )
         if self.outstanding:
             # Keep about a queue time of this peer's measured rate requested (plus one request
             # so the rate can grow): a deep queue on a slow or shared link means requests
@@ -665,8 +676,9 @@ class PeerSession:
             # idles (docs/scale.md, finding 6).
             request = min(self.block_size, self.swarm.piece_length)
             seconds = QUEUE_SECONDS if self.cooperative else FOREIGN_QUEUE_SECONDS
-            rate_requests = int(self.download_rate * seconds / request)
-            self.queue_target = max(MIN_QUEUE, min(self.max_queue, rate_requests + 1))
+            self.queue_target = _queue_depth(
+                self.download_rate, seconds, request, least=MIN_QUEUE, most=self.max_queue
+            )
             if now - self.last_piece > SNUB_AFTER:
                 # Asked and not answered for long: its requests go to other peers; it keeps
                 # one at a time, so it can prove itself again.

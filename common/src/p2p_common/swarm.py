@@ -410,12 +410,13 @@ class SwarmCore:
                 # downloading needs (docs/scale.md, finding 1). Neither side redials: a
                 # complete torrent dials nobody.
                 reason = "both seeds"
-            room = session.offer_target - len(session.offers)
-            if super_seeding and room > 0 and not session.peer_bits.complete:
+            if super_seeding and not session.peer_bits.complete:
                 # Fewer revealed than the peer's target (nothing was free to reveal then, or
                 # the target grew with its rate): reveal more. Interest is no condition: a
                 # peer shown nothing it lacks has no reason to be interested.
-                self.offer(session, room)
+                room = session.offer_target - len(session.offers)
+                if room > 0:
+                    self.offer(session, room)
             if reason is not None:
                 closing.append((session, reason))
                 continue
