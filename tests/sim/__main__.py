@@ -61,6 +61,12 @@ def parse(
         default="refused",
         help="a lost tracker refuses connections (its node is up) or lets them time out",
     )
+    parser.add_argument(
+        "--origin-line",
+        type=int,
+        default=Scenario().origin_line,
+        help="large blobs a proxy fetches from the origin at once, in order (0: all at once)",
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument(
         "--png", type=Path, help="plot the completion CDF and bytes by source here (matplotlib)"
@@ -89,6 +95,7 @@ def parse(
             kill_tracker_at=args.kill_tracker_at,
             kill_tracker=args.kill_tracker,
             tracker_loss=args.tracker_loss,
+            origin_line=args.origin_line,
         )
     except ValueError as exc:
         parser.error(str(exc))

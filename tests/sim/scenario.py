@@ -41,6 +41,7 @@ from p2p_common.bitfield import Bitfield
 from p2p_common.blobinfo import Geometry
 from p2p_common.engine.engine import Engine
 from p2p_common.engine.shared import admits_incoming
+from p2p_proxy.fetchline import FetchLine, in_line
 from p2p_proxy.settings import ProxySettings
 from tests.sim.loop import Loop
 from tests.sim.network import Flow, Link, Network
@@ -99,6 +100,11 @@ class Scenario:
     tracker_loss: str = "refused"
     """How a lost tracker fails a request: ``refused`` (one round trip: the node is up, the
     tracker is not) or ``timeout`` (the announcer's timeout: the node is gone)."""
+    origin_line: int = field(
+        default_factory=lambda: _default(ProxySettings, "large_fetches_per_origin")
+    )
+    """Large blobs a proxy fetches from the origin at once, in the order asked (the proxy's
+    ``largeFetchesPerOrigin``; 0: every fetch at once)."""
 
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.layers < 1 or self.proxies < 1 or self.trackers < 1:
@@ -107,6 +113,8 @@ class Scenario:
             raise ValueError("kill_tracker must name one of the trackers")
         if self.tracker_loss not in ("refused", "timeout"):
             raise ValueError("tracker_loss is refused or timeout")
+        if self.origin_line < 0:
+            raise ValueError("origin_line must be 0 or more")
         if self.size_mb <= 0 or self.rate <= 0 or self.concurrency < 1:
             raise ValueError("size, rate and concurrency must be positive")
         if not 0 < self.goodput <= 1:
@@ -437,6 +445,11 @@ class ProxyService:
         self.url = url
         self.blobs: dict[str, _ProxyBlob] = {}
         self.fallback_served = 0
+        width = sim.scenario.origin_line
+        self.line = FetchLine(width) if width else None
+        """The proxy's own rule for the order of large origin fetches (p2p_proxy.fetchline)."""
+        self.in_line: list[_ProxyBlob] = []
+        self._line_check: float | None = None
 
     def _state(self, blob: Blob) -> _ProxyBlob:
         state = self.blobs.get(blob.digest)
@@ -468,8 +481,43 @@ class ProxyService:
             state.followers.append(on_chunks)
         if not state.fetching and not state.pieces:
             state.fetching = True
-            # The origin's answer starts one request later (its headers, then the body).
-            self.sim.loop.after(self.sim.request_time, self._fetch, state)
+            blob = state.blob
+            line = self.line
+            if (
+                line is not None
+                and in_line(blob.length, line.width)
+                and not line.ask(blob.digest, blob.length, self.sim.loop.now)
+            ):
+                self.in_line.append(state)
+                self._check_line()
+                return
+            self._start(state)
+
+    def _start(self, state: _ProxyBlob) -> None:
+        # The origin's answer starts one request later (its headers, then the body).
+        self.sim.loop.after(self.sim.request_time, self._fetch, state)
+
+    def _check_line(self) -> None:
+        """Start the fetches whose turn came (FetchLine.may_start), in order; look again at
+        the line's next change."""
+        line, now = self.line, self.sim.loop.now
+        assert line is not None
+        waiting = []
+        for state in self.in_line:
+            if line.may_start(state.blob.digest, now):
+                self._start(state)
+            else:
+                waiting.append(state)
+        self.in_line = waiting
+        change = line.next_change(now)
+        if change is not None and (self._line_check is None or change < self._line_check):
+            self._line_check = change
+            self.sim.loop.at(change, self._line_timer, change)
+
+    def _line_timer(self, when: float) -> None:
+        if self._line_check == when:
+            self._line_check = None
+            self._check_line()
 
     def _fetch(self, state: _ProxyBlob) -> None:
         origin = self.sim.origin_up
@@ -506,6 +554,14 @@ class ProxyService:
                 state.followers.clear()
         if state.torrent is not None:
             state.torrent.piece_arrived(index)
+        line = self.line
+        if line is not None and in_line(blob.length, line.width):
+            received = min(blob.length, state.pieces * blob.piece_length)
+            if state.pieces == blob.num_pieces:
+                line.leave(blob.digest)
+                self._check_line()
+            elif line.progress(blob.digest, received, sim.loop.now):
+                self._check_line()
         if state.pieces < blob.num_pieces:
             sim.net.send(flow, blob.piece_size(state.pieces))
         else:

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import ipaddress
 import math
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import cast
 
+import httpx
 import pytest
 import trio
 import trio.testing
@@ -23,6 +25,7 @@ from p2p_proxy.clients import (
     client_key,
     retry_after_header,
 )
+from p2p_proxy.fetchline import HEAD_START_SECONDS, LARGE_BLOB, STALL_SECONDS
 from p2p_proxy.flight import SingleFlight
 from p2p_proxy.limits import BUSY_RETRY_AFTER, OriginLimits
 from p2p_proxy.metrics import ProxyMetrics
@@ -468,3 +471,118 @@ async def test_the_fetcher_charges_the_client_that_starts_a_fetch_not_the_joiner
     assert metrics.origin_refusals.labels(reason="requests")._value.get() == 1
     assert metrics.origin_refusals.labels(reason="rate")._value.get() == 1
     assert cache.size(digest) == len(data)
+
+
+# --- the line of large fetches per origin (largeFetchesPerOrigin) -------------------------------
+
+
+async def test_large_fetches_wait_in_line_until_the_one_ahead_nears_its_end_or_stalls(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    metrics = ProxyMetrics()
+    limits = OriginLimits(metrics, line_width=1)
+    size = 100 * LARGE_BLOB
+    entered: dict[str, float] = {}
+    reports: dict[str, Callable[[int], None]] = {}
+    done = {name: trio.Event() for name in "abcdsux"}
+
+    async def fetch(name: str, origin: str, blob_size: int | None) -> None:
+        async with limits.fetch_line(origin, name, blob_size) as progress:
+            entered[name] = trio.current_time()
+            reports[name] = progress
+            await done[name].wait()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fetch, "a", "o", size)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(fetch, "b", "o", size)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(fetch, "s", "o", LARGE_BLOB - 1)  # small: beside the line
+        nursery.start_soon(fetch, "u", "o", None)  # size unknown: beside the line
+        nursery.start_soon(fetch, "x", "other", size)  # another origin's line
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted(entered) == ["a", "s", "u", "x"]
+        assert limits.fetches_in_line == 1
+        assert metrics.origin_fetches_in_line._value.get() == 1
+        # "a" receives 1% a second: "b" waits as long as it progresses...
+        for second in range(1, 99):
+            await trio.sleep(1.0)
+            reports["a"](second * size // 100)
+            await trio.testing.wait_all_tasks_blocked()
+        assert "b" not in entered
+        # ...and starts when what "a" has left takes less than the head start.
+        await trio.sleep(1.0 - HEAD_START_SECONDS)
+        reports["a"](size - size // 100 * HEAD_START_SECONDS + 1)
+        await trio.testing.wait_all_tasks_blocked()
+        assert entered["b"] == 98.0 + 1.0 - HEAD_START_SECONDS
+        # "c" waits behind "b", which never sends a byte: "c" starts when "b" has stalled.
+        nursery.start_soon(fetch, "c", "o", size)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(fetch, "d", "o", size)  # after "c" (trio starts tasks in any order)
+        await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(STALL_SECONDS + 1.0)
+        assert entered["c"] == entered["b"] + STALL_SECONDS
+        assert "d" not in entered
+        # A fetch that ends leaves the line to the next ("a" is nearly done, "b" stalled).
+        done["c"].set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert entered["d"] == entered["c"] + 1.0
+        for event in done.values():
+            event.set()
+    assert limits.fetches_in_line == 0
+    assert metrics.origin_fetches_in_line._value.get() == 0
+    assert limits._lines == {}
+
+
+@pytest.mark.parametrize("width", [1, 0])
+async def test_the_fetcher_fetches_one_origins_large_blobs_one_after_the_other(
+    nursery: trio.Nursery, tmp_path: Path, width: int
+) -> None:
+    blobs = [make_random(LARGE_BLOB + 300_000 + n) for n in range(3)]
+    small = make_random(100_000)
+    origin = FakeOrigin({digest_of(b): b for b in (*blobs, small)})
+    origin.chunk = 64 * 1024
+    fetcher, _cache, metrics = make_fetcher(nursery, tmp_path)
+    fetcher.limits = OriginLimits(metrics, line_width=width)
+    sending = 0
+    most = 0
+    handle = origin.handle
+
+    async def counting(request: httpx.Request) -> httpx.Response:
+        response = await handle(request)
+        body = response.stream
+
+        async def stream() -> AsyncIterator[bytes]:
+            nonlocal sending, most
+            if len(origin.blobs[request.url.path.rsplit("/", 1)[-1]]) >= LARGE_BLOB:
+                sending += 1
+                most = max(most, sending)
+                try:
+                    async for part in cast(AsyncIterator[bytes], body):
+                        yield part
+                finally:
+                    sending -= 1
+            else:
+                async for part in cast(AsyncIterator[bytes], body):
+                    yield part
+
+        return httpx.Response(response.status_code, headers=response.headers, content=stream())
+
+    origin.handle = counting  # type: ignore[method-assign]
+    async with origin.client() as client:
+
+        async def get(data: bytes) -> None:
+            meta = await fetcher.ensure(client, REPO, digest_of(data), None, len(data))
+            assert meta.length == len(data)
+
+        async with trio.open_nursery() as inner:
+            for data in (*blobs, small):
+                inner.start_soon(get, data)
+                await trio.testing.wait_all_tasks_blocked()
+    assert sorted(origin.gets) == sorted(digest_of(b) for b in (*blobs, small))
+    if width:
+        assert most == 1
+        large = [d for d in origin.gets if d != digest_of(small)]
+        assert large == [digest_of(b) for b in blobs]  # in the order asked
+    else:
+        assert most >= 2  # unordered, the fetches overlap (what the line prevents)

@@ -7,8 +7,10 @@ runs. Concurrent requests for one (registry, digest) share one fetch (a
 :class:`~p2p_proxy.flight.SingleFlight`), which runs in the service's nursery so that it
 outlives a caller that hangs up. The caller that starts a fetch is admitted by the
 :class:`~p2p_proxy.flight.Admission` it brings (its client's limits, :mod:`p2p_proxy.limits`);
-callers that join a running fetch are not. A fetch holds one of the proxy's
-``maxOriginFetches`` slots while it talks to the origin, waiting a bounded time for one.
+callers that join a running fetch are not. A large blob's fetch first waits for its turn at its
+origin (``largeFetchesPerOrigin`` at once, in the order asked: :mod:`p2p_proxy.fetchline`),
+then holds one of the proxy's ``maxOriginFetches`` slots while it talks to the origin, waiting a
+bounded time for one.
 
 A fetch reserves the blob's size in the cache quota (evicting least recently used blobs) and
 streams the origin's body into a scratch file with :class:`~p2p_common.ingest.Ingest`: every
@@ -224,11 +226,17 @@ class BlobFetcher:
                 meta = await self._present(digest)  # fetched meanwhile (another registry's)
                 if meta is not None:
                     return meta
-                async with self._slot():
+                async with self._line(origin.name, key, size) as progress, self._slot():
                     meta = await self._present(digest)  # fetched while this one waited
                     if meta is None:
                         meta = await self._fetch(
-                            origin, repository, digest, credentials, size, pulls=pulls
+                            origin,
+                            repository,
+                            digest,
+                            credentials,
+                            size,
+                            pulls=pulls,
+                            progress=progress,
                         )
                         self._remember(digest, meta)
                 return meta
@@ -241,6 +249,13 @@ class BlobFetcher:
 
     def _slot(self) -> AbstractAsyncContextManager[None]:
         return nullcontext() if self.limits is None else self.limits.fetch_slot()
+
+    def _line(
+        self, origin: str, key: tuple[str, str], size: int | None
+    ) -> AbstractAsyncContextManager[Callable[[int], None]]:
+        if self.limits is None:
+            return nullcontext(_ignore)
+        return self.limits.fetch_line(origin, key, size)
 
     async def _present(self, digest: str) -> BlobMetainfo | None:
         if digest not in self.cache:
@@ -367,6 +382,7 @@ class BlobFetcher:
         size: int | None,
         *,
         pulls: PullIds,
+        progress: Callable[[int], None],
     ) -> BlobMetainfo:
         started = trio.current_time()
         record = self.log.begin(origin.name, repository, digest, size, pulls=pulls)
@@ -381,7 +397,7 @@ class BlobFetcher:
                     f"origin sent {length} bytes for a blob it said has {size} bytes"
                 )
             record.size = length
-            counted = self._counted(chunks, record)
+            counted = self._counted(chunks, record, progress)
             if size is not None:  # reserved before the request
                 return await self._store(digest, length, counted, key=(origin.name, digest))
             async with self._reserved(length):
@@ -511,12 +527,17 @@ class BlobFetcher:
                     await trio.to_thread.run_sync(_unlink, scratch)
 
     async def _counted(
-        self, chunks: AsyncIterator[bytes], record: FetchRecord
+        self, chunks: AsyncIterator[bytes], record: FetchRecord, progress: Callable[[int], None]
     ) -> AsyncIterator[bytes]:
         async for chunk in chunks:
             self.metrics.origin_bytes.inc(len(chunk))
             record.received += len(chunk)
+            progress(record.received)
             yield chunk
+
+
+def _ignore(received: int) -> None:
+    pass
 
 
 def _unlink(path: Path) -> None:

@@ -13,6 +13,11 @@ work already running are free):
   waits for a slot, at most ``originQueueTimeout`` seconds, then fails with ``503`` and
   ``Retry-After`` for everyone waiting on it (the agent then asks the next proxy).
 
+Beside the limits, the order of large fetches: :meth:`OriginLimits.fetch_line` holds a large
+blob's fetch until its turn at its origin (``largeFetchesPerOrigin`` at once, in the order
+asked: :mod:`p2p_proxy.fetchline`); it waits for as long as the fetches ahead progress and is
+never refused for it.
+
 Addresses in ``uncappedAddresses`` (loopback by default) have no per-client limits.
 
 :class:`OriginLimits` is built once per proxy; the handler gets a :class:`Requester` for each
@@ -23,13 +28,15 @@ ask it only when they start work.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import AsyncIterator, Callable, Sequence
+import math
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from contextlib import asynccontextmanager
 
 import trio
 
 from p2p_common.oci import ErrorCode, OCIError
 from p2p_proxy.clients import ClientLimits, Refusal, client_key, retry_after_header
+from p2p_proxy.fetchline import FetchLine, in_line
 from p2p_proxy.metrics import ProxyMetrics
 from p2p_proxy.settings import ProxySettings
 
@@ -56,6 +63,7 @@ class OriginLimits:
         uncapped: Sequence[Network] = (),
         max_fetches: int = 0,
         queue_timeout: float = 0.0,
+        line_width: int = 0,
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
         self.metrics = metrics
@@ -69,6 +77,10 @@ class OriginLimits:
         self._slots = trio.Semaphore(max_fetches) if max_fetches else None
         self.fetches_running = 0
         self.fetches_waiting = 0
+        self.line_width = line_width
+        self._lines: dict[str, FetchLine] = {}
+        self._line_changed = trio.Event()
+        self.fetches_in_line = 0
 
     @classmethod
     def from_settings(cls, settings: ProxySettings, metrics: ProxyMetrics) -> OriginLimits:
@@ -80,6 +92,7 @@ class OriginLimits:
             uncapped=settings.uncapped_addresses,
             max_fetches=settings.max_origin_fetches,
             queue_timeout=settings.origin_queue_timeout,
+            line_width=settings.large_fetches_per_origin,
         )
 
     def requester(self, client: tuple[str, int] | None) -> Requester:
@@ -129,6 +142,49 @@ class OriginLimits:
         finally:
             self._running(-1)
             self._slots.release()
+
+    @asynccontextmanager
+    async def fetch_line(
+        self, origin: str, key: Hashable, size: int | None
+    ) -> AsyncIterator[Callable[[int], None]]:
+        """Wait for the turn of the fetch ``key`` of a ``size``-byte blob at ``origin``, then
+        hold its place for the block, which reports the bytes received in all to the callable
+        it gets. Small blobs and blobs of unknown size go at once."""
+        if size is None or not in_line(size, self.line_width):
+            yield _ignore
+            return
+        line = self._lines.get(origin)
+        if line is None:
+            line = self._lines[origin] = FetchLine(self.line_width)
+        try:
+            if not line.ask(key, size, self._clock()):
+                self._in_line(+1)
+                try:
+                    while not line.may_start(key, self._clock()):
+                        wake = line.next_change(self._clock())
+                        with trio.move_on_at(math.inf if wake is None else wake):
+                            await self._line_changed.wait()
+                finally:
+                    self._in_line(-1)
+
+            def progress(received: int) -> None:
+                if line.progress(key, received, self._clock()):
+                    self._wake_line()
+
+            yield progress
+        finally:
+            line.leave(key)
+            if not line:
+                del self._lines[origin]
+            self._wake_line()
+
+    def _wake_line(self) -> None:
+        self._line_changed.set()
+        self._line_changed = trio.Event()
+
+    def _in_line(self, delta: int) -> None:
+        self.fetches_in_line += delta
+        self.metrics.origin_fetches_in_line.inc(delta)
 
     def _waiting(self, delta: int) -> None:
         self.fetches_waiting += delta
@@ -190,4 +246,8 @@ class Requester:
 
 
 def _nothing() -> None:
+    pass
+
+
+def _ignore(received: int) -> None:
     pass

@@ -184,6 +184,11 @@ class ProxyMetrics:
             "Blob fetches waiting for one of the maxOriginFetches slots.",
             registry=r,
         )
+        self.origin_fetches_in_line = Gauge(
+            "p2p_proxy_origin_fetches_in_line",
+            "Large blob fetches waiting for their turn at their origin (largeFetchesPerOrigin).",
+            registry=r,
+        )
 
     def watch(
         self, read: Callable[[], dict[str, float]], data_dir: os.PathLike[str] | None = None

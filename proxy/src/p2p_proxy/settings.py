@@ -176,6 +176,11 @@ class ProxySettings(ServiceSettings):
     origin_queue_timeout: float = Field(30.0, ge=0, allow_inf_nan=False)
     """Seconds a new blob fetch waits for one of the ``maxOriginFetches`` slots before its
     callers get 503 (the agent then asks the next proxy)."""
+    large_fetches_per_origin: int = Field(1, ge=0)
+    """Large blobs (4 MiB and more) fetched from one origin at once, in the order asked; the
+    next starts when one is nearly done or stalls (p2p_proxy.fetchline). Raise it for an
+    origin that sends one connection slower than it sends several. 0 = no order: every
+    fetch starts at once."""
     uncapped_addresses: Annotated[
         list[IPvAnyNetwork],
         BeforeValidator(lambda v: v.replace(",", " ").split() if isinstance(v, str) else v),

@@ -288,6 +288,8 @@ class StatusView:
                 origin_fetches_running=origin.fetches_running,
                 origin_fetches_waiting=origin.fetches_waiting,
                 origin_queue_timeout=origin.queue_timeout,
+                large_fetches_per_origin=origin.line_width,
+                origin_fetches_in_line=origin.fetches_in_line,
                 origin_requests_per_address=origin.clients.concurrency,
                 origin_rate_per_address=origin.clients.rate,
                 origin_burst_per_address=int(origin.clients.burst),

@@ -96,6 +96,12 @@ def _limits(limits: dict[str, Any]) -> Table:
             f"origin fetches {limits['origin_fetches_running']} of "
             f"{limits['max_origin_fetches']}" + (f" ({waiting} waiting)" if waiting else "")
         )
+        width = limits.get("large_fetches_per_origin", 0)
+        in_line = limits.get("origin_fetches_in_line", 0)
+        parts.append(
+            (f"large fetches {width} per origin" if width else "large fetches unordered")
+            + (f" ({in_line} in line)" if in_line else "")
+        )
         per = limits["origin_requests_per_address"]
         speed = limits["origin_rate_per_address"]
         parts.append(
