@@ -1,7 +1,8 @@
 """The proxy's limits on origin work, in-process against the real registry: a client over its
 limit of fetches in progress is refused with 429 while another client is served; a client
 over its rate is refused while cache hits stay free; 20 clients joining one fetch all succeed
-and pay nothing for it; ``maxOriginFetches`` holds and a fetch that cannot get a slot is 503.
+and pay nothing for it; ``maxOriginFetches`` holds and a fetch that cannot get a slot is 503;
+one origin's large layers wait in line for each other and are all served.
 
 Clients are told apart by source address: each test client binds its own loopback address
 (127.0.0.2, 127.0.0.3, ...), and ``uncappedAddresses`` is emptied so that loopback is limited.
@@ -20,6 +21,7 @@ import httpx
 import pytest
 import trio
 
+from p2p_proxy.fetchline import LARGE_BLOB
 from tests.cluster import push
 from tests.component.test_proxy_harness import (
     ACCEPT_LINES,
@@ -310,3 +312,35 @@ async def test_the_global_cap_on_fetches_holds_and_a_fetch_without_a_slot_is_503
         retry = next(blob for blob in blobs if blob.digest in refused)
         chunks_of(await metainfo(proxy.http, retry), retry)
         assert await proxy.metric("p2p_proxy_origin_fetches_running") == 0
+
+
+async def test_one_origins_large_layers_are_fetched_one_at_a_time_and_all_served(
+    tmp_path: Path,
+) -> None:
+    """Three layers of 4.5 MB asked at once: one is fetched, two wait in line (never refused)
+    while the origin holds the first; released, every one is served, each fetched once."""
+    with run_registry(tmp_path / "registry", auth="none") as registry:
+        image = push(tmp_path, registry, REPO, seed="line", layer_sizes=[4_500_000] * 3)
+        layers = tuple(image.layers)
+        assert all(blob.size >= LARGE_BLOB for blob in layers)
+        big = Origin(registry, image)
+        async with gated_proxy(tmp_path, big) as (proxy, gate):
+            await authorize(proxy, layers)
+            hold(gate)
+            answers: dict[str, httpx.Response] = {}
+
+            async def ask(blob: images.Blob) -> None:
+                answers[blob.digest] = await metainfo(proxy.http, blob)
+
+            async with trio.open_nursery() as nursery:
+                for blob in layers:
+                    nursery.start_soon(ask, blob)
+                await until_metric(proxy, "p2p_proxy_origin_fetches_in_line", 2)
+                assert sum(registry.blob_gets().values()) <= 1
+                assert await proxy.metric("p2p_proxy_origin_fetches_running") == 1
+                gate.release.set()
+            for blob in layers:
+                chunks_of(answers[blob.digest], blob)
+            assert await proxy.metric("p2p_proxy_origin_fetches_in_line") == 0
+            fetched = registry.blob_gets()
+            assert all(fetched[blob.digest] == 1 for blob in layers)

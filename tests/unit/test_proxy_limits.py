@@ -586,3 +586,43 @@ async def test_the_fetcher_fetches_one_origins_large_blobs_one_after_the_other(
         assert large == [digest_of(b) for b in blobs]  # in the order asked
     else:
         assert most >= 2  # unordered, the fetches overlap (what the line prevents)
+
+
+async def test_a_waiting_fetch_that_is_cancelled_leaves_the_line_to_the_next(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    metrics = ProxyMetrics()
+    limits = OriginLimits(metrics, line_width=1)
+    size = 10 * LARGE_BLOB
+    entered: list[str] = []
+    release = trio.Event()
+
+    async def fetch(name: str) -> None:
+        async with limits.fetch_line("o", name, size) as progress:
+            entered.append(name)
+            while not release.is_set():
+                progress(1)  # "a" keeps receiving: it holds the line
+                await trio.sleep(1.0)
+
+    waiting = trio.CancelScope()
+
+    async def hangs_up(name: str) -> None:
+        with waiting:
+            await fetch(name)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fetch, "a")
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(hangs_up, "b")
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(fetch, "c")
+        await trio.testing.wait_all_tasks_blocked()
+        assert limits.fetches_in_line == 2
+        waiting.cancel()  # "b" hangs up while it waits
+        await trio.sleep(30.0)
+        assert entered == ["a"]  # "c" still waits for "a", not for the gone "b"
+        assert limits.fetches_in_line == 1
+        release.set()
+        await trio.sleep(2.0)
+        assert entered == ["a", "c"]
+    assert limits._lines == {}
