@@ -178,9 +178,10 @@ class ProxySettings(ServiceSettings):
     callers get 503 (the agent then asks the next proxy)."""
     large_fetches_per_origin: int = Field(1, ge=0)
     """Large blobs (4 MiB and more) fetched from one origin at once, in the order asked; the
-    next starts when one is nearly done or stalls (p2p_proxy.fetchline). Raise it for an
-    origin that sends one connection slower than it sends several. 0 = no order: every
-    fetch starts at once."""
+    next starts when one is nearly done or stalls (p2p_proxy.fetchline). Raise it where one
+    fetch cannot fill the proxy's link (an origin that sends one connection slower than
+    several, or one faster than a fetch can hash and write). 0 = no order: every fetch
+    starts at once."""
     uncapped_addresses: Annotated[
         list[IPvAnyNetwork],
         BeforeValidator(lambda v: v.replace(",", " ").split() if isinstance(v, str) else v),
