@@ -174,7 +174,7 @@ class OriginLimits:
             yield progress
         finally:
             line.leave(key)
-            if not line:
+            if not line and self._lines.get(origin) is line:
                 del self._lines[origin]
             self._wake_line()
 
