@@ -219,3 +219,27 @@ async def test_prune_unused_for_takes_only_blobs_unused_that_long(tmp_path: Path
     janitor, _ = janitor_for(cache)
     result = await janitor.prune(unused_for=2 * 86400)
     assert [(e.digest, e.reason) for e in result.evicted] == [(old, "operator")]
+
+
+async def test_once_above_the_high_watermark_sweeps_drain_to_the_low_one(tmp_path: Path) -> None:
+    """A sweep that measured the disk while something else was still filling it freed too
+    little; the next sweeps keep evicting until one measures the low watermark, and only
+    then does the filesystem have to cross the high watermark again."""
+    cache = BlobCache(tmp_path)
+    now = time.time()
+    digests = [put(cache, bytes([i]) * 1000, used_at=now - 100 + i) for i in range(10)]
+    disk = FakeDisk(cache, total=20_000, other=7_200)  # 17,200 used: 86%, still growing
+    janitor, _ = janitor_for(cache, disk, high_watermark=85, low_watermark=70)
+    first = await janitor.sweep()
+    assert [e.digest for e in first.evicted] == digests[:4]  # to 13,200 = 66% of that view
+    assert janitor.draining
+    disk.other = 9_000  # the other writer finished: 15,000 used, 75%, below the high mark
+    second = await janitor.sweep()
+    assert [e.digest for e in second.evicted] == digests[4:5]  # 14,000 = 70%
+    assert janitor.draining  # measured 75% (before its eviction): not at the low mark yet
+    third = await janitor.sweep()
+    assert third.evicted == []
+    assert not janitor.draining  # measured 70%
+    disk.other = 11_000  # 80%: between the watermarks, and no longer draining
+    assert (await janitor.sweep()).evicted == []
+    assert not janitor.draining

@@ -12,6 +12,7 @@ from p2p_common.cachepolicy import (
     Decision,
     Disk,
     decide,
+    draining_after,
     select_operator,
 )
 
@@ -75,6 +76,24 @@ def test_between_the_watermarks_nothing_is_evicted() -> None:
     blobs = [blob(i, 3, 100 - i) for i in range(10)]
     for used in (0, 80, 83, 85):
         assert decide(blobs, set(), now=NOW, policy=policy, disk=Disk(100, used)) == Decision()
+
+
+def test_while_draining_the_low_watermark_is_the_trigger() -> None:
+    policy = CachePolicy(high_watermark=85, low_watermark=80)
+    blobs = [blob(i, 3, 100 - i) for i in range(10)]
+    # 83 of 100: between the watermarks; draining, evict to 80 (one blob of 3).
+    decision = decide(blobs, set(), now=NOW, policy=policy, disk=Disk(100, 83), draining=True)
+    assert digests(decision, "watermark") == [blobs[0].digest]
+    assert decide(blobs, set(), now=NOW, policy=policy, disk=Disk(100, 80), draining=True) == (
+        Decision()
+    )
+    # Draining starts above the high mark, holds above the low one, ends at it.
+    assert draining_after(policy, Disk(100, 86), draining=False)
+    assert not draining_after(policy, Disk(100, 83), draining=False)
+    assert draining_after(policy, Disk(100, 83), draining=True)
+    assert not draining_after(policy, Disk(100, 80), draining=True)
+    assert not draining_after(policy, None, draining=True)
+    assert not draining_after(CachePolicy(), Disk(100, 99), draining=True)
 
 
 def test_a_filesystem_full_of_other_things_is_reported_unmet() -> None:

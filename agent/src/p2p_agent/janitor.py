@@ -24,7 +24,15 @@ from typing import Any
 import trio
 
 from p2p_common.blobcache import BlobCache, CacheSnapshot
-from p2p_common.cachepolicy import CachePolicy, Decision, Disk, Eviction, decide, select_operator
+from p2p_common.cachepolicy import (
+    CachePolicy,
+    Decision,
+    Disk,
+    Eviction,
+    decide,
+    draining_after,
+    select_operator,
+)
 from p2p_common.logs import event
 from p2p_common.metrics import filesystem_usage
 
@@ -123,6 +131,9 @@ class Janitor:
         """The last policy sweep."""
         self.unmet = {"quota": False, "watermark": False}
         """Which limits the last sweep could not meet (everything left is in use)."""
+        self.draining = False
+        """The filesystem crossed the high watermark and no sweep has found it at the low one
+        since: sweeps keep evicting toward the low one (cachepolicy.draining_after)."""
         self._lock = trio.Lock()
         self._wake = trio.Event()
         cache.quota = policy.policy.quota
@@ -166,6 +177,7 @@ class Janitor:
     async def sweep(self) -> SweepResult:
         """Apply the policy in force now."""
         policy = self.in_force.policy
+        draining = self.draining
 
         def choose(snapshot: CacheSnapshot, disk: Disk | None, now: float) -> Decision:
             return decide(
@@ -175,9 +187,11 @@ class Janitor:
                 policy=policy,
                 disk=disk,
                 reserved=snapshot.reserved,
+                draining=draining,
             )
 
         result = await self._apply(choose)
+        self.draining = draining_after(policy, result.disk, draining)
         self.last = result
         self._report(result)
         return result

@@ -15,7 +15,10 @@ The limits, applied in this order (a blob is evicted once, for the first reason 
 ``watermark``
     ``high_watermark`` > 0: when the filesystem is more than ``high_watermark`` percent used,
     least recently used blobs until it is at most ``low_watermark`` percent used (counting what
-    the evictions above free), like kubelet's image garbage collection.
+    the evictions above free), like kubelet's image garbage collection. Once it crossed the high
+    watermark it is *draining* (the caller keeps that state): later decisions keep evicting
+    toward the low watermark until a measurement finds it there, so a measurement taken while
+    something else was still filling the disk does not leave it between the two.
 
 An operator's prune (:func:`select_operator`) evicts every unpinned blob, or those unused for
 a given time, with the reason ``operator``.
@@ -36,6 +39,7 @@ __all__ = [
     "Eviction",
     "Reason",
     "decide",
+    "draining_after",
     "select_operator",
 ]
 
@@ -128,12 +132,15 @@ def decide(
     policy: CachePolicy,
     disk: Disk | None = None,
     reserved: int = 0,
+    draining: bool = False,
 ) -> Decision:
     """The evictions that bring the cache within ``policy`` (see the module's docstring).
 
     ``blobs`` are every cached blob; ``pinned`` the digests that must stay; ``disk`` the
     filesystem now (None: unknown, no watermark decision); ``reserved`` the bytes held for
-    downloads in progress, which count against the quota.
+    downloads in progress, which count against the quota; ``draining``: an earlier decision
+    found the filesystem above the high watermark and no measurement since found it at the low
+    one (:func:`draining_after`).
     """
     candidates = [b for b in _least_recent_first(blobs) if b.digest not in pinned]
     chosen: dict[str, Eviction] = {}
@@ -161,7 +168,11 @@ def decide(
 
     watermark_unmet = False
     watermark_on = policy.high_watermark > 0 and disk is not None and disk.total > 0
-    if watermark_on and disk is not None and disk.above(policy.high_watermark):
+    if (
+        watermark_on
+        and disk is not None
+        and disk.above(policy.high_watermark if not draining else policy.low_watermark)
+    ):
         freed = sum(e.size for e in chosen.values())
         while disk.above(policy.low_watermark, freed):
             blob = next(remaining, None)
@@ -172,6 +183,15 @@ def decide(
             freed += blob.size
 
     return Decision(tuple(chosen.values()), quota_unmet, watermark_unmet)
+
+
+def draining_after(policy: CachePolicy, disk: Disk | None, draining: bool) -> bool:
+    """Whether the watermark is draining after a decision that measured ``disk`` (before its
+    evictions) while it was ``draining``: it starts above the high watermark and ends at a
+    measurement at or below the low one."""
+    if policy.high_watermark <= 0 or disk is None or disk.total <= 0:
+        return False
+    return disk.above(policy.high_watermark) or (draining and disk.above(policy.low_watermark))
 
 
 def select_operator(
