@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeGuard
 
 __all__ = [
     "REASONS",
@@ -124,6 +124,11 @@ def expired(blob: Blob, now: float, max_unused: float) -> bool:
     return now - blob.last_used >= max_unused
 
 
+def _watermarks_apply(disk: Disk | None, policy: CachePolicy) -> TypeGuard[Disk]:
+    """Whether ``policy`` has watermarks and ``disk`` is known (then it is a :class:`Disk`)."""
+    return policy.high_watermark > 0 and disk is not None and disk.total > 0
+
+
 def decide(
     blobs: Sequence[Blob],
     pinned: Collection[str],
@@ -167,11 +172,8 @@ def decide(
             total -= blob.size
 
     watermark_unmet = False
-    watermark_on = policy.high_watermark > 0 and disk is not None and disk.total > 0
-    if (
-        watermark_on
-        and disk is not None
-        and disk.above(policy.high_watermark if not draining else policy.low_watermark)
+    if _watermarks_apply(disk, policy) and disk.above(
+        policy.high_watermark if not draining else policy.low_watermark
     ):
         freed = sum(e.size for e in chosen.values())
         while disk.above(policy.low_watermark, freed):
@@ -189,9 +191,9 @@ def draining_after(policy: CachePolicy, disk: Disk | None, draining: bool) -> bo
     """Whether the watermark is draining after a decision that measured ``disk`` (before its
     evictions) while it was ``draining``: it starts above the high watermark and ends at a
     measurement at or below the low one."""
-    if policy.high_watermark <= 0 or disk is None or disk.total <= 0:
-        return False
-    return disk.above(policy.high_watermark) or (draining and disk.above(policy.low_watermark))
+    return _watermarks_apply(disk, policy) and (
+        disk.above(policy.high_watermark) or (draining and disk.above(policy.low_watermark))
+    )
 
 
 def select_operator(
