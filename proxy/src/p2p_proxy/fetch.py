@@ -51,6 +51,7 @@ from p2p_common.ingest import Ingest, IngestError
 from p2p_common.logs import PullIds, current_pull_id, event
 from p2p_common.oci import ErrorCode, OCIError
 from p2p_common.registry_auth import Credentials
+from p2p_proxy.fetchline import no_progress
 from p2p_proxy.flight import Admission, SingleFlight, registry_error
 from p2p_proxy.limits import OriginLimits
 from p2p_proxy.metrics import ProxyMetrics
@@ -254,7 +255,7 @@ class BlobFetcher:
         self, origin: str, key: tuple[str, str], size: int | None
     ) -> AbstractAsyncContextManager[Callable[[int], None]]:
         if self.limits is None:
-            return nullcontext(_ignore)
+            return nullcontext(no_progress)
         return self.limits.fetch_line(origin, key, size)
 
     async def _present(self, digest: str) -> BlobMetainfo | None:
@@ -534,10 +535,6 @@ class BlobFetcher:
             record.received += len(chunk)
             progress(record.received)
             yield chunk
-
-
-def _ignore(received: int) -> None:
-    pass
 
 
 def _unlink(path: Path) -> None:

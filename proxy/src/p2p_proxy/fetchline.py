@@ -40,6 +40,7 @@ __all__ = [
     "STALL_SECONDS",
     "FetchLine",
     "in_line",
+    "no_progress",
 ]
 
 LARGE_BLOB = 4 * 1024 * 1024
@@ -58,6 +59,10 @@ RATE_AFTER_SECONDS = 0.25
 def in_line(size: int | None, width: int) -> bool:
     """Whether a fetch of a blob of ``size`` bytes waits in its origin's line."""
     return width > 0 and size is not None and size >= LARGE_BLOB
+
+
+def no_progress(received: int) -> None:
+    """The progress report of a fetch outside any line (nobody waits on it)."""
 
 
 @dataclass

@@ -36,7 +36,7 @@ import trio
 
 from p2p_common.oci import ErrorCode, OCIError
 from p2p_proxy.clients import ClientLimits, Refusal, client_key, retry_after_header
-from p2p_proxy.fetchline import FetchLine, in_line
+from p2p_proxy.fetchline import FetchLine, in_line, no_progress
 from p2p_proxy.metrics import ProxyMetrics
 from p2p_proxy.settings import ProxySettings
 
@@ -151,7 +151,7 @@ class OriginLimits:
         hold its place for the block, which reports the bytes received in all to the callable
         it gets. Small blobs and blobs of unknown size go at once."""
         if size is None or not in_line(size, self.line_width):
-            yield _ignore
+            yield no_progress
             return
         line = self._lines.get(origin)
         if line is None:
@@ -246,8 +246,4 @@ class Requester:
 
 
 def _nothing() -> None:
-    pass
-
-
-def _ignore(received: int) -> None:
     pass
