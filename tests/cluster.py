@@ -48,13 +48,13 @@ async def metric(http: httpx.AsyncClient, name: str, **labels: str) -> float:
 
 
 @asynccontextmanager
-async def run_tracker(*, host: str = "127.0.0.1") -> AsyncIterator[str]:
+async def run_tracker(*, host: str = "127.0.0.1", announce_interval: int = 5) -> AsyncIterator[str]:
     """Our tracker on ``host`` (``::1`` for IPv6); yields its announce URL."""
     settings = TrackerSettings.load(
         None,
         environ={},
         listen=join_host_port(host, 0),
-        announce_interval=5,
+        announce_interval=announce_interval,
         min_announce_interval=1,
     )
     async with trio.open_nursery() as nursery:

@@ -456,6 +456,70 @@ async def test_a_torrent_dials_half_its_max_peers_and_keeps_the_rest_for_peers_d
             assert not torrent.core.complete
 
 
+async def _dial_with_handshake(
+    stack: contextlib.AsyncExitStack, port: int, info_hash: bytes, n: int
+) -> bool:
+    """Dial ``port`` as a foreign peer; whether the torrent answered the handshake."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stack.enter_async_context(stream)
+    await stream.send_all(
+        wire.encode_handshake(info_hash, b"-XX0001-%012d" % n, wire.reserved_bytes())
+    )
+    with trio.move_on_after(2):
+        try:
+            return (await stream.receive_some(68)).startswith(wire.PSTR)
+        except trio.BrokenResourceError:
+            return False
+    return False
+
+
+@pytest.mark.parametrize("seeding", [False, True])
+async def test_a_download_takes_half_its_max_peers_from_peers_dialling_it_a_seed_all(
+    seeding: bool,
+) -> None:
+    """A download that knows nobody to dial yet (it announced first) still keeps half of
+    ``max_peers`` for the peers it will dial: the rollout's first nodes would otherwise fill
+    up with every later node's dials and the last nodes hold only what they dialled
+    (docs/scale.md, finding 10). A seed dials nobody and takes ``max_peers``."""
+    content = make_content(4 * MiB)
+    meta = metainfo_for(content)
+    async with running_engines(1, max_peers_per_torrent=4) as (engine,):
+        store = MemoryPieceStore(meta, content) if seeding else MemoryPieceStore(meta)
+        torrent = await engine.add_torrent(meta, store)
+        async with contextlib.AsyncExitStack() as stack:
+            answered = [
+                await _dial_with_handshake(stack, engine.port, meta.info_hash, n) for n in range(5)
+            ]
+            expected = 4 if seeding else 2
+            assert answered == [True] * expected + [False] * (5 - expected)
+            with trio.fail_after(10):
+                await wait_until(lambda: len(torrent.connections) == expected)
+            assert torrent.core.complete == seeding
+
+
+async def test_a_download_short_of_peers_it_dialled_announces_again_soon() -> None:
+    """The first node of a rollout announces to an empty swarm and is then dialled by others
+    (here 8 foreign peers, so it is no longer a young swarm); it still dials nobody itself.
+    It announces again within seconds, not at the tracker's interval, and dials a seed that
+    joined after it (docs/scale.md, finding 10)."""
+    content = make_content(2 * MiB)
+    async with run_tracker(announce_interval=300) as live:
+        meta = metainfo_for(content, [live])
+        async with running_engines(1, max_peers_per_torrent=20) as (leech,):
+            store = MemoryPieceStore(meta)
+            torrent = await leech.add_torrent(meta, store)  # the swarm is empty
+            async with contextlib.AsyncExitStack() as stack:
+                for n in range(8):
+                    assert await _dial_with_handshake(stack, leech.port, meta.info_hash, n)
+                with trio.fail_after(10):
+                    await wait_until(lambda: len(torrent.connections) == 8)
+                async with running_engines(1, role="proxy") as (seed,):
+                    await seed.add_torrent(meta, MemoryPieceStore(meta, content))
+                    with trio.fail_after(60):  # the tracker's interval is 300 s
+                        await torrent.wait_complete()
+    assert bytes(store.data) == content
+
+
 async def test_a_bug_in_one_incoming_connection_ends_only_that_connection(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

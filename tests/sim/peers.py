@@ -39,8 +39,8 @@ from p2p_common.bitfield import Bitfield
 from p2p_common.engine.announce import NUMWANT
 from p2p_common.engine.engine import CHOKE_ROUND, CLIENT_NAME, DEFAULT_MAX_BLOCK
 from p2p_common.engine.flusher import HAVE_DELAY
-from p2p_common.engine.shared import ConnectionSlots, may_dial
-from p2p_common.engine.torrent import RECONNECT_DELAY, _backoff
+from p2p_common.engine.shared import ConnectionSlots, may_dial, short_of_peers
+from p2p_common.engine.torrent import RECONNECT_DELAY, SHORT_OF_PEERS_DELAY, _backoff
 from p2p_common.errors import RemoteError
 from p2p_common.session import LocalPeer, PeerSession, PieceReady, Upload, Window
 from p2p_common.swarm import SwarmCore
@@ -388,7 +388,7 @@ class SimTorrent:
             self.add_peers(response[1])
         wait = interval
         self._regular_at = self.sim.loop.now + interval
-        young = self._young()
+        young = self._quick_announce(self._young_delay)
         self._young_wait = young and response is not None
         if young or response is None:
             wait = min(interval, self._young_delay)
@@ -406,7 +406,7 @@ class SimTorrent:
         if self.core.complete and not self._was_complete:
             self._was_complete = True
             self._event = AnnounceEvent.COMPLETED
-        elif self._young_wait and not self._young():
+        elif self._young_wait and not self._quick_announce(self._young_delay):
             # Torrent._announce_loop: the swarm found its peers during the quick wait, so
             # the next announce is the regular one.
             self._young_wait = False
@@ -418,6 +418,18 @@ class SimTorrent:
 
     def _young(self) -> bool:
         return len(self.conns) < min(self.proc.max_peers, 8) and not self.core.complete
+
+    def _quick_announce(self, delay: float) -> bool:
+        """Torrent._quick_announce."""
+        if self._young():
+            return True
+        if delay > SHORT_OF_PEERS_DELAY or self.core.complete:
+            return False
+        dialled = sum(1 for conn in self.conns.values() if conn.dialer is self)
+        connecting = len(self.connecting)
+        return short_of_peers(
+            dialled + connecting, len(self.conns) + connecting, self.proc.max_peers
+        )
 
 
 class Connection:

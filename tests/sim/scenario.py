@@ -263,8 +263,11 @@ class Simulation:
             proc.slots.release()
             self._failed(torrent, address)
             return
-        if not admits_incoming(len(remote.conns), target.max_peers):
-            # The torrent dialled has max_peers connections: no handshake back (engine.py).
+        incoming = sum(1 for conn in remote.conns.values() if conn.dialer is not remote)
+        dials = not (remote.core.complete or remote.core.super_seed)
+        if not admits_incoming(incoming, len(remote.conns), target.max_peers, dials=dials):
+            # The torrent dialled is full (max_peers, or half of it from peers dialling it
+            # while it dials): no handshake back (engine.py).
             proc.slots.release()
             target.slots.release()
             self._failed(torrent, address)

@@ -131,13 +131,32 @@ def may_dial(outgoing: int, connections: int, max_peers: int) -> bool:
     return outgoing < max(1, max_peers // 2) and connections < max_peers
 
 
-def admits_incoming(connections: int, max_peers: int) -> bool:
-    """Whether a torrent with ``connections`` established takes one more that a peer dialled.
+def admits_incoming(incoming: int, connections: int, max_peers: int, *, dials: bool = True) -> bool:
+    """Whether a torrent with ``incoming`` connections that peers dialled, ``connections`` in
+    all, takes one more that a peer dialled.
 
     ``max_peers`` bounds a torrent's connections in both directions: without it the first
     layer's swarm of a rollout takes every incoming slot of the process and the later layers
-    find every neighbour full (docs/scale.md, finding 1). The swarm simulator asks the same."""
-    return connections < max_peers
+    find every neighbour full (docs/scale.md, finding 1). A torrent that ``dials`` (a
+    download) takes at most the other half of ``max_peers`` from peers dialling it, as it dials
+    at most half itself (:func:`may_dial`): otherwise the nodes that announce first are dialled
+    by every later one and fill up with incoming connections, the later ones find them full
+    and hold little more than the half they dialled, and the least connected node finishes
+    last (finding 10). With the room kept, the first nodes dial the later ones once they learn
+    of them (:func:`short_of_peers`). A seed dials nobody and takes up to ``max_peers``. The
+    swarm simulator asks the same."""
+    if connections >= max_peers:
+        return False
+    return not dials or incoming < max(1, max_peers - max_peers // 2)
+
+
+def short_of_peers(outgoing: int, connections: int, max_peers: int) -> bool:
+    """Whether a download with ``outgoing`` connections it dialled (or is dialling) and
+    ``connections`` in all would dial more peers if it knew them: it announces again soon
+    (a few times, early) instead of at the tracker's interval. The nodes that announce first
+    in a rollout learn only the few that came before them; without this they never dial the
+    later ones, which are then left with the half they dialled (finding 10)."""
+    return may_dial(outgoing, connections, max_peers)
 
 
 MAX_PENDING_HANDSHAKES = 64

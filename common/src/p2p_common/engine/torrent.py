@@ -24,7 +24,7 @@ import trio
 
 from p2p_common import wire
 from p2p_common.engine.connection import Connection
-from p2p_common.engine.shared import EngineShared, admits_incoming, may_dial
+from p2p_common.engine.shared import EngineShared, admits_incoming, may_dial, short_of_peers
 from p2p_common.engine.transport import PeerGoneError, Transport, make_transport
 from p2p_common.errors import LocalError, RemoteError
 from p2p_common.logs import event as log_event
@@ -41,6 +41,9 @@ RESEED_ANNOUNCE_SPREAD = 30.0
 """Seconds over which a service spreads the first announces of the blobs it reseeds at start."""
 RECONNECT_DELAY = 5.0
 """Seconds before dialling again a peer whose connection ended normally."""
+SHORT_OF_PEERS_DELAY = 8.0
+"""A download short of peers it could dial announces again after 0.5, 1, 2, 4 and 8 s (then
+at the tracker's interval): the rollout's later nodes have announced by then."""
 
 
 class TorrentFailedError(LocalError):
@@ -327,8 +330,15 @@ class Torrent:
     # -- connections -----------------------------------------------------------------------------
 
     def admits_incoming(self) -> bool:
-        """Whether a peer that dialled us may have one more connection (``max_peers``)."""
-        return admits_incoming(len(self.connections), self.max_peers)
+        """Whether a peer that dialled us may have one more connection (``max_peers``, half of
+        it while we dial: ``shared.admits_incoming``)."""
+        connections = self.connections.values()
+        return admits_incoming(
+            sum(1 for conn in connections if not conn.session.outgoing),
+            len(connections),
+            self.max_peers,
+            dials=not (self.core.complete or self.core.super_seed),
+        )
 
     async def run_connection(
         self,
@@ -606,13 +616,13 @@ class Torrent:
                     self.add_peers((p.ip, p.port) for p in response.peers)
                 wait = interval
                 regular = trio.current_time() + interval
-                young = self._young()
+                young = self._quick_announce(young_delay)
                 if young or response is None:
                     wait = min(interval, young_delay)
                     young_delay = min(young_delay * 2, 30.0)
                 with trio.move_on_after(wait):
                     await self._until_complete(was_complete)
-                if young and response is not None and not self._young():
+                if young and response is not None and not self._quick_announce(young_delay):
                     # The quick re-announce of a young swarm is for the peers it lacks; it
                     # has found them meanwhile: the next announce is the regular one (in a
                     # 1,000-node rollout this halves the announces of downloads).
@@ -644,6 +654,20 @@ class Torrent:
     def _young(self) -> bool:
         """Whether the swarm is young: downloading with fewer than 8 connections."""
         return len(self.connections) < min(self.max_peers, 8) and not self.core.complete
+
+    def _quick_announce(self, delay: float) -> bool:
+        """Whether to announce again after ``delay`` instead of the tracker's interval: the
+        swarm is young, or (for the first few quick announces, while ``delay`` is at most
+        :data:`SHORT_OF_PEERS_DELAY`) the download would dial more peers if it knew them."""
+        if self._young():
+            return True
+        if delay > SHORT_OF_PEERS_DELAY or self.core.complete:
+            return False
+        dialled = sum(1 for conn in self.connections.values() if conn.session.outgoing)
+        connecting = len(self._connecting)
+        return short_of_peers(
+            dialled + connecting, len(self.connections) + connecting, self.max_peers
+        )
 
     async def _until_complete(self, was_complete: bool) -> None:
         if not was_complete:
