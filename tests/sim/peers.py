@@ -428,7 +428,10 @@ class SimTorrent:
         dialled = sum(1 for conn in self.conns.values() if conn.dialer is self)
         connecting = len(self.connecting)
         return short_of_peers(
-            dialled + connecting, len(self.conns) + connecting, self.proc.max_peers
+            dialled + connecting,
+            len(self.conns) + connecting,
+            self.proc.max_peers,
+            len(self.candidates),
         )
 
 

@@ -24,7 +24,7 @@ def test_the_first_nodes_of_a_rollout_keep_room_for_the_peers_they_learn_of_late
     stops taking them at half, so it can still dial the nodes that announced after it."""
     assert not admits_incoming(25, 25, 50)
     assert may_dial(0, 25, 50)
-    assert short_of_peers(0, 25, 50)
+    assert short_of_peers(0, 25, 50, known=3)
 
 
 def test_a_seed_takes_up_to_max_peers_from_peers_dialling_it() -> None:
@@ -38,10 +38,12 @@ def test_a_torrent_limited_to_one_peer_still_takes_one() -> None:
     assert may_dial(0, 0, 1)
 
 
-def test_a_download_with_its_half_dialled_is_not_short_of_peers() -> None:
-    assert not short_of_peers(25, 30, 50)
-    assert not short_of_peers(10, 50, 50)  # full
-    assert short_of_peers(24, 30, 50)
+def test_a_download_with_its_half_dialled_or_enough_peers_known_is_not_short_of_peers() -> None:
+    assert not short_of_peers(25, 30, 50, known=10)
+    assert not short_of_peers(10, 50, 50, known=10)  # full
+    assert short_of_peers(24, 30, 50, known=49)
+    # it heard of max_peers peers: it has enough to dial, the tracker is spared the announces
+    assert not short_of_peers(10, 30, 50, known=50)
 
 
 @given(

@@ -150,13 +150,15 @@ def admits_incoming(incoming: int, connections: int, max_peers: int, *, dials: b
     return not dials or incoming < max(1, max_peers - max_peers // 2)
 
 
-def short_of_peers(outgoing: int, connections: int, max_peers: int) -> bool:
-    """Whether a download with ``outgoing`` connections it dialled (or is dialling) and
-    ``connections`` in all would dial more peers if it knew them: it announces again soon
-    (a few times, early) instead of at the tracker's interval. The nodes that announce first
-    in a rollout learn only the few that came before them; without this they never dial the
-    later ones, which are then left with the half they dialled (finding 10)."""
-    return may_dial(outgoing, connections, max_peers)
+def short_of_peers(outgoing: int, connections: int, max_peers: int, known: int) -> bool:
+    """Whether a download with ``outgoing`` connections it dialled (or is dialling),
+    ``connections`` in all and ``known`` candidate peers should announce again soon (a few
+    times, early) instead of at the tracker's interval: it would dial more and knows fewer
+    peers than ``max_peers``. The nodes that announce first in a rollout learn only the few
+    that came before them; without this they never dial the later ones, which are then left
+    with the half they dialled (finding 10). A node that has heard of ``max_peers`` peers
+    already knows enough to dial (and the tracker is spared its announces)."""
+    return known < max_peers and may_dial(outgoing, connections, max_peers)
 
 
 MAX_PENDING_HANDSHAKES = 64

@@ -658,7 +658,7 @@ class Torrent:
     def _quick_announce(self, delay: float) -> bool:
         """Whether to announce again after ``delay`` instead of the tracker's interval: the
         swarm is young, or (for the first few quick announces, while ``delay`` is at most
-        :data:`SHORT_OF_PEERS_DELAY`) the download would dial more peers if it knew them."""
+        :data:`SHORT_OF_PEERS_DELAY`) the download would dial more peers and knows few."""
         if self._young():
             return True
         if delay > SHORT_OF_PEERS_DELAY or self.core.complete:
@@ -666,7 +666,10 @@ class Torrent:
         dialled = sum(1 for conn in self.connections.values() if conn.session.outgoing)
         connecting = len(self._connecting)
         return short_of_peers(
-            dialled + connecting, len(self.connections) + connecting, self.max_peers
+            dialled + connecting,
+            len(self.connections) + connecting,
+            self.max_peers,
+            len(self.candidates),
         )
 
     async def _until_complete(self, was_complete: bool) -> None:
