@@ -39,8 +39,8 @@ from p2p_common.bitfield import Bitfield
 from p2p_common.engine.announce import NUMWANT
 from p2p_common.engine.engine import CHOKE_ROUND, CLIENT_NAME, DEFAULT_MAX_BLOCK
 from p2p_common.engine.flusher import HAVE_DELAY
-from p2p_common.engine.shared import ConnectionSlots, may_dial, short_of_peers
-from p2p_common.engine.torrent import RECONNECT_DELAY, SHORT_OF_PEERS_DELAY, _backoff
+from p2p_common.engine.shared import ConnectionSlots, may_dial, quick_announce
+from p2p_common.engine.torrent import RECONNECT_DELAY, _backoff
 from p2p_common.errors import RemoteError
 from p2p_common.session import LocalPeer, PeerSession, PieceReady, Upload, Window
 from p2p_common.swarm import SwarmCore
@@ -416,22 +416,16 @@ class SimTorrent:
             return
         self._announce()
 
-    def _young(self) -> bool:
-        return len(self.conns) < min(self.proc.max_peers, 8) and not self.core.complete
-
     def _quick_announce(self, delay: float) -> bool:
         """Torrent._quick_announce."""
-        if self._young():
-            return True
-        if delay > SHORT_OF_PEERS_DELAY or self.core.complete:
-            return False
-        dialled = sum(1 for conn in self.conns.values() if conn.dialer is self)
-        connecting = len(self.connecting)
-        return short_of_peers(
-            dialled + connecting,
-            len(self.conns) + connecting,
-            self.proc.max_peers,
-            len(self.candidates),
+        return quick_announce(
+            delay,
+            complete=self.core.complete,
+            outgoing=sum(1 for conn in self.conns.values() if conn.dialer is self),
+            connections=len(self.conns),
+            connecting=len(self.connecting),
+            max_peers=self.proc.max_peers,
+            known=len(self.candidates),
         )
 
 

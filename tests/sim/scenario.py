@@ -40,7 +40,7 @@ from p2p_common import rendezvous
 from p2p_common.bitfield import Bitfield
 from p2p_common.blobinfo import Geometry
 from p2p_common.engine.engine import Engine
-from p2p_common.engine.shared import admits_incoming
+from p2p_common.engine.shared import admits_incoming, dials_peers
 from p2p_proxy.fetchline import FetchLine, in_line
 from p2p_proxy.settings import ProxySettings
 from tests.sim.loop import Loop
@@ -264,7 +264,7 @@ class Simulation:
             self._failed(torrent, address)
             return
         incoming = sum(1 for conn in remote.conns.values() if conn.dialer is not remote)
-        dials = not (remote.core.complete or remote.core.super_seed)
+        dials = dials_peers(remote.core.complete, remote.core.super_seed)
         if not admits_incoming(incoming, len(remote.conns), target.max_peers, dials=dials):
             # The torrent dialled is full (max_peers, or half of it from peers dialling it
             # while it dials): no handshake back (engine.py).

@@ -161,6 +161,44 @@ def short_of_peers(outgoing: int, connections: int, max_peers: int, known: int) 
     return known < max_peers and may_dial(outgoing, connections, max_peers)
 
 
+YOUNG_CONNECTIONS = 8
+"""A download with fewer connections than this (or ``max_peers``) is a young swarm."""
+SHORT_OF_PEERS_DELAY = 8.0
+"""A download short of peers it could dial announces again after 0.5, 1, 2, 4 and 8 s (then
+at the tracker's interval): the rollout's later nodes have announced by then."""
+
+
+def quick_announce(
+    delay: float,
+    *,
+    complete: bool,
+    outgoing: int,
+    connections: int,
+    connecting: int,
+    max_peers: int,
+    known: int,
+) -> bool:
+    """Whether a torrent with ``outgoing`` of its ``connections`` dialled, ``connecting``
+    dials in progress and ``known`` candidates announces again after ``delay`` instead of the
+    tracker's interval: it downloads and its swarm is young (fewer established connections
+    than :data:`YOUNG_CONNECTIONS`), or, for the first few quick announces (``delay`` at most
+    :data:`SHORT_OF_PEERS_DELAY`), it is :func:`short_of_peers`. The swarm simulator asks the
+    same."""
+    if complete:
+        return False
+    if connections < min(max_peers, YOUNG_CONNECTIONS):
+        return True
+    return delay <= SHORT_OF_PEERS_DELAY and short_of_peers(
+        outgoing + connecting, connections + connecting, max_peers, known
+    )
+
+
+def dials_peers(complete: bool, super_seed: bool) -> bool:
+    """Whether a torrent dials peers (a download), so that half of ``max_peers`` stays for
+    its dials (:func:`admits_incoming`): not a seed, not a super-seeding proxy."""
+    return not (complete or super_seed)
+
+
 MAX_PENDING_HANDSHAKES = 64
 """Incoming connections waiting for their handshake, in all."""
 MAX_PENDING_PER_ADDRESS = 8

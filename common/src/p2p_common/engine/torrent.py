@@ -24,7 +24,13 @@ import trio
 
 from p2p_common import wire
 from p2p_common.engine.connection import Connection
-from p2p_common.engine.shared import EngineShared, admits_incoming, may_dial, short_of_peers
+from p2p_common.engine.shared import (
+    EngineShared,
+    admits_incoming,
+    dials_peers,
+    may_dial,
+    quick_announce,
+)
 from p2p_common.engine.transport import PeerGoneError, Transport, make_transport
 from p2p_common.errors import LocalError, RemoteError
 from p2p_common.logs import event as log_event
@@ -41,9 +47,6 @@ RESEED_ANNOUNCE_SPREAD = 30.0
 """Seconds over which a service spreads the first announces of the blobs it reseeds at start."""
 RECONNECT_DELAY = 5.0
 """Seconds before dialling again a peer whose connection ended normally."""
-SHORT_OF_PEERS_DELAY = 8.0
-"""A download short of peers it could dial announces again after 0.5, 1, 2, 4 and 8 s (then
-at the tracker's interval): the rollout's later nodes have announced by then."""
 
 
 class TorrentFailedError(LocalError):
@@ -337,7 +340,7 @@ class Torrent:
             sum(1 for conn in connections if not conn.session.outgoing),
             len(connections),
             self.max_peers,
-            dials=not (self.core.complete or self.core.super_seed),
+            dials=dials_peers(self.core.complete, self.core.super_seed),
         )
 
     async def run_connection(
@@ -651,25 +654,16 @@ class Torrent:
                         self._announce_state(AnnounceEvent.STOPPED),
                     )
 
-    def _young(self) -> bool:
-        """Whether the swarm is young: downloading with fewer than 8 connections."""
-        return len(self.connections) < min(self.max_peers, 8) and not self.core.complete
-
     def _quick_announce(self, delay: float) -> bool:
-        """Whether to announce again after ``delay`` instead of the tracker's interval: the
-        swarm is young, or (for the first few quick announces, while ``delay`` is at most
-        :data:`SHORT_OF_PEERS_DELAY`) the download would dial more peers and knows few."""
-        if self._young():
-            return True
-        if delay > SHORT_OF_PEERS_DELAY or self.core.complete:
-            return False
-        dialled = sum(1 for conn in self.connections.values() if conn.session.outgoing)
-        connecting = len(self._connecting)
-        return short_of_peers(
-            dialled + connecting,
-            len(self.connections) + connecting,
-            self.max_peers,
-            len(self.candidates),
+        """``shared.quick_announce`` for this torrent: announce again after ``delay``?"""
+        return quick_announce(
+            delay,
+            complete=self.core.complete,
+            outgoing=sum(1 for conn in self.connections.values() if conn.session.outgoing),
+            connections=len(self.connections),
+            connecting=len(self._connecting),
+            max_peers=self.max_peers,
+            known=len(self.candidates),
         )
 
     async def _until_complete(self, was_complete: bool) -> None:
