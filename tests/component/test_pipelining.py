@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from p2p_common.blobinfo import CHUNK_PIECES
+from p2p_common.blobinfo import CHUNK_BYTES
 from tests.cluster import metric, origin_with_image, run_agent, run_proxy, run_tracker
 from tests.realparts import images
 from tests.realparts.gate import gated_forwarder
@@ -23,7 +23,7 @@ from tests.realparts.registry import Registry
 pytestmark = pytest.mark.realparts
 
 MiB = 1024 * 1024
-CHUNK = CHUNK_PIECES * 256 * 1024
+CHUNK = CHUNK_BYTES
 
 
 @pytest.fixture(scope="module")

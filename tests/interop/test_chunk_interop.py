@@ -15,8 +15,8 @@ import httpx
 import pytest
 import trio
 
-from p2p_common.blobinfo import CHUNK_PIECES, BlobMetainfo, ChunkBuilder
-from p2p_common.metainfo import piece_length_for
+from p2p_common.blobinfo import BlobMetainfo, ChunkBuilder, chunk_pieces_for
+from p2p_common.metainfo import MIN_PIECE_LENGTH, piece_length_for
 from p2p_common.storage import PieceFile
 from p2p_common.tracker_proto import AnnounceRequest, Event, announce_url
 from tests.engine_helpers import make_content, running_engines, wait_until
@@ -26,7 +26,8 @@ from tests.realparts.libtorrent_peer import libtorrent_leech, libtorrent_seed
 
 pytestmark = pytest.mark.realparts
 
-PIECE = 256 * 1024
+PIECE = MIN_PIECE_LENGTH  # blobs of this test are small enough for the smallest pieces
+CHUNK_PIECES = chunk_pieces_for(PIECE)
 CHUNK = CHUNK_PIECES * PIECE
 
 

@@ -11,21 +11,23 @@ from hypothesis import strategies as st
 
 from p2p_common import metainfo
 from p2p_common.blobinfo import (
-    CHUNK_PIECES,
     BlobMetainfo,
     ChunkBuilder,
     FrameParser,
     Geometry,
     build_chunk,
+    chunk_pieces_for,
     frame,
+    published_geometry,
     swarm_id,
 )
-from p2p_common.metainfo import MetainfoError, piece_length_for
+from p2p_common.metainfo import MIN_PIECE_LENGTH, Metainfo, MetainfoError, piece_length_for
 
 KIB = 1024
 MIB = 1024 * KIB
 GIB = 1024 * MIB
-PIECE = 256 * KIB
+PIECE = MIN_PIECE_LENGTH  # the blobs here are small enough for the smallest pieces
+CHUNK_PIECES = chunk_pieces_for(PIECE)
 CHUNK = CHUNK_PIECES * PIECE
 
 
@@ -57,7 +59,7 @@ def test_chunks_tile_the_blob_exactly(length: int) -> None:
     assert all(size % geometry.piece_length == 0 for size in sizes[:-1])
     pieces = [geometry.chunk_piece_count(k) for k in range(geometry.num_chunks)]
     assert sum(pieces) == geometry.num_pieces
-    assert geometry.num_chunks <= max(1, -(-geometry.num_pieces // CHUNK_PIECES))
+    assert geometry.num_chunks == max(1, -(-geometry.num_pieces // geometry.chunk_pieces))
     if geometry.num_pieces:
         last = geometry.num_pieces - 1
         assert geometry.chunk_first_piece(geometry.chunk_of(last)) <= last
@@ -163,6 +165,69 @@ def test_a_chunk_that_does_not_belong_is_refused() -> None:
         blob.add_chunk(good.chunks[1])
 
 
+def chunks_of(content: bytes, piece_length: int) -> list[Metainfo]:
+    """The chunks of ``content`` cut into pieces of ``piece_length`` (what a proxy whose
+    smallest piece differs from ours would publish)."""
+    digest = digest_of(content)
+    geometry = Geometry(len(content), piece_length, chunk_pieces_for(piece_length))
+    chunks = []
+    for k in range(geometry.num_chunks):
+        first = geometry.chunk_first_piece(k)
+        hashes = b"".join(
+            hashlib.sha1(content[i * piece_length : (i + 1) * piece_length]).digest()
+            for i in range(first, first + geometry.chunk_piece_count(k))
+        )
+        chunks.append(build_chunk(digest, geometry, k, hashes))
+    return chunks
+
+
+@pytest.mark.parametrize(
+    ("piece_length", "chunks", "chunk_pieces"), [(64 * KIB, 3, 64), (MIB, 1, 16)]
+)
+def test_chunks_of_another_piece_length_are_taken_with_their_geometry(
+    piece_length: int, chunks: int, chunk_pieces: int
+) -> None:
+    """A proxy of another version (64 KiB pieces were tried, docs/scale.md finding 11), or a
+    blob cached by one: the first chunk sets the geometry, and the pieces verify against it."""
+    content = content_of(9 * MIB + 5)
+    published = chunks_of(content, piece_length)
+    assert len(published) == chunks
+    blob = BlobMetainfo.for_blob(digest_of(content), len(content))
+    assert blob.piece_length == piece_length_for(len(content))  # ours, until a chunk says
+    for chunk in published:
+        blob.add_chunk(chunk)
+    assert blob.complete
+    assert (blob.piece_length, blob.geometry.chunk_pieces) == (piece_length, chunk_pieces)
+    last = blob.num_pieces - 1
+    assert blob.piece_hash(last) == hashlib.sha1(content[last * piece_length :]).digest()
+
+
+def test_a_later_chunk_cannot_change_the_geometry() -> None:
+    content = content_of(2 * CHUNK)
+    good = chunked(content)
+    blob = BlobMetainfo.for_blob(good.digest, len(content))
+    blob.add_chunk(good.chunks[0])
+    other_second = chunks_of(content, 64 * KIB)[1]
+    with pytest.raises(MetainfoError, match="geometry"):
+        blob.add_chunk(other_second)
+
+
+@pytest.mark.parametrize(
+    ("length", "piece_length", "problem"),
+    [
+        (MIB, 48 * KIB, "not one a blob may have"),
+        (MIB, 8 * KIB, "not one a blob may have"),
+        (MIB, 32 * MIB, "not one a blob may have"),
+        (2 * GIB, 16 * KIB, "too many"),
+    ],
+)
+def test_a_first_chunk_with_a_piece_length_the_format_forbids_is_refused(
+    length: int, piece_length: int, problem: str
+) -> None:
+    with pytest.raises(MetainfoError, match=problem):
+        published_geometry(length, piece_length)
+
+
 def test_frames_round_trip_and_stored_frames_must_be_whole() -> None:
     content = content_of(3 * CHUNK - 1)
     blob = chunked(content, ("http://t/announce",))
@@ -216,7 +281,17 @@ def test_bad_frames_say_what_is_wrong(stream: bytes, problem: str) -> None:
 
 
 def test_chunk_counts_stay_bounded_for_large_blobs() -> None:
-    for size in (GIB, 4 * GIB, 64 * GIB):
+    for size in (GIB, 4 * GIB, 64 * GIB, 1 << 46):
         geometry = Geometry.for_size(size)
-        assert geometry.num_chunks <= 8192 // CHUNK_PIECES
+        assert geometry.num_chunks <= max(512, -(-size // (16 * MIB * 16)))
         assert geometry.chunk_length >= 4 * MIB
+
+
+@given(st.integers(min_value=0, max_value=64 * GIB))
+def test_chunks_hold_4MiB_while_pieces_are_small_and_16_pieces_beyond(size: int) -> None:
+    geometry = Geometry.for_size(size)
+    if geometry.piece_length <= 256 * KIB:
+        assert geometry.chunk_length == 4 * MIB
+    else:
+        assert geometry.chunk_pieces == 16
+    assert geometry.num_chunks <= 512

@@ -181,7 +181,7 @@ def test_losing_one_of_three_trackers_mid_rollout_costs_at_most_one_interval(
         "nodes": 12,
         "size_mb": 40,
         "layers": 4,
-        "rate": 100,
+        "rate": 40,  # about 10 s: the rollout still runs at 8 s
         "origin_rate": 0,
         "trackers": 3,
     }
@@ -194,6 +194,7 @@ def test_losing_one_of_three_trackers_mid_rollout_costs_at_most_one_interval(
     assert lost["unfinished"] == 0
     assert lost["max_s"] <= calm["max_s"] * 1.05
     assert calm["tracker"]["failover"] is None
+    assert calm["max_s"] > kill_at
     assert calm["tracker"]["batches"] > 0  # the seeds are announced in batches
 
 

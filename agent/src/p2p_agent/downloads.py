@@ -56,6 +56,8 @@ from p2p_common.storage import BlobDamagedError, PieceFile
 log = logging.getLogger("p2p.agent.downloads")
 
 READ_CHUNK = 4 * 1024 * 1024
+MIN_READ = 1024 * 1024
+"""Bytes a streaming reader waits for before it reads (but the first read, and the last)."""
 CHUNK_STREAM_RETRIES = 5
 """Times a broken chunk stream is reopened before the download fails."""
 STREAM_RESUMES = 5
@@ -162,17 +164,23 @@ class SwarmDownload(Download):
         fd = self.store.fileno()
         assert fd is not None
         position = start
+        least = 1  # the first read goes out as soon as its piece is here
         try:
             while position <= end:
-                index = position // meta.piece_length
-                torrent.set_reader(reader, index)
-                if not torrent.has_piece(index):
-                    await self._wait_piece(index)
-                # Read as far as the pieces are there (fewer, larger reads), up to READ_CHUNK.
+                # Read as far as the pieces are there, up to READ_CHUNK; after the first read,
+                # wait until MIN_READ bytes are there (or the range's end): every read is a
+                # thread hand-off and a send, and small pieces arrive a few at a time.
                 limit = min(end + 1, position + READ_CHUNK)
-                reach = (index + 1) * meta.piece_length
-                while reach < limit and torrent.has_piece(reach // meta.piece_length):
-                    reach += meta.piece_length
+                want = min(limit, position + least)
+                reach = position - position % meta.piece_length
+                torrent.set_reader(reader, reach // meta.piece_length)
+                while True:
+                    while reach < limit and torrent.has_piece(reach // meta.piece_length):
+                        reach += meta.piece_length
+                    if reach >= want:
+                        break
+                    await self._wait_piece(reach // meta.piece_length)
+                least = MIN_READ
                 size = SEND_MEMORY.chunk(min(reach, limit) - position)
                 data = await trio.to_thread.run_sync(self._read, fd, size, position)
                 position += size

@@ -2,10 +2,10 @@
 
 A swarm cannot start from one torrent of the whole blob: its metainfo needs the hash of every
 piece, so nobody could trade until the proxy held the last byte. Instead a blob is cut into
-chunks of :data:`CHUNK_PIECES` pieces (the last one shorter), and every chunk is a standard
-single-file BitTorrent v1 torrent of its own (:class:`~p2p_common.metainfo.Metainfo`, private,
-deterministic): the proxy publishes chunk ``k`` as soon as it fetched and hashed it, and agents
-trade chunk ``k`` while it fetches chunk ``k + 1``.
+chunks of :func:`chunk_pieces_for` pieces (4 MiB, the last one shorter), and every chunk is a
+standard single-file BitTorrent v1 torrent of its own (:class:`~p2p_common.metainfo.Metainfo`,
+private, deterministic): the proxy publishes chunk ``k`` as soon as it fetched and hashed it,
+and agents trade chunk ``k`` while it fetches chunk ``k + 1``.
 
 Everything follows from the blob's digest and size: the piece length
 (:func:`~p2p_common.metainfo.piece_length_for`), the chunk boundaries, each chunk's ``name``
@@ -36,14 +36,42 @@ from dataclasses import dataclass, field
 from p2p_common import metainfo as mi
 from p2p_common.metainfo import Metainfo, MetainfoError
 
-CHUNK_PIECES = 16
-"""Pieces per chunk: 4 MiB chunks for blobs up to 2 GiB (256 KiB pieces). Part of the format:
-every proxy must use the same value or the chunks' infohashes differ. Chosen by measurement
+CHUNK_BYTES = 4 * 1024 * 1024
+"""Bytes per chunk for pieces up to 256 KiB (all blobs up to 2 GiB). Part of the format: every
+proxy must use the same value or the chunks' infohashes differ. Chosen by measurement
 (docs/architecture.md): a chunk is what the swarm waits for before it can start, and what the
 last node waits for after the proxy's last byte."""
+MIN_CHUNK_PIECES = 16
+"""Pieces per chunk at least (larger pieces make larger chunks), so a blob has at most
+8192 / 16 = 512 chunks. With today's smallest piece, 256 KiB, every chunk has 16 pieces; the
+rule in bytes is what a blob of smaller pieces (a proxy that builds them:
+:func:`published_geometry`) is cut by."""
 MAX_FRAME_DIGITS = 8
 """Digits of a frame's length prefix (a frame is at most MAX_METAINFO_BYTES)."""
 _SWARM_TAG = b"p2p-blob-swarm\x00"
+
+
+def chunk_pieces_for(piece_length: int) -> int:
+    """Pieces per chunk for pieces of ``piece_length`` bytes: 4 MiB of them, at least 16."""
+    return max(MIN_CHUNK_PIECES, CHUNK_BYTES // piece_length)
+
+
+MAX_PUBLISHED_PIECES = 65536
+"""Most pieces we accept in a blob whose piece length a proxy chose (bitfields stay at 8 KiB)."""
+
+
+def published_geometry(length: int, piece_length: int) -> Geometry:
+    """The geometry of a blob whose chunks came with ``piece_length``: a power of two from
+    16 KiB to 16 MiB, with at most :data:`MAX_PUBLISHED_PIECES` pieces (unless 16 MiB), and
+    chunks as :func:`chunk_pieces_for` cuts them; else :class:`MetainfoError`."""
+    if not (
+        16 * 1024 <= piece_length <= mi.MAX_PIECE_LENGTH and piece_length & (piece_length - 1) == 0
+    ):
+        raise MetainfoError(f"piece length {piece_length} is not one a blob may have")
+    pieces = mi.piece_count(length, piece_length)
+    if pieces > MAX_PUBLISHED_PIECES and piece_length < mi.MAX_PIECE_LENGTH:
+        raise MetainfoError(f"{pieces} pieces of {piece_length} bytes are too many for one blob")
+    return Geometry(length, piece_length, chunk_pieces_for(piece_length))
 
 
 def swarm_id(first_chunk: bytes) -> bytes:
@@ -60,8 +88,9 @@ class Geometry:
     chunk_pieces: int
 
     @classmethod
-    def for_size(cls, length: int, *, chunk_pieces: int = CHUNK_PIECES) -> Geometry:
-        return cls(length, mi.piece_length_for(length), chunk_pieces)
+    def for_size(cls, length: int) -> Geometry:
+        piece_length = mi.piece_length_for(length)
+        return cls(length, piece_length, chunk_pieces_for(piece_length))
 
     @property
     def num_pieces(self) -> int:
@@ -184,8 +213,15 @@ class BlobMetainfo:
         return len(self.chunks) == self.geometry.num_chunks
 
     def add_chunk(self, chunk: Metainfo) -> int:
-        """Append the next chunk after checking it belongs here; returns its index."""
+        """Append the next chunk after checking it belongs here; returns its index.
+
+        The first chunk may bring another piece length than ours (a proxy of another version,
+        a blob cached before the smallest piece changed): the blob then takes that geometry,
+        if it is one the format allows (:func:`published_geometry`), and every later chunk
+        must match it."""
         index = len(self.chunks)
+        if index == 0 and chunk.piece_length != self.geometry.piece_length:
+            self.geometry = published_geometry(self.geometry.length, chunk.piece_length)
         geometry = self.geometry
         if index >= geometry.num_chunks:
             raise MetainfoError("more chunks than the blob has")

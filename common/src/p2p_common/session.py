@@ -70,9 +70,27 @@ MIN_QUEUE = 1
 """Requests kept outstanding at a peer that has not shown a request's worth of rate per
 queue time: one at a time (docs/scale.md, finding 6)."""
 SUPER_SEED_OFFERS = 8
-"""The most pieces a super-seed keeps revealed to one peer (:attr:`PeerSession.offer_target`)."""
+"""The most pieces a super-seed keeps revealed to one peer (:attr:`PeerSession.offer_target`),
+for pieces of 256 KiB and more; smaller pieces get as many as fill
+:data:`SUPER_SEED_OFFER_BYTES`."""
+SUPER_SEED_OFFER_BYTES = 2 * 1024 * 1024
 FIRST_OFFERS = 2
-"""Pieces revealed to a peer before its rate is measured: one to send, one requested behind it."""
+"""Pieces revealed to a peer before its rate is measured: one to send, one requested behind it;
+smaller pieces than 256 KiB get as many as fill :data:`FIRST_OFFER_BYTES`, so that the round
+trip between one piece's last block and the next reveal does not idle a fast link."""
+FIRST_OFFER_BYTES = 512 * 1024
+
+
+def most_offers(piece_length: int) -> int:
+    """:data:`SUPER_SEED_OFFERS`, or more for pieces under 256 KiB (2 MiB of them)."""
+    return max(SUPER_SEED_OFFERS, SUPER_SEED_OFFER_BYTES // piece_length)
+
+
+def first_offers(piece_length: int) -> int:
+    """:data:`FIRST_OFFERS`, or more for pieces under 256 KiB (512 KiB of them)."""
+    return max(FIRST_OFFERS, FIRST_OFFER_BYTES // piece_length)
+
+
 SNUB_AFTER = 20.0
 """Seconds without a block while requests are outstanding before a peer counts as snubbing."""
 IDLE_TIMEOUT = 180.0
@@ -206,7 +224,7 @@ class PeerSession:
         """Requests we sent and that are not answered yet, by (global index, begin)."""
         self.offers: set[int] = set()
         """Pieces revealed to this peer while super-seeding and not yet delivered."""
-        self.offer_target = FIRST_OFFERS
+        self.offer_target = first_offers(swarm.piece_length)
         """How many pieces a super-seed keeps revealed to this peer: about a queue time of
         what we upload to it, in pieces, plus one (:meth:`tick`)."""
         self.uploads: collections.deque[wire.Request] = collections.deque()
@@ -665,7 +683,7 @@ class PeerSession:
                 QUEUE_SECONDS,
                 self.swarm.piece_length,
                 least=1,
-                most=SUPER_SEED_OFFERS,
+                most=most_offers(self.swarm.piece_length),
             )
         if self.outstanding:
             # Keep about a queue time of this peer's measured rate requested (plus one request

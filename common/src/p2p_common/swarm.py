@@ -34,9 +34,11 @@ from p2p_common.session import (
 )
 
 READER_WINDOW = 4
-"""Pieces ahead of each streaming reader that the picker fetches first. Small on purpose: a
-whole rollout reads in the same order, and everyone wanting the same pieces first is the
-opposite of what a swarm needs (tests/bench/bench_rollout.py)."""
+"""Pieces ahead of each streaming reader that the picker fetches first (for pieces of 256 KiB
+and more; smaller pieces get :data:`READER_WINDOW_BYTES` of them). Small on purpose: a whole
+rollout reads in the same order, and everyone wanting the same pieces first is the opposite
+of what a swarm needs (tests/bench/bench_rollout.py)."""
+READER_WINDOW_BYTES = 1024 * 1024
 MAX_SUSPECT_PIECES = 32
 """Failed pieces of several contributors kept for finding the liar (a piece each)."""
 ENDGAME_PIECES = 8
@@ -283,10 +285,11 @@ class SwarmCore:
     def _update_priority(self) -> None:
         have = self.picker.have
         wanted: list[int] = []
+        window = max(READER_WINDOW, READER_WINDOW_BYTES // self.piece_length)
         for start in sorted(self._readers.values()):
             index = start
             taken = 0
-            while index < self.num_pieces and taken < READER_WINDOW:
+            while index < self.num_pieces and taken < window:
                 if index not in have:
                     wanted.append(index)
                     taken += 1

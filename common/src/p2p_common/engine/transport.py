@@ -40,6 +40,10 @@ class Transport(Protocol):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None: ...
 
+    def send_now(self, data: bytes) -> int:
+        """Send what the socket takes without waiting; how many bytes it took (0 also when
+        it cannot say: the caller sends the rest the usual way, which reports any error)."""
+
     async def send_block(self, header: bytes, store: PieceStore, offset: int, length: int) -> None:
         """Send ``header`` followed by ``length`` bytes of ``store`` at ``offset``."""
 
@@ -74,6 +78,12 @@ class SocketTransport:
             await self.stream.send_all(data)
         except (trio.BrokenResourceError, OSError) as exc:
             raise PeerGoneError(f"send failed: {exc}") from None
+
+    def send_now(self, data: bytes) -> int:
+        try:
+            return os.write(self._fd, data)
+        except OSError:  # full (BlockingIOError), or broken: send_all says which
+            return 0
 
     async def send_block(self, header: bytes, store: PieceStore, offset: int, length: int) -> None:
         fd = store.fileno()
@@ -126,6 +136,9 @@ class StreamTransport:
             await self.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise PeerGoneError(f"send failed: {exc}") from None
+
+    def send_now(self, data: bytes) -> int:
+        return 0  # a trio stream has no synchronous send
 
     async def send_block(self, header: bytes, store: PieceStore, offset: int, length: int) -> None:
         await self.send_all(header + store.read(offset, length))
