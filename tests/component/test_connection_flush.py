@@ -105,6 +105,20 @@ async def test_what_the_socket_does_not_take_goes_first_through_the_writer(
     assert connection._parked
 
 
+async def test_a_flush_before_the_woken_writer_ran_leaves_the_rest_first(
+    nursery: trio.Nursery,
+) -> None:
+    connection, transport = await _parked_connection(nursery, room=5)
+    session = connection.session
+    session.send(wire.encode_have(1), urgent=False)
+    connection.flush()  # partial: the writer is woken to send the rest
+    session.send(wire.encode_have(3), urgent=False)
+    connection.flush()  # again, before the writer ran: nothing may jump ahead of the rest
+    assert transport.now == [wire.encode_have(1)[:5]]
+    await trio.testing.wait_all_tasks_blocked()
+    assert b"".join(transport.now + transport.later) == wire.encode_have(1) + wire.encode_have(3)
+
+
 async def test_a_busy_writer_gets_the_haves(nursery: trio.Nursery) -> None:
     connection, transport = await _parked_connection(nursery, room=1 << 20)
     session = connection.session

@@ -70,10 +70,11 @@ class Connection:
         session = self.session
         if not session.has_output:
             return
-        if self._parked and not session.wants_write:
-            # Only control messages, and nothing is being written: send them here. A HAVE
-            # per stored piece to every peer made the writer's wake-up (task switch, trio's
-            # checkpoints) cost more than the send itself, per piece and connection.
+        if self._parked and not self._wake.is_set() and not session.wants_write:
+            # Only control messages, nothing is being written, and the writer was not woken
+            # (it may owe the socket an earlier rest): send them here. A HAVE per stored
+            # piece to every peer made the writer's wake-up (task switch, trio's checkpoints)
+            # cost more than the send itself, per piece and connection.
             data = session.take_output(trio.current_time())
             sent = self.transport.send_now(data)
             if sent == len(data):
